@@ -1,0 +1,165 @@
+// Package api holds berth's HTTP wire types and a Go client for them
+// (package api/client). The handlers live in api/server. Everything here is
+// JSON in snake_case and stable within /v1.
+package api
+
+import "time"
+
+// Isolation is how strongly a workload is isolated from the node.
+type Isolation string
+
+const (
+	// IsolationAuto lets the node's policy decide (the default request).
+	IsolationAuto Isolation = "auto"
+	// IsolationContainer runs the workload as an OCI container under runc.
+	IsolationContainer Isolation = "container"
+	// IsolationVM runs the workload inside a libvirt virtual machine.
+	IsolationVM Isolation = "vm"
+)
+
+// State is a workload's lifecycle state.
+type State string
+
+const (
+	StatePending  State = "pending"
+	StateStarting State = "starting"
+	StateRunning  State = "running"
+	StateStopping State = "stopping"
+	StateExited   State = "exited"
+	StateFailed   State = "failed"
+)
+
+// Terminal reports whether the workload will not run again by itself.
+func (s State) Terminal() bool { return s == StateExited || s == StateFailed }
+
+// RestartPolicy says when berth restarts a workload that ended.
+type RestartPolicy string
+
+const (
+	RestartNever     RestartPolicy = "never"
+	RestartOnFailure RestartPolicy = "on-failure"
+	RestartAlways    RestartPolicy = "always"
+)
+
+// WorkloadSpec is what a submitter asks for. The same spec runs as a
+// container or in a VM; the node's policy decides which.
+type WorkloadSpec struct {
+	// Name is optional and unique on the node (a DNS label).
+	Name string `json:"name,omitempty"`
+	// Image is an OCI image reference known to the node's image store.
+	Image string `json:"image"`
+	// Command replaces the image's entrypoint; Args replace its cmd.
+	Command []string `json:"command,omitempty"`
+	Args    []string `json:"args,omitempty"`
+	// Env is added to (and overrides) the image's environment.
+	Env map[string]string `json:"env,omitempty"`
+	// Workdir is an absolute path inside the image; default the image's.
+	Workdir string            `json:"workdir,omitempty"`
+	Labels  map[string]string `json:"labels,omitempty"`
+	// Isolation is a request: policy may raise it but never lower it.
+	Isolation  Isolation   `json:"isolation,omitempty"`
+	Privileged bool        `json:"privileged,omitempty"`
+	Resources  Resources   `json:"resources,omitempty"`
+	Restart    RestartSpec `json:"restart,omitempty"`
+}
+
+// Resources are the workload's requests, which are also its limits.
+type Resources struct {
+	// CPU in cores (0.5 is half a core).
+	CPU      float64 `json:"cpu,omitempty"`
+	MemoryMB int64   `json:"memory_mb,omitempty"`
+	Pids     int64   `json:"pids,omitempty"`
+}
+
+// RestartSpec is the restart policy and its retry budget.
+type RestartSpec struct {
+	Policy     RestartPolicy `json:"policy,omitempty"`
+	MaxRetries int           `json:"max_retries,omitempty"`
+}
+
+// Workload is the record berth keeps for a submitted spec.
+type Workload struct {
+	ID        string       `json:"id"`
+	Name      string       `json:"name,omitempty"`
+	Spec      WorkloadSpec `json:"spec"`
+	State     State        `json:"state"`
+	Isolation Isolation    `json:"isolation"`
+	// ExitCode is set once the workload has exited.
+	ExitCode *int `json:"exit_code,omitempty"`
+	// OOMKilled is true when the kernel killed the workload for memory.
+	OOMKilled bool `json:"oom_killed,omitempty"`
+	// Error says why the workload failed (state failed) or what went wrong last.
+	Error        string     `json:"error,omitempty"`
+	Placement    *Placement `json:"placement,omitempty"`
+	ImageDigest  string     `json:"image_digest,omitempty"`
+	RestartCount int        `json:"restart_count"`
+	// LastExitCode is the exit code of the previous run when the workload restarted.
+	LastExitCode *int       `json:"last_exit_code,omitempty"`
+	CreatedAt    time.Time  `json:"created_at"`
+	StartedAt    *time.Time `json:"started_at,omitempty"`
+	FinishedAt   *time.Time `json:"finished_at,omitempty"`
+	// ModifyIndex increases each time the record changes.
+	ModifyIndex uint64 `json:"modify_index"`
+}
+
+// Placement records why a workload runs where it runs.
+type Placement struct {
+	Isolation     Isolation   `json:"isolation"`
+	Denied        bool        `json:"denied,omitempty"`
+	DecidingRule  string      `json:"deciding_rule,omitempty"`
+	Matched       []RuleMatch `json:"matched,omitempty"`
+	PolicyVersion string      `json:"policy_version"`
+	Explanation   string      `json:"explanation"`
+}
+
+// RuleMatch is one policy rule that matched and why.
+type RuleMatch struct {
+	Rule    string `json:"rule"`
+	Outcome string `json:"outcome"`
+	Reason  string `json:"reason"`
+}
+
+// WorkloadList is the answer of GET /v1/workloads.
+type WorkloadList struct {
+	Workloads []Workload `json:"workloads"`
+}
+
+// Stats is a point-in-time resource reading of a running workload.
+type Stats struct {
+	Time          time.Time `json:"time"`
+	CPUUsageNanos uint64    `json:"cpu_usage_ns"`
+	MemoryBytes   uint64    `json:"memory_bytes"`
+	MemoryLimit   uint64    `json:"memory_limit_bytes,omitempty"`
+	Pids          uint64    `json:"pids"`
+	PidsLimit     uint64    `json:"pids_limit,omitempty"`
+}
+
+// Image is an image in the node's store.
+type Image struct {
+	Ref       string    `json:"ref"`
+	Digest    string    `json:"digest"`
+	Size      int64     `json:"size"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// ImageList is the answer of GET /v1/images.
+type ImageList struct {
+	Images []Image `json:"images"`
+}
+
+// PullRequest asks the node to pull an image from a registry.
+type PullRequest struct {
+	Ref string `json:"ref"`
+}
+
+// LogLine is one line of output in the NDJSON log format.
+type LogLine struct {
+	Stream string `json:"stream"`
+	Line   string `json:"line"`
+}
+
+// Health is the body of /healthz and /readyz.
+type Health struct {
+	Status string            `json:"status"`
+	Checks map[string]string `json:"checks,omitempty"`
+}

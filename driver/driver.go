@@ -1,0 +1,147 @@
+// Package driver is the contract between berth's agent and the runtimes that
+// actually run workloads (ctrdriver: runc containers, vmdriver: libvirt VMs).
+//
+// A driver knows nothing of HTTP, policy or the agent's store: it receives a
+// runtime-neutral TaskConfig, runs it, and answers for it by task id. Each
+// driver keeps whatever state it needs on disk under its own directory so
+// that Recover can re-attach after the agent restarts; the Handle it returns
+// from Start is persisted by the agent as a versioned, opaque blob.
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+)
+
+// Driver runs tasks of one isolation kind. Every method takes ctx first and
+// returns errors wrapping an errdefs class (errdefs.ErrNotFound for an
+// unknown task id, and so on).
+type Driver interface {
+	// Name is the isolation the driver provides: "container" or "vm".
+	Name() string
+	// Fingerprint probes what the driver can do on this node. It never fails:
+	// a broken runtime is reported as unhealthy with a reason.
+	Fingerprint(ctx context.Context) Fingerprint
+	// Start creates and starts the task. When it returns nil the task is
+	// running (or has already exited) and Wait will report its end.
+	Start(ctx context.Context, cfg *TaskConfig) (*Handle, error)
+	// Wait blocks until the task has exited, or ctx ends.
+	Wait(ctx context.Context, id string) (*ExitResult, error)
+	// Stop asks the task to end (SIGTERM), then forces it after timeout.
+	// Stopping a task that already exited is not an error.
+	Stop(ctx context.Context, id string, timeout time.Duration) error
+	// Destroy removes every resource the driver made for the task, killing
+	// it first if it still runs. Destroying an unknown task is not an error.
+	Destroy(ctx context.Context, id string) error
+	// Inspect reports the task's current state.
+	Inspect(ctx context.Context, id string) (*TaskStatus, error)
+	// Stats reads the task's resource usage.
+	Stats(ctx context.Context, id string) (*Stats, error)
+	// Recover re-attaches to a task after the agent restarted, from the
+	// handle persisted at Start (which may carry only the id when the agent
+	// died before it could persist the rest).
+	Recover(ctx context.Context, h *Handle) error
+	// List returns the ids of every task the driver has resources for on
+	// this node, running or not, so the agent can reconcile its store.
+	List(ctx context.Context) ([]string, error)
+}
+
+// TaskConfig is everything a driver needs to run one task. The agent has
+// already resolved the image's defaults (entrypoint, env, workdir) into it.
+type TaskConfig struct {
+	ID      string
+	Name    string
+	Image   Image
+	Args    []string
+	Env     []string // KEY=VALUE
+	Workdir string
+	// User is the image's user, "uid[:gid]"; empty means root.
+	User      string
+	Resources Resources
+	Labels    map[string]string
+	// LogDir is where the driver writes StdoutLog and StderrLog. The agent
+	// owns the directory and removes it after Destroy.
+	LogDir string
+}
+
+// Image is the task's root filesystem source.
+type Image struct {
+	Ref    string
+	Digest string
+	// RootfsDir is the image's unpacked, read-only root filesystem, shared by
+	// every task of that image. Drivers must layer a per-task copy-on-write
+	// view over it and never write into it.
+	RootfsDir string
+}
+
+// Resources are the task's limits.
+type Resources struct {
+	CPU         float64 // cores
+	MemoryBytes int64
+	Pids        int64
+}
+
+// Names of the log files in TaskConfig.LogDir.
+const (
+	StdoutLog = "stdout.log"
+	StderrLog = "stderr.log"
+)
+
+// Handle is a driver's persisted knowledge of a task.
+type Handle struct {
+	ID      string          `json:"id"`
+	Driver  string          `json:"driver"`
+	Version int             `json:"version"`
+	State   json.RawMessage `json:"state,omitempty"`
+}
+
+// TaskState is what a driver knows of a task's life.
+type TaskState string
+
+const (
+	TaskRunning TaskState = "running"
+	TaskExited  TaskState = "exited"
+	// TaskUnknown means the driver has resources for the task but cannot
+	// tell whether it runs (its monitor is gone, the hypervisor is down).
+	TaskUnknown TaskState = "unknown"
+)
+
+// TaskStatus is the answer of Inspect.
+type TaskStatus struct {
+	ID        string
+	State     TaskState
+	Pid       int
+	StartedAt time.Time
+	Exit      *ExitResult // set when State is TaskExited
+}
+
+// ExitResult is how a task ended.
+type ExitResult struct {
+	ExitCode int
+	// Signal is the signal that killed the task, 0 if it exited by itself.
+	Signal    int
+	OOMKilled bool
+	// Err is set when the driver lost track of the task and the code is a guess.
+	Err        string
+	FinishedAt time.Time
+}
+
+// Stats is a resource reading.
+type Stats struct {
+	CPUUsageNanos uint64
+	MemoryBytes   uint64
+	MemoryLimit   uint64
+	Pids          uint64
+	PidsLimit     uint64
+}
+
+// Fingerprint is a driver's self-report.
+type Fingerprint struct {
+	Healthy bool
+	// Reason says why the driver is unhealthy.
+	Reason  string
+	Version string
+	// Details are driver specific facts, e.g. cgroup_mode, accel.
+	Details map[string]string
+}
