@@ -1,0 +1,183 @@
+package ctrdriver
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/driver/drivertest"
+	"github.com/berthd/berth/internal/testrootfs"
+)
+
+// The test binary doubles as the monitor, as the berth binary does.
+const monitorEnv = "BERTH_TEST_CTR_MONITOR"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(monitorEnv) == "1" {
+		os.Exit(RunMonitor(os.Args[len(os.Args)-1]))
+	}
+	os.Exit(m.Run())
+}
+
+// requireRunc skips only when this machine truly cannot run containers.
+func requireRunc(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("ctrdriver integration tests need root (runc, overlayfs, cgroups); run `make test` as root")
+	}
+	if _, err := exec.LookPath("runc"); err != nil {
+		t.Skip("runc is not installed; `make test` installs it (apt-get install runc)")
+	}
+}
+
+var (
+	rootfsOnce sync.Once
+	rootfsDir  string
+	rootfsErr  error
+)
+
+// sharedRootfs is the busybox image rootfs all tasks of this process share,
+// as tasks of one image share it in berth.
+func sharedRootfs(t *testing.T) string {
+	rootfsOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "berth-ctr-rootfs-")
+		if err != nil {
+			rootfsErr = err
+			return
+		}
+		rootfsDir = dir
+		rootfsErr = testrootfs.Build(dir)
+	})
+	if rootfsErr != nil {
+		t.Fatalf("build test rootfs: %v", rootfsErr)
+	}
+	return rootfsDir
+}
+
+func newDriver(t *testing.T, root string) *Driver {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(Options{
+		Root:       root,
+		MonitorCmd: []string{exe},
+		MonitorEnv: []string{monitorEnv + "=1", "PATH=" + os.Getenv("PATH")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func TestConformance(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	drivertest.Run(t, drivertest.Harness{
+		New:         func(t *testing.T) driver.Driver { return newDriver(t, root) },
+		Image:       driver.Image{Ref: "test/busybox", Digest: "sha256:test", RootfsDir: sharedRootfs(t)},
+		StopTimeout: 2 * time.Second,
+		Slack:       15 * time.Second,
+		Parallel:    20,
+	})
+	assertNoLeaks(t, root)
+}
+
+// assertNoLeaks checks that every task of the driver left nothing behind:
+// no task dir, no overlay mount, no cgroup, no runc state.
+func assertNoLeaks(t *testing.T, root string) {
+	t.Helper()
+	entries, _ := os.ReadDir(filepath.Join(root, "tasks"))
+	for _, e := range entries {
+		t.Errorf("task dir left behind: %s", e.Name())
+	}
+	runcEntries, _ := os.ReadDir(filepath.Join(root, "runc"))
+	for _, e := range runcEntries {
+		t.Errorf("runc state left behind: %s", e.Name())
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), root) {
+		t.Errorf("mounts under %s left behind:\n%s", root, mounts)
+	}
+	for _, id := range cgroupChildren() {
+		if strings.HasPrefix(id, "dt") {
+			t.Errorf("cgroup %s left behind", cgroupPath(id))
+		}
+	}
+}
+
+func cgroupChildren() []string {
+	var ids []string
+	entries, _ := os.ReadDir("/sys/fs/cgroup/memory" + cgroupParent)
+	for _, e := range entries {
+		if e.IsDir() {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids
+}
+
+func TestMemoryLimitOOM(t *testing.T) {
+	requireRunc(t)
+	d := newDriver(t, t.TempDir())
+	cfg := &driver.TaskConfig{
+		ID:    drivertest.NewID("dt-oom"),
+		Image: driver.Image{RootfsDir: sharedRootfs(t)},
+		// The shell itself (the container's init) reads 100 MB into a
+		// variable, past the 32 MiB limit.
+		Args:      []string{"sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' x); echo survived ${#x}"},
+		Resources: driver.Resources{MemoryBytes: 32 << 20, Pids: 64},
+		Env:       []string{"PATH=/bin"},
+		LogDir:    t.TempDir(),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	defer d.Destroy(context.Background(), cfg.ID)
+	res, err := d.Wait(ctx, cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.OOMKilled {
+		t.Errorf("result %+v: want OOMKilled; stdout %q stderr %q", res, drivertest.ReadLog(t, cfg, driver.StdoutLog), drivertest.ReadLog(t, cfg, driver.StderrLog))
+	}
+	if res.ExitCode != 137 {
+		t.Errorf("exit code = %d, want 137 (SIGKILL by the OOM killer)", res.ExitCode)
+	}
+}
+
+func TestPidsLimit(t *testing.T) {
+	requireRunc(t)
+	d := newDriver(t, t.TempDir())
+	cfg := &driver.TaskConfig{
+		ID:    drivertest.NewID("dt-pids"),
+		Image: driver.Image{RootfsDir: sharedRootfs(t)},
+		// Start 30 sleepers under a limit of 10 processes: forks must fail.
+		Args:      []string{"sh", "-c", "ok=0; for i in $(seq 30); do sleep 30 & [ $? -eq 0 ] && ok=$((ok+1)); done; echo started=$(jobs -p | wc -l); kill $(jobs -p) 2>/dev/null; exit 0"},
+		Resources: driver.Resources{Pids: 10},
+		Env:       []string{"PATH=/bin"},
+		LogDir:    t.TempDir(),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	defer d.Destroy(context.Background(), cfg.ID)
+	if _, err := d.Wait(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	stderr := drivertest.ReadLog(t, cfg, driver.StderrLog)
+	if !strings.Contains(stderr, "Resource temporarily unavailable") && !strings.Contains(stderr, "can't fork") {
+		t.Errorf("want fork failures under a pids limit of 10; stdout %q stderr %q", drivertest.ReadLog(t, cfg, driver.StdoutLog), stderr)
+	}
+}

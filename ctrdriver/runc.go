@@ -1,0 +1,73 @@
+package ctrdriver
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"strings"
+)
+
+// runc is a thin wrapper over the runc command line. berth keeps its own
+// runc state root so it never sees (or touches) other runtimes' containers.
+type runc struct {
+	path string
+	root string
+}
+
+func (r runc) args(extra ...string) []string {
+	return append([]string{"--root", r.root}, extra...)
+}
+
+func (r runc) run(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, r.path, r.args(args...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("runc %s: %w: %s", args[0], err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// runcState is the part of `runc state` berth reads.
+type runcState struct {
+	ID     string `json:"id"`
+	Pid    int    `json:"pid"`
+	Status string `json:"status"` // creating, created, running, paused, stopped
+}
+
+func (r runc) state(ctx context.Context, id string) (*runcState, error) {
+	out, err := r.run(ctx, "state", id)
+	if err != nil {
+		return nil, err
+	}
+	var st runcState
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("decode runc state of %s: %w", id, err)
+	}
+	return &st, nil
+}
+
+func (r runc) kill(ctx context.Context, id, signal string) error {
+	_, err := r.run(ctx, "kill", id, signal)
+	return err
+}
+
+func (r runc) delete(ctx context.Context, id string) error {
+	_, err := r.run(ctx, "delete", "--force", id)
+	if err != nil && strings.Contains(err.Error(), "does not exist") {
+		return nil
+	}
+	return err
+}
+
+func (r runc) version(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, r.path, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", r.path, err)
+	}
+	first, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(strings.TrimPrefix(first, "runc version")), nil
+}

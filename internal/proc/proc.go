@@ -1,0 +1,105 @@
+// Package proc identifies and watches processes berth did not necessarily
+// start (monitors that outlived an agent restart), without races on pid
+// reuse and without a blocked thread per process.
+package proc
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Ident names one process for its whole life: a pid alone may be reused by
+// another process after the first one ended; pid plus start time may not.
+type Ident struct {
+	Pid       int    `json:"pid"`
+	StartTime uint64 `json:"start_time"` // clock ticks since boot, /proc/PID/stat field 22
+}
+
+// Identify reads the start time of pid.
+func Identify(pid int) (Ident, error) {
+	st, err := startTime(pid)
+	if err != nil {
+		return Ident{}, err
+	}
+	return Ident{Pid: pid, StartTime: st}, nil
+}
+
+func startTime(pid int) (uint64, error) {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces and parentheses; the
+	// fields after its closing parenthesis are plain.
+	s := string(data)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("parse /proc/%d/stat: no command field", pid)
+	}
+	fields := strings.Fields(s[i+1:])
+	// fields[0] is field 3 (state); start time is field 22.
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(fields))
+	}
+	return strconv.ParseUint(fields[19], 10, 64)
+}
+
+// Alive reports whether the identified process still runs (a zombie counts
+// as gone).
+func (id Ident) Alive() bool {
+	st, err := startTime(id.Pid)
+	if err != nil || st != id.StartTime {
+		return false
+	}
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(id.Pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(data)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// ErrGone is returned by Watch when the process is no longer there.
+var ErrGone = errors.New("process is gone")
+
+// Watch returns a channel closed when the identified process exits. It uses
+// a pidfd parked in Go's network poller, so watching thousands of processes
+// costs goroutines, not threads. The process need not be a child.
+func Watch(id Ident) (<-chan struct{}, error) {
+	fd, err := unix.PidfdOpen(id.Pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return nil, ErrGone
+		}
+		return nil, fmt.Errorf("pidfd_open %d: %w", id.Pid, err)
+	}
+	// The pidfd pins the process: if the start time still matches now, the
+	// fd refers to the process we mean and not a successor.
+	if st, err := startTime(id.Pid); err != nil || st != id.StartTime {
+		unix.Close(fd)
+		return nil, ErrGone
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer f.Close()
+		// A pidfd becomes readable when the process exits.
+		_ = rc.Read(func(fd uintptr) bool {
+			n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+			return err != nil || n > 0
+		})
+	}()
+	return done, nil
+}
