@@ -1,0 +1,365 @@
+// Package fake is a stateful driver for agent and API tests. It runs each
+// task's command as a plain host process (no isolation at all), so tests see
+// real output, exit codes and timing without root, runc or libvirt. Every
+// call is recorded, and an error can be injected per method.
+package fake
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/errdefs"
+)
+
+// Node holds the fake's processes. Two Drivers over one Node behave like a
+// driver before and after an agent restart: the second sees the first's
+// tasks only after Recover.
+type Node struct {
+	mu    sync.Mutex
+	tasks map[string]*task
+}
+
+// NewNode returns an empty node.
+func NewNode() *Node { return &Node{tasks: map[string]*task{}} }
+
+type task struct {
+	driver  string // the Name of the driver that started it
+	cfg     driver.TaskConfig
+	cmd     *exec.Cmd
+	started time.Time
+	done    chan struct{}
+	exit    *driver.ExitResult
+}
+
+// Call is one recorded driver call.
+type Call struct {
+	Method string
+	ID     string
+}
+
+// Driver is the fake driver.
+type Driver struct {
+	name string
+	node *Node
+
+	mu       sync.Mutex
+	known    map[string]bool
+	calls    []Call
+	failures map[string][]error
+	fp       driver.Fingerprint
+	delay    map[string]time.Duration
+}
+
+var _ driver.Driver = (*Driver)(nil)
+
+// New returns a fake driver providing isolation name ("container", "vm").
+func New(name string, node *Node) *Driver {
+	return &Driver{
+		name: name, node: node,
+		known:    map[string]bool{},
+		failures: map[string][]error{},
+		delay:    map[string]time.Duration{},
+		fp:       driver.Fingerprint{Healthy: true, Version: "fake", Details: map[string]string{"fake": "true"}},
+	}
+}
+
+// SetFingerprint sets what Fingerprint reports.
+func (d *Driver) SetFingerprint(fp driver.Fingerprint) {
+	d.mu.Lock()
+	d.fp = fp
+	d.mu.Unlock()
+}
+
+// FailNext makes the next call of method (e.g. "Start") return err.
+func (d *Driver) FailNext(method string, err error) {
+	d.mu.Lock()
+	d.failures[method] = append(d.failures[method], err)
+	d.mu.Unlock()
+}
+
+// Delay makes every call of method take at least dur before it acts.
+func (d *Driver) Delay(method string, dur time.Duration) {
+	d.mu.Lock()
+	d.delay[method] = dur
+	d.mu.Unlock()
+}
+
+// Calls returns the calls made so far.
+func (d *Driver) Calls() []Call {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]Call(nil), d.calls...)
+}
+
+func (d *Driver) record(method, id string) error {
+	d.mu.Lock()
+	d.calls = append(d.calls, Call{Method: method, ID: id})
+	delay := d.delay[method]
+	var err error
+	if q := d.failures[method]; len(q) > 0 {
+		err, d.failures[method] = q[0], q[1:]
+	}
+	d.mu.Unlock()
+	if delay > 0 {
+		time.Sleep(delay)
+	}
+	return err
+}
+
+func (d *Driver) get(id string) (*task, error) {
+	d.mu.Lock()
+	known := d.known[id]
+	d.mu.Unlock()
+	d.node.mu.Lock()
+	t, ok := d.node.tasks[id]
+	d.node.mu.Unlock()
+	if !ok || !known {
+		return nil, fmt.Errorf("fake task %s: %w", id, errdefs.ErrNotFound)
+	}
+	return t, nil
+}
+
+// Name implements driver.Driver.
+func (d *Driver) Name() string { return d.name }
+
+// Fingerprint implements driver.Driver.
+func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
+	_ = d.record("Fingerprint", "")
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.fp
+}
+
+// Start implements driver.Driver.
+func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Handle, error) {
+	if err := d.record("Start", cfg.ID); err != nil {
+		return nil, err
+	}
+	if len(cfg.Args) == 0 {
+		return nil, fmt.Errorf("fake task %s has no command: %w", cfg.ID, errdefs.ErrInvalidArgument)
+	}
+	d.node.mu.Lock()
+	if _, ok := d.node.tasks[cfg.ID]; ok {
+		d.node.mu.Unlock()
+		return nil, fmt.Errorf("fake task %s: %w", cfg.ID, errdefs.ErrAlreadyExists)
+	}
+	t := &task{driver: d.name, cfg: *cfg, done: make(chan struct{})}
+	d.node.tasks[cfg.ID] = t
+	d.node.mu.Unlock()
+
+	if err := t.run(); err != nil {
+		d.node.mu.Lock()
+		delete(d.node.tasks, cfg.ID)
+		d.node.mu.Unlock()
+		return nil, err
+	}
+	d.mu.Lock()
+	d.known[cfg.ID] = true
+	d.mu.Unlock()
+	state, _ := json.Marshal(map[string]int{"pid": t.cmd.Process.Pid})
+	return &driver.Handle{ID: cfg.ID, Driver: d.name, Version: 1, State: state}, nil
+}
+
+func (t *task) run() error {
+	cmd := exec.Command(t.cfg.Args[0], t.cfg.Args[1:]...)
+	cmd.Env = t.cfg.Env
+	cmd.Dir = t.cfg.Workdir
+	if cmd.Dir == "" {
+		cmd.Dir = "/"
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := os.MkdirAll(t.cfg.LogDir, 0o755); err != nil {
+		return err
+	}
+	var files []*os.File
+	for _, name := range []string{driver.StdoutLog, driver.StderrLog} {
+		f, err := os.OpenFile(filepath.Join(t.cfg.LogDir, name), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return err
+		}
+		files = append(files, f)
+	}
+	cmd.Stdout, cmd.Stderr = files[0], files[1]
+	err := cmd.Start()
+	for _, f := range files {
+		f.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("start fake task: %w", err)
+	}
+	t.cmd, t.started = cmd, time.Now().UTC()
+	go func() {
+		err := cmd.Wait()
+		res := &driver.ExitResult{FinishedAt: time.Now().UTC()}
+		if ee, ok := err.(*exec.ExitError); ok {
+			ws := ee.Sys().(syscall.WaitStatus)
+			if ws.Signaled() {
+				res.Signal = int(ws.Signal())
+				res.ExitCode = 128 + res.Signal
+			} else {
+				res.ExitCode = ws.ExitStatus()
+			}
+		} else if err != nil {
+			res.ExitCode, res.Err = -1, err.Error()
+		}
+		t.exit = res
+		close(t.done)
+	}()
+	return nil
+}
+
+// Wait implements driver.Driver.
+func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error) {
+	if err := d.record("Wait", id); err != nil {
+		return nil, err
+	}
+	t, err := d.get(id)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-t.done:
+		return t.exit, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Stop implements driver.Driver.
+func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) error {
+	if err := d.record("Stop", id); err != nil {
+		return err
+	}
+	t, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-t.done:
+		return nil
+	default:
+	}
+	_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-t.done:
+		return nil
+	case <-time.After(timeout):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-t.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Destroy implements driver.Driver.
+func (d *Driver) Destroy(ctx context.Context, id string) error {
+	if err := d.record("Destroy", id); err != nil {
+		return err
+	}
+	d.node.mu.Lock()
+	t, ok := d.node.tasks[id]
+	delete(d.node.tasks, id)
+	d.node.mu.Unlock()
+	d.mu.Lock()
+	delete(d.known, id)
+	d.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	select {
+	case <-t.done:
+	default:
+		_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+		<-t.done
+	}
+	return nil
+}
+
+// Inspect implements driver.Driver.
+func (d *Driver) Inspect(ctx context.Context, id string) (*driver.TaskStatus, error) {
+	if err := d.record("Inspect", id); err != nil {
+		return nil, err
+	}
+	t, err := d.get(id)
+	if err != nil {
+		return nil, err
+	}
+	st := &driver.TaskStatus{ID: id, State: driver.TaskRunning, Pid: t.cmd.Process.Pid, StartedAt: t.started}
+	select {
+	case <-t.done:
+		st.State, st.Exit = driver.TaskExited, t.exit
+	default:
+	}
+	return st, nil
+}
+
+// Stats implements driver.Driver with the process's resident memory.
+func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
+	if err := d.record("Stats", id); err != nil {
+		return nil, err
+	}
+	t, err := d.get(id)
+	if err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(t.cmd.Process.Pid) + "/status")
+	if err != nil {
+		return nil, fmt.Errorf("fake task %s is not running: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	st := &driver.Stats{Pids: 1, MemoryLimit: uint64(t.cfg.Resources.MemoryBytes)}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			st.MemoryBytes = kb << 10
+		}
+	}
+	return st, nil
+}
+
+// Recover implements driver.Driver.
+func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
+	if err := d.record("Recover", h.ID); err != nil {
+		return err
+	}
+	d.node.mu.Lock()
+	_, ok := d.node.tasks[h.ID]
+	d.node.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("fake task %s: %w", h.ID, errdefs.ErrNotFound)
+	}
+	d.mu.Lock()
+	d.known[h.ID] = true
+	d.mu.Unlock()
+	return nil
+}
+
+// List implements driver.Driver.
+func (d *Driver) List(ctx context.Context) ([]string, error) {
+	if err := d.record("List", ""); err != nil {
+		return nil, err
+	}
+	d.node.mu.Lock()
+	defer d.node.mu.Unlock()
+	ids := make([]string, 0, len(d.node.tasks))
+	for id, t := range d.node.tasks {
+		if t.driver == d.name {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}
