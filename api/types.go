@@ -163,3 +163,21 @@ type Health struct {
 	Status string            `json:"status"`
 	Checks map[string]string `json:"checks,omitempty"`
 }
+
+// ListFilter selects workloads in GET /v1/workloads; empty fields match all.
+type ListFilter struct {
+	// Labels must all be present; an empty value matches any value.
+	Labels    map[string]string
+	State     State
+	Isolation Isolation
+}
+
+// LogOptions select what GET /v1/workloads/{id}/logs returns.
+type LogOptions struct {
+	// Stream is "stdout", "stderr" or "" for both.
+	Stream string
+	// Tail is how many of the last lines of each stream; negative means all.
+	Tail int
+	// Follow streams new output until the workload has ended for good.
+	Follow bool
+}

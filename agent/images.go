@@ -1,0 +1,93 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/image"
+)
+
+func apiImage(img *image.Image) api.Image {
+	return api.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, CreatedAt: img.CreatedAt}
+}
+
+// ListImages lists the node's images.
+func (a *Agent) ListImages() []api.Image {
+	imgs := a.images.List()
+	out := make([]api.Image, len(imgs))
+	for i, img := range imgs {
+		out[i] = apiImage(img)
+	}
+	return out
+}
+
+// ImportImage stores the images of an OCI-layout or docker-archive tarball.
+func (a *Agent) ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error) {
+	imgs, err := a.images.Import(ctx, r, ref)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Image, len(imgs))
+	for i, img := range imgs {
+		out[i] = apiImage(img)
+		a.log.Info("image imported", "ref", img.Ref, "digest", img.Digest)
+	}
+	return out, nil
+}
+
+// PullImage fetches an image from its registry.
+func (a *Agent) PullImage(ctx context.Context, ref string) (*api.Image, error) {
+	img, err := a.images.Pull(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	a.log.Info("image pulled", "ref", img.Ref, "digest", img.Digest)
+	out := apiImage(img)
+	return &out, nil
+}
+
+// RemoveImage removes an image that no workload on the node uses.
+func (a *Agent) RemoveImage(ref string) error {
+	img, err := a.images.Get(ref)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	var users []string
+	for _, r := range a.recs {
+		if r.Workload.ImageDigest == img.Digest {
+			users = append(users, r.Workload.ID)
+		}
+	}
+	a.mu.Unlock()
+	if len(users) > 0 {
+		return fmt.Errorf("image %s is used by workloads %s; delete them first: %w", img.Ref, strings.Join(users, ", "), errdefs.ErrFailedPrecondition)
+	}
+	return a.images.Remove(ref)
+}
+
+// Ready reports why the agent cannot take workloads now, or nil.
+func (a *Agent) Ready(ctx context.Context) error {
+	var reasons []string
+	healthy := 0
+	for iso, d := range a.drivers {
+		fp := d.Fingerprint(ctx)
+		if fp.Healthy {
+			healthy++
+		} else {
+			reasons = append(reasons, fmt.Sprintf("%s driver: %s", iso, fp.Reason))
+		}
+	}
+	if healthy == 0 {
+		if len(reasons) == 0 {
+			reasons = append(reasons, "no driver is configured")
+		}
+		return errors.New(strings.Join(reasons, "; "))
+	}
+	return nil
+}

@@ -1,0 +1,20 @@
+package agent
+
+import (
+	"fmt"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+)
+
+// place decides where a workload runs.
+func (a *Agent) place(spec api.WorkloadSpec) (*api.Placement, error) {
+	iso := api.IsolationContainer
+	if spec.Isolation == api.IsolationVM || spec.Privileged {
+		iso = api.IsolationVM
+	}
+	if _, ok := a.drivers[iso]; !ok {
+		return nil, fmt.Errorf("workload needs isolation %s, which this node does not provide yet: %w", iso, errdefs.ErrNotImplemented)
+	}
+	return &api.Placement{Isolation: iso, DecidingRule: "builtin", PolicyVersion: "builtin", Explanation: fmt.Sprintf("%s: built-in placement", iso)}, nil
+}

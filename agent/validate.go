@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"math"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/image"
+)
+
+// Limits on what a spec may carry. They keep one request from costing the
+// node more than a request should, and give clients a clear answer.
+const (
+	maxArgs       = 1024
+	maxArgBytes   = 128 << 10 // all of command and args together
+	maxEnv        = 1024
+	maxEnvBytes   = 128 << 10
+	maxLabels     = 64
+	maxLabelKey   = 253
+	maxLabelValue = 1024
+	maxPathLen    = 4096
+	maxCPU        = 1024
+	maxMemoryMB   = 4 << 20 // 4 TiB
+	minMemoryMB   = 8       // below this no runtime can even start a process
+	maxPids       = 1 << 22
+	maxMaxRetries = 10000
+	maxNameLen    = 63
+)
+
+var (
+	nameRE     = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	envKeyRE   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	labelKeyRE = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$`)
+)
+
+// Defaults fill what a spec leaves out.
+type Defaults struct {
+	CPU      float64
+	MemoryMB int64
+	Pids     int64
+}
+
+// normalize validates spec and returns it with defaults applied and the
+// image reference normalized, or an *errdefs.ValidationError naming every
+// offending field.
+func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
+	v := &errdefs.ValidationError{}
+	if spec.Name != "" && (len(spec.Name) > maxNameLen || !nameRE.MatchString(spec.Name)) {
+		v.Add("name", "%q is not a DNS label: lower-case letters, digits and '-', at most %d characters, starting and ending with a letter or digit", spec.Name, maxNameLen)
+	}
+	switch {
+	case spec.Image == "":
+		v.Add("image", "required: an OCI image reference such as busybox:latest")
+	default:
+		ref, err := image.Normalize(spec.Image)
+		if err != nil {
+			v.Add("image", "%q is not a valid image reference", spec.Image)
+		} else {
+			spec.Image = ref
+		}
+	}
+	checkStrings(v, "command", spec.Command)
+	checkStrings(v, "args", spec.Args)
+	if n := len(spec.Command) + len(spec.Args); n > maxArgs {
+		v.Add("command", "%d arguments; at most %d", n, maxArgs)
+	}
+	if n := totalLen(spec.Command) + totalLen(spec.Args); n > maxArgBytes {
+		v.Add("command", "%d bytes of command and args; at most %d", n, maxArgBytes)
+	}
+	if len(spec.Env) > maxEnv {
+		v.Add("env", "%d variables; at most %d", len(spec.Env), maxEnv)
+	}
+	envBytes := 0
+	for k, val := range spec.Env {
+		envBytes += len(k) + len(val) + 1
+		if !envKeyRE.MatchString(k) {
+			v.Add("env."+k, "not a valid variable name: letters, digits and '_', not starting with a digit")
+		}
+		if strings.ContainsRune(val, 0) {
+			v.Add("env."+k, "contains a NUL byte")
+		}
+	}
+	if envBytes > maxEnvBytes {
+		v.Add("env", "%d bytes; at most %d", envBytes, maxEnvBytes)
+	}
+	if spec.Workdir != "" {
+		switch {
+		case !path.IsAbs(spec.Workdir):
+			v.Add("workdir", "%q must be an absolute path inside the image", spec.Workdir)
+		case len(spec.Workdir) > maxPathLen || strings.ContainsRune(spec.Workdir, 0):
+			v.Add("workdir", "not a usable path")
+		default:
+			spec.Workdir = path.Clean(spec.Workdir)
+		}
+	}
+	if len(spec.Labels) > maxLabels {
+		v.Add("labels", "%d labels; at most %d", len(spec.Labels), maxLabels)
+	}
+	for k, val := range spec.Labels {
+		if len(k) > maxLabelKey || !labelKeyRE.MatchString(k) {
+			v.Add("labels."+k, "not a valid label key: letters, digits, '-', '_', '.', '/', at most %d characters", maxLabelKey)
+		}
+		if len(val) > maxLabelValue || !utf8.ValidString(val) || strings.ContainsFunc(val, isControl) {
+			v.Add("labels."+k, "label values are printable UTF-8 of at most %d bytes", maxLabelValue)
+		}
+	}
+	switch spec.Isolation {
+	case "":
+		spec.Isolation = api.IsolationAuto
+	case api.IsolationAuto, api.IsolationContainer, api.IsolationVM:
+	default:
+		v.Add("isolation", "%q is not one of auto, container, vm", spec.Isolation)
+	}
+	r := &spec.Resources
+	switch {
+	case math.IsNaN(r.CPU) || math.IsInf(r.CPU, 0) || r.CPU < 0 || r.CPU > maxCPU:
+		v.Add("resources.cpu", "must be between 0 and %d cores", maxCPU)
+	case r.CPU == 0:
+		r.CPU = def.CPU
+	case r.CPU < 0.01:
+		v.Add("resources.cpu", "%g cores is below the smallest share, 0.01", r.CPU)
+	}
+	switch {
+	case r.MemoryMB < 0 || r.MemoryMB > maxMemoryMB:
+		v.Add("resources.memory_mb", "must be between %d and %d", minMemoryMB, maxMemoryMB)
+	case r.MemoryMB == 0:
+		r.MemoryMB = def.MemoryMB
+	case r.MemoryMB < minMemoryMB:
+		v.Add("resources.memory_mb", "%d MiB is too little to start a process; at least %d", r.MemoryMB, minMemoryMB)
+	}
+	switch {
+	case r.Pids < 0 || r.Pids > maxPids:
+		v.Add("resources.pids", "must be between 1 and %d", maxPids)
+	case r.Pids == 0:
+		r.Pids = def.Pids
+	}
+	switch spec.Restart.Policy {
+	case "":
+		spec.Restart.Policy = api.RestartNever
+	case api.RestartNever, api.RestartOnFailure, api.RestartAlways:
+	default:
+		v.Add("restart.policy", "%q is not one of never, on-failure, always", spec.Restart.Policy)
+	}
+	if spec.Restart.MaxRetries < 0 || spec.Restart.MaxRetries > maxMaxRetries {
+		v.Add("restart.max_retries", "must be between 0 and %d", maxMaxRetries)
+	}
+	if spec.Restart.Policy == api.RestartNever && spec.Restart.MaxRetries != 0 {
+		v.Add("restart.max_retries", "is meaningless with restart policy never")
+	}
+	if err := v.Err(); err != nil {
+		return api.WorkloadSpec{}, err
+	}
+	return spec, nil
+}
+
+func checkStrings(v *errdefs.ValidationError, field string, list []string) {
+	for i, s := range list {
+		if strings.ContainsRune(s, 0) {
+			v.Add(field+"["+strconv.Itoa(i)+"]", "contains a NUL byte")
+		}
+	}
+	if field == "command" && len(list) > 0 && list[0] == "" {
+		v.Add("command[0]", "the program to run is empty")
+	}
+}
+
+func totalLen(list []string) int {
+	n := 0
+	for _, s := range list {
+		n += len(s) + 1
+	}
+	return n
+}
+
+func isControl(r rune) bool { return r < 0x20 || r == 0x7f }

@@ -1,0 +1,149 @@
+// Package server serves berth's HTTP API (v1) over an agent. It knows
+// nothing of runc, libvirt or policy internals: it decodes and validates
+// requests, calls the Backend, and encodes answers and problems.
+package server
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/go-chi/chi/v5/middleware"
+
+	"github.com/berthd/berth/api"
+)
+
+// Backend is what the API needs of the agent.
+type Backend interface {
+	Submit(ctx context.Context, spec api.WorkloadSpec) (w *api.Workload, created bool, err error)
+	Get(ctx context.Context, ref string) (*api.Workload, error)
+	List(ctx context.Context, f api.ListFilter) []api.Workload
+	Stop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error)
+	Delete(ctx context.Context, ref string, force bool) error
+	Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error
+	Stats(ctx context.Context, ref string) (*api.Stats, error)
+	// Index is the state index and a channel closed at its next change.
+	Index() (uint64, <-chan struct{})
+
+	ListImages() []api.Image
+	ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error)
+	PullImage(ctx context.Context, ref string) (*api.Image, error)
+	RemoveImage(ref string) error
+
+	// Ready reports why the agent cannot take workloads, or nil.
+	Ready(ctx context.Context) error
+}
+
+// Options configure the server.
+type Options struct {
+	Logger *slog.Logger
+	// MaxBodyBytes limits JSON request bodies (default 1 MiB).
+	MaxBodyBytes int64
+	// MaxImageBytes limits an uploaded image archive (default 8 GiB).
+	MaxImageBytes int64
+	// MaxWait caps a blocking query's wait (default 5 minutes).
+	MaxWait time.Duration
+}
+
+// Server is the HTTP API.
+type Server struct {
+	b    Backend
+	opts Options
+	log  *slog.Logger
+	mux  chi.Router
+}
+
+// New returns the API handler over b.
+func New(b Backend, opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MaxBodyBytes == 0 {
+		opts.MaxBodyBytes = 1 << 20
+	}
+	if opts.MaxImageBytes == 0 {
+		opts.MaxImageBytes = 8 << 30
+	}
+	if opts.MaxWait == 0 {
+		opts.MaxWait = 5 * time.Minute
+	}
+	s := &Server{b: b, opts: opts, log: opts.Logger}
+	r := chi.NewRouter()
+	r.Use(s.recoverer, s.accessLog)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, r, s.log, &api.Problem{Status: http.StatusNotFound, Reason: api.ReasonRouteNotFound, Title: "No such endpoint", Detail: r.Method + " " + r.URL.Path + " is not part of the berth API"})
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, r, s.log, &api.Problem{Status: http.StatusMethodNotAllowed, Reason: api.ReasonMethodNotAllowed, Title: "Method not allowed", Detail: r.Method + " is not supported on " + r.URL.Path})
+	})
+	r.Get("/healthz", s.healthz)
+	r.Get("/readyz", s.readyz)
+	r.Route("/v1", func(r chi.Router) {
+		r.Route("/workloads", func(r chi.Router) {
+			r.Post("/", s.createWorkload)
+			r.Get("/", s.listWorkloads)
+			r.Route("/{ref}", func(r chi.Router) {
+				r.Get("/", s.getWorkload)
+				r.Delete("/", s.deleteWorkload)
+				r.Post("/stop", s.stopWorkload)
+				r.Get("/logs", s.workloadLogs)
+				r.Get("/stats", s.workloadStats)
+			})
+		})
+		r.Route("/images", func(r chi.Router) {
+			r.Get("/", s.listImages)
+			r.Post("/", s.importImage)
+			r.Delete("/", s.removeImage)
+			r.Post("/pull", s.pullImage)
+		})
+	})
+	s.mux = r
+	return s
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// Router exposes the router so later surfaces (metrics, policy) can mount.
+func (s *Server) Router() chi.Router { return s.mux }
+
+func (s *Server) recoverer(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				s.log.Error("panic serving request", "method", r.Method, "path", r.URL.Path, "panic", v)
+				writeProblem(w, r, s.log, &api.Problem{Status: http.StatusInternalServerError, Reason: api.ReasonInternal, Title: "Internal error", Detail: "the agent hit a bug serving this request; it is logged"})
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (s *Server) accessLog(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
+		start := time.Now()
+		next.ServeHTTP(ww, r)
+		route := chi.RouteContext(r.Context()).RoutePattern()
+		s.log.Debug("request", "method", r.Method, "route", route, "path", r.URL.Path, "status", ww.Status(), "duration", time.Since(start))
+	})
+}
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, api.Health{Status: "ok"})
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	if err := s.b.Ready(r.Context()); err != nil {
+		w.Header().Set("Content-Type", "application/json")
+		writeJSON(w, http.StatusServiceUnavailable, api.Health{Status: "unavailable", Checks: map[string]string{"agent": err.Error()}})
+		return
+	}
+	writeJSON(w, http.StatusOK, api.Health{Status: "ok"})
+}
