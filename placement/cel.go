@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"cel.dev/cel-go/cel"
+	"cel.dev/cel-go/checker"
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/common/types/ref"
 	"cel.dev/cel-go/ext"
@@ -97,11 +98,37 @@ func compileCEL(expr string) (cel.Program, []celError) {
 	if !ast.OutputType().IsExactType(cel.BoolType) {
 		return nil, []celError{{line: 1, col: 0, msg: fmt.Sprintf("expression must be a bool, but it is a %s", ast.OutputType())}}
 	}
-	prg, err := celEnv.Program(ast, cel.CostLimit(celCostLimit))
+	// CEL's static estimate is an upper bound on the runtime cost. Where it
+	// already proves the expression cheap (comparisons against constants,
+	// the common case), runtime cost tracking would only slow every
+	// decision down; where the bound depends on the input (comprehensions,
+	// regular expressions, string functions), the limit is enforced as the
+	// expression runs.
+	var opts []cel.ProgramOption
+	est, err := celEnv.EstimateCost(ast, noSizeHints{})
+	switch {
+	case err != nil:
+		opts = append(opts, cel.CostLimit(celCostLimit))
+	case est.Min > celCostLimit:
+		return nil, []celError{{line: 1, col: 0, msg: fmt.Sprintf("expression always costs at least %d, over the cost limit of %d", est.Min, celCostLimit)}}
+	case est.Max > celCostLimit:
+		opts = append(opts, cel.CostLimit(celCostLimit))
+	}
+	prg, err := celEnv.Program(ast, opts...)
 	if err != nil {
 		return nil, []celError{{line: 1, col: 0, msg: err.Error()}}
 	}
 	return prg, nil
+}
+
+// noSizeHints leaves every input size unknown: nothing bounds the labels or
+// strings the agent hands over, so the estimate must not assume a bound.
+type noSizeHints struct{}
+
+func (noSizeHints) EstimateSize(checker.AstNode) *checker.SizeEstimate { return nil }
+
+func (noSizeHints) EstimateCallCost(string, string, *checker.AstNode, []checker.AstNode) *checker.CallEstimate {
+	return nil
 }
 
 // activation binds `workload` and `node` for one Decide call. It is built

@@ -30,6 +30,10 @@ type glob struct {
 	pattern string
 	re      *regexp.Regexp
 	anyTag  bool
+	// prefix is the pattern's literal start. Most image globs name a
+	// registry or repository up front, so most references are rejected by
+	// one HasPrefix without running the regexp.
+	prefix string
 }
 
 // compileGlob translates the pattern into an anchored regular expression:
@@ -91,10 +95,12 @@ func compileGlob(pattern string) (*glob, error) {
 		return nil, fmt.Errorf("internal error compiling pattern: %w", err)
 	}
 	tail := pattern[strings.LastIndexByte(pattern, '/')+1:]
+	prefix, _ := compiled.LiteralPrefix()
 	return &glob{
 		pattern: pattern,
 		re:      compiled,
 		anyTag:  !strings.Contains(pattern, "@") && !strings.Contains(tail, ":"),
+		prefix:  prefix,
 	}, nil
 }
 
@@ -156,6 +162,10 @@ func classChar(s string) (rune, int, error) {
 
 // match reports whether ref, a normalized image reference, matches.
 func (g *glob) match(ref string) bool {
+	// The repository is a prefix of ref, so this rejects both tries.
+	if !strings.HasPrefix(ref, g.prefix) {
+		return false
+	}
 	if g.re.MatchString(ref) {
 		return true
 	}
