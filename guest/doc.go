@@ -1,0 +1,66 @@
+// Package guest is the contract between berth's VM driver on the host and
+// berth-init, the small static program that runs as PID 1 inside every
+// workload VM. The host imports this package to write the guest's input and
+// read its result; berth-init (package guest/pid1) implements the other
+// side. Both halves live here so encoding and decoding cannot drift apart.
+//
+// # Boot
+//
+// The host boots a transient domain by direct kernel boot: the node's
+// kernel, an initramfs built by vmdriver/initramfs (containing /init =
+// berth-init, the kernel modules it needs and /berth/modules, their load
+// order) and the command line "console=ttyS0" (plus "panic=-1" so a guest
+// kernel panic ends the domain instead of hanging it). /dev/console (ttyS0)
+// carries only kernel messages and berth-init's own diagnostics, never the
+// workload's output.
+//
+// # Devices
+//
+// Disks are virtio-blk devices found by their serial number, never by
+// their order on the bus:
+//
+//   - serial "berth-root" (RootDiskSerial): an ext4 filesystem holding the
+//     workload's root filesystem (the unpacked OCI image), normally a qcow2
+//     copy-on-write overlay over a per-image base built by vmdriver/rootdisk.
+//     berth-init mounts it read-write.
+//   - serial "berth-config" (ConfigDiskSerial): raw bytes, the JSON encoding
+//     of a Config followed by NUL padding to a multiple of 512 bytes, as
+//     written by EncodeConfig. At most MaxConfigSize bytes are read.
+//
+// Channels are virtio-serial ports (a virtio-serial controller with
+// virtserialport devices), found through
+// /sys/class/virtio-ports/vport*/name:
+//
+//   - "org.berth.stdout" (StdoutPort) and "org.berth.stderr" (StderrPort):
+//     the workload's output, byte for byte. Output of every process of the
+//     workload is drained before the exit is reported.
+//   - "org.berth.status" (StatusPort): newline-delimited JSON Status
+//     records: {"event":"started","pid":N} once the command has been
+//     executed, then exactly one terminal record, either
+//     {"event":"exited","exit_code":N} ({"event":"exited","exit_code":128+S,
+//     "signal":S} when the workload was killed by signal S, as shells and
+//     runc report it) or {"event":"error","message":"...","exit_code":N}
+//     when berth-init could not run the command (ExitCodeNotFound 127,
+//     ExitCodeCannotExec 126, ExitCodeInitFailure 125 for anything else:
+//     bad config, missing device, mount failure). The host treats the last
+//     record as the result (ReadLastStatus); a domain that ends without a
+//     terminal record crashed.
+//
+// # Lifecycle
+//
+// berth-init runs the command in its own process group, chrooted into the
+// root disk, with the config's environment (PATH defaults to
+// DefaultPath), working directory (created when missing, as runc does) and
+// numeric user. When the main process exits, every process left in the
+// guest is killed (as when a container's PID namespace ends), the output is
+// drained, the terminal status record is written, filesystems are synced
+// and the guest powers itself off.
+//
+// Graceful stop is the ACPI power button (libvirt
+// virDomainShutdownFlags(VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN), QMP
+// system_powerdown): berth-init sends SIGTERM to the workload's process
+// group on each press, so a workload that handles SIGTERM exits with its own
+// code. A press that arrives before the command runs is delivered as soon as
+// it starts. The host forces the domain off after its grace period; nothing
+// in the guest is needed for that.
+package guest
