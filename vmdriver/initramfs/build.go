@@ -1,0 +1,226 @@
+package initramfs
+
+import (
+	"bufio"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/berthd/berth/errdefs"
+)
+
+// formatVersion is part of every cache key: bump it whenever the archive's
+// layout changes, so old cached archives are not reused.
+const formatVersion = "berth-initramfs/1"
+
+// ModuleListPath is where the archive lists the modules for berth-init to
+// load, one absolute path per line in load order (guest/pid1 reads it).
+const ModuleListPath = "/berth/modules"
+
+// Options says what goes into an initramfs.
+type Options struct {
+	// Kernel is the kernel the initramfs is for; its modules are taken from
+	// Kernel.ModulesDir.
+	Kernel Kernel
+	// InitPath is the berth-init binary (static), installed as /init.
+	InitPath string
+	// Modules are module names to include with their dependencies; nil
+	// means DefaultModules.
+	Modules []string
+	// CacheDir holds built archives, named by the hash of their inputs.
+	CacheDir string
+}
+
+// Build returns the path of a gzip-compressed newc initramfs holding /init
+// (the berth-init binary), the kernel modules it needs and /berth/modules
+// (their load order). Archives are cached in CacheDir by a hash of
+// everything that goes into them (init binary, module files and order,
+// kernel release), so a second call with the same inputs returns the same
+// file without rebuilding, and a changed input never reuses a stale one.
+// Concurrent calls, in one process or several, build at most once per hash
+// and never expose a partial file.
+func Build(ctx context.Context, o Options) (string, error) {
+	if o.Kernel.Release == "" || o.Kernel.ModulesDir == "" || o.InitPath == "" || o.CacheDir == "" {
+		return "", fmt.Errorf("initramfs: kernel release and modules dir, init path and cache dir are required: %w", errdefs.ErrInvalidArgument)
+	}
+	names := o.Modules
+	if names == nil {
+		names = DefaultModules
+	}
+	mods, err := Resolve(o.Kernel.ModulesDir, names)
+	if err != nil {
+		return "", fmt.Errorf("initramfs: %w", err)
+	}
+	initBin, err := os.ReadFile(o.InitPath)
+	if err != nil {
+		return "", fmt.Errorf("initramfs: read init: %w", err)
+	}
+
+	// The archive's content is fully determined by these; reading the
+	// module files to hash them costs milliseconds, rebuilding would not.
+	files := make([]archiveFile, 0, len(mods))
+	h := sha256.New()
+	hashField(h, []byte(formatVersion))
+	hashField(h, []byte(o.Kernel.Release))
+	hashField(h, initBin)
+	for _, m := range mods {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		data, err := readModule(o.Kernel.ModulesDir, m)
+		if err != nil {
+			return "", fmt.Errorf("initramfs: %w", err)
+		}
+		name := path.Join("/lib/modules", o.Kernel.Release, uncompressedPath(m.Path))
+		hashField(h, []byte(name))
+		hashField(h, data)
+		files = append(files, archiveFile{name, data})
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	final := filepath.Join(o.CacheDir, "initramfs-"+sum[:32]+".cpio.gz")
+
+	if _, err := os.Stat(final); err == nil {
+		return final, nil
+	}
+	if err := os.MkdirAll(o.CacheDir, 0o755); err != nil {
+		return "", fmt.Errorf("initramfs: create cache dir: %w", err)
+	}
+	unlock, err := lockFile(ctx, final+".lock")
+	if err != nil {
+		return "", fmt.Errorf("initramfs: %w", err)
+	}
+	defer unlock()
+	if _, err := os.Stat(final); err == nil {
+		return final, nil // built by whoever held the lock before us
+	}
+	if err := writeArchive(final, initBin, files); err != nil {
+		return "", fmt.Errorf("initramfs: %w", err)
+	}
+	return final, nil
+}
+
+type archiveFile struct {
+	name string
+	data []byte
+}
+
+// hashField hashes b with its length, so field boundaries cannot shift
+// between two different input sets with the same concatenation.
+func hashField(h hash.Hash, b []byte) {
+	var n [8]byte
+	binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+	h.Write(n[:])
+	h.Write(b)
+}
+
+func uncompressedPath(p string) string {
+	return strings.TrimSuffix(p, ".gz")
+}
+
+// writeArchive writes the archive to a temporary file next to final and
+// renames it into place once complete and synced.
+func writeArchive(final string, initBin []byte, mods []archiveFile) (err error) {
+	tmp, err := os.CreateTemp(filepath.Dir(final), ".initramfs-*.tmp")
+	if err != nil {
+		return fmt.Errorf("create archive: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	bw := bufio.NewWriterSize(tmp, 1<<20)
+	zw, err := gzip.NewWriterLevel(bw, gzip.DefaultCompression)
+	if err != nil {
+		return err
+	}
+	cw := newCPIOWriter(zw)
+
+	// Directories first, parents before children: the kernel's unpacker
+	// does not create missing parents.
+	dirs := map[string]bool{"/dev": true, "/proc": true, "/sys": true, "/newroot": true, "/berth": true}
+	for _, m := range mods {
+		for d := path.Dir(m.name); d != "/"; d = path.Dir(d) {
+			dirs[d] = true
+		}
+	}
+	sorted := make([]string, 0, len(dirs))
+	for d := range dirs {
+		sorted = append(sorted, d)
+	}
+	slices.Sort(sorted) // a parent is a prefix of its children, so it sorts first
+	for _, d := range sorted {
+		cw.Dir(d, 0o755)
+	}
+	// The kernel opens /dev/console as init's stdin, stdout and stderr
+	// before devtmpfs is mounted; without the node init starts with none.
+	cw.CharDev("/dev/console", 0o600, 5, 1)
+	cw.File("/init", 0o755, initBin)
+	var list strings.Builder
+	for _, m := range mods {
+		cw.File(m.name, 0o644, m.data)
+		list.WriteString(m.name + "\n")
+	}
+	cw.File(ModuleListPath, 0o644, []byte(list.String()))
+	if err := cw.Close(); err != nil {
+		return err
+	}
+	if err := zw.Close(); err != nil {
+		return fmt.Errorf("compress archive: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write archive: %w", err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		return fmt.Errorf("write archive: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("write archive: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write archive: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), final); err != nil {
+		return fmt.Errorf("install archive: %w", err)
+	}
+	return nil
+}
+
+// lockFile takes an exclusive flock on path, waiting until ctx ends. flock
+// serializes builders across processes as well as goroutines (each call has
+// its own open file description).
+func lockFile(ctx context.Context, path string) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil // closing releases the lock
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
