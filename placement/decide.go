@@ -106,7 +106,7 @@ func Decide(w Workload, p *Policy, n NodeFacts) Decision {
 		}
 		if ok, why := n.available(d.Isolation); !ok {
 			d.Verdict = VerdictUnschedulable
-			d.Explanation = "unschedulable: " + cause + ", but this node cannot run " + string(d.Isolation) + " workloads: " + why + tail
+			d.Explanation = "unschedulable: " + cause + ", but this node cannot run " + string(d.Isolation) + " workloads: " + prose(why) + tail
 		} else {
 			d.Verdict = VerdictAllow
 			d.Explanation = string(d.Isolation) + ": " + cause + tail

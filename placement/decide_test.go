@@ -59,6 +59,11 @@ rules:
   - name: cpu-heavy
     when: workload.resources.cpu > 0.0 && workload.resources.memory_mb > 0 && workload.resources.cpu * 1024.0 > double(workload.resources.memory_mb)
     isolation: vm
+  - name: multi-line
+    when: |
+      "shape" in workload.labels &&
+        workload.labels.shape == "tall"
+    isolation: vm
   - name: dmz-node
     when: '"zone" in node.labels && node.labels.zone == "dmz" && workload.isolation == "auto"'
     isolation: vm
@@ -271,6 +276,25 @@ func TestDecide(t *testing.T) {
 			w:       Workload{Image: busybox, Labels: map[string]string{"probe-deny": "1"}},
 			verdict: VerdictDeny, iso: IsolationContainer, rule: "broken-deny",
 			reasons: []string{"when: evaluation error: no such key: nope"},
+		},
+		{
+			name:    "multi-line expression explained on one line",
+			w:       Workload{Image: busybox, Labels: map[string]string{"shape": "tall"}},
+			verdict: VerdictAllow, iso: IsolationVM, rule: "multi-line",
+			reasons: []string{`when: "shape" in workload.labels && workload.labels.shape == "tall" was true`},
+		},
+		{
+			name:    "control characters in workload values are quoted",
+			w:       Workload{Image: "docker.io/untrusted/app\n:1", Labels: map[string]string{"trust": "untrusted"}},
+			verdict: VerdictDeny, iso: IsolationVM, rule: "blocked-images",
+			reasons: []string{`image "docker.io/untrusted/app\n:1" matches docker.io/untrusted/*`},
+		},
+		{
+			name:    "multi-line driver reason folded into the explanation",
+			w:       Workload{Image: busybox, Privileged: true},
+			n:       &NodeFacts{ContainerAvailable: true, VMReason: "libvirt: connection refused\n\tis libvirtd running?"},
+			verdict: VerdictUnschedulable, iso: IsolationVM, rule: "privileged",
+			explain: []string{"cannot run vm workloads: libvirt: connection refused is libvirtd running?"},
 		},
 		{
 			name:    "match conditions are ANDed",

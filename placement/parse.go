@@ -309,7 +309,7 @@ func (p *parser) rule(n *yaml.Node, i int) (r rule, ok bool) {
 		if v, ok := p.str(wn, ctx+": when"); ok && strings.TrimSpace(v) == "" {
 			p.errorf(wn, "%s: when is empty; write an expression or remove the key", ctx)
 		} else if ok {
-			r.when = v
+			r.when, r.whenText = v, prose(v)
 			r.prg = p.when(wn, ctx, v)
 		}
 	}

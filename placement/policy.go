@@ -76,8 +76,9 @@ type rule struct {
 	memoryMBGt  *int64
 	pidsGt      *int64
 
-	when string
-	prg  cel.Program // nil when there is no `when`
+	when     string
+	whenText string      // when on one line, for reasons
+	prg      cel.Program // nil when there is no `when`
 }
 
 type label struct{ key, value string }
@@ -150,16 +151,16 @@ func (r *rule) image(w *Workload) *glob {
 func (r *rule) reason(w *Workload, evalErr error) string {
 	var parts []string
 	for _, l := range r.labels {
-		parts = append(parts, "label "+l.key+"="+l.value)
+		parts = append(parts, "label "+value(l.key)+"="+value(l.value))
 	}
 	if len(r.labelsExist) > 0 {
-		parts = append(parts, "label "+r.existingLabel(w)+" present")
+		parts = append(parts, "label "+value(r.existingLabel(w))+" present")
 	}
 	if len(r.tenants) > 0 {
-		parts = append(parts, "tenant "+r.tenant(w))
+		parts = append(parts, "tenant "+value(r.tenant(w)))
 	}
 	if len(r.images) > 0 {
-		parts = append(parts, "image "+w.Image+" matches "+r.image(w).pattern)
+		parts = append(parts, "image "+value(w.Image)+" matches "+value(r.image(w).pattern))
 	}
 	if r.privileged != nil {
 		if *r.privileged {
@@ -179,9 +180,9 @@ func (r *rule) reason(w *Workload, evalErr error) string {
 	}
 	if r.prg != nil {
 		if evalErr != nil {
-			parts = append(parts, "when: evaluation error: "+evalErr.Error())
+			parts = append(parts, "when: evaluation error: "+prose(evalErr.Error()))
 		} else {
-			parts = append(parts, "when: "+r.when+" was true")
+			parts = append(parts, "when: "+r.whenText+" was true")
 		}
 	}
 	return strings.Join(parts, ", ")
