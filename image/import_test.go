@@ -384,3 +384,43 @@ func rewriteTar(t *testing.T, archive []byte, edit func(name string, body []byte
 	tw.Close()
 	return out.Bytes()
 }
+
+// TestImportDockerLayerSymlink covers archives from older "docker save",
+// which store a layer shared between images once and symlink the others.
+func TestImportDockerLayerSymlink(t *testing.T) {
+	img := busybox(t)
+	var out bytes.Buffer
+	tw := tar.NewWriter(&out)
+	tr := tar.NewReader(bytes.NewReader(dockerArchive(t, img, "berth.local/linked:1")))
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(tr)
+		if strings.HasSuffix(hdr.Name, "/layer.tar") {
+			// Move the layer away and leave a relative symlink in its place.
+			moved := *hdr
+			moved.Name = "shared/layer.tar"
+			tw.WriteHeader(&moved)
+			tw.Write(body)
+			tw.WriteHeader(&tar.Header{Name: hdr.Name, Typeflag: tar.TypeSymlink, Linkname: "../shared/layer.tar"})
+			continue
+		}
+		tw.WriteHeader(hdr)
+		tw.Write(body)
+	}
+	tw.Close()
+
+	s := newStore(t, t.TempDir())
+	got, err := s.Import(context.Background(), &out, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Ref != "berth.local/linked:1" {
+		t.Fatalf("Import = %+v", got)
+	}
+}

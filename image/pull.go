@@ -78,6 +78,16 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 		return nil, fmt.Errorf("pull %s: %w: registry sent an unreadable manifest: %w", canon, errdefs.ErrInvalidArgument, err)
 	}
 
+	rawConfig, err := img.RawConfigFile()
+	if err != nil {
+		return nil, remoteError(ctx, canon, err)
+	}
+	// Refuse an image this node cannot run before fetching its layers.
+	rec, err := newRecord(canon, digest, mediaType, manifest, mf, rawConfig)
+	if err != nil {
+		return nil, fmt.Errorf("pull %s: %w", canon, err)
+	}
+
 	release := s.lease(blobDigests(digest, mf)...)
 	ok := false
 	defer func() {
@@ -87,11 +97,6 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 			_ = s.gc(blobDigests(digest, mf))
 		}
 	}()
-
-	rawConfig, err := img.RawConfigFile()
-	if err != nil {
-		return nil, remoteError(ctx, canon, err)
-	}
 	if err := s.writeBlob(ctx, mf.Config.Digest, mf.Config.Size, bytes.NewReader(rawConfig)); err != nil {
 		return nil, fmt.Errorf("pull %s: config: %w", canon, err)
 	}
@@ -117,10 +122,6 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 	if err := s.writeBlob(ctx, digest, int64(len(manifest)), bytes.NewReader(manifest)); err != nil {
 		return nil, fmt.Errorf("pull %s: manifest: %w", canon, err)
 	}
-	rec, err := newRecord(canon, digest, mediaType, manifest, mf, rawConfig)
-	if err != nil {
-		return nil, fmt.Errorf("pull %s: %w", canon, err)
-	}
 	if err := s.commit(rec); err != nil {
 		return nil, err
 	}
@@ -137,8 +138,8 @@ func blobDigests(manifest v1.Hash, mf *v1.Manifest) []string {
 	return out
 }
 
-// newRecord builds the index entry of an image whose blobs are stored,
-// refusing images this node cannot run.
+// newRecord builds the index entry of an image from its manifest and
+// config, refusing images this node cannot run.
 func newRecord(canon string, digest v1.Hash, mediaType types.MediaType, manifest []byte, mf *v1.Manifest, rawConfig []byte) (record, error) {
 	cf, err := v1.ParseConfigFile(bytes.NewReader(rawConfig))
 	if err != nil {
@@ -184,27 +185,8 @@ func remoteError(ctx context.Context, canon string, err error) error {
 	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
-		for _, d := range terr.Errors {
-			switch d.Code {
-			case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
-				return fmt.Errorf("pull %s: %w: the registry has no such image; check the name and tag: %w", canon, errdefs.ErrNotFound, err)
-			case transport.UnauthorizedErrorCode:
-				return fmt.Errorf("pull %s: %w: log in to the registry (docker login) as the user berth runs as: %w", canon, errdefs.ErrUnauthenticated, err)
-			case transport.DeniedErrorCode:
-				return fmt.Errorf("pull %s: %w: the registry denies access to this repository: %w", canon, errdefs.ErrPermissionDenied, err)
-			case transport.TooManyRequestsErrorCode, transport.UnavailableErrorCode:
-				return fmt.Errorf("pull %s: %w: the registry is rate limiting or unavailable; retry later: %w", canon, errdefs.ErrUnavailable, err)
-			}
-		}
-		switch {
-		case terr.StatusCode == http.StatusNotFound:
-			return fmt.Errorf("pull %s: %w: the registry has no such image; check the name and tag: %w", canon, errdefs.ErrNotFound, err)
-		case terr.StatusCode == http.StatusUnauthorized:
-			return fmt.Errorf("pull %s: %w: log in to the registry (docker login) as the user berth runs as: %w", canon, errdefs.ErrUnauthenticated, err)
-		case terr.StatusCode == http.StatusForbidden:
-			return fmt.Errorf("pull %s: %w: the registry denies access to this repository: %w", canon, errdefs.ErrPermissionDenied, err)
-		case terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode >= 500:
-			return fmt.Errorf("pull %s: %w: the registry is rate limiting or failing; retry later: %w", canon, errdefs.ErrUnavailable, err)
+		if class, hint := registryClass(terr); class != nil {
+			return fmt.Errorf("pull %s: %w: %s: %w", canon, class, hint, err)
 		}
 		return fmt.Errorf("pull %s: %w", canon, err)
 	}
@@ -220,6 +202,40 @@ func remoteError(ctx context.Context, canon string, err error) error {
 		return fmt.Errorf("pull %s: %w: cannot reach the registry (%s): %w", canon, errdefs.ErrUnavailable, hint, err)
 	}
 	return fmt.Errorf("pull %s: %w", canon, err)
+}
+
+// registryClass maps a registry's answer to an error class and what to do
+// about it, by its error code first and its HTTP status second.
+func registryClass(terr *transport.Error) (error, string) {
+	const (
+		notFound = "the registry has no such image; check the name and tag"
+		login    = "log in to the registry (docker login) as the user berth runs as"
+		denied   = "the registry denies access to this repository"
+		later    = "the registry is rate limiting or failing; retry later"
+	)
+	for _, d := range terr.Errors {
+		switch d.Code {
+		case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
+			return errdefs.ErrNotFound, notFound
+		case transport.UnauthorizedErrorCode:
+			return errdefs.ErrUnauthenticated, login
+		case transport.DeniedErrorCode:
+			return errdefs.ErrPermissionDenied, denied
+		case transport.TooManyRequestsErrorCode, transport.UnavailableErrorCode:
+			return errdefs.ErrUnavailable, later
+		}
+	}
+	switch {
+	case terr.StatusCode == http.StatusNotFound:
+		return errdefs.ErrNotFound, notFound
+	case terr.StatusCode == http.StatusUnauthorized:
+		return errdefs.ErrUnauthenticated, login
+	case terr.StatusCode == http.StatusForbidden:
+		return errdefs.ErrPermissionDenied, denied
+	case terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode >= 500:
+		return errdefs.ErrUnavailable, later
+	}
+	return nil, ""
 }
 
 // httpsOnly upgrades plain-HTTP requests to anything but loopback to HTTPS.
