@@ -35,6 +35,10 @@ const SectorSize = 512
 // instead of being read into memory whole.
 const MaxConfigSize = 1 << 20
 
+// ModuleListPath is where the initramfs lists the kernel modules berth-init
+// loads, one absolute path per line in load order (dependencies first).
+const ModuleListPath = "/berth/modules"
+
 // DefaultPath is the PATH a workload gets when its environment has none,
 // the same default Docker and containerd give containers.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -158,8 +162,8 @@ func EncodeConfig(c Config) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode guest config: %w", err)
 	}
-	// At least one NUL after the JSON is not needed for decoding, but a full
-	// sector of padding would be; round up only to the next boundary.
+	// Pad to the next sector boundary only: DecodeConfig reads up to the
+	// first NUL or the end, so JSON that fills its last sector needs none.
 	size := (len(data) + SectorSize - 1) / SectorSize * SectorSize
 	if size > MaxConfigSize {
 		return nil, fmt.Errorf("guest config: %d bytes encoded, more than %d: %w", len(data), MaxConfigSize, errdefs.ErrInvalidArgument)

@@ -48,19 +48,32 @@
 //
 // # Lifecycle
 //
-// berth-init runs the command in its own process group, chrooted into the
-// root disk, with the config's environment (PATH defaults to
-// DefaultPath), working directory (created when missing, as runc does) and
-// numeric user. When the main process exits, every process left in the
-// guest is killed (as when a container's PID namespace ends), the output is
-// drained, the terminal status record is written, filesystems are synced
-// and the guest powers itself off.
+// berth-init runs the command as a session and process group leader,
+// chrooted into the root disk (with /proc, /sys, a minimal /dev with pts,
+// shm and mqueue, and a tmpfs /run mounted as runc would), with the config's
+// environment (PATH defaults to DefaultPath, HOME to the user's home from
+// the image's /etc/passwd), working directory (created when missing, as runc
+// does), numeric user and hostname; stdin is /dev/null. When the main
+// process exits, every process left in the guest is killed (as when a
+// container's PID namespace ends), the output is drained, the terminal
+// status record is written, filesystems are synced and the guest powers
+// itself off (ACPI). The domain must therefore be defined to end on power-off
+// and on reboot (QEMU -no-reboot; libvirt on_poweroff and on_reboot
+// "destroy"): if berth-init itself dies the kernel panics, "panic=-1"
+// reboots, and the reboot must end the domain too.
 //
 // Graceful stop is the ACPI power button (libvirt
 // virDomainShutdownFlags(VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN), QMP
 // system_powerdown): berth-init sends SIGTERM to the workload's process
 // group on each press, so a workload that handles SIGTERM exits with its own
-// code. A press that arrives before the command runs is delivered as soon as
-// it starts. The host forces the domain off after its grace period; nothing
+// code. A press that arrives after berth-init has found its devices but
+// before the command runs is delivered as soon as it starts; an earlier one
+// is lost. The host forces the domain off after its grace period; nothing
 // in the guest is needed for that.
+//
+// # Diagnostics
+//
+// berth-init writes its errors and a line "berth-init: started pid N Xs
+// after boot" to the console, so the host's console log shows how long the
+// guest took to reach the workload.
 package guest

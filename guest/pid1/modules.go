@@ -13,11 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ModuleListPath is where the initramfs lists the kernel modules to load,
-// one absolute path per line, dependencies first (written by
-// vmdriver/initramfs).
-const ModuleListPath = "/berth/modules"
-
 // readModuleList parses the module list: one path per line; blank lines and
 // #-comments are skipped.
 func readModuleList(r io.Reader) ([]string, error) {

@@ -103,7 +103,7 @@ func (in *initProc) run() guest.Status {
 	if c, err := os.OpenFile("/dev/console", os.O_WRONLY|unix.O_NOCTTY, 0); err == nil {
 		in.console = c
 	}
-	if err := loadModules(ModuleListPath, finitModule, func(msg string) { in.logf("%s", msg) }); err != nil {
+	if err := loadModules(guest.ModuleListPath, finitModule, func(msg string) { in.logf("%s", msg) }); err != nil {
 		return in.failure(err)
 	}
 
@@ -247,9 +247,10 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		Env:   env,
 		Files: []*os.File{devNull, outW, errW},
 		Sys: &syscall.SysProcAttr{
-			// Its own process group, so SIGTERM on stop reaches the whole
-			// workload and not berth-init.
-			Setpgid:    true,
+			// Its own session and so process group: SIGTERM on stop
+			// reaches the whole workload and not berth-init, and no
+			// terminal of berth-init's is inherited.
+			Setsid:     true,
 			Credential: &syscall.Credential{Uid: user.uid, Gid: user.gid, Groups: user.groups},
 		},
 	})

@@ -19,15 +19,12 @@ import (
 	"time"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/guest"
 )
 
 // formatVersion is part of every cache key: bump it whenever the archive's
 // layout changes, so old cached archives are not reused.
 const formatVersion = "berth-initramfs/1"
-
-// ModuleListPath is where the archive lists the modules for berth-init to
-// load, one absolute path per line in load order (guest/pid1 reads it).
-const ModuleListPath = "/berth/modules"
 
 // Options says what goes into an initramfs.
 type Options struct {
@@ -174,7 +171,7 @@ func writeArchive(final string, initBin []byte, mods []archiveFile) (err error) 
 		cw.File(m.name, 0o644, m.data)
 		list.WriteString(m.name + "\n")
 	}
-	cw.File(ModuleListPath, 0o644, []byte(list.String()))
+	cw.File(guest.ModuleListPath, 0o644, []byte(list.String()))
 	if err := cw.Close(); err != nil {
 		return err
 	}
