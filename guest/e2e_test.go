@@ -268,6 +268,18 @@ func (r vmResult) wantError(t *testing.T, code int, msg string) {
 
 func TestVMEndToEnd(t *testing.T) {
 	env := setupVMEnv(t)
+	baseBefore, err := os.Stat(env.base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Every guest wrote to its root disk; none may have reached the
+		// shared base under its overlay.
+		after, err := os.Stat(env.base)
+		if err != nil || !after.ModTime().Equal(baseBefore.ModTime()) || after.Size() != baseBefore.Size() {
+			t.Errorf("base image changed under the overlays: %v", err)
+		}
+	})
 
 	t.Run("exit code and output streams", func(t *testing.T) {
 		r := env.boot(t, guest.Config{Args: []string{"sh", "-c", "echo out; echo err >&2; exit 7"}}, bootOptions{})
@@ -279,14 +291,14 @@ func TestVMEndToEnd(t *testing.T) {
 
 	t.Run("env, workdir, user and hostname", func(t *testing.T) {
 		r := env.boot(t, guest.Config{
-			Args:     []string{"sh", "-c", `pwd; echo "$FOO"; id -u; id -g; id -G; echo "$HOME"; hostname; echo "$PATH"; touch /tmp/x && echo writable`},
+			Args:     []string{"sh", "-c", `pwd; echo "$FOO"; id -u; id -g; id -G; echo "$HOME"; hostname; echo "$PATH"; touch /tmp/x && echo writable; ip addr show lo | grep -q "inet 127.0.0.1" && echo loopback`},
 			Env:      []string{"FOO=bar baz", "FOO=from-last"},
 			Workdir:  "/srv/app", // not in the image: created, as runc does
 			User:     "1000",
 			Hostname: "e2e-guest",
 		}, bootOptions{})
 		r.wantExit(t, 0, 0)
-		want := "/srv/app\nfrom-last\n1000\n1000\n1000 50\n/home/app\ne2e-guest\n" + guest.DefaultPath + "\nwritable\n"
+		want := "/srv/app\nfrom-last\n1000\n1000\n1000 50\n/home/app\ne2e-guest\n" + guest.DefaultPath + "\nwritable\nloopback\n"
 		if r.stdout != want {
 			t.Errorf("stdout = %q\nwant     %q\nstderr: %q", r.stdout, want, r.stderr)
 		}

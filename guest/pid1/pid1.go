@@ -162,6 +162,9 @@ func (in *initProc) run() guest.Status {
 	if err := unix.Sethostname([]byte(hostname)); err != nil {
 		return in.failure(fmt.Errorf("set hostname: %w", err))
 	}
+	if err := bringUpLoopback(); err != nil {
+		return in.failure(err)
+	}
 	return in.runWorkload(cfg)
 }
 
