@@ -196,9 +196,10 @@ func (e *vmEnv) boot(t *testing.T, cfg guest.Config, opts bootOptions) vmResult 
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	waiting := true
 	t.Cleanup(func() {
 		// Never leave a VM behind, whatever failed.
-		if cmd.ProcessState == nil {
+		if waiting {
 			cmd.Process.Kill()
 			<-exited
 		}
@@ -207,7 +208,6 @@ func (e *vmEnv) boot(t *testing.T, cfg guest.Config, opts bootOptions) vmResult 
 	res := vmResult{}
 	statusPath := p(guest.StatusPort)
 	var waitErr error
-	waiting := true
 	for waiting {
 		select {
 		case waitErr = <-exited:

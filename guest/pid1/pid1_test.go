@@ -356,3 +356,59 @@ func TestPowerPresses(t *testing.T) {
 		t.Errorf("watchPowerButton pressed %d times, want 2", presses)
 	}
 }
+
+type failingWriter struct{ writes int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	w.writes++
+	return 0, errors.New("port gone")
+}
+
+func TestCopyOutputDrainsAfterPortFailure(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &initProc{console: &strings.Builder{}}
+	dst := &failingWriter{}
+	done := make(chan struct{})
+	go func() { in.copyOutput(dst, r, "stdout"); close(done) }()
+	// More than a pipe buffer: the writer would block forever if the copy
+	// stopped reading when the port failed.
+	chunk := make([]byte, 64<<10)
+	for range 8 {
+		if _, err := w.Write(chunk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("copy did not drain the pipe")
+	}
+	if dst.writes != 1 {
+		t.Errorf("port written %d times after failing, want 1", dst.writes)
+	}
+	if !strings.Contains(in.console.(*strings.Builder).String(), "port gone") {
+		t.Error("port failure not logged")
+	}
+}
+
+func TestReadConfig(t *testing.T) {
+	data, err := guest.EncodeConfig(guest.Config{Args: []string{"true"}, Hostname: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A disk larger than the config, as a host may round it up.
+	disk := filepath.Join(t.TempDir(), "config.img")
+	writeFile(t, disk, string(append(data, make([]byte, 8192)...)), 0o644)
+	c, err := readConfig(disk)
+	if err != nil || c.Hostname != "h" || c.Args[0] != "true" {
+		t.Fatalf("readConfig = %+v, %v", c, err)
+	}
+	writeFile(t, disk, "garbage", 0o644)
+	if _, err := readConfig(disk); err == nil || exitCodeOf(err) != guest.ExitCodeInitFailure {
+		t.Errorf("bad config: %v", err)
+	}
+}
