@@ -12,7 +12,9 @@
 // order) and the command line "console=ttyS0" (plus "panic=-1" so a guest
 // kernel panic ends the domain instead of hanging it). /dev/console (ttyS0)
 // carries only kernel messages and berth-init's own diagnostics, never the
-// workload's output.
+// workload's output. The machine needs ACPI (q35 or pc) for the power
+// button. berth-init is built static (CGO_ENABLED=0; -ldflags=-s -w keeps
+// the initramfs small).
 //
 // # Devices
 //
@@ -26,6 +28,11 @@
 //   - serial "berth-config" (ConfigDiskSerial): raw bytes, the JSON encoding
 //     of a Config followed by NUL padding to a multiple of 512 bytes, as
 //     written by EncodeConfig. At most MaxConfigSize bytes are read.
+//
+// In libvirt terms: <disk device='disk'> with <target bus='virtio'/> and
+// <serial>berth-root</serial> (qcow2 driver) or <serial>berth-config</serial>
+// (raw driver, <readonly/>); <channel type='file'> with <target
+// type='virtio' name='org.berth.stdout'/> and so on.
 //
 // Channels are virtio-serial ports (a virtio-serial controller with
 // virtserialport devices), found through
