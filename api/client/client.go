@@ -1,0 +1,312 @@
+// Package client is a Go client for berth's HTTP API, for the berth CLI,
+// fleet controllers and integrations. Errors from the agent are returned as
+// *api.Problem, so callers can switch on their Reason.
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/berthd/berth/api"
+)
+
+// DefaultAddr is the agent's default listen address.
+const DefaultAddr = "127.0.0.1:7470"
+
+// IndexHeader carries the state index of a response.
+const IndexHeader = "X-Berth-Index"
+
+// Client talks to one berth agent.
+type Client struct {
+	base *url.URL
+	http *http.Client
+}
+
+// New returns a client for addr: "HOST:PORT", "http://HOST:PORT" or
+// "unix:///path/to/berth.sock".
+func New(addr string) (*Client, error) {
+	if addr == "" {
+		addr = DefaultAddr
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	base := &url.URL{Scheme: "http"}
+	switch {
+	case strings.HasPrefix(addr, "unix://"):
+		path := strings.TrimPrefix(addr, "unix://")
+		if path == "" {
+			return nil, fmt.Errorf("berth address %q has no socket path", addr)
+		}
+		tr.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}
+		base.Host = "berth"
+	case strings.HasPrefix(addr, "http://"), strings.HasPrefix(addr, "https://"):
+		u, err := url.Parse(addr)
+		if err != nil {
+			return nil, fmt.Errorf("berth address %q: %w", addr, err)
+		}
+		base = u
+	default:
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("berth address %q: want HOST:PORT, http://HOST:PORT or unix:///PATH", addr)
+		}
+		base.Host = addr
+	}
+	return &Client{base: base, http: &http.Client{Transport: tr}}, nil
+}
+
+func (c *Client) url(path string, q url.Values) string {
+	u := *c.base
+	u.Path = strings.TrimSuffix(u.Path, "/") + path
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// do sends a request and decodes a 2xx JSON answer into out (unless nil).
+// It returns the response's state index.
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, body io.Reader, contentType string, out any) (uint64, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.url(path, q), body)
+	if err != nil {
+		return 0, err
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("berth agent at %s: %w", c.base.Host, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return 0, decodeProblem(resp)
+	}
+	index, _ := strconv.ParseUint(resp.Header.Get(IndexHeader), 10, 64)
+	if out != nil {
+		if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+			return 0, fmt.Errorf("decode %s %s answer: %w", method, path, err)
+		}
+	}
+	return index, nil
+}
+
+func decodeProblem(resp *http.Response) error {
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	var p api.Problem
+	if err := json.Unmarshal(data, &p); err != nil || p.Status == 0 {
+		return &api.Problem{Status: resp.StatusCode, Reason: api.ReasonInternal, Title: resp.Status, Detail: strings.TrimSpace(string(data))}
+	}
+	return &p
+}
+
+func (c *Client) doJSON(ctx context.Context, method, path string, q url.Values, in, out any) (uint64, error) {
+	var body io.Reader
+	ct := ""
+	if in != nil {
+		data, err := json.Marshal(in)
+		if err != nil {
+			return 0, err
+		}
+		body, ct = bytes.NewReader(data), "application/json"
+	}
+	return c.do(ctx, method, path, q, body, ct, out)
+}
+
+// IsReason reports whether err is a problem with the given reason.
+func IsReason(err error, reason string) bool {
+	var p *api.Problem
+	return errors.As(err, &p) && p.Reason == reason
+}
+
+// Submit creates a workload (or returns the existing one of the same name
+// and spec).
+func (c *Client) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, error) {
+	var w api.Workload
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/workloads", nil, spec, &w)
+	return &w, err
+}
+
+// QueryOptions make a read a blocking query: it returns once the state
+// index passes WaitIndex, or after WaitTime.
+type QueryOptions struct {
+	WaitIndex uint64
+	WaitTime  time.Duration
+}
+
+func (o *QueryOptions) values(q url.Values) url.Values {
+	if q == nil {
+		q = url.Values{}
+	}
+	if o != nil && o.WaitIndex > 0 {
+		q.Set("index", strconv.FormatUint(o.WaitIndex, 10))
+		if o.WaitTime > 0 {
+			q.Set("wait", o.WaitTime.String())
+		}
+	}
+	return q
+}
+
+// Get returns a workload by id or name, and its modify index.
+func (c *Client) Get(ctx context.Context, ref string, opts *QueryOptions) (*api.Workload, uint64, error) {
+	var w api.Workload
+	idx, err := c.doJSON(ctx, http.MethodGet, "/v1/workloads/"+url.PathEscape(ref), opts.values(nil), nil, &w)
+	return &w, idx, err
+}
+
+// List returns the workloads that match f, and the state index.
+func (c *Client) List(ctx context.Context, f api.ListFilter, opts *QueryOptions) ([]api.Workload, uint64, error) {
+	q := url.Values{}
+	if f.State != "" {
+		q.Set("state", string(f.State))
+	}
+	if f.Isolation != "" {
+		q.Set("isolation", string(f.Isolation))
+	}
+	for k, v := range f.Labels {
+		if v == "" {
+			q.Add("label", k)
+		} else {
+			q.Add("label", k+"="+v)
+		}
+	}
+	var list api.WorkloadList
+	idx, err := c.doJSON(ctx, http.MethodGet, "/v1/workloads", opts.values(q), nil, &list)
+	return list.Workloads, idx, err
+}
+
+// Stop stops a workload and returns it once it has ended. A zero timeout
+// uses the agent's default grace period.
+func (c *Client) Stop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error) {
+	q := url.Values{}
+	if timeout > 0 {
+		q.Set("timeout", timeout.String())
+	}
+	var w api.Workload
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(ref)+"/stop", q, nil, &w)
+	return &w, err
+}
+
+// Delete removes a workload; force kills it first if it still runs.
+func (c *Client) Delete(ctx context.Context, ref string, force bool) error {
+	q := url.Values{}
+	if force {
+		q.Set("force", "true")
+	}
+	_, err := c.doJSON(ctx, http.MethodDelete, "/v1/workloads/"+url.PathEscape(ref), q, nil, nil)
+	return err
+}
+
+// Stats reads a running workload's resource usage.
+func (c *Client) Stats(ctx context.Context, ref string) (*api.Stats, error) {
+	var st api.Stats
+	_, err := c.doJSON(ctx, http.MethodGet, "/v1/workloads/"+url.PathEscape(ref)+"/stats", nil, nil, &st)
+	return &st, err
+}
+
+// Logs calls fn for each line of a workload's output until the output ends
+// (or, with Follow, until the workload has ended) or ctx is done.
+func (c *Client) Logs(ctx context.Context, ref string, opts api.LogOptions, fn func(api.LogLine) error) error {
+	q := url.Values{"format": {"ndjson"}}
+	if opts.Stream != "" {
+		q.Set("stream", opts.Stream)
+	}
+	if opts.Tail >= 0 {
+		q.Set("tail", strconv.Itoa(opts.Tail))
+	}
+	if opts.Follow {
+		q.Set("follow", "true")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/v1/workloads/"+url.PathEscape(ref)+"/logs", q), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("berth agent at %s: %w", c.base.Host, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return decodeProblem(resp)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var l api.LogLine
+		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+			return fmt.Errorf("decode log line: %w", err)
+		}
+		if err := fn(l); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return err
+	}
+	return nil
+}
+
+// Images lists the node's images.
+func (c *Client) Images(ctx context.Context) ([]api.Image, error) {
+	var list api.ImageList
+	_, err := c.doJSON(ctx, http.MethodGet, "/v1/images", nil, nil, &list)
+	return list.Images, err
+}
+
+// ImportImage uploads an OCI-layout or docker-archive tarball; ref tags a
+// single-image archive that names none.
+func (c *Client) ImportImage(ctx context.Context, archive io.Reader, ref string) ([]api.Image, error) {
+	q := url.Values{}
+	if ref != "" {
+		q.Set("ref", ref)
+	}
+	var list api.ImageList
+	_, err := c.do(ctx, http.MethodPost, "/v1/images", q, archive, "application/x-tar", &list)
+	return list.Images, err
+}
+
+// PullImage makes the agent pull an image from its registry.
+func (c *Client) PullImage(ctx context.Context, ref string) (*api.Image, error) {
+	var img api.Image
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/images/pull", nil, api.PullRequest{Ref: ref}, &img)
+	return &img, err
+}
+
+// RemoveImage removes an image no workload uses.
+func (c *Client) RemoveImage(ctx context.Context, ref string) error {
+	_, err := c.doJSON(ctx, http.MethodDelete, "/v1/images", url.Values{"ref": {ref}}, nil, nil)
+	return err
+}
+
+// Ready returns nil when the agent takes workloads.
+func (c *Client) Ready(ctx context.Context) error {
+	var h api.Health
+	_, err := c.doJSON(ctx, http.MethodGet, "/readyz", nil, nil, &h)
+	return err
+}
+
+// WaitExit blocks (with blocking queries, not busy polling) until the
+// workload has ended and returns it.
+func (c *Client) WaitExit(ctx context.Context, ref string) (*api.Workload, error) {
+	var index uint64
+	for {
+		w, idx, err := c.Get(ctx, ref, &QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
+		if err != nil {
+			return nil, err
+		}
+		if w.State.Terminal() {
+			return w, nil
+		}
+		index = idx
+	}
+}
