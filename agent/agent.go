@@ -79,6 +79,8 @@ type Agent struct {
 	index   uint64
 	changed chan struct{}            // closed and replaced on every commit
 	sups    map[string]chan struct{} // running supervisors, closed when done
+
+	health healthCache
 }
 
 // New opens the agent's state and recovers every workload it knew: those

@@ -75,8 +75,8 @@ func (a *Agent) RemoveImage(ref string) error {
 func (a *Agent) Ready(ctx context.Context) error {
 	var reasons []string
 	healthy := 0
-	for iso, d := range a.drivers {
-		fp := d.Fingerprint(ctx)
+	for iso := range a.drivers {
+		fp, _ := a.fingerprint(ctx, iso)
 		if fp.Healthy {
 			healthy++
 		} else {
@@ -90,4 +90,17 @@ func (a *Agent) Ready(ctx context.Context) error {
 		return errors.New(strings.Join(reasons, "; "))
 	}
 	return nil
+}
+
+// UsesImage reports whether a workload the agent knows runs from the image
+// with this manifest digest. The image store asks before it drops content.
+func (a *Agent) UsesImage(digest string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range a.recs {
+		if r.Workload.ImageDigest == digest {
+			return true
+		}
+	}
+	return false
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/berthd/berth/api"
@@ -13,8 +14,12 @@ func (a *Agent) place(spec api.WorkloadSpec) (*api.Placement, error) {
 	if spec.Isolation == api.IsolationVM || spec.Privileged {
 		iso = api.IsolationVM
 	}
-	if _, ok := a.drivers[iso]; !ok {
+	fp, ok := a.fingerprint(context.Background(), iso)
+	if !ok {
 		return nil, fmt.Errorf("workload needs isolation %s, which this node does not provide yet: %w", iso, errdefs.ErrNotImplemented)
+	}
+	if !fp.Healthy {
+		return nil, fmt.Errorf("workload needs isolation %s, and the %s driver is unhealthy: %s: %w", iso, iso, fp.Reason, errdefs.ErrUnavailable)
 	}
 	return &api.Placement{Isolation: iso, DecidingRule: "builtin", PolicyVersion: "builtin", Explanation: fmt.Sprintf("%s: built-in placement", iso)}, nil
 }

@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,9 +96,7 @@ func New(opts Options) (*Driver, error) {
 	if opts.Runc == "" {
 		opts.Runc = "runc"
 	}
-	if p, err := exec.LookPath(opts.Runc); err == nil {
-		opts.Runc = p
-	}
+	opts.Runc = findRunc(opts.Runc)
 	if len(opts.MonitorCmd) == 0 {
 		exe, err := os.Executable()
 		if err != nil {
@@ -106,7 +105,7 @@ func New(opts Options) (*Driver, error) {
 		opts.MonitorCmd = []string{exe, "monitor"}
 	}
 	if opts.MonitorEnv == nil {
-		opts.MonitorEnv = []string{"PATH=" + os.Getenv("PATH")}
+		opts.MonitorEnv = []string{"PATH=" + withSbin(os.Getenv("PATH"))}
 	}
 	if opts.LogMaxBytes == 0 {
 		opts.LogMaxBytes = 64 << 20
@@ -529,4 +528,44 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// sbinDirs hold runc on Debian (/usr/sbin/runc) but are often missing from
+// the PATH of a login shell that is not root's.
+var sbinDirs = []string{"/usr/local/sbin", "/usr/sbin", "/sbin"}
+
+// findRunc resolves a bare runc name through PATH and then the sbin
+// directories; a path or an unresolvable name is returned as given, and
+// Fingerprint reports it unusable.
+func findRunc(name string) string {
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	if strings.ContainsRune(name, '/') {
+		return name
+	}
+	for _, dir := range sbinDirs {
+		p := filepath.Join(dir, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	return name
+}
+
+// withSbin appends the sbin directories PATH lacks.
+func withSbin(path string) string {
+	have := map[string]bool{}
+	for _, dir := range filepath.SplitList(path) {
+		have[dir] = true
+	}
+	for _, dir := range sbinDirs {
+		if !have[dir] {
+			if path != "" {
+				path += string(filepath.ListSeparator)
+			}
+			path += dir
+		}
+	}
+	return path
 }

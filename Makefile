@@ -1,0 +1,65 @@
+# berth: `make run` starts an agent in the foreground, `make test` runs
+# every test. Both install what is missing first (Debian packages, Go
+# modules) and start libvirt's daemons when systemd does not.
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -X main.version=$(VERSION)
+DATA_DIR ?= /var/lib/berth
+LISTEN   ?= 127.0.0.1:7470
+DEMO_IMAGE := bin/busybox.tar
+# Tests that boot VMs and run containers take a while on 2 cores.
+TEST_TIMEOUT ?= 60m
+
+.PHONY: all deps build run test test-short bench lint fmt clean demo-image
+
+all: build
+
+deps:
+	@./hack/deps.sh
+	@$(GO) mod download
+
+bin/berth: FORCE
+	$(GO) build -ldflags "$(LDFLAGS)" -o $@ ./cmd/berth
+
+# berth-init is PID 1 inside workload VMs: static, no cgo.
+bin/berth-init: FORCE
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $@ ./cmd/berth-init
+
+build: bin/berth bin/berth-init
+
+# A busybox image built on this machine from Debian's busybox-static: the
+# quickstart needs no registry and no internet.
+$(DEMO_IMAGE): /bin/busybox
+	$(GO) run ./hack/mkimage -o $@
+
+demo-image: $(DEMO_IMAGE)
+
+run: deps build demo-image
+	@echo "berth: agent on $(LISTEN), data in $(DATA_DIR); in another terminal:"
+	@echo "  bin/berth image import $(DEMO_IMAGE)"
+	@echo "  bin/berth run --wait berth.local/demo/busybox -- sh -c 'echo hello from berth; exit 7'"
+	./bin/berth agent --listen $(LISTEN) --data-dir $(DATA_DIR)
+
+test: deps build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+# Unit tests only: no root, runc or libvirt needed.
+test-short:
+	$(GO) test -short -count=1 ./...
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchmem ./placement/ ./agent/
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin/
+
+FORCE:

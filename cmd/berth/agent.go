@@ -1,0 +1,76 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/berthd/berth/ctrdriver"
+	"github.com/berthd/berth/internal/config"
+	"github.com/berthd/berth/internal/daemon"
+)
+
+func newAgentCmd() *cobra.Command {
+	var file string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the berth agent (the per-node daemon) in the foreground",
+		Long: `Run the berth agent in the foreground.
+
+Configuration comes in layers: built-in defaults (configs/berth.yaml) < the
+file given with --config < BERTH_* environment variables (BERTH_DATA_DIR,
+BERTH_LOG_LEVEL, BERTH_CONTAINER_RUNC, ...) < flags. Workloads keep running
+when the agent stops; the next start re-attaches to them.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.Load(file, cmd.Flags())
+			if err != nil {
+				return err
+			}
+			log := newLogger(cfg.Log)
+			slog.SetDefault(log)
+			d, err := daemon.New(cmd.Context(), cfg, daemon.Options{Version: version, Logger: log})
+			if err != nil {
+				return err
+			}
+			return d.Serve(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&file, "config", "", "config file (YAML); see configs/berth.yaml for every key")
+	f.String("listen", "", "API listen address HOST:PORT (default 127.0.0.1:7470)")
+	f.String("data-dir", "", "state, images, bundles and logs (default /var/lib/berth)")
+	f.String("log-level", "", "debug, info, warn or error (default info)")
+	f.String("policy", "", "isolation policy file (default: the built-in policy)")
+	for name := range config.Flags {
+		if f.Lookup(name) == nil {
+			panic("config flag without a command-line flag: " + name)
+		}
+	}
+	return cmd
+}
+
+func newLogger(c config.Log) *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(strings.ToUpper(c.Level))); err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// runMonitor is `berth monitor DIR`, the per-container monitor process the
+// container driver starts. It is not meant to be run by hand.
+func runMonitor(dir string) int {
+	if !strings.HasPrefix(dir, "/") {
+		fmt.Fprintln(os.Stderr, "berth monitor: needs the absolute task directory; it is started by the agent")
+		return 2
+	}
+	return ctrdriver.RunMonitor(dir)
+}

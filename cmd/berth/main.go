@@ -1,0 +1,95 @@
+// Command berth is berth's single binary: `berth agent` runs the per-node
+// daemon; the other commands are its command-line client.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/api/client"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+// exitError carries an exit code out of a command without printing it:
+// `berth run --wait` exits with the workload's code.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func main() {
+	// The container driver starts per-task monitors as `berth monitor DIR`;
+	// it must not go through cobra's flag parsing or config loading.
+	if len(os.Args) == 3 && os.Args[1] == "monitor" {
+		os.Exit(runMonitor(os.Args[2]))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := newRootCmd().ExecuteContext(ctx)
+	stop()
+	var ee exitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		os.Exit(ee.code)
+	default:
+		fmt.Fprintln(os.Stderr, "berth:", describe(err))
+		os.Exit(1)
+	}
+}
+
+// describe renders an agent problem as one readable line.
+func describe(err error) string {
+	var p *api.Problem
+	if !errors.As(err, &p) {
+		return err.Error()
+	}
+	s := p.Title
+	if p.Detail != "" {
+		s += ": " + p.Detail
+	}
+	for _, f := range p.Fields {
+		s += fmt.Sprintf("\n  %s: %s", f.Field, f.Detail)
+	}
+	if p.Reason != "" {
+		s += fmt.Sprintf(" (%s)", p.Reason)
+	}
+	return s
+}
+
+type globals struct {
+	addr   string
+	output string
+}
+
+func (g *globals) client() (*client.Client, error) { return client.New(g.addr) }
+
+func newRootCmd() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "berth",
+		Short:         "berth runs workloads as containers or virtual machines, as the node's isolation policy decides",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version,
+	}
+	addr := os.Getenv("BERTH_ADDR")
+	if addr == "" {
+		addr = client.DefaultAddr
+	}
+	root.PersistentFlags().StringVar(&g.addr, "addr", addr, "agent address: HOST:PORT, http://HOST:PORT or unix:///PATH (env BERTH_ADDR)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	root.AddCommand(
+		newAgentCmd(),
+		newRunCmd(g), newPsCmd(g), newInspectCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g), newStatsCmd(g),
+		newImageCmd(g),
+	)
+	return root
+}

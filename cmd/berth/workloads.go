@@ -1,0 +1,395 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/berthd/berth/api"
+)
+
+func newRunCmd(g *globals) *cobra.Command {
+	var (
+		spec    api.WorkloadSpec
+		iso     string
+		labels  []string
+		env     []string
+		restart string
+		wait    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
+		Short: "Submit a workload; print its id, or with --wait its output and exit code",
+		Long: `Submit a workload running IMAGE. Words after "--" replace the image's
+entrypoint and command. The node's isolation policy decides whether it runs
+as a container or in a VM; --isolation asks for at least that much.
+
+With --wait, berth streams the workload's output and exits with its exit
+code (125 when it could not be run at all).`,
+		Example: `  berth run --wait busybox:latest -- sh -c 'echo hello; exit 7'
+  berth run --name web --memory 512 --label team=infra nginx:1`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec.Image = args[0]
+			if dash := cmd.ArgsLenAtDash(); dash >= 0 {
+				if dash != 1 {
+					return fmt.Errorf("give exactly one IMAGE before \"--\"")
+				}
+				spec.Command = args[1:]
+			} else if len(args) > 1 {
+				spec.Command = args[1:]
+			}
+			spec.Isolation = api.Isolation(iso)
+			spec.Restart.Policy = api.RestartPolicy(restart)
+			var err error
+			if spec.Labels, err = keyValues("--label", labels); err != nil {
+				return err
+			}
+			if spec.Env, err = keyValues("-e", env); err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			w, err := c.Submit(ctx, spec)
+			if err != nil {
+				return err
+			}
+			if !wait {
+				if g.output == "json" {
+					return printJSON(w)
+				}
+				fmt.Println(w.ID)
+				return nil
+			}
+			// Follow the output until the workload ends, then report how.
+			err = c.Logs(ctx, w.ID, api.LogOptions{Tail: -1, Follow: true}, func(l api.LogLine) error {
+				out := os.Stdout
+				if l.Stream == "stderr" {
+					out = os.Stderr
+				}
+				_, err := fmt.Fprintln(out, l.Line)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			end, err := c.WaitExit(ctx, w.ID)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				if err := printJSON(end); err != nil {
+					return err
+				}
+			}
+			switch {
+			case end.State == api.StateFailed:
+				fmt.Fprintf(os.Stderr, "berth: workload %s failed: %s\n", end.ID, end.Error)
+				return exitError{125}
+			case end.ExitCode != nil:
+				if end.OOMKilled {
+					fmt.Fprintf(os.Stderr, "berth: workload %s was killed: out of memory\n", end.ID)
+				}
+				return exitError{*end.ExitCode}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&spec.Name, "name", "", "unique name (DNS label); resubmitting the same spec under it is a no-op")
+	f.StringVar(&iso, "isolation", "", "auto, container or vm: the least isolation to accept")
+	f.StringArrayVarP(&labels, "label", "l", nil, "label KEY=VALUE (repeatable)")
+	f.StringArrayVarP(&env, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
+	f.StringVarP(&spec.Workdir, "workdir", "w", "", "working directory inside the image")
+	f.Float64Var(&spec.Resources.CPU, "cpus", 0, "CPU cores (default from the agent's config)")
+	f.Int64Var(&spec.Resources.MemoryMB, "memory", 0, "memory in MiB (default from the agent's config)")
+	f.Int64Var(&spec.Resources.Pids, "pids", 0, "maximum number of processes")
+	f.BoolVar(&spec.Privileged, "privileged", false, "ask for privileges: policy places such workloads in VMs or refuses them")
+	f.StringVar(&restart, "restart", "", "restart policy: never, on-failure or always")
+	f.IntVar(&spec.Restart.MaxRetries, "max-retries", 0, "restarts allowed by on-failure")
+	f.BoolVar(&wait, "wait", false, "stream the output and exit with the workload's exit code")
+	return cmd
+}
+
+func keyValues(flag string, kvs []string) (map[string]string, error) {
+	if len(kvs) == 0 {
+		return nil, nil
+	}
+	m := make(map[string]string, len(kvs))
+	for _, kv := range kvs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("%s %q: want KEY=VALUE", flag, kv)
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+func newPsCmd(g *globals) *cobra.Command {
+	var (
+		all    bool
+		labels []string
+		state  string
+		iso    string
+	)
+	cmd := &cobra.Command{
+		Use:   "ps",
+		Short: "List workloads (running ones; --all for every one)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f := api.ListFilter{State: api.State(state), Isolation: api.Isolation(iso)}
+			var err error
+			if f.Labels, err = keyValues("--label", labels); err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			list, _, err := c.List(cmd.Context(), f, nil)
+			if err != nil {
+				return err
+			}
+			if !all && state == "" {
+				live := list[:0]
+				for _, w := range list {
+					if !w.State.Terminal() {
+						live = append(live, w)
+					}
+				}
+				list = live
+			}
+			if g.output == "json" {
+				return printJSON(list)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tISOLATION\tSTATE\tEXIT\tCREATED")
+			for _, w := range list {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, w.State, exitText(&w), ago(w.CreatedAt))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVarP(&all, "all", "a", false, "include workloads that have ended")
+	cmd.Flags().StringArrayVarP(&labels, "label", "l", nil, "only workloads with label KEY=VALUE (KEY= for any value)")
+	cmd.Flags().StringVar(&state, "state", "", "only workloads in this state")
+	cmd.Flags().StringVar(&iso, "isolation", "", "only container or vm workloads")
+	return cmd
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func exitText(w *api.Workload) string {
+	switch {
+	case w.ExitCode != nil && w.OOMKilled:
+		return strconv.Itoa(*w.ExitCode) + " (oom)"
+	case w.ExitCode != nil:
+		return strconv.Itoa(*w.ExitCode)
+	case w.State == api.StateFailed:
+		return "failed"
+	}
+	return "-"
+}
+
+func ago(t time.Time) string {
+	d := time.Since(t)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds ago", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
+}
+
+func newInspectCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect WORKLOAD",
+		Short: "Show a workload's record: spec, state, placement, exit",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			w, _, err := c.Get(cmd.Context(), args[0], nil)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return printJSON(w)
+			}
+			printWorkload(w)
+			return nil
+		},
+	}
+}
+
+func printWorkload(w *api.Workload) {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("ID", w.ID)
+	row("Name", dash(w.Name))
+	row("Image", w.Spec.Image+" ("+w.ImageDigest+")")
+	cmdline := append(append([]string{}, w.Spec.Command...), w.Spec.Args...)
+	row("Command", dash(strings.Join(cmdline, " ")))
+	row("State", string(w.State))
+	row("Isolation", string(w.Isolation))
+	if p := w.Placement; p != nil {
+		row("Placement", p.Explanation)
+		row("Policy", p.PolicyVersion)
+	}
+	row("Resources", fmt.Sprintf("cpu=%g memory=%dMiB pids=%d", w.Spec.Resources.CPU, w.Spec.Resources.MemoryMB, w.Spec.Resources.Pids))
+	if len(w.Spec.Labels) > 0 {
+		keys := make([]string, 0, len(w.Spec.Labels))
+		for k := range w.Spec.Labels {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for i, k := range keys {
+			keys[i] = k + "=" + w.Spec.Labels[k]
+		}
+		row("Labels", strings.Join(keys, ", "))
+	}
+	row("Exit", exitText(w))
+	if w.Error != "" {
+		row("Error", w.Error)
+	}
+	if w.RestartCount > 0 {
+		row("Restarts", strconv.Itoa(w.RestartCount))
+	}
+	row("Created", w.CreatedAt.Format(time.RFC3339))
+	if w.StartedAt != nil {
+		row("Started", w.StartedAt.Format(time.RFC3339))
+	}
+	if w.FinishedAt != nil {
+		row("Finished", w.FinishedAt.Format(time.RFC3339))
+	}
+	tw.Flush()
+}
+
+func newLogsCmd(g *globals) *cobra.Command {
+	var (
+		follow bool
+		tail   int
+		stream string
+	)
+	cmd := &cobra.Command{
+		Use:   "logs WORKLOAD",
+		Short: "Print a workload's output (stdout to stdout, stderr to stderr)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			return c.Logs(cmd.Context(), args[0], api.LogOptions{Follow: follow, Tail: tail, Stream: stream}, func(l api.LogLine) error {
+				if g.output == "json" {
+					return printJSONLine(l)
+				}
+				out := os.Stdout
+				if l.Stream == "stderr" {
+					out = os.Stderr
+				}
+				_, err := fmt.Fprintln(out, l.Line)
+				return err
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the workload ends")
+	cmd.Flags().IntVarP(&tail, "tail", "n", -1, "only the last N lines (of each stream)")
+	cmd.Flags().StringVar(&stream, "stream", "", "stdout or stderr only")
+	return cmd
+}
+
+func newStopCmd(g *globals) *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "stop WORKLOAD...",
+		Short: "Stop workloads: SIGTERM, then SIGKILL after the timeout",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, ref := range args {
+				w, err := c.Stop(cmd.Context(), ref, timeout)
+				if err != nil {
+					return err
+				}
+				fmt.Printf("%s %s exit=%s\n", w.ID, w.State, exitText(w))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVarP(&timeout, "timeout", "t", 0, "grace period before SIGKILL (default from the agent's config)")
+	return cmd
+}
+
+func newRmCmd(g *globals) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "rm WORKLOAD...",
+		Short: "Delete workloads and everything they left on the node",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, ref := range args {
+				if err := c.Delete(cmd.Context(), ref, force); err != nil {
+					return err
+				}
+				fmt.Println(ref)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "stop a running workload first (immediately)")
+	return cmd
+}
+
+func newStatsCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "stats WORKLOAD",
+		Short: "Show a running workload's CPU, memory and process counts",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			st, err := c.Stats(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return printJSON(st)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "CPU TIME\tMEMORY\tLIMIT\tPIDS\tPIDS LIMIT")
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\n", time.Duration(st.CPUUsageNanos).Round(time.Millisecond),
+				humanBytes(int64(st.MemoryBytes)), humanBytes(int64(st.MemoryLimit)), st.Pids, st.PidsLimit)
+			return tw.Flush()
+		},
+	}
+}

@@ -1,0 +1,162 @@
+// Package daemon wires the agent from its configuration: the image store,
+// the drivers, the lifecycle manager and the HTTP API, and runs them until
+// told to stop. cmd/berth calls it for `berth agent`; integration tests
+// call it in-process.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/berthd/berth/agent"
+	"github.com/berthd/berth/api/server"
+	"github.com/berthd/berth/ctrdriver"
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/image"
+	"github.com/berthd/berth/internal/config"
+)
+
+// Options are what the configuration file does not hold.
+type Options struct {
+	Version string
+	Logger  *slog.Logger
+	// MonitorCmd overrides how the container driver starts its per-task
+	// monitor (tests re-execute their own binary); default `berth monitor`.
+	MonitorCmd []string
+	// Drivers, when set, replace the drivers built from the configuration
+	// (tests use the fake driver).
+	Drivers []driver.Driver
+}
+
+// Daemon is a running agent.
+type Daemon struct {
+	cfg    *config.Config
+	log    *slog.Logger
+	images *image.Store
+	agent  *agent.Agent
+	api    *server.Server
+	ln     net.Listener
+	http   *http.Server
+}
+
+// New opens the data directory, recovers the node's workloads and binds
+// the API's listener. Nothing is served until Serve.
+func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o711); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	d := &Daemon{cfg: cfg, log: log}
+
+	// The image store asks the agent which images are in use; the agent
+	// needs the store. The closure breaks the cycle: until the agent
+	// exists, everything counts as in use, so nothing is collected early.
+	var ag *agent.Agent
+	inUse := func(digest string) bool { return ag == nil || ag.UsesImage(digest) }
+	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse))
+	if err != nil {
+		return nil, err
+	}
+	d.images = imgs
+
+	drivers := opts.Drivers
+	if drivers == nil {
+		drivers, err = d.buildDrivers(opts)
+		if err != nil {
+			return nil, err
+		}
+	}
+	ag, err = agent.New(ctx, agent.Options{
+		DataDir: cfg.DataDir,
+		Drivers: drivers,
+		Images:  imgs,
+		Defaults: agent.Defaults{
+			CPU:      cfg.WorkloadDefaults.CPU,
+			MemoryMB: cfg.WorkloadDefaults.MemoryMB,
+			Pids:     cfg.WorkloadDefaults.Pids,
+		},
+		StopTimeout: cfg.WorkloadDefaults.StopTimeout,
+		Version:     opts.Version,
+		Logger:      log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d.agent = ag
+	d.api = server.New(ag, server.Options{Logger: log, MaxBodyBytes: cfg.API.MaxBodyBytes})
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		ag.Close()
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	d.ln = ln
+	d.http = &http.Server{
+		Handler:           d.api,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	return d, nil
+}
+
+func (d *Daemon) buildDrivers(opts Options) ([]driver.Driver, error) {
+	var ds []driver.Driver
+	if d.cfg.Container.Enabled {
+		cd, err := ctrdriver.New(ctrdriver.Options{
+			Root:        filepath.Join(d.cfg.DataDir, "containers"),
+			Runc:        d.cfg.Container.Runc,
+			MonitorCmd:  opts.MonitorCmd,
+			LogMaxBytes: d.cfg.Container.LogMaxBytes,
+			Logger:      d.log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		ds = append(ds, cd)
+	}
+	return ds, nil
+}
+
+// Addr is the address the API listens on.
+func (d *Daemon) Addr() string { return d.ln.Addr().String() }
+
+// Agent is the lifecycle manager (for tests).
+func (d *Daemon) Agent() *agent.Agent { return d.agent }
+
+// Serve serves the API until ctx ends, then shuts down: it stops taking
+// requests, lets running ones finish for a few seconds and closes the
+// state. Workloads keep running; the next start re-attaches to them.
+func (d *Daemon) Serve(ctx context.Context) error {
+	d.log.Info("berth agent listening", "addr", d.Addr(), "data_dir", d.cfg.DataDir)
+	errc := make(chan error, 1)
+	go func() { errc <- d.http.Serve(d.ln) }()
+	var serveErr error
+	select {
+	case serveErr = <-errc:
+	case <-ctx.Done():
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := d.http.Shutdown(shutCtx); err != nil {
+		// Followers of logs and blocking queries are cut off.
+		d.http.Close()
+	}
+	if err := d.agent.Close(); err != nil && serveErr == nil {
+		serveErr = err
+	}
+	if errors.Is(serveErr, http.ErrServerClosed) {
+		serveErr = nil
+	}
+	d.log.Info("berth agent stopped")
+	return serveErr
+}
