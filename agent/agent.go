@@ -54,6 +54,9 @@ type Options struct {
 	// Version is the agent's version, reported in node status.
 	Version string
 	Logger  *slog.Logger
+	// PolicyFile is the isolation policy, watched and reloaded when it
+	// changes; empty means the embedded default (configs/policy.yaml).
+	PolicyFile string
 }
 
 // Agent manages the node's workloads.
@@ -81,6 +84,7 @@ type Agent struct {
 	sups    map[string]chan struct{} // running supervisors, closed when done
 
 	health healthCache
+	pol    *policyHolder
 }
 
 // New opens the agent's state and recovers every workload it knew: those
@@ -95,6 +99,10 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	}
 	if opts.RestartBackoff == 0 {
 		opts.RestartBackoff = time.Second
+	}
+	pol, err := loadPolicy(opts.PolicyFile, opts.Logger)
+	if err != nil {
+		return nil, err
 	}
 	st, err := openStore(opts.DataDir)
 	if err != nil {
@@ -111,6 +119,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		names:   map[string]string{},
 		changed: make(chan struct{}),
 		sups:    map[string]chan struct{}{},
+		pol:     pol,
 	}
 	for _, d := range opts.Drivers {
 		a.drivers[api.Isolation(d.Name())] = d
@@ -125,12 +134,18 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		st.close()
 		return nil, err
 	}
+	if err := pol.watch(); err != nil {
+		// Without inotify the agent still works; only edits need a restart.
+		a.log.Warn("isolation policy hot reload is off: cannot watch the file", "source", opts.PolicyFile, "error", err)
+	}
+	a.log.Info("isolation policy loaded", "source", pol.current().source, "version", pol.current().policy.Version())
 	return a, nil
 }
 
 // Close stops supervising (workloads keep running: their monitors and
 // domains do not depend on the agent) and closes the state database.
 func (a *Agent) Close() error {
+	a.pol.close()
 	a.cancel()
 	a.wg.Wait()
 	return a.store.close()
@@ -268,7 +283,10 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	if _, err := resolveCommand(spec, img); err != nil {
 		return nil, false, err
 	}
-	placement, err := a.place(spec)
+	if w := a.existing(spec); w != nil {
+		return w, false, nil
+	}
+	placement, err := a.place(ctx, spec)
 	if err != nil {
 		return nil, false, err
 	}

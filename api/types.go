@@ -181,3 +181,98 @@ type LogOptions struct {
 	// Follow streams new output until the workload has ended for good.
 	Follow bool
 }
+
+// Verdicts of a placement decision (PlacementDecision.Verdict).
+const (
+	// VerdictAllow: the workload may run with the decided isolation.
+	VerdictAllow = "allow"
+	// VerdictDeny: a deny rule, or a deny default, forbids the workload.
+	VerdictDeny = "deny"
+	// VerdictRefused: the request asks for less isolation than the policy
+	// requires (container where vm is required).
+	VerdictRefused = "refused"
+	// VerdictUnschedulable: this node cannot run the isolation the policy
+	// requires; berth never falls back to weaker isolation.
+	VerdictUnschedulable = "unschedulable"
+)
+
+// PlacementDecision is the answer of POST /v1/placements: what the node's
+// policy decides for a spec, without creating anything. Its placement
+// fields are those a submitted workload would record.
+type PlacementDecision struct {
+	Placement
+	// Verdict is allow, deny, refused or unschedulable; only allow would
+	// be admitted.
+	Verdict string `json:"verdict"`
+	// Spec is the spec as the agent normalized it (image reference,
+	// defaults): what the policy saw.
+	Spec WorkloadSpec `json:"spec"`
+	// Node is what the decision assumed about the node.
+	Node NodeFacts `json:"node"`
+}
+
+// NodeFacts is what placement knows about the node's drivers.
+type NodeFacts struct {
+	ContainerAvailable bool   `json:"container_available"`
+	ContainerReason    string `json:"container_reason,omitempty"`
+	VMAvailable        bool   `json:"vm_available"`
+	VMReason           string `json:"vm_reason,omitempty"`
+	// Accel is the VM acceleration in use: kvm, tcg or empty.
+	Accel string `json:"accel,omitempty"`
+}
+
+// PolicyStatus is the answer of GET /v1/policy: the active isolation
+// policy and how its hot reloads went.
+type PolicyStatus struct {
+	// Version is the content hash of the active policy ("sha256:...").
+	Version string `json:"version"`
+	// Source is the policy file's path, or "builtin" for the embedded
+	// default.
+	Source   string    `json:"source"`
+	LoadedAt time.Time `json:"loaded_at"`
+	// Default is the outcome when no rule matches: container, vm or deny.
+	Default string       `json:"default"`
+	Rules   []PolicyRule `json:"rules"`
+	// Watching is true while the agent watches Source for changes.
+	Watching bool `json:"watching"`
+	// Reloads counts changes of the file that were applied.
+	Reloads uint64 `json:"reloads"`
+	// ReloadFailures counts changes of the file that were rejected.
+	ReloadFailures uint64 `json:"reload_failures"`
+	// LastReloadError is set while the file on disk is not the active
+	// policy because it is invalid (or unreadable); a later valid change
+	// clears it.
+	LastReloadError *PolicyReloadError `json:"last_reload_error,omitempty"`
+}
+
+// PolicyRule describes one rule of the active policy.
+type PolicyRule struct {
+	Name        string `json:"name"`
+	Description string `json:"description,omitempty"`
+	// Outcome is container, vm or deny.
+	Outcome string `json:"outcome"`
+	// Match summarizes the match conditions.
+	Match string `json:"match,omitempty"`
+	// When is the rule's CEL expression.
+	When string `json:"when,omitempty"`
+	// Line is where the rule starts in the policy file.
+	Line int `json:"line"`
+}
+
+// PolicyReloadError is why the policy file on disk was not applied.
+type PolicyReloadError struct {
+	At time.Time `json:"at"`
+	// Message is every problem, one "file:line:column: message" per line.
+	Message string `json:"message"`
+	// Errors are the positioned problems, when the file could be read.
+	Errors []PolicyError `json:"errors,omitempty"`
+}
+
+// PolicyError is one problem in a policy file. Line and Column are 1-based;
+// 0 means the parser did not say.
+type PolicyError struct {
+	File    string `json:"file"`
+	Line    int    `json:"line"`
+	Column  int    `json:"column"`
+	Message string `json:"message"`
+}

@@ -88,6 +88,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		StopTimeout: cfg.WorkloadDefaults.StopTimeout,
 		Version:     opts.Version,
 		Logger:      log,
+		PolicyFile:  cfg.Policy.File,
 	})
 	if err != nil {
 		return nil, err
