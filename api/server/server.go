@@ -35,6 +35,12 @@ type Backend interface {
 
 	// Ready reports why the agent cannot take workloads, or nil.
 	Ready(ctx context.Context) error
+
+	// Place decides a spec under the active policy without creating
+	// anything; only an invalid spec is an error.
+	Place(ctx context.Context, spec api.WorkloadSpec) (*api.PlacementDecision, error)
+	// Policy describes the active isolation policy and its reloads.
+	Policy(ctx context.Context) api.PolicyStatus
 }
 
 // Options configure the server.
@@ -99,6 +105,8 @@ func New(b Backend, opts Options) *Server {
 			r.Delete("/", s.removeImage)
 			r.Post("/pull", s.pullImage)
 		})
+		r.Post("/placements", s.explainPlacement)
+		r.Get("/policy", s.getPolicy)
 	})
 	s.mux = r
 	return s
