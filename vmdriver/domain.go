@@ -1,0 +1,198 @@
+package vmdriver
+
+import (
+	"encoding/xml"
+	"fmt"
+	"math"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/berthd/berth/guest"
+)
+
+// GuestMemoryOverhead is added to a task's memory request to size its VM:
+// the guest kernel, its page tables and the unpacked initramfs live in the
+// VM's RAM but are not the workload's. A workload asking for 256 MiB gets a
+// VM of 256 MiB plus this, so it can really use what it asked for.
+const GuestMemoryOverhead int64 = 96 << 20
+
+// DefaultMemoryBytes is the workload memory a task gets when it asks for
+// none (the VM needs some RAM; an unlimited one makes no sense).
+const DefaultMemoryBytes int64 = 256 << 20
+
+// metadataNS is the XML namespace of berth's <metadata> element. A domain
+// is berth's only when its name has the driver's prefix AND it carries
+// this element with the driver's root: other domains on the same libvirtd
+// are never touched.
+const (
+	metadataNS  = "https://github.com/berthd/berth/xmlns/vmdriver/1"
+	metadataKey = "berth"
+)
+
+// domainMeta is the content of berth's <metadata> element.
+type domainMeta struct {
+	XMLName xml.Name `xml:"task"`
+	ID      string   `xml:"id"`
+	Root    string   `xml:"root"`
+}
+
+// Accel is how guests are run.
+type Accel string
+
+const (
+	// AccelAuto probes for KVM and falls back to TCG.
+	AccelAuto Accel = "auto"
+	// AccelKVM is hardware virtualization (libvirt domain type kvm).
+	AccelKVM Accel = "kvm"
+	// AccelTCG is QEMU's software emulation (libvirt domain type qemu).
+	AccelTCG Accel = "tcg"
+)
+
+// domainSpec is everything that shapes one task's domain. It is plain data
+// so the XML it becomes can be tested without libvirt.
+type domainSpec struct {
+	Name     string
+	Meta     domainMeta
+	Accel    Accel // kvm or tcg, never auto
+	VCPUs    uint
+	MemoryKi uint
+
+	Kernel, Initrd, Cmdline string
+
+	RootDisk, RootFormat string // the task's overlay (qcow2)
+	ConfigDisk           string // raw, read-only
+
+	// Sockets of the virtio-serial ports, by port name; QEMU listens on
+	// them (libvirt creates them and passes the fd) and the task's monitor
+	// connects.
+	Ports   map[string]string
+	Console string // file the serial console is appended to
+
+	// Interfaces is where the task's network devices will go (a virtio-net
+	// tap on the node bridge). Empty today: guests have no network.
+	Interfaces []libvirtxml.DomainInterface
+}
+
+// kernelCmdline is the guest kernel's command line, as package guest
+// requires: console on the first serial port, reboot (which ends the
+// domain) on panic. quiet keeps the emulated UART, slow under TCG, from
+// printing every boot message.
+const kernelCmdline = "console=ttyS0 panic=-1 quiet"
+
+// vcpus turns a CPU request in cores into whole vCPUs, at least one.
+func vcpus(cores float64) uint {
+	if cores <= 1 || math.IsNaN(cores) {
+		return 1
+	}
+	return uint(math.Ceil(cores))
+}
+
+// memoryKiB is the VM's RAM for a workload request, in KiB.
+func memoryKiB(req int64) uint {
+	if req <= 0 {
+		req = DefaultMemoryBytes
+	}
+	return uint((req + GuestMemoryOverhead + 1023) / 1024)
+}
+
+// domainXML renders the domain definition: a transient, ACPI-capable q35
+// machine booted directly into berth's kernel and initramfs, with two
+// virtio-blk disks found by serial, three virtio-serial ports, a serial
+// console into a file, and nothing else: no network (until
+// domainSpec.Interfaces is filled), no USB, no balloon, no
+// graphics, no host devices.
+func domainXML(s domainSpec) (string, error) {
+	meta, err := xml.Marshal(struct {
+		XMLName xml.Name `xml:"task"`
+		NS      string   `xml:"xmlns,attr"`
+		ID      string   `xml:"id"`
+		Root    string   `xml:"root"`
+	}{NS: metadataNS, ID: s.Meta.ID, Root: s.Meta.Root})
+	if err != nil {
+		return "", err
+	}
+	domType := "qemu"
+	var cpu *libvirtxml.DomainCPU
+	switch s.Accel {
+	case AccelKVM:
+		domType = "kvm"
+		// host-model, never host-passthrough: passthrough aborts on hosts
+		// whose MSRs the guest CPU cannot mirror (nested virtualization).
+		cpu = &libvirtxml.DomainCPU{Mode: "host-model"}
+	case AccelTCG:
+		// A named model TCG emulates fully; x86-64 baseline is all the
+		// Debian kernel needs.
+		cpu = &libvirtxml.DomainCPU{Mode: "custom", Match: "exact", Check: "none",
+			Model: &libvirtxml.DomainCPUModel{Value: "qemu64", Fallback: "forbid"}}
+	default:
+		return "", fmt.Errorf("domain accel %q: want kvm or tcg", s.Accel)
+	}
+
+	zero := uint(0)
+	disks := []libvirtxml.DomainDisk{
+		{
+			Device: "disk",
+			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: s.RootFormat, Cache: "none", IO: "native", Discard: "unmap"},
+			Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.RootDisk}},
+			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
+			Serial: guest.RootDiskSerial,
+		},
+		{
+			Device:   "disk",
+			Driver:   &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
+			Source:   &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.ConfigDisk}},
+			Target:   &libvirtxml.DomainDiskTarget{Dev: "vdb", Bus: "virtio"},
+			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
+			Serial:   guest.ConfigDiskSerial,
+		},
+	}
+	if s.ConfigDisk == "" {
+		disks = disks[:1]
+	}
+	var channels []libvirtxml.DomainChannel
+	for _, port := range []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort} {
+		path, ok := s.Ports[port]
+		if !ok {
+			continue
+		}
+		channels = append(channels, libvirtxml.DomainChannel{
+			Source: &libvirtxml.DomainChardevSource{UNIX: &libvirtxml.DomainChardevSourceUNIX{Mode: "bind", Path: path}},
+			Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: port}},
+		})
+	}
+	dom := libvirtxml.Domain{
+		Type:     domType,
+		Name:     s.Name,
+		Metadata: &libvirtxml.DomainMetadata{XML: string(meta)},
+		Memory:   &libvirtxml.DomainMemory{Value: s.MemoryKi, Unit: "KiB"},
+		VCPU:     &libvirtxml.DomainVCPU{Value: s.VCPUs},
+		OS: &libvirtxml.DomainOS{
+			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
+			Kernel:  s.Kernel,
+			Initrd:  s.Initrd,
+			Cmdline: s.Cmdline,
+		},
+		// ACPI carries the power button berth-init turns into SIGTERM.
+		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}},
+		CPU:        cpu,
+		Clock:      &libvirtxml.DomainClock{Offset: "utc"},
+		OnPoweroff: "destroy",
+		OnReboot:   "destroy",
+		OnCrash:    "destroy",
+		Devices: &libvirtxml.DomainDeviceList{
+			Disks: disks,
+			Controllers: []libvirtxml.DomainController{
+				{Type: "usb", Model: "none"},
+				{Type: "virtio-serial", Index: &zero},
+			},
+			Channels:   channels,
+			Interfaces: s.Interfaces,
+			Serials: []libvirtxml.DomainSerial{{
+				Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}},
+				Target: &libvirtxml.DomainSerialTarget{Port: &zero},
+			}},
+			MemBalloon: &libvirtxml.DomainMemBalloon{Model: "none"},
+		},
+	}
+	return dom.Marshal()
+}
