@@ -90,6 +90,7 @@ func newRootCmd() *cobra.Command {
 		newAgentCmd(),
 		newRunCmd(g), newPsCmd(g), newInspectCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g), newStatsCmd(g),
 		newImageCmd(g),
+		newPolicyCmd(g),
 	)
 	return root
 }

@@ -63,6 +63,7 @@ code (125 when it could not be run at all).`,
 			if err != nil {
 				return err
 			}
+			fmt.Fprintln(os.Stderr, placedLine(w))
 			if !wait {
 				if g.output == "json" {
 					return printJSON(w)
