@@ -46,6 +46,9 @@ const libvirtSocket = "/run/libvirt/libvirt-sock"
 // fails when it can but libvirtd is not running.
 func requireLibvirt(tb testing.TB) {
 	tb.Helper()
+	if testing.Short() {
+		tb.Skip("boots VMs under libvirt; skipped in -short mode")
+	}
 	if os.Geteuid() != 0 {
 		tb.Skip("vmdriver integration tests need root (libvirt qemu:///system); run `make test` as root")
 	}
