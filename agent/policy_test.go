@@ -118,7 +118,7 @@ func newPolicyEnv(t *testing.T, policy string, vm *driver.Fingerprint) *policyEn
 		e.vm.SetFingerprint(*vm)
 		drivers = append(drivers, e.vm)
 	}
-	a, err := New(context.Background(), Options{
+	a, err := New(context.Background(), Options{Capacity: testCapacity,
 		DataDir:     e.dir,
 		Drivers:     drivers,
 		Images:      e.imgs,
@@ -139,6 +139,8 @@ var healthyVM = &driver.Fingerprint{Healthy: true, Version: "fake", Details: map
 func labelled(kv ...string) api.WorkloadSpec {
 	spec := sh("sleep 1000")
 	spec.Image = testImage
+	// Small, so that admission control never refuses the tests' workloads.
+	spec.Resources = api.Resources{CPU: 0.1, MemoryMB: 16}
 	spec.Labels = map[string]string{}
 	for i := 0; i+1 < len(kv); i += 2 {
 		spec.Labels[kv[i]] = kv[i+1]
@@ -207,7 +209,7 @@ func TestDecisionIsRecordedOnTheWorkload(t *testing.T) {
 	if err := e.agent.Close(); err != nil {
 		t.Fatal(err)
 	}
-	a, err := New(context.Background(), Options{DataDir: e.dir, Drivers: []driver.Driver{e.ctr, e.vm}, Images: e.imgs,
+	a, err := New(context.Background(), Options{Capacity: testCapacity, DataDir: e.dir, Drivers: []driver.Driver{e.ctr, e.vm}, Images: e.imgs,
 		Defaults: Defaults{CPU: 1, MemoryMB: 128, Pids: 256}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -310,7 +312,7 @@ func TestPlaceExplainsWithoutSideEffects(t *testing.T) {
 		if d.Verdict != tc.verdict || d.Isolation != tc.iso || d.PolicyVersion != version(t, []byte(policyA)) || d.Explanation == "" {
 			t.Errorf("Place(%v) = %+v; want %s %s", tc.spec.Labels, d, tc.verdict, tc.iso)
 		}
-		if d.Spec.Image != "berth.test/busybox:latest" || d.Spec.Resources.MemoryMB != 128 {
+		if d.Spec.Image != "berth.test/busybox:latest" || d.Spec.Resources.Pids != 256 {
 			t.Errorf("decision spec not normalized: %+v", d.Spec)
 		}
 		if !d.Node.ContainerAvailable || d.Node.VMAvailable || !strings.Contains(d.Node.VMReason, "no vm driver") {
@@ -365,7 +367,7 @@ func TestStartWithInvalidPolicyFails(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "policy.yaml")
 	writeFile(t, file, policyBad)
-	_, err := New(context.Background(), Options{DataDir: filepath.Join(dir, "data"), PolicyFile: file,
+	_, err := New(context.Background(), Options{Capacity: testCapacity, DataDir: filepath.Join(dir, "data"), PolicyFile: file,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err == nil {
 		t.Fatal("agent started on an invalid policy")
@@ -375,7 +377,7 @@ func TestStartWithInvalidPolicyFails(t *testing.T) {
 			t.Errorf("error does not hold %q:\n%v", want, err)
 		}
 	}
-	_, err = New(context.Background(), Options{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "absent.yaml"),
+	_, err = New(context.Background(), Options{Capacity: testCapacity, DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "absent.yaml"),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing policy file: %v, want ErrNotExist", err)

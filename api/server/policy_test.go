@@ -42,7 +42,7 @@ func newPolicyEnv(t *testing.T, policy string) *env {
 		t.Fatal(err)
 	}
 	e.ctr = fake.New("container", fake.NewNode())
-	a, err := agent.New(context.Background(), agent.Options{
+	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 1024, MemoryMB: 1 << 20},
 		DataDir:     t.TempDir(),
 		Drivers:     []driver.Driver{e.ctr},
 		Images:      e.imgs,
@@ -121,7 +121,7 @@ func decodeBody[T any](t *testing.T, resp *http.Response) T {
 func TestPlacementsDecideWithoutSideEffects(t *testing.T) {
 	e := newPolicyEnv(t, denyPolicy)
 	// One workload, so "nothing changed" is checked against a non-empty list.
-	resp := e.do("POST", "/v1/workloads", "application/json", strings.NewReader(`{"name":"keep","image":"`+testImage+`","command":["sleep","60"]}`))
+	resp := e.do("POST", "/v1/workloads", "application/json", strings.NewReader(`{"name":"keep","image":"`+testImage+`","command":["sleep","60"],"resources":{"cpu":0.1,"memory_mb":16}}`))
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("setup submit: %s", resp.Status)
 	}
