@@ -57,6 +57,17 @@ type Options struct {
 	// PolicyFile is the isolation policy, watched and reloaded when it
 	// changes; empty means the embedded default (configs/policy.yaml).
 	PolicyFile string
+
+	// Reserved is kept back from workloads; admission refuses a workload
+	// whose requests do not fit in capacity minus reserved.
+	Reserved Reserved
+	// VMOverheadMB is the memory a VM costs the node beyond its guest's.
+	VMOverheadMB int64
+	// Capacity overrides the host's CPUs and memory (tests).
+	Capacity *api.NodeResources
+	// HealthInterval is how often drivers are fingerprinted in the
+	// background; default 10s.
+	HealthInterval time.Duration
 }
 
 // Agent manages the node's workloads.
@@ -85,6 +96,13 @@ type Agent struct {
 
 	health healthCache
 	pol    *policyHolder
+	events *eventLog
+	// startedAt is when this agent process started; nodeID is the node's
+	// persisted identity.
+	startedAt time.Time
+	nodeID    string
+	capacity  api.NodeResources
+	conds     conditions
 }
 
 // New opens the agent's state and recovers every workload it knew: those
@@ -120,6 +138,13 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		changed: make(chan struct{}),
 		sups:    map[string]chan struct{}{},
 		pol:     pol,
+		events:  newEventLog(time.Now()),
+
+		startedAt: time.Now().UTC(),
+		capacity:  hostCapacity(),
+	}
+	if opts.Capacity != nil {
+		a.capacity = *opts.Capacity
 	}
 	for _, d := range opts.Drivers {
 		a.drivers[api.Isolation(d.Name())] = d
@@ -127,6 +152,10 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	if err := os.MkdirAll(a.logsDir, 0o700); err != nil {
 		st.close()
 		return nil, err
+	}
+	if err := a.loadNodeID(); err != nil {
+		st.close()
+		return nil, fmt.Errorf("node id: %w", err)
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	if err := a.recover(ctx); err != nil {
@@ -139,6 +168,8 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		a.log.Warn("isolation policy hot reload is off: cannot watch the file", "source", opts.PolicyFile, "error", err)
 	}
 	a.log.Info("isolation policy loaded", "source", pol.current().source, "version", pol.current().policy.Version())
+	a.wg.Add(1)
+	go a.healthLoop()
 	return a, nil
 }
 
@@ -186,6 +217,7 @@ func (a *Agent) get(ref string) (*record, error) {
 func (a *Agent) commitLocked(r *record) error {
 	a.mu.Lock()
 	idx := a.index + 1
+	prev := a.recs[r.Workload.ID]
 	a.mu.Unlock()
 	r.Workload.ModifyIndex = idx
 	if err := a.store.put(r, idx); err != nil {
@@ -200,6 +232,7 @@ func (a *Agent) commitLocked(r *record) error {
 	close(a.changed)
 	a.changed = make(chan struct{})
 	a.mu.Unlock()
+	a.publishTransition(prev, r)
 	return nil
 }
 
@@ -248,7 +281,28 @@ func (a *Agent) removeRecord(id string) error {
 	close(a.changed)
 	a.changed = make(chan struct{})
 	a.mu.Unlock()
+	a.events.publish(api.Event{Type: api.EventWorkloadDeleted, WorkloadID: id, Message: "workload " + id + " deleted"})
 	return nil
+}
+
+// bumpIndex moves the state index for a change that is not a workload
+// record (a driver's health, the policy), so blocking queries on the node
+// document see it. The index is persisted: it never goes backwards.
+func (a *Agent) bumpIndex() {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	idx := a.index + 1
+	a.mu.Unlock()
+	if err := a.store.setIndex(idx); err != nil {
+		a.log.Warn("persist state index", "err", err)
+		return
+	}
+	a.mu.Lock()
+	a.index = idx
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
 }
 
 // Index returns the current state index and a channel closed at the next
@@ -316,6 +370,9 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		ImageDigest: img.Digest,
 		CreatedAt:   now,
 	}}
+	if err := a.admitLocked(&r.Workload); err != nil {
+		return nil, false, err
+	}
 	if err := a.commitLocked(r); err != nil {
 		return nil, false, err
 	}

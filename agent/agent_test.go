@@ -19,6 +19,10 @@ import (
 
 const testImage = "berth.test/busybox:latest"
 
+// testCapacity is a node large enough that admission never gets in the
+// way of tests that are not about it.
+var testCapacity = &api.NodeResources{CPU: 1024, MemoryMB: 1 << 20}
+
 type env struct {
 	t     *testing.T
 	dir   string
@@ -62,7 +66,7 @@ func newEnv(t *testing.T) *env {
 func (e *env) start() {
 	e.t.Helper()
 	e.ctr = fake.New("container", e.node)
-	a, err := New(context.Background(), Options{
+	a, err := New(context.Background(), Options{Capacity: testCapacity,
 		DataDir:        e.dir,
 		Drivers:        []driver.Driver{e.ctr},
 		Images:         e.imgs,

@@ -152,3 +152,8 @@ func (s *store) meta(key []byte, mk func() string) (string, error) {
 	})
 	return val, err
 }
+
+// setIndex persists the state index alone.
+func (s *store) setIndex(index uint64) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return putIndex(tx, index) })
+}

@@ -149,7 +149,12 @@ func (s *Server) block(r *http.Request, index uint64, wait time.Duration, curren
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
-		_, changed := s.b.Index()
+		global, changed := s.b.Index()
+		if global < index {
+			// The client holds an index from the future: the agent's
+			// state was reset. Answer at once so it starts over.
+			return
+		}
 		if cur, ok := current(); !ok || cur > index {
 			return
 		}

@@ -36,6 +36,13 @@ type Backend interface {
 	// Ready reports why the agent cannot take workloads, or nil.
 	Ready(ctx context.Context) error
 
+	// Node is the node-status document.
+	Node(ctx context.Context) *api.Node
+	// Events emits the events after lastID that match f, then new ones,
+	// until ctx ends or emit fails; lost is called first when some of the
+	// requested events are no longer kept.
+	Events(ctx context.Context, lastID uint64, f api.EventFilter, lost func(), emit func(api.Event) error) error
+
 	// Place decides a spec under the active policy without creating
 	// anything; only an invalid spec is an error.
 	Place(ctx context.Context, spec api.WorkloadSpec) (*api.PlacementDecision, error)
@@ -88,6 +95,8 @@ func New(b Backend, opts Options) *Server {
 	r.Get("/healthz", s.healthz)
 	r.Get("/readyz", s.readyz)
 	r.Route("/v1", func(r chi.Router) {
+		r.Get("/node", s.getNode)
+		r.Get("/events", s.events)
 		r.Route("/workloads", func(r chi.Router) {
 			r.Post("/", s.createWorkload)
 			r.Get("/", s.listWorkloads)

@@ -53,13 +53,14 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	ctr := fake.New("container", fake.NewNode())
-	a, err := agent.New(context.Background(), agent.Options{
-		DataDir:     dir,
-		Drivers:     []driver.Driver{ctr},
-		Images:      imgs,
-		Defaults:    agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256},
-		StopTimeout: 2 * time.Second,
-		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 1024, MemoryMB: 1 << 20},
+		DataDir:        dir,
+		Drivers:        []driver.Driver{ctr},
+		Images:         imgs,
+		Defaults:       agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256},
+		StopTimeout:    2 * time.Second,
+		HealthInterval: 20 * time.Millisecond,
+		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -101,13 +102,25 @@ type snapshot struct {
 	calls     int
 }
 
+// taskCalls counts driver calls that touch tasks (health checks run in
+// the background and do not).
+func (e *env) taskCalls() int {
+	n := 0
+	for _, c := range e.ctr.Calls() {
+		if c.Method != "Fingerprint" {
+			n++
+		}
+	}
+	return n
+}
+
 func (e *env) snapshot() snapshot {
 	idx, _ := e.agent.Index()
 	return snapshot{
 		workloads: len(e.agent.List(context.Background(), api.ListFilter{})),
 		images:    len(e.imgs.List()),
 		index:     idx,
-		calls:     len(e.ctr.Calls()),
+		calls:     e.taskCalls(),
 	}
 }
 
@@ -237,14 +250,22 @@ func TestUnhealthyDriver(t *testing.T) {
 	if health.StatusCode != 200 {
 		t.Errorf("/healthz: %d", health.StatusCode)
 	}
-	// Fingerprints are cached; this agent has not taken one yet.
+	// Fingerprints are cached and refreshed in the background (every
+	// 20ms here): readiness must turn within a few refreshes.
 	e.ctr.SetFingerprint(driver.Fingerprint{Healthy: false, Reason: "runc is gone"})
-	ready := e.do("GET", "/readyz", "", nil)
-	var h api.Health
-	_ = json.NewDecoder(ready.Body).Decode(&h)
-	ready.Body.Close()
-	if ready.StatusCode != 503 || h.Status != "unavailable" || !strings.Contains(h.Checks["agent"], "runc is gone") {
-		t.Errorf("/readyz with an unhealthy driver: %d %+v", ready.StatusCode, h)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ready := e.do("GET", "/readyz", "", nil)
+		var h api.Health
+		_ = json.NewDecoder(ready.Body).Decode(&h)
+		ready.Body.Close()
+		if ready.StatusCode == 503 && h.Status == "unavailable" && strings.Contains(h.Checks["agent"], "runc is gone") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz with an unhealthy driver: %d %+v", ready.StatusCode, h)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	resp := e.do("POST", "/v1/workloads", "application/json", strings.NewReader(`{"image":"`+testImage+`","command":["true"]}`))
 	defer resp.Body.Close()

@@ -28,6 +28,7 @@ type Config struct {
 	Log              Log              `mapstructure:"log"`
 	Policy           Policy           `mapstructure:"policy"`
 	WorkloadDefaults WorkloadDefaults `mapstructure:"workload_defaults"`
+	Node             Node             `mapstructure:"node"`
 	Container        Container        `mapstructure:"container"`
 	VM               VM               `mapstructure:"vm"`
 	API              API              `mapstructure:"api"`
@@ -47,6 +48,13 @@ type WorkloadDefaults struct {
 	MemoryMB    int64         `mapstructure:"memory_mb"`
 	Pids        int64         `mapstructure:"pids"`
 	StopTimeout time.Duration `mapstructure:"stop_timeout"`
+}
+
+type Node struct {
+	ReservedCPU      float64 `mapstructure:"reserved_cpu"`
+	ReservedMemoryMB int64   `mapstructure:"reserved_memory_mb"`
+	CPUOvercommit    float64 `mapstructure:"cpu_overcommit"`
+	MaxWorkloads     int     `mapstructure:"max_workloads"`
 }
 
 type Container struct {
@@ -182,6 +190,18 @@ func (c *Config) Validate() error {
 	}
 	if d.StopTimeout <= 0 || d.StopTimeout > time.Hour {
 		bad("workload_defaults.stop_timeout", "%v must be between 0s and 1h", d.StopTimeout)
+	}
+	if c.Node.ReservedCPU < 0 {
+		bad("node.reserved_cpu", "must not be negative")
+	}
+	if c.Node.ReservedMemoryMB < 0 {
+		bad("node.reserved_memory_mb", "must not be negative")
+	}
+	if c.Node.CPUOvercommit < 1 || c.Node.CPUOvercommit > 64 {
+		bad("node.cpu_overcommit", "%g must be between 1 and 64", c.Node.CPUOvercommit)
+	}
+	if c.Node.MaxWorkloads < 0 {
+		bad("node.max_workloads", "must not be negative")
 	}
 	if c.Container.Enabled && c.Container.Runc == "" {
 		bad("container.runc", "must name the runc binary")

@@ -86,9 +86,15 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			Pids:     cfg.WorkloadDefaults.Pids,
 		},
 		StopTimeout: cfg.WorkloadDefaults.StopTimeout,
-		Version:     opts.Version,
-		Logger:      log,
-		PolicyFile:  cfg.Policy.File,
+		Reserved: agent.Reserved{
+			CPU:           cfg.Node.ReservedCPU,
+			MemoryMB:      cfg.Node.ReservedMemoryMB,
+			CPUOvercommit: cfg.Node.CPUOvercommit,
+			MaxWorkloads:  cfg.Node.MaxWorkloads,
+		},
+		Version:    opts.Version,
+		Logger:     log,
+		PolicyFile: cfg.Policy.File,
 	})
 	if err != nil {
 		return nil, err

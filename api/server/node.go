@@ -1,0 +1,125 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/berthd/berth/api"
+)
+
+// getNode is GET /v1/node, the node-status document, with blocking
+// queries: ?index=N&wait=30s holds the request until the node's index
+// passes N.
+func (s *Server) getNode(w http.ResponseWriter, r *http.Request) {
+	index, wait, p := s.blockingParams(r)
+	if p != nil {
+		writeProblem(w, r, s.log, p)
+		return
+	}
+	s.block(r, index, wait, func() (uint64, bool) {
+		idx, _ := s.b.Index()
+		return idx, true
+	})
+	n := s.b.Node(r.Context())
+	w.Header().Set(IndexHeader, strconv.FormatUint(n.Index, 10))
+	writeJSON(w, http.StatusOK, n)
+}
+
+// sseKeepAlive is how often an idle event stream gets a comment line, so
+// proxies and clients can tell a quiet stream from a dead one.
+const sseKeepAlive = 15 * time.Second
+
+// events is GET /v1/events: server-sent events. ?workload=ID and
+// ?type=T (repeatable; "workload." matches a whole family) filter; a
+// client that reconnects with Last-Event-ID (or ?since=ID) gets what it
+// missed while the agent still holds it.
+func (s *Server) events(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := api.EventFilter{WorkloadID: q.Get("workload")}
+	for _, t := range q["type"] {
+		for _, t := range strings.Split(t, ",") {
+			if t = strings.TrimSpace(t); t != "" {
+				f.Types = append(f.Types, t)
+			}
+		}
+	}
+	var last uint64
+	for _, v := range []string{r.Header.Get("Last-Event-ID"), q.Get("since")} {
+		if v == "" {
+			continue
+		}
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad event id", api.FieldError{Field: "Last-Event-ID", Detail: "must be the id of an event this agent sent"}))
+			return
+		}
+		last = n
+	}
+	rc := http.NewResponseController(w)
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		return
+	}
+	// Keep-alives come from a ticker in this goroutine's select, through
+	// a channel the emit callback also serializes on: writes never race.
+	writes := make(chan func() error)
+	done := make(chan error, 1)
+	ctx, cancel := context.WithCancel(r.Context())
+	defer func() {
+		cancel()
+		<-done
+	}()
+	go func() {
+		done <- s.b.Events(ctx, last, f, func() {
+			select {
+			case writes <- func() error {
+				_, err := fmt.Fprint(w, ": some events were dropped before this point; resynchronize from GET /v1/workloads\n\n")
+				return err
+			}:
+			case <-ctx.Done():
+			}
+		}, func(e api.Event) error {
+			data, err := json.Marshal(e)
+			if err != nil {
+				return err
+			}
+			errc := make(chan error, 1)
+			select {
+			case writes <- func() error {
+				_, err := fmt.Fprintf(w, "id: %d\nevent: %s\ndata: %s\n\n", e.ID, e.Type, data)
+				errc <- err
+				return err
+			}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			return <-errc
+		})
+	}()
+	tick := time.NewTicker(sseKeepAlive)
+	defer tick.Stop()
+	for {
+		select {
+		case write := <-writes:
+			if write() != nil || rc.Flush() != nil {
+				return
+			}
+		case <-tick.C:
+			if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil || rc.Flush() != nil {
+				return
+			}
+		case err := <-done:
+			done <- err // for the deferred wait
+			return
+		}
+	}
+}
