@@ -68,6 +68,9 @@ type Options struct {
 	// HealthInterval is how often drivers are fingerprinted in the
 	// background; default 10s.
 	HealthInterval time.Duration
+	// ReconcileInterval is how often records and driver tasks are
+	// compared (Reconcile); default 30s.
+	ReconcileInterval time.Duration
 }
 
 // Agent manages the node's workloads.
@@ -168,8 +171,9 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		a.log.Warn("isolation policy hot reload is off: cannot watch the file", "source", opts.PolicyFile, "error", err)
 	}
 	a.log.Info("isolation policy loaded", "source", pol.current().source, "version", pol.current().policy.Version())
-	a.wg.Add(1)
+	a.wg.Add(2)
 	go a.healthLoop()
+	go a.reconcileLoop()
 	return a, nil
 }
 

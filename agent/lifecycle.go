@@ -128,6 +128,7 @@ func (a *Agent) start(id string) bool {
 				a.log.Info("workload started", "workload_id", id, "isolation", r.Workload.Isolation)
 				return true
 			}
+			a.noteDriverError(r.Workload.Isolation, err)
 			// Nothing of a failed start may linger.
 			if derr := d.Destroy(context.WithoutCancel(a.ctx), id); derr != nil {
 				a.log.Warn("clean up failed start", "workload_id", id, "err", derr)
@@ -177,7 +178,10 @@ func (a *Agent) waitExit(id string) bool {
 func (a *Agent) finish(id string, res *driver.ExitResult, runErr error) bool {
 	restart := false
 	r, err := a.mutate(id, func(r *record) error {
-		if r.Deleting {
+		// A run ends once: a record already ended (say, by reconciliation
+		// while its supervisor still waited) or waiting to restart keeps
+		// what it has.
+		if r.Deleting || r.Workload.State.Terminal() || r.Workload.State == api.StatePending {
 			return errSkip
 		}
 		w := &r.Workload
@@ -435,7 +439,7 @@ func (a *Agent) recover(ctx context.Context) error {
 			a.reattach(ctx, r)
 		}
 	}
-	a.cleanOrphans(ctx)
+	a.Reconcile(ctx)
 	a.log.Info("state recovered", "workloads", len(recs), "index", a.index)
 	return nil
 }
@@ -479,29 +483,5 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 		a.supervise(id)
 	default:
 		a.finish(id, nil, fmt.Errorf("the workload's task could not be found after the agent restarted: %w", err))
-	}
-}
-
-// cleanOrphans destroys driver tasks that no record claims: leftovers of a
-// delete that crashed between the driver and the store.
-func (a *Agent) cleanOrphans(ctx context.Context) {
-	for iso, d := range a.drivers {
-		ids, err := d.List(ctx)
-		if err != nil {
-			a.log.Warn("list driver tasks", "driver", iso, "err", err)
-			continue
-		}
-		for _, id := range ids {
-			a.mu.Lock()
-			_, known := a.recs[id]
-			a.mu.Unlock()
-			if known {
-				continue
-			}
-			a.log.Warn("removing orphaned task", "driver", iso, "task_id", id)
-			if err := d.Destroy(ctx, id); err != nil {
-				a.log.Warn("remove orphaned task", "driver", iso, "task_id", id, "err", err)
-			}
-		}
 	}
 }
