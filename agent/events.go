@@ -69,11 +69,15 @@ func (l *eventLog) after(id uint64, match func(*api.Event) bool) (out []api.Even
 	return out, lost, l.changed
 }
 
-// Events calls emit with every event after lastID that matches f, then
-// with each new one as it happens, until ctx ends or emit fails. lost tells
+// Events calls emit with every event after lastID that matches f (none
+// when lastID is 0: a new subscriber), then with each new one as it happens, until ctx ends or emit fails. lost tells
 // emit's caller that events between lastID and the first delivered were
 // dropped from the ring (the client was away too long).
 func (a *Agent) Events(ctx context.Context, lastID uint64, f api.EventFilter, lost func(), emit func(api.Event) error) error {
+	if lastID == 0 {
+		// A new subscriber wants what happens from now on.
+		lastID = a.events.lastID()
+	}
 	first := true
 	for {
 		evs, gap, changed := a.events.after(lastID, f.Match)
