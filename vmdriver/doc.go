@@ -1,4 +1,86 @@
 // Package vmdriver runs berth tasks inside libvirt virtual machines: the
-// task's OCI image boots as a transient domain by direct kernel boot into
-// berth-init (package guest), which runs the command and reports its exit.
+// task's OCI image boots as a transient libvirt domain by direct kernel
+// boot into berth-init, which runs the command and reports how it ended
+// (the host<->guest contract is package guest).
+//
+// # Task directory
+//
+// Each task gets a directory under the driver's root:
+//
+//	tasks/<id>/task.json          domain name, uuid, QEMU pid+start time, log dir, accel
+//	tasks/<id>/root.qcow2         copy-on-write overlay over the image's ext4 base
+//	tasks/<id>/config.img         guest.EncodeConfig: args, env, workdir, user, hostname
+//	tasks/<id>/{stdout,stderr,status}.sock  the virtio-serial ports (QEMU listens)
+//	tasks/<id>/status.log         the guest's status records, as the monitor received them
+//	tasks/<id>/console.log        the serial console (kernel and berth-init diagnostics)
+//	tasks/<id>/monitor.json, monitor.pid, monitor.log, monitor-done.json
+//	tasks/<id>/killed             marker: berth forced the VM off (exit 137)
+//	cache/                        initramfs archives and ext4 base images, by content
+//
+// and the task's output goes to TaskConfig.LogDir/stdout.log and
+// stderr.log, as with ctrdriver. Destroy removes the domain and the task
+// directory; the log dir is the agent's.
+//
+// The domain is transient (CreateXML), named DomainPrefix+id, and carries
+// berth metadata (task id and driver root): a domain is the driver's only
+// when both name and metadata match, so other domains on the same libvirtd
+// are never listed, stopped or destroyed. It is a q35 machine with ACPI
+// (the power button is SIGTERM), on_poweroff/on_reboot/on_crash destroy,
+// domain type qemu (TCG, CPU model qemu64) or kvm (host-model; never
+// host-passthrough), vCPUs = ceil(cpu), RAM = memory + GuestMemoryOverhead,
+// two virtio-blk disks found by serial, no network, no USB, no balloon.
+//
+// # Output and exit codes while the agent is dead
+//
+// The guest's ports are unix sockets that libvirt creates and hands to
+// QEMU; a per-task monitor process (the VM counterpart of ctrdriver's, run
+// as `berth vm-monitor DIR`, in its own session) connects to them and
+// appends to stdout.log, stderr.log and status.log. libvirt's own file
+// channels were rejected: with the default stdio_handler they are written
+// by virtlogd, which renames a file away at 2 MiB, and a log the agent
+// tails must be one complete growing file. A port without a connected
+// monitor is closed for the guest, so its writes wait instead of being
+// lost; a monitor that dies while the VM runs is replaced (by supervise,
+// or by Recover after an agent restart).
+//
+// The monitor ends when QEMU does, after draining the sockets, and leaves
+// monitor-done.json: from then on status.log is final. The exit code is
+// the last status record (guest.ReadLastStatus); without a terminal record
+// it is 137 if berth forced the VM off (the killed marker is written before
+// the domain is destroyed), else -1 with an error quoting the end of
+// console.log. So the agent may be SIGKILLed at any time: the VM and its
+// monitor carry on, and Recover re-attaches from task.json and monitor.pid
+// (watching the monitor's pidfd, or the QEMU process when no monitor is
+// left), never from memory.
+//
+// # libvirt
+//
+// One connection, opened lazily; a call that fails because libvirtd went
+// away (it restarted) reconnects and is retried once. When libvirt is
+// unreachable, Fingerprint reports unhealthy with libvirt's own reason
+// (naming the socket) and Start fails with errdefs.ErrUnavailable.
+//
+// Acceleration (Options.Accel): "tcg" and "kvm" are taken as given; "auto"
+// probes /dev/kvm (open, KVM_GET_API_VERSION) and libvirt's kvm domain
+// capabilities, without booting a guest. Fingerprint reports the choice
+// and why in Details["accel"] and Details["accel_reason"]. On machines
+// where nested KVM guests hang after the kernel starts (berth's build
+// machines), operators and tests force "tcg".
+//
+// QEMU runs as libvirt's unprivileged user: the driver root and its
+// parents must be o+x (the driver makes its own directories 0711, and
+// Fingerprint names a parent that is not).
+//
+// # Measured
+//
+// On a 2-core AMD EPYC VM (nproc 2, /proc/cpuinfo "AMD EPYC"), Debian 12,
+// libvirt 9.0.0, QEMU 7.2, kernel 6.1.0-56-amd64, TCG, caches warm:
+//
+//	BenchmarkVMStartToFirstOutput-2   5   10617950255 ns/op   (Start of `echo hi` to its first stdout byte)
+//	BenchmarkQEMUDirectBoot-2         5   11684327894 ns/op   (plain qemu-system-x86_64, same kernel, initramfs, disks)
+//
+// The guest kernel reports berth-init starting the workload ~4.9 s after
+// its own boot; the rest is QEMU start, firmware and loading the kernel and
+// initramfs under emulation. libvirt and berth add no measurable time on
+// top of a hand-started QEMU (the difference is within run-to-run noise).
 package vmdriver

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -228,6 +229,11 @@ func TestOutputStreamsAndExitCode(t *testing.T) {
 	}
 	if got := drivertest.ReadLog(t, cfg, driver.StderrLog); got != "to-err\n" {
 		t.Errorf("stderr = %q", got)
+	}
+	if m := regexp.MustCompile(`started pid \d+ [0-9.]+s after boot`).FindString(tail(filepath.Join(d.taskDir(cfg.ID), consoleLog), 4096)); m != "" {
+		t.Logf("guest: %s", m)
+	} else {
+		t.Errorf("console.log lacks berth-init's start line:\n%s", tail(filepath.Join(d.taskDir(cfg.ID), consoleLog), 4096))
 	}
 }
 
@@ -545,5 +551,42 @@ func TestFingerprintUnreachable(t *testing.T) {
 	}
 	if _, err := d.List(context.Background()); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Errorf("List with libvirt down = %v, want ErrUnavailable", err)
+	}
+}
+
+// libvirtd restarts under a running VM (an upgrade, a crash): the VM runs
+// on, the driver reconnects at its next call and still sees the exit.
+// Opt-in: it restarts the node's shared libvirtd, which would disturb any
+// other libvirt user on the machine (another test run, another agent).
+func TestLibvirtdRestart(t *testing.T) {
+	if os.Getenv("BERTH_TEST_LIBVIRTD_RESTART") != "1" {
+		t.Skip("restarts the shared libvirtd; set BERTH_TEST_LIBVIRTD_RESTART=1 to run it on a machine of your own")
+	}
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := newTask(t, "sh", "-c", "echo ready; sleep 15; echo done; exit 6")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*slack)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Destroy(context.Background(), cfg.ID)
+	waitStarted(t, d, cfg.ID)
+	if out, err := exec.Command("sh", "-c", "kill $(pgrep -x libvirtd) && sleep 1 && libvirtd -d && sleep 2").CombinedOutput(); err != nil {
+		t.Fatalf("restart libvirtd: %v %s", err, out)
+	}
+	st, err := d.Stats(ctx, cfg.ID)
+	if err != nil || st.CPUUsageNanos == 0 {
+		t.Errorf("Stats after the libvirtd restart = %+v, %v; want a reconnect and a reading", st, err)
+	}
+	if fp := d.Fingerprint(ctx); !fp.Healthy {
+		t.Errorf("Fingerprint after the restart: %s", fp.Reason)
+	}
+	res, err := d.Wait(ctx, cfg.ID)
+	if err != nil || res.ExitCode != 6 {
+		t.Errorf("Wait = %+v, %v; want exit 6", res, err)
+	}
+	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "ready\ndone\n" {
+		t.Errorf("stdout = %q", got)
 	}
 }
