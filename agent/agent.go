@@ -68,6 +68,9 @@ type Options struct {
 	// HealthInterval is how often drivers are fingerprinted in the
 	// background; default 10s.
 	HealthInterval time.Duration
+	// NodeLabels describe the node to policy rules (node.labels in CEL),
+	// e.g. zone=eu-1, certified=pci.
+	NodeLabels map[string]string
 	// ReconcileInterval is how often records and driver tasks are
 	// compared (Reconcile); default 30s.
 	ReconcileInterval time.Duration
@@ -166,6 +169,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		st.close()
 		return nil, err
 	}
+	pol.onChange = a.policyChanged
 	if err := pol.watch(); err != nil {
 		// Without inotify the agent still works; only edits need a restart.
 		a.log.Warn("isolation policy hot reload is off: cannot watch the file", "source", opts.PolicyFile, "error", err)

@@ -154,3 +154,18 @@ func (a *Agent) publishTransition(prev, cur *record) {
 		ev(api.EventWorkloadFailed, fmt.Sprintf("workload %s failed: %s", w.ID, w.Error), map[string]string{"error": w.Error})
 	}
 }
+
+// policyChanged turns a policy reload into an event and a new state index
+// (the node document shows the policy).
+func (a *Agent) policyChanged(ok bool, version, detail string) {
+	a.bumpIndex()
+	if ok {
+		a.events.publish(api.Event{Type: api.EventPolicyReloaded,
+			Message: "isolation policy " + version + " is active (was " + detail + ")",
+			Attrs:   map[string]string{"version": version, "previous_version": detail}})
+		return
+	}
+	a.events.publish(api.Event{Type: api.EventPolicyRejected,
+		Message: "isolation policy change rejected; " + version + " stays active: " + detail,
+		Attrs:   map[string]string{"active_version": version}})
+}

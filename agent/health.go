@@ -73,6 +73,9 @@ func (a *Agent) refreshHealth(ctx context.Context, iso api.Isolation) driver.Fin
 	}
 	// The first fingerprint is the driver's initial state, not a change:
 	// it moves no index, and only an unhealthy start is worth an event.
+	if had {
+		a.bumpIndex()
+	}
 	if had || !fp.Healthy {
 		typ, msg := api.EventDriverHealthy, string(iso)+" driver is healthy"
 		if !fp.Healthy {
@@ -82,9 +85,6 @@ func (a *Agent) refreshHealth(ctx context.Context, iso api.Isolation) driver.Fin
 			a.log.Info("driver healthy", "driver", iso, "version", fp.Version)
 		}
 		a.events.publish(api.Event{Type: typ, Message: msg, Attrs: map[string]string{"driver": string(iso)}})
-	}
-	if had {
-		a.bumpIndex()
 	}
 	return fp
 }

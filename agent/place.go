@@ -94,6 +94,7 @@ func (a *Agent) nodeFacts(ctx context.Context) placement.NodeFacts {
 	if fp, ok := a.fingerprint(ctx, api.IsolationVM); ok {
 		n.Accel = fp.Details["accel"]
 	}
+	n.Labels = a.opts.NodeLabels
 	return n
 }
 

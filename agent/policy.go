@@ -50,6 +50,11 @@ type policyHolder struct {
 	watcher *fsnotify.Watcher // nil when not watching
 	stop    chan struct{}
 	done    chan struct{}
+
+	// onChange hears of every reload outcome, outside the lock: applied
+	// (ok, new version, old version) or rejected (!ok, active version,
+	// error).
+	onChange func(ok bool, version, detail string)
 }
 
 // activePolicy is one loaded policy; it is never changed once stored.
@@ -199,6 +204,13 @@ func (h *policyHolder) reload() error {
 	if h.file == "" {
 		return nil
 	}
+	// notify runs after the lock is released (defers run last-in first-out).
+	var notify func()
+	defer func() {
+		if notify != nil && h.onChange != nil {
+			notify()
+		}
+	}()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	data, err := readPolicyFile(h.file)
@@ -233,6 +245,8 @@ func (h *policyHolder) reload() error {
 			h.log.Error("isolation policy file unreadable; the active policy stays",
 				"source", h.file, "active_version", old.policy.Version(), "error", err, "reload_failures", h.failures)
 		}
+		msg := err.Error()
+		notify = func() { h.onChange(false, old.policy.Version(), msg) }
 		return err
 	}
 	h.active.Store(&activePolicy{policy: p, source: h.file, loadedAt: now})
@@ -240,6 +254,7 @@ func (h *policyHolder) reload() error {
 	h.reloads++
 	h.log.Info("isolation policy reloaded", "source", h.file,
 		"old_version", old.policy.Version(), "new_version", p.Version(), "rules", len(p.Rules()))
+	notify = func() { h.onChange(true, p.Version(), old.policy.Version()) }
 	return nil
 }
 

@@ -55,6 +55,8 @@ type Node struct {
 	ReservedMemoryMB int64   `mapstructure:"reserved_memory_mb"`
 	CPUOvercommit    float64 `mapstructure:"cpu_overcommit"`
 	MaxWorkloads     int     `mapstructure:"max_workloads"`
+	// Labels describe the node to isolation policy rules.
+	Labels map[string]string `mapstructure:"labels"`
 }
 
 type Container struct {
@@ -101,7 +103,7 @@ func Load(file string, flags *pflag.FlagSet) (*Config, error) {
 		}
 		var unknown []string
 		for _, k := range v.AllKeys() {
-			if !known[k] {
+			if !known[k] && !underMapKey(k) {
 				unknown = append(unknown, k)
 			}
 		}
@@ -133,6 +135,18 @@ func Load(file string, flags *pflag.FlagSet) (*Config, error) {
 		return nil, fmt.Errorf("config%s: %w", inFile(file), err)
 	}
 	return &c, nil
+}
+
+// mapKeys are config keys whose value is a map of the operator's own keys.
+var mapKeys = []string{"node.labels"}
+
+func underMapKey(k string) bool {
+	for _, m := range mapKeys {
+		if strings.HasPrefix(k, m+".") {
+			return true
+		}
+	}
+	return false
 }
 
 func inFile(file string) string {

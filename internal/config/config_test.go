@@ -75,3 +75,16 @@ func TestErrorsNameTheKey(t *testing.T) {
 		}
 	}
 }
+
+func TestNodeLabelsAreOperatorKeys(t *testing.T) {
+	c, err := Load(writeFile(t, "node:\n  labels:\n    zone: eu-1\n    certified: pci\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Node.Labels["zone"] != "eu-1" || c.Node.Labels["certified"] != "pci" {
+		t.Errorf("labels = %v", c.Node.Labels)
+	}
+	if _, err := Load(writeFile(t, "node:\n  lables:\n    zone: eu-1\n"), nil); err == nil || !strings.Contains(err.Error(), "node.lables") {
+		t.Errorf("misspelt node.labels: %v", err)
+	}
+}

@@ -86,6 +86,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			Pids:     cfg.WorkloadDefaults.Pids,
 		},
 		StopTimeout: cfg.WorkloadDefaults.StopTimeout,
+		NodeLabels:  cfg.Node.Labels,
 		Reserved: agent.Reserved{
 			CPU:           cfg.Node.ReservedCPU,
 			MemoryMB:      cfg.Node.ReservedMemoryMB,
