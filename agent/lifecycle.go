@@ -419,7 +419,8 @@ func (a *Agent) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	a.index = index
+	// Index 0 means "do not block" to clients: a fresh node starts at 1.
+	a.index = max(index, 1)
 	for _, r := range recs {
 		a.recs[r.Workload.ID] = r
 		if r.Workload.Name != "" && !r.Deleting {

@@ -283,8 +283,8 @@ func TestRefusedSubmitsStoreNothing(t *testing.T) {
 			if n := len(e.agent.List(context.Background(), api.ListFilter{})); n != 0 {
 				t.Errorf("refused submit stored %d workloads", n)
 			}
-			if idx, _ := e.agent.Index(); idx != 0 {
-				t.Errorf("state index %d after a refused submit, want 0", idx)
+			if idx, _ := e.agent.Index(); idx != 1 { // a fresh agent starts at 1
+				t.Errorf("state index %d after a refused submit, want 1 (untouched)", idx)
 			}
 			if n := starts(e.ctr, e.vm); n != 0 {
 				t.Errorf("%d driver starts after a refused submit", n)
@@ -331,7 +331,7 @@ func TestPlaceExplainsWithoutSideEffects(t *testing.T) {
 	if !errors.As(err, &v) || len(v.Fields) != 2 {
 		t.Errorf("Place(bad spec) = %v; want a validation error naming 2 fields", err)
 	}
-	if idx, _ := e.agent.Index(); idx != 0 || starts(e.ctr) != 0 {
+	if idx, _ := e.agent.Index(); idx != 1 || starts(e.ctr) != 0 {
 		t.Errorf("Place changed state: index %d, %d starts", idx, starts(e.ctr))
 	}
 }
