@@ -969,7 +969,9 @@ func (d *Driver) Inspect(ctx context.Context, id string) (*driver.TaskStatus, er
 }
 
 // Stats implements driver.Driver: the VM's CPU time, QEMU's resident
-// memory (what the VM costs the host) and the VM's RAM size as the limit.
+// memory (what the VM costs the host: guest pages touched plus QEMU's own,
+// so it can exceed the limit) and the VM's RAM size as the limit. Without a
+// balloon device the host cannot see the guest's own accounting.
 func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 	t, err := d.get(id)
 	if err != nil {
