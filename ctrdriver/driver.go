@@ -278,6 +278,28 @@ func (d *Driver) spawnMonitor(ctx context.Context, id, dir string) (*task, error
 	return t, nil
 }
 
+// awaitStarted waits, at most limit, until the task's monitor has started
+// the container or the task has ended.
+func (d *Driver) awaitStarted(ctx context.Context, t *task, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for {
+		// No status yet: the monitor is still in runc create.
+		if st, err := readStatus(t.dir); err == nil && st.State != monCreated {
+			return
+		}
+		select {
+		case <-t.done:
+			return
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return
+		}
+	}
+}
+
 func readStatus(dir string) (*monitorStatus, error) {
 	var st monitorStatus
 	if err := fileutil.ReadJSON(filepath.Join(dir, statusFile), &st); err != nil {
@@ -345,6 +367,11 @@ func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) err
 	if err != nil {
 		return err
 	}
+	// A task recovered while its monitor was still starting it may be
+	// created but not started: a signal now would kill runc's init and
+	// fail the start instead of stopping a workload. Let the start finish
+	// (it is quick) so the workload sees its SIGTERM like any other.
+	d.awaitStarted(ctx, t, timeout)
 	if d.signal(ctx, t, "TERM") {
 		return nil
 	}
@@ -391,17 +418,37 @@ func (d *Driver) signal(ctx context.Context, t *task, sig string) (exited bool) 
 
 // Destroy implements driver.Driver.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
-	if t, err := d.get(id); err == nil {
+	t, err := d.get(id)
+	if err != nil {
+		// Not attached (the agent restarted and is cleaning up before or
+		// instead of recovering it): attach now, so a live container is
+		// killed and its monitor waited for before its files go.
+		if rerr := d.Recover(ctx, &driver.Handle{ID: id, Driver: Name}); rerr == nil {
+			t, err = d.get(id)
+		}
+	}
+	if err == nil {
 		select {
 		case <-t.done:
 		default:
-			_ = d.runc.kill(ctx, id, "KILL")
-			select {
-			case <-t.done:
-			case <-time.After(10 * time.Second):
-				d.log.Warn("container did not exit after SIGKILL; removing anyway", "task_id", id)
-			case <-ctx.Done():
-				return ctx.Err()
+			// Repeat the kill: a monitor that is still starting the
+			// container has nothing to kill yet at the first try.
+			tick := time.NewTicker(250 * time.Millisecond)
+			defer tick.Stop()
+			giveUp := time.After(10 * time.Second)
+		wait:
+			for {
+				_ = d.runc.kill(ctx, id, "KILL")
+				select {
+				case <-t.done:
+					break wait
+				case <-tick.C:
+				case <-giveUp:
+					d.log.Warn("container did not exit after SIGKILL; removing anyway", "task_id", id)
+					break wait
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 		}
 	}
@@ -491,23 +538,25 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 	}
 	t := &task{id: h.ID, dir: dir, done: make(chan struct{})}
 	if err := fileutil.ReadJSON(filepath.Join(dir, monitorPidFile), &t.monitor); err != nil {
-		// Died between creating the directory and starting the monitor:
-		// the task never ran.
-		t.exit = &driver.ExitResult{ExitCode: -1, Err: "the agent stopped before the container started", FinishedAt: time.Now().UTC()}
-		close(t.done)
+		// The agent died between creating the directory and starting the
+		// monitor (which records itself first thing): the task never ran.
+		// Remove what there is, so it can be started afresh.
+		if cerr := d.cleanup(ctx, h.ID); cerr != nil {
+			return fmt.Errorf("container task %s never started; removing its remains: %w", h.ID, cerr)
+		}
+		return fmt.Errorf("container task %s never started: %w", h.ID, errdefs.ErrNotFound)
+	}
+	if st, err := readStatus(dir); err == nil {
+		t.pid, t.started = st.Pid, st.StartedAt
+	}
+	exited, err := proc.Watch(t.monitor)
+	if err != nil {
+		d.finish(t) // the monitor is gone: its status file has the end
 	} else {
-		if st, err := readStatus(dir); err == nil {
-			t.pid, t.started = st.Pid, st.StartedAt
-		}
-		exited, err := proc.Watch(t.monitor)
-		if err != nil {
-			d.finish(t) // the monitor is gone: its status file has the end
-		} else {
-			go func() {
-				<-exited
-				d.finish(t)
-			}()
-		}
+		go func() {
+			<-exited
+			d.finish(t)
+		}()
 	}
 	d.mu.Lock()
 	d.tasks[h.ID] = t

@@ -18,6 +18,7 @@ import (
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/internal/fileutil"
+	"github.com/berthd/berth/internal/proc"
 )
 
 // The monitor is berth's per-container supervisor, in the pattern of conmon
@@ -89,6 +90,11 @@ func RunMonitor(dir string) int {
 }
 
 func monitor(dir string, ready *os.File) error {
+	// The agent records our identity too, but it may die between starting
+	// us and writing it; a restarted agent must find us either way.
+	if ident, err := proc.Identify(os.Getpid()); err == nil {
+		_ = fileutil.WriteJSON(filepath.Join(dir, monitorPidFile), ident)
+	}
 	var cfg monitorConfig
 	if err := fileutil.ReadJSON(filepath.Join(dir, monitorConfigFile), &cfg); err != nil {
 		return err
