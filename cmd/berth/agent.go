@@ -11,6 +11,7 @@ import (
 	"github.com/berthd/berth/ctrdriver"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
+	"github.com/berthd/berth/vmdriver"
 )
 
 func newAgentCmd() *cobra.Command {
@@ -73,4 +74,14 @@ func runMonitor(dir string) int {
 		return 2
 	}
 	return ctrdriver.RunMonitor(dir)
+}
+
+// runVMMonitor is `berth vm-monitor DIR`, the per-VM monitor the VM driver
+// starts. It is not meant to be run by hand.
+func runVMMonitor(dir string) int {
+	if !strings.HasPrefix(dir, "/") {
+		fmt.Fprintln(os.Stderr, "berth vm-monitor: needs the absolute task directory; it is started by the agent")
+		return 2
+	}
+	return vmdriver.RunMonitor(dir)
 }

@@ -31,6 +31,10 @@ func main() {
 	if len(os.Args) == 3 && os.Args[1] == "monitor" {
 		os.Exit(runMonitor(os.Args[2]))
 	}
+	// Likewise the VM driver's per-domain monitor, `berth vm-monitor DIR`.
+	if len(os.Args) == 3 && os.Args[1] == "vm-monitor" {
+		os.Exit(runVMMonitor(os.Args[2]))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()

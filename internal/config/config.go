@@ -66,9 +66,10 @@ type Container struct {
 }
 
 type VM struct {
-	Enabled bool   `mapstructure:"enabled"`
-	URI     string `mapstructure:"uri"`
-	Accel   string `mapstructure:"accel"`
+	Enabled  bool   `mapstructure:"enabled"`
+	URI      string `mapstructure:"uri"`
+	Accel    string `mapstructure:"accel"`
+	InitPath string `mapstructure:"init_path"`
 }
 
 type API struct {

@@ -21,6 +21,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/config"
+	"github.com/berthd/berth/vmdriver"
 )
 
 // Options are what the configuration file does not hold.
@@ -30,6 +31,9 @@ type Options struct {
 	// MonitorCmd overrides how the container driver starts its per-task
 	// monitor (tests re-execute their own binary); default `berth monitor`.
 	MonitorCmd []string
+	// VMMonitorCmd does the same for the VM driver; default
+	// `berth vm-monitor`.
+	VMMonitorCmd []string
 	// Drivers, when set, replace the drivers built from the configuration
 	// (tests use the fake driver).
 	Drivers []driver.Driver
@@ -85,8 +89,9 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			MemoryMB: cfg.WorkloadDefaults.MemoryMB,
 			Pids:     cfg.WorkloadDefaults.Pids,
 		},
-		StopTimeout: cfg.WorkloadDefaults.StopTimeout,
-		NodeLabels:  cfg.Node.Labels,
+		StopTimeout:  cfg.WorkloadDefaults.StopTimeout,
+		VMOverheadMB: vmdriver.GuestMemoryOverhead >> 20,
+		NodeLabels:   cfg.Node.Labels,
 		Reserved: agent.Reserved{
 			CPU:           cfg.Node.ReservedCPU,
 			MemoryMB:      cfg.Node.ReservedMemoryMB,
@@ -131,6 +136,21 @@ func (d *Daemon) buildDrivers(opts Options) ([]driver.Driver, error) {
 			return nil, err
 		}
 		ds = append(ds, cd)
+	}
+	if d.cfg.VM.Enabled {
+		vd, err := vmdriver.New(vmdriver.Options{
+			Root:        filepath.Join(d.cfg.DataDir, "vms"),
+			URI:         d.cfg.VM.URI,
+			Accel:       vmdriver.Accel(d.cfg.VM.Accel),
+			InitPath:    d.cfg.VM.InitPath,
+			MonitorCmd:  opts.VMMonitorCmd,
+			LogMaxBytes: d.cfg.Container.LogMaxBytes,
+			Logger:      d.log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		ds = append(ds, vd)
 	}
 	return ds, nil
 }
