@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -41,13 +42,14 @@ type Options struct {
 
 // Daemon is a running agent.
 type Daemon struct {
-	cfg    *config.Config
-	log    *slog.Logger
-	images *image.Store
-	agent  *agent.Agent
-	api    *server.Server
-	ln     net.Listener
-	http   *http.Server
+	cfg     *config.Config
+	drivers []driver.Driver
+	log     *slog.Logger
+	images  *image.Store
+	agent   *agent.Agent
+	api     *server.Server
+	ln      net.Listener
+	http    *http.Server
 }
 
 // New opens the data directory, recovers the node's workloads and binds
@@ -80,6 +82,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			return nil, err
 		}
 	}
+	d.drivers = drivers
 	ag, err = agent.New(ctx, agent.Options{
 		DataDir: cfg.DataDir,
 		Drivers: drivers,
@@ -181,6 +184,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	}
 	if err := d.agent.Close(); err != nil && serveErr == nil {
 		serveErr = err
+	}
+	for _, dr := range d.drivers {
+		if c, ok := dr.(io.Closer); ok {
+			c.Close()
+		}
 	}
 	if errors.Is(serveErr, http.ErrServerClosed) {
 		serveErr = nil

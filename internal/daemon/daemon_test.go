@@ -26,6 +26,7 @@ import (
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
 	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/vmdriver"
 )
 
 const (
@@ -41,10 +42,17 @@ func TestMain(m *testing.M) {
 	if len(os.Args) == 3 && os.Args[1] == "monitor" {
 		os.Exit(ctrdriver.RunMonitor(os.Args[2]))
 	}
+	if len(os.Args) == 3 && os.Args[1] == "vm-monitor" {
+		os.Exit(vmdriver.RunMonitor(os.Args[2]))
+	}
 	if file := os.Getenv(agentConfigEnv); file != "" {
 		os.Exit(runAgent(file))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if initDir != "" {
+		os.RemoveAll(initDir)
+	}
+	os.Exit(code)
 }
 
 func runAgent(file string) int {

@@ -1,0 +1,215 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/api/client"
+	"github.com/berthd/berth/internal/daemon"
+)
+
+const libvirtSocket = "/run/libvirt/libvirt-sock"
+
+// requireLibvirt skips only where VMs cannot run at all, and fails where
+// they can but libvirtd is not running (`make test` starts it).
+func requireLibvirt(t *testing.T) {
+	t.Helper()
+	requireRunc(t)
+	if testing.Short() {
+		t.Skip("boots VMs: not in -short")
+	}
+	if _, err := exec.LookPath("libvirtd"); err != nil {
+		t.Skip("libvirtd is not installed; `make test` installs libvirt-daemon-system")
+	}
+	if _, err := os.Stat(libvirtSocket); err != nil {
+		t.Fatalf("libvirtd is not running: %s is missing; start it with `libvirtd -d` (and `virtlogd -d`)", libvirtSocket)
+	}
+}
+
+var (
+	initOnce sync.Once
+	initDir  string
+	initPath string
+	initErr  error
+)
+
+// berthInit builds the static guest init once per test binary.
+func berthInit(t *testing.T) string {
+	t.Helper()
+	initOnce.Do(func() {
+		initDir, initErr = os.MkdirTemp("", "berth-init-")
+		if initErr != nil {
+			return
+		}
+		initPath = filepath.Join(initDir, "berth-init")
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", initPath, "github.com/berthd/berth/cmd/berth-init")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			initErr = fmt.Errorf("build berth-init: %v\n%s", err, out)
+		}
+	})
+	if initErr != nil {
+		t.Fatal(initErr)
+	}
+	return initPath
+}
+
+// vmDataDir is a data dir QEMU (running as libvirt's unprivileged user)
+// can traverse to the task disks.
+func vmDataDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "berth-vmtest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestSameSpecContainerAndVM(t *testing.T) {
+	requireLibvirt(t)
+	cfg := testConfig(t, vmDataDir(t), "127.0.0.1:0")
+	cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx) }()
+	c, err := client.New(d.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		cancel()
+		<-done
+	})
+	importBusybox(t, c)
+
+	spec := api.WorkloadSpec{
+		Image:   testImage,
+		Command: []string{"sh", "-c", `echo "out $GREETING"; echo "err line" >&2; pwd; id -u; exit 7`},
+		Env:     map[string]string{"GREETING": "from berth"},
+		Workdir: "/srv/app",
+	}
+	type result struct {
+		w        *api.Workload
+		out, err string
+	}
+	results := map[api.Isolation]result{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, iso := range []api.Isolation{api.IsolationContainer, api.IsolationVM} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := spec
+			s.Isolation = iso
+			w, out, errs := run(t, c, s)
+			mu.Lock()
+			results[iso] = result{w, out, errs}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	ctr, vm := results[api.IsolationContainer], results[api.IsolationVM]
+	if ctr.w == nil || vm.w == nil {
+		t.Fatal("a run did not finish")
+	}
+	if ctr.w.Isolation != api.IsolationContainer || vm.w.Isolation != api.IsolationVM {
+		t.Fatalf("placed on %s and %s", ctr.w.Isolation, vm.w.Isolation)
+	}
+	want := "out from berth\n/srv/app\n0\n"
+	for iso, r := range results {
+		if r.w.State != api.StateExited || exitCode(r.w) != 7 || r.out != want || r.err != "err line\n" {
+			t.Errorf("%s: %s exit %d (%q), stdout %q, stderr %q; want exited 7, %q, %q", iso, r.w.State, exitCode(r.w), r.w.Error, r.out, r.err, want, "err line\n")
+		}
+	}
+	if vm.w.Placement == nil || vm.w.Placement.Isolation != api.IsolationVM {
+		t.Errorf("vm placement %+v", vm.w.Placement)
+	}
+}
+
+// TestVMWorkloadSurvivesAgentSIGKILL: the agent dies while a VM workload
+// runs; after a restart the workload is still running, its output still
+// grows, and its exit code is reported right.
+func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
+	requireLibvirt(t)
+	dataDir := vmDataDir(t)
+	addr := freeAddr(t)
+	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  accel: tcg\n  init_path: %s\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir, berthInit(t))
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := &agentProcess{t: t, config: cfgFile}
+	c := p.start(addr)
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		p.kill()
+	})
+	importBusybox(t, c)
+	ctx := context.Background()
+	spec := sh("i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.25; done; exit 5")
+	spec.Isolation = api.IsolationVM
+	sub, err := c.Submit(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	countTicks := func() int {
+		out, _ := logs(t, c, sub.ID)
+		return strings.Count(out, "tick")
+	}
+	// Wait for output: the guest has booted and the workload runs.
+	deadline := time.Now().Add(90 * time.Second)
+	for countTicks() == 0 {
+		if time.Now().After(deadline) {
+			w, _, _ := c.Get(ctx, sub.ID, nil)
+			t.Fatalf("no output from the VM workload after 90s: %+v\n%s", w, p.stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	p.kill()
+	time.Sleep(time.Second)
+	c = p.start(addr)
+	w, _, err := c.Get(ctx, sub.ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.State != api.StateRunning {
+		t.Fatalf("after the agent restart the VM workload is %s (%q), want running", w.State, w.Error)
+	}
+	first := countTicks()
+	deadline = time.Now().Add(10 * time.Second)
+	for countTicks() <= first {
+		if time.Now().After(deadline) {
+			t.Fatalf("VM output stopped growing at %d ticks after the agent restart", first)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	end, err := c.WaitExit(ctx, sub.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.State != api.StateExited || exitCode(end) != 5 || countTicks() != 40 {
+		out, _ := logs(t, c, sub.ID)
+		t.Errorf("VM workload ended %s exit %d (%q) with %d ticks, want exited 5 with 40:\n%s", end.State, exitCode(end), end.Error, countTicks(), out)
+	}
+}
