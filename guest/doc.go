@@ -79,6 +79,16 @@
 // is lost. The host forces the domain off after its grace period; nothing
 // in the guest is needed for that.
 //
+// # Probe mode
+//
+// With "berth.probe" (ProbeParam) on the kernel command line, berth-init
+// does nothing but prove the guest reached user space: right after mounting
+// /dev, /proc and /sys it writes "berth-init: probe: user space reached
+// N.NNs after boot" (ProbeMarker) to the console, waits for the UART to
+// send it, and powers off. No disks, ports or modules are needed or looked
+// for, so the host can boot the bare kernel and initramfs. vmdriver boots
+// such a guest under KVM to decide whether KVM really works on the node.
+//
 // # Diagnostics
 //
 // berth-init writes its errors and a line "berth-init: started pid N Xs

@@ -359,6 +359,39 @@ func TestVMEndToEnd(t *testing.T) {
 	})
 }
 
+// Probe mode needs nothing but the kernel and the initramfs: berth-init
+// prints the marker and the guest powers itself off.
+func TestVMProbeMode(t *testing.T) {
+	env := setupVMEnv(t)
+	console := filepath.Join(t.TempDir(), "console.log")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64",
+		"-machine", "q35", "-accel", "tcg", "-m", "160",
+		"-nodefaults", "-nographic", "-no-reboot",
+		"-kernel", env.kernel.Path, "-initrd", env.initrd,
+		"-append", "console=ttyS0 panic=-1 quiet "+guest.ProbeParam,
+		"-chardev", "file,id=console,path="+strings.ReplaceAll(console, ",", ",,"),
+		"-serial", "chardev:console")
+	out, err := cmd.CombinedOutput()
+	data, _ := os.ReadFile(console)
+	if err != nil {
+		t.Fatalf("qemu: %v\n%s\nconsole:\n%s", err, out, data)
+	}
+	if !guest.ProbeReached(data) {
+		t.Fatalf("console lacks the probe marker:\n%s", data)
+	}
+	if bytes.Contains(data, []byte("Kernel panic")) || bytes.Contains(data, []byte("power off: ")) {
+		t.Errorf("the probe guest did not power off cleanly:\n%s", data)
+	}
+	line := regexp.MustCompile(regexp.QuoteMeta(guest.ProbeMarker) + ` [0-9.]+s after boot`).Find(data)
+	if line == nil {
+		t.Errorf("marker line lacks the boot time:\n%s", data)
+	}
+	t.Logf("TCG probe guest: %q; QEMU gone after %v", line, time.Since(start).Round(time.Millisecond))
+}
+
 // qmpCommand runs one QMP command without arguments and waits for its
 // return.
 func qmpCommand(sock, command string) error {

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -65,6 +66,10 @@ func Main() {
 		}()
 		result = in.run()
 	}()
+	if in.probe {
+		// Probe mode: nothing was set up, nothing to report or tear down.
+		powerOff(in)
+	}
 	in.finish(result)
 }
 
@@ -79,6 +84,7 @@ type initProc struct {
 	barrier     *os.File
 	rootMounted bool
 	chrooted    bool
+	probe       bool     // probe mode (guest.ProbeParam): power off at once
 	mounts      []string // mounted inside the workload's root, in order
 
 	mu          sync.Mutex
@@ -102,6 +108,11 @@ func (in *initProc) run() guest.Status {
 	}
 	if c, err := os.OpenFile("/dev/console", os.O_WRONLY|unix.O_NOCTTY, 0); err == nil {
 		in.console = c
+	}
+	if cmdline, err := os.ReadFile("/proc/cmdline"); err == nil && guest.ProbeRequested(string(cmdline)) {
+		in.probe = true
+		in.probeReached()
+		return guest.Status{}
 	}
 	if err := loadModules(guest.ModuleListPath, finitModule, func(msg string) { in.logf("%s", msg) }); err != nil {
 		return in.failure(err)
@@ -166,6 +177,16 @@ func (in *initProc) run() guest.Status {
 		return in.failure(err)
 	}
 	return in.runWorkload(cfg)
+}
+
+// probeReached writes the probe marker to the console and waits until the
+// UART has sent it: tty writes are buffered, and a power-off right after
+// could lose the line the host is waiting for.
+func (in *initProc) probeReached() {
+	in.logf("%s %.2fs after boot", strings.TrimPrefix(guest.ProbeMarker, "berth-init: "), uptime().Seconds())
+	if f, ok := in.console.(*os.File); ok {
+		_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1) // tcdrain
+	}
 }
 
 func readConfig(dev string) (*guest.Config, error) {
