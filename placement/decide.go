@@ -112,7 +112,57 @@ func Decide(w Workload, p *Policy, n NodeFacts) Decision {
 			d.Explanation = string(d.Isolation) + ": " + cause + tail
 		}
 	}
+	if d.Verdict == VerdictAllow {
+		decideNetwork(&d, &w, p, tail)
+	}
 	return d
+}
+
+// decideNetwork settles the network mode of an allowed workload: a
+// matching rule with network: none forces loopback only (refusing a
+// workload that publishes ports or asks for the host network, rather than
+// silently cutting it off); the host network needs a matching rule that
+// allows it, and a container.
+func decideNetwork(d *Decision, w *Workload, p *Policy, tail string) {
+	var none, host string
+	for _, m := range d.Matched {
+		if !p.network {
+			break
+		}
+		r := p.rule(m.Rule)
+		if r == nil {
+			continue
+		}
+		switch {
+		case r.network == NetworkNone && none == "":
+			none = r.name
+		case r.network == NetworkHost && host == "":
+			host = r.name
+		}
+	}
+	req := w.Network
+	if req == "" {
+		req = NetworkBridge
+	}
+	refuse := func(rule, why string) {
+		d.Verdict, d.DecidingRule = VerdictRefused, rule
+		d.Explanation = "refused: " + why + tail
+	}
+	switch {
+	case req == NetworkHost && d.Isolation != IsolationContainer:
+		refuse(DecidedByRequest, "the host network exists only for containers, and this workload runs in a vm")
+	case req == NetworkHost && none != "":
+		refuse(none, "the host network was requested, but rule "+strconv.Quote(none)+" forces network none")
+	case req == NetworkHost && host == "":
+		refuse(DecidedByRequest, "the host network was requested, and no policy rule allows it for this workload (a rule with network: host must match)")
+	case none != "" && w.Ports > 0:
+		refuse(none, "rule "+strconv.Quote(none)+" forces network none, but the workload publishes ports")
+	case none != "":
+		d.Network = NetworkNone
+		d.Explanation += "; network none (rule " + strconv.Quote(none) + ")"
+	default:
+		d.Network = req
+	}
 }
 
 // ruleCause is "rule "name" (reason) requires outcome".

@@ -33,7 +33,7 @@ const (
 
 var (
 	policyKeys = []string{"apiVersion", "kind", "default", "rules"}
-	ruleKeys   = []string{"name", "description", "match", "when", "isolation", "action"}
+	ruleKeys   = []string{"name", "description", "match", "when", "isolation", "action", "network"}
 	matchKeys  = []string{"labels", "labels_exist", "images", "tenants", "privileged", "cpu_gt", "memory_mb_gt", "pids_gt"}
 
 	// ruleName is a DNS label: rule names end up in API fields, metrics
@@ -233,6 +233,7 @@ func (p *parser) policy(root *yaml.Node, pol *Policy) {
 		}
 		if ok {
 			pol.rules = append(pol.rules, r)
+			pol.network = pol.network || r.network != ""
 		}
 	}
 }
@@ -295,6 +296,23 @@ func (p *parser) rule(n *yaml.Node, i int) (r rule, ok bool) {
 				r.outcome = OutcomeDeny
 			} else {
 				p.errorf(act, "%s: action must be deny, got %q (to choose an isolation write isolation: container or vm)", ctx, v)
+			}
+		}
+	}
+
+	if nn := f["network"]; nn != nil {
+		if v, ok := p.str(nn, ctx+": network"); ok {
+			switch v {
+			case NetworkNone:
+				r.network = v
+			case NetworkHost:
+				if r.outcome != "" && r.outcome != OutcomeContainer {
+					p.errorf(nn, "%s: network: host needs isolation: container (the host network exists only for containers)", ctx)
+				} else {
+					r.network = v
+				}
+			default:
+				p.errorf(nn, "%s: network must be none (force loopback only) or host (allow the host network), got %q", ctx, v)
 			}
 		}
 	}

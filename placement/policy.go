@@ -16,6 +16,18 @@ type Policy struct {
 	version string
 	def     Outcome
 	rules   []rule
+	// network is set when some rule has a network knob.
+	network bool
+}
+
+// rule returns the rule named name, or nil.
+func (p *Policy) rule(name string) *rule {
+	for i := range p.rules {
+		if p.rules[i].name == name {
+			return &p.rules[i]
+		}
+	}
+	return nil
 }
 
 // Version identifies the policy's content: "sha256:" and the first 16 hex
@@ -75,6 +87,10 @@ type rule struct {
 	cpuGt       *float64
 	memoryMBGt  *int64
 	pidsGt      *int64
+
+	// network is "none" (force loopback only) or "host" (allow the host
+	// network) or empty.
+	network string
 
 	when     string
 	whenText string      // when on one line, for reasons

@@ -67,6 +67,11 @@ type Workload struct {
 	// Isolation is the submitter's request: auto (or empty), container or vm.
 	Isolation Isolation `json:"isolation,omitempty"`
 	Resources Resources `json:"resources"`
+	// Network is the requested network mode: bridge (or empty), none or
+	// host.
+	Network string `json:"network,omitempty"`
+	// Ports counts the ports the workload publishes.
+	Ports int `json:"ports,omitempty"`
 }
 
 // Tenant is the workload's tenant: its "tenant" label.
@@ -129,6 +134,9 @@ type Decision struct {
 	PolicyVersion string  `json:"policy_version"`
 	// Explanation is one line for humans.
 	Explanation string `json:"explanation"`
+	// Network is the network mode the workload gets when allowed: the
+	// request, or none when a matching rule forces it.
+	Network string `json:"network,omitempty"`
 }
 
 // Allowed reports whether the workload may run.
@@ -147,4 +155,15 @@ type Match struct {
 const (
 	DecidedByDefault = "default"
 	DecidedByRequest = "request"
+)
+
+// Network modes a rule can name.
+const (
+	// NetworkNone in a rule forces matched workloads onto loopback only.
+	NetworkNone = "none"
+	// NetworkHost in a rule lets matched container workloads use the
+	// host's network namespace; without such a rule host is refused.
+	NetworkHost = "host"
+	// NetworkBridge is the default mode.
+	NetworkBridge = "bridge"
 )
