@@ -91,7 +91,7 @@ func (s *Server) createWorkload(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	wl, created, err := s.b.Submit(r.Context(), spec)
+	wl, created, err := s.be(r).Submit(r.Context(), spec)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -204,7 +204,7 @@ func (s *Server) listWorkloads(w http.ResponseWriter, r *http.Request) {
 		return cur, true
 	})
 	cur, _ := s.b.Index()
-	list := s.b.List(r.Context(), f)
+	list := s.be(r).List(r.Context(), f)
 	w.Header().Set(IndexHeader, strconv.FormatUint(cur, 10))
 	writeJSON(w, http.StatusOK, api.WorkloadList{Workloads: list})
 }
@@ -217,13 +217,13 @@ func (s *Server) getWorkload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.block(r, index, wait, func() (uint64, bool) {
-		wl, err := s.b.Get(r.Context(), ref)
+		wl, err := s.be(r).Get(r.Context(), ref)
 		if err != nil {
 			return 0, false
 		}
 		return wl.ModifyIndex, true
 	})
-	wl, err := s.b.Get(r.Context(), ref)
+	wl, err := s.be(r).Get(r.Context(), ref)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -238,7 +238,7 @@ func (s *Server) deleteWorkload(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	if err := s.b.Delete(r.Context(), chi.URLParam(r, "ref"), force); err != nil {
+	if err := s.be(r).Delete(r.Context(), chi.URLParam(r, "ref"), force); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -270,7 +270,7 @@ func (s *Server) stopWorkload(w http.ResponseWriter, r *http.Request) {
 		}
 		timeout = d
 	}
-	wl, err := s.b.Stop(r.Context(), chi.URLParam(r, "ref"), timeout)
+	wl, err := s.be(r).Stop(r.Context(), chi.URLParam(r, "ref"), timeout)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -279,7 +279,7 @@ func (s *Server) stopWorkload(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) workloadStats(w http.ResponseWriter, r *http.Request) {
-	st, err := s.b.Stats(r.Context(), chi.URLParam(r, "ref"))
+	st, err := s.be(r).Stats(r.Context(), chi.URLParam(r, "ref"))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -318,7 +318,7 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ref := chi.URLParam(r, "ref")
-	if _, err := s.b.Get(r.Context(), ref); err != nil {
+	if _, err := s.be(r).Get(r.Context(), ref); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -331,7 +331,7 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	enc := json.NewEncoder(w)
-	err := s.b.Logs(r.Context(), ref, opts, func(stream string, line []byte) error {
+	err := s.be(r).Logs(r.Context(), ref, opts, func(stream string, line []byte) error {
 		var err error
 		if ndjson {
 			err = enc.Encode(api.LogLine{Stream: stream, Line: string(line)})
@@ -366,7 +366,7 @@ func (s *Server) importImage(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	body := http.MaxBytesReader(w, r.Body, s.opts.MaxImageBytes)
-	imgs, err := s.b.ImportImage(r.Context(), body, r.URL.Query().Get("ref"))
+	imgs, err := s.be(r).ImportImage(r.Context(), body, r.URL.Query().Get("ref"))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -389,7 +389,7 @@ func (s *Server) pullImage(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", api.FieldError{Field: "ref", Detail: "required: the image reference to pull"}))
 		return
 	}
-	img, err := s.b.PullImage(r.Context(), req.Ref)
+	img, err := s.be(r).PullImage(r.Context(), req.Ref)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -403,7 +403,7 @@ func (s *Server) removeImage(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad query parameter", api.FieldError{Field: "ref", Detail: "required: the image reference to remove"}))
 		return
 	}
-	if err := s.b.RemoveImage(ref); err != nil {
+	if err := s.be(r).RemoveImage(ref); err != nil {
 		s.fail(w, r, err)
 		return
 	}

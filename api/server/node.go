@@ -60,6 +60,10 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		}
 		last = n
 	}
+	if err := s.checkEventScope(r.Context(), requestState(r), f.WorkloadID); err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	rc := http.NewResponseController(w)
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -79,7 +83,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		<-done
 	}()
 	go func() {
-		done <- s.b.Events(ctx, last, f, func() {
+		done <- s.be(r).Events(ctx, last, f, func() {
 			select {
 			case writes <- func() error {
 				_, err := fmt.Fprint(w, ": some events were dropped before this point; resynchronize from GET /v1/workloads\n\n")

@@ -15,7 +15,7 @@ func (s *Server) explainPlacement(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	d, err := s.b.Place(r.Context(), spec)
+	d, err := s.be(r).Place(r.Context(), spec)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -59,6 +59,28 @@ type Options struct {
 	MaxImageBytes int64
 	// MaxWait caps a blocking query's wait (default 5 minutes).
 	MaxWait time.Duration
+
+	// Auth, when set, requires every request but /healthz and /readyz to
+	// carry a credential it knows (auth.go); nil lets everyone do
+	// everything, for an agent reachable only on loopback or its socket.
+	Auth Authenticator
+	// TrustUnixRoot makes a root peer on the unix socket an admin
+	// without a token.
+	TrustUnixRoot bool
+	// Audit, when set, gets one record per mutating request and per
+	// refused one.
+	Audit *slog.Logger
+	// RequestTimeout is the http.Server's read and write timeout, which
+	// applies to every request but blocking queries, streams and long
+	// operations (default 1 minute); the server only uses it to size
+	// those longer deadlines.
+	RequestTimeout time.Duration
+	// StreamIdle bounds each write of a stream (logs, events): a client
+	// that stops reading for this long is cut off (default 1 minute).
+	StreamIdle time.Duration
+	// LongTimeout bounds a stop, a delete, an image upload or pull
+	// (default 65 minutes: the longest stop grace period and then some).
+	LongTimeout time.Duration
 }
 
 // Server is the HTTP API.
@@ -83,9 +105,18 @@ func New(b Backend, opts Options) *Server {
 	if opts.MaxWait == 0 {
 		opts.MaxWait = 5 * time.Minute
 	}
+	if opts.RequestTimeout == 0 {
+		opts.RequestTimeout = time.Minute
+	}
+	if opts.StreamIdle == 0 {
+		opts.StreamIdle = time.Minute
+	}
+	if opts.LongTimeout == 0 {
+		opts.LongTimeout = maxStopTimeout + 5*time.Minute
+	}
 	s := &Server{b: b, opts: opts, log: opts.Logger}
 	r := chi.NewRouter()
-	r.Use(s.recoverer, s.accessLog)
+	r.Use(s.recoverer, s.accessLog, s.guard)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, &api.Problem{Status: http.StatusNotFound, Reason: api.ReasonRouteNotFound, Title: "No such endpoint", Detail: r.Method + " " + r.URL.Path + " is not part of the berth API"})
 	})

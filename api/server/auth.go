@@ -1,0 +1,207 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/go-chi/chi/v5/middleware"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/internal/auth"
+)
+
+// Authenticator maps credentials to identities (auth.Store is one).
+type Authenticator interface {
+	Lookup(token string) (*auth.Identity, bool)
+	LookupCert(cert *x509.Certificate) (*auth.Identity, bool)
+}
+
+type ctxKey int
+
+const (
+	peerKey ctxKey = iota
+	requestKey
+)
+
+// peer is what the connection says about the client before any request.
+type peer struct {
+	unix bool
+	uid  int // -1 when unknown
+}
+
+// ConnContext records, for http.Server.ConnContext, who is at the other
+// end of a unix socket (SO_PEERCRED), so a root peer can be trusted the
+// way its access to the data directory already is.
+func ConnContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	p := &peer{unix: true, uid: -1}
+	if raw, err := uc.SyscallConn(); err == nil {
+		_ = raw.Control(func(fd uintptr) {
+			if cred, err := syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED); err == nil {
+				p.uid = int(cred.Uid)
+			}
+		})
+	}
+	return context.WithValue(ctx, peerKey, p)
+}
+
+// request is the per-request state the guard shares with the handlers
+// (through the scoped backend) and the audit record.
+type request struct {
+	id      *auth.Identity
+	route   string
+	backend Backend
+	// Filled in by the scoped backend, for the audit log.
+	workload  string
+	tenant    string
+	placement *api.Placement
+	image     string
+}
+
+func requestState(r *http.Request) *request {
+	st, _ := r.Context().Value(requestKey).(*request)
+	return st
+}
+
+// be is the backend a handler uses: the agent as the caller may see it.
+func (s *Server) be(r *http.Request) Backend {
+	if st := requestState(r); st != nil && st.backend != nil {
+		return st.backend
+	}
+	return s.b
+}
+
+// identify returns the caller's identity, or nil when it gave no valid
+// credential. A bearer token, when present, decides alone: a wrong token
+// is a failure even on a connection that would be trusted without one.
+func (s *Server) identify(r *http.Request) *auth.Identity {
+	if s.opts.Auth == nil {
+		return auth.Anonymous
+	}
+	if h := r.Header.Get("Authorization"); h != "" {
+		scheme, token, ok := strings.Cut(h, " ")
+		if !ok || !strings.EqualFold(scheme, "Bearer") {
+			return nil
+		}
+		id, ok := s.opts.Auth.Lookup(strings.TrimSpace(token))
+		if !ok {
+			return nil
+		}
+		return id
+	}
+	if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+		if id, ok := s.opts.Auth.LookupCert(r.TLS.VerifiedChains[0][0]); ok {
+			return id
+		}
+	}
+	if p, ok := r.Context().Value(peerKey).(*peer); ok && p.unix && p.uid == 0 && s.opts.TrustUnixRoot {
+		return auth.UnixRoot
+	}
+	return nil
+}
+
+// guard authenticates and authorizes every request, sets its deadlines,
+// scopes what it may see, and writes the audit record.
+func (s *Server) guard(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		path := r.URL.RawPath // as chi routes
+		if path == "" {
+			path = r.URL.Path
+		}
+		pattern := s.mux.Find(chi.NewRouteContext(), r.Method, path)
+		if len(pattern) > 1 {
+			pattern = strings.TrimSuffix(pattern, "/")
+		}
+		info := routeInfo{action: auth.ActUnknown}
+		if known, ok := routeTable[r.Method+" "+pattern]; ok {
+			info = known
+		}
+		id := s.identify(r)
+		st := &request{id: id, route: pattern}
+		if pattern == "" {
+			// No such route: a caller with a valid identity learns that
+			// (404 or 405); anyone else learns nothing.
+			info = routeInfo{action: auth.ActPublic}
+			if id == nil {
+				info.action = auth.ActUnknown
+			}
+			st.route = "(none)"
+		}
+		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
+		defer func() {
+			if info.mutating || ww.Status() == http.StatusUnauthorized || ww.Status() == http.StatusForbidden {
+				s.auditLog(r, st, ww.Status(), time.Since(start))
+			}
+		}()
+		if !auth.Authorize(id, info.action) {
+			if id == nil {
+				ww.Header().Set("WWW-Authenticate", `Bearer realm="berth"`)
+				writeProblem(ww, r, s.log, &api.Problem{Status: http.StatusUnauthorized, Reason: api.ReasonUnauthenticated, Title: "Authentication required",
+					Detail: "send a valid token as Authorization: Bearer TOKEN (berth --token or BERTH_TOKEN), or a client certificate the agent maps to a role"})
+				return
+			}
+			writeProblem(ww, r, s.log, &api.Problem{Status: http.StatusForbidden, Reason: api.ReasonPermissionDenied, Title: "Permission denied",
+				Detail: "role " + string(id.Role) + " may not " + string(info.action) + " (" + r.Method + " " + r.URL.Path + ")"})
+			return
+		}
+		if id != nil {
+			st.backend = &scoped{Backend: s.b, id: id, st: st}
+		}
+		out := s.setDeadlines(ww, r, info.class)
+		next.ServeHTTP(out, r.WithContext(context.WithValue(r.Context(), requestKey, st)))
+	})
+}
+
+// auditLog writes one record of a mutating request or an auth failure. It
+// names the identity by its tokens-file entry, never by its credential.
+func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Duration) {
+	if s.opts.Audit == nil {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Bool("audit", true),
+		slog.String("method", r.Method),
+		slog.String("route", st.route),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", status),
+		slog.String("remote", r.RemoteAddr),
+		slog.Duration("duration", took),
+	}
+	if st.id != nil {
+		attrs = append(attrs, slog.String("identity", st.id.Name), slog.String("via", string(st.id.Via)), slog.String("role", string(st.id.Role)))
+		if len(st.id.Tenants) > 0 {
+			attrs = append(attrs, slog.String("identity_tenants", strings.Join(st.id.Tenants, ",")))
+		}
+	} else {
+		attrs = append(attrs, slog.String("identity", ""), slog.String("via", "none"))
+	}
+	if st.tenant != "" {
+		attrs = append(attrs, slog.String("tenant", st.tenant))
+	}
+	if st.workload != "" {
+		attrs = append(attrs, slog.String("workload", st.workload))
+	}
+	if st.image != "" {
+		attrs = append(attrs, slog.String("image", st.image))
+	}
+	if p := st.placement; p != nil {
+		attrs = append(attrs, slog.String("isolation", string(p.Isolation)), slog.Bool("denied", p.Denied),
+			slog.String("deciding_rule", p.DecidingRule), slog.String("policy_version", p.PolicyVersion))
+	}
+	msg := "api request"
+	if status == http.StatusUnauthorized || status == http.StatusForbidden {
+		msg = "api request refused"
+	}
+	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, msg, attrs...)
+}

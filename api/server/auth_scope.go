@@ -1,0 +1,195 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"time"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/auth"
+)
+
+// scoped is the agent as one caller may see it. A submitter sees only its
+// tenants' workloads: another tenant's is "not found" with the very error
+// a missing one gets, on every route. Every identity's requests record the
+// workload, tenant and placement they touched, for the audit log.
+type scoped struct {
+	Backend
+	id *auth.Identity
+	st *request
+}
+
+var _ Backend = (*scoped)(nil)
+
+func notFound(ref string) error { return fmt.Errorf("workload %q: %w", ref, errdefs.ErrNotFound) }
+
+func tenantOf(w *api.Workload) string { return w.Spec.Labels[auth.TenantLabel] }
+
+// withTenant gives spec the tenant label the caller may set.
+func (b *scoped) withTenant(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
+	tenant, err := auth.SubmitTenant(b.id, spec.Labels[auth.TenantLabel])
+	switch {
+	case errors.Is(err, auth.ErrTenantNotAllowed):
+		return spec, fmt.Errorf("%w: %v", errdefs.ErrPermissionDenied, err)
+	case errors.Is(err, auth.ErrTenantRequired):
+		return spec, errdefs.Invalid(`labels["tenant"]`, "%v", err)
+	case err != nil:
+		return spec, err
+	}
+	if tenant != "" && spec.Labels[auth.TenantLabel] != tenant {
+		labels := maps.Clone(spec.Labels)
+		if labels == nil {
+			labels = map[string]string{}
+		}
+		labels[auth.TenantLabel] = tenant
+		spec.Labels = labels
+	}
+	return spec, nil
+}
+
+func (b *scoped) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, bool, error) {
+	spec, err := b.withTenant(spec)
+	b.st.tenant = spec.Labels[auth.TenantLabel]
+	if err != nil {
+		return nil, false, err
+	}
+	w, created, err := b.Backend.Submit(ctx, spec)
+	if w != nil {
+		b.st.workload, b.st.placement = w.ID, w.Placement
+	}
+	return w, created, err
+}
+
+func (b *scoped) Place(ctx context.Context, spec api.WorkloadSpec) (*api.PlacementDecision, error) {
+	spec, err := b.withTenant(spec)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.Place(ctx, spec)
+}
+
+// Get resolves ref to a workload the caller may see.
+func (b *scoped) Get(ctx context.Context, ref string) (*api.Workload, error) {
+	w, err := b.Backend.Get(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if !b.id.CanSee(tenantOf(w)) {
+		return nil, notFound(ref)
+	}
+	return w, nil
+}
+
+// resolve is Get for a mutation: it records what is touched, and the
+// mutation then names the workload by its id, which is never reused, so a
+// name that changes hands in between cannot redirect it.
+func (b *scoped) resolve(ctx context.Context, ref string) (string, error) {
+	w, err := b.Get(ctx, ref)
+	if err != nil {
+		return "", err
+	}
+	b.st.workload, b.st.tenant = w.ID, tenantOf(w)
+	return w.ID, nil
+}
+
+func (b *scoped) List(ctx context.Context, f api.ListFilter) []api.Workload {
+	all := b.Backend.List(ctx, f)
+	if !b.id.Scoped() {
+		return all
+	}
+	seen := make([]api.Workload, 0, len(all))
+	for _, w := range all {
+		if b.id.CanSee(tenantOf(&w)) {
+			seen = append(seen, w)
+		}
+	}
+	return seen
+}
+
+func (b *scoped) Stop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.Stop(ctx, id, timeout)
+}
+
+func (b *scoped) Delete(ctx context.Context, ref string, force bool) error {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return err
+	}
+	return b.Backend.Delete(ctx, id, force)
+}
+
+func (b *scoped) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {
+	w, err := b.Get(ctx, ref)
+	if err != nil {
+		return err
+	}
+	return b.Backend.Logs(ctx, w.ID, opts, emit)
+}
+
+func (b *scoped) Stats(ctx context.Context, ref string) (*api.Stats, error) {
+	w, err := b.Get(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.Stats(ctx, w.ID)
+}
+
+// Events gives a submitter the events of its tenants' workloads only: no
+// node events, nothing of other tenants. A workload is judged when its
+// first event comes by and remembered for the stream, so its deletion
+// still reaches the submitter that saw it.
+func (b *scoped) Events(ctx context.Context, lastID uint64, f api.EventFilter, lost func(), emit func(api.Event) error) error {
+	if !b.id.Scoped() {
+		return b.Backend.Events(ctx, lastID, f, lost, emit)
+	}
+	visible := map[string]bool{}
+	return b.Backend.Events(ctx, lastID, f, lost, func(e api.Event) error {
+		if e.WorkloadID == "" {
+			return nil
+		}
+		ok, known := visible[e.WorkloadID]
+		if !known {
+			_, err := b.Get(ctx, e.WorkloadID)
+			ok = err == nil
+			visible[e.WorkloadID] = ok
+		}
+		if !ok {
+			return nil
+		}
+		return emit(e)
+	})
+}
+
+func (b *scoped) ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error) {
+	b.st.image = ref
+	return b.Backend.ImportImage(ctx, r, ref)
+}
+
+func (b *scoped) PullImage(ctx context.Context, ref string) (*api.Image, error) {
+	b.st.image = ref
+	return b.Backend.PullImage(ctx, ref)
+}
+
+func (b *scoped) RemoveImage(ref string) error {
+	b.st.image = ref
+	return b.Backend.RemoveImage(ref)
+}
+
+// checkEventScope answers, before an event stream starts, whether the
+// caller may follow one workload's events: a submitter asking for another
+// tenant's workload gets the 404 a missing one gets.
+func (s *Server) checkEventScope(ctx context.Context, st *request, workloadID string) error {
+	if workloadID == "" || st == nil || !st.id.Scoped() {
+		return nil
+	}
+	_, err := st.backend.Get(ctx, workloadID)
+	return err
+}
