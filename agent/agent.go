@@ -25,6 +25,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/image"
+	"github.com/berthd/berth/network"
 )
 
 // Images is what the agent needs of the image store.
@@ -68,6 +69,9 @@ type Options struct {
 	// HealthInterval is how often drivers are fingerprinted in the
 	// background; default 10s.
 	HealthInterval time.Duration
+	// Network attaches workloads to the node network; nil means every
+	// workload gets loopback only (bridge requests are refused).
+	Network *network.Manager
 	// NodeLabels describe the node to policy rules (node.labels in CEL),
 	// e.g. zone=eu-1, certified=pci.
 	NodeLabels map[string]string
@@ -123,6 +127,12 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	}
 	if opts.RestartBackoff == 0 {
 		opts.RestartBackoff = time.Second
+	}
+	if opts.Defaults.Network == "" {
+		opts.Defaults.Network = api.NetworkNone
+		if opts.Network != nil {
+			opts.Defaults.Network = api.NetworkBridge
+		}
 	}
 	pol, err := loadPolicy(opts.PolicyFile, opts.Logger)
 	if err != nil {
@@ -377,7 +387,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		Placement:   placement,
 		ImageDigest: img.Digest,
 		CreatedAt:   now,
+		Network:     &api.NetworkStatus{Mode: placement.Network},
 	}}
+	if r.Workload.Network.Mode == "" {
+		r.Workload.Network.Mode = spec.Network
+	}
 	if err := a.admitLocked(&r.Workload); err != nil {
 		return nil, false, err
 	}

@@ -110,6 +110,10 @@ func (a *Agent) start(id string) bool {
 	if err == nil {
 		var cfg *driver.TaskConfig
 		cfg, err = a.taskConfig(a.ctx, &r.Workload)
+		var netStatus *api.NetworkStatus
+		if err == nil {
+			cfg.Network, netStatus, err = a.attachNetwork(a.ctx, &r.Workload)
+		}
 		if err == nil {
 			var h *driver.Handle
 			h, err = d.Start(a.ctx, cfg)
@@ -120,6 +124,7 @@ func (a *Agent) start(id string) bool {
 					r.Workload.State = api.StateRunning
 					r.Workload.StartedAt = &now
 					r.Workload.Error = ""
+					r.Workload.Network = netStatus
 					return nil
 				})
 				if cerr != nil {
@@ -133,6 +138,9 @@ func (a *Agent) start(id string) bool {
 			if derr := d.Destroy(context.WithoutCancel(a.ctx), id); derr != nil {
 				a.log.Warn("clean up failed start", "workload_id", id, "err", derr)
 			}
+		}
+		if derr := a.detachNetwork(context.WithoutCancel(a.ctx), id); derr != nil {
+			a.log.Warn("release the network of a failed start", "workload_id", id, "err", derr)
 		}
 	}
 	if a.ctx.Err() != nil {
@@ -187,6 +195,10 @@ func (a *Agent) finish(id string, res *driver.ExitResult, runErr error) bool {
 		w := &r.Workload
 		now := time.Now().UTC()
 		w.FinishedAt = &now
+		if w.Network != nil {
+			// The address goes back to the pool with the run.
+			w.Network = &api.NetworkStatus{Mode: w.Network.Mode}
+		}
 		w.OOMKilled = false
 		if runErr != nil {
 			w.State, w.Error, w.ExitCode = api.StateFailed, runErr.Error(), nil
@@ -221,6 +233,11 @@ func (a *Agent) finish(id string, res *driver.ExitResult, runErr error) bool {
 	if err != nil {
 		a.log.Error("record workload end", "workload_id", id, "err", err)
 		return false
+	}
+	// The run is over: its address and ports go back to the node (a
+	// restart gets them afresh).
+	if err := a.detachNetwork(context.WithoutCancel(a.ctx), id); err != nil {
+		a.log.Warn("release the network of an ended run", "workload_id", id, "err", err)
 	}
 	w := r.Workload
 	if restart {
@@ -400,6 +417,9 @@ func (a *Agent) finishDelete(ctx context.Context, id string) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+	}
+	if err := a.detachNetwork(ctx, id); err != nil {
+		return fmt.Errorf("delete workload %s: release its network: %w", id, err)
 	}
 	if err := os.RemoveAll(a.logDir(id)); err != nil {
 		return fmt.Errorf("delete logs of %s: %w", id, err)

@@ -105,7 +105,7 @@ func (a *Agent) admitLocked(w *api.Workload) error {
 		return fmt.Errorf("not enough room: the node runs at most %d workloads and has %d: %w",
 			alloc.Workloads, used.Workloads, errdefs.ErrResourceExhausted)
 	}
-	return nil
+	return a.checkPortsLocked(w)
 }
 
 // loadNodeID returns the node's identity, made once and kept in the state

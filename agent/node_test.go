@@ -288,19 +288,14 @@ func TestRestartBackoffGrows(t *testing.T) {
 	if len(starts) != 5 {
 		t.Fatalf("%d starts", len(starts))
 	}
-	// Delays are base*2^n plus up to 10% jitter: each gap must
-	// be at least 1.5x the one before, and the first at least ~75ms.
-	var gaps []time.Duration
+	// Each delay is at least base*2^n (plus up to 10% jitter, plus the
+	// time a start takes on a loaded machine, which only adds): the lower
+	// bounds alone prove the growth, and cannot flake.
 	for i := 1; i < len(starts); i++ {
-		gaps = append(gaps, starts[i].Sub(starts[i-1]))
-	}
-	if gaps[0] < 75*time.Millisecond {
-		t.Errorf("first restart after %v, want about 100ms", gaps[0])
-	}
-	for i := 1; i < len(gaps); i++ {
-		if gaps[i] < gaps[i-1]*3/2 {
-			t.Errorf("restart gaps %v do not grow exponentially", gaps)
-			break
+		gap := starts[i].Sub(starts[i-1])
+		floor := 100 * time.Millisecond << (i - 1)
+		if gap < floor {
+			t.Errorf("restart %d came %v after the previous start; the backoff is at least %v", i, gap, floor)
 		}
 	}
 }

@@ -122,6 +122,8 @@ func placementWorkload(spec api.WorkloadSpec) placement.Workload {
 			MemoryMB: spec.Resources.MemoryMB,
 			Pids:     spec.Resources.Pids,
 		},
+		Network: spec.Network,
+		Ports:   len(spec.Ports),
 	}
 }
 
@@ -132,6 +134,7 @@ func toPlacement(d placement.Decision) *api.Placement {
 		DecidingRule:  d.DecidingRule,
 		PolicyVersion: d.PolicyVersion,
 		Explanation:   d.Explanation,
+		Network:       d.Network,
 	}
 	for _, m := range d.Matched {
 		p.Matched = append(p.Matched, api.RuleMatch{Rule: m.Rule, Outcome: string(m.Outcome), Reason: m.Reason})

@@ -98,6 +98,7 @@ func (a *Agent) Reconcile(ctx context.Context) ReconcileReport {
 				Attrs:   map[string]string{"action": "marked_failed", "driver": string(iso)}})
 		}
 	}
+	a.reconcileNetwork(ctx, &rep)
 	return rep
 }
 

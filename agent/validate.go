@@ -43,6 +43,9 @@ type Defaults struct {
 	CPU      float64
 	MemoryMB int64
 	Pids     int64
+	// Network is the mode of a spec that names none: bridge where the node
+	// has a network, none where it has not.
+	Network string
 }
 
 // normalize validates spec and returns it with defaults applied and the
@@ -152,6 +155,7 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	if spec.Restart.Policy == api.RestartNever && spec.Restart.MaxRetries != 0 {
 		v.Add("restart.max_retries", "is meaningless with restart policy never")
 	}
+	validateNetwork(&spec, def.Network, v)
 	if err := v.Err(); err != nil {
 		return api.WorkloadSpec{}, err
 	}
@@ -178,3 +182,54 @@ func totalLen(list []string) int {
 }
 
 func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
+
+// maxPorts bounds the ports one workload publishes.
+const maxPorts = 64
+
+// validateNetwork checks the network mode and published ports.
+func validateNetwork(spec *api.WorkloadSpec, def string, v *errdefs.ValidationError) {
+	if spec.Network == "" {
+		spec.Network = def
+		if def == "" {
+			spec.Network = api.NetworkBridge
+		}
+	}
+	switch spec.Network {
+	case api.NetworkBridge, api.NetworkNone:
+	case api.NetworkHost:
+		if spec.Isolation == api.IsolationVM {
+			v.Add("network", "host is for containers only; a vm has its own network stack")
+		}
+	default:
+		v.Add("network", "%q is not one of bridge, none, host", spec.Network)
+	}
+	if len(spec.Ports) > 0 && spec.Network != api.NetworkBridge {
+		v.Add("ports", "ports are published from the bridge network; network %s has none to publish", spec.Network)
+	}
+	if len(spec.Ports) > maxPorts {
+		v.Add("ports", "%d ports; at most %d", len(spec.Ports), maxPorts)
+		return
+	}
+	seen := map[string]int{}
+	for i := range spec.Ports {
+		p := &spec.Ports[i]
+		field := "ports[" + strconv.Itoa(i) + "]"
+		if p.Protocol == "" {
+			p.Protocol = "tcp"
+		}
+		if p.Protocol != "tcp" && p.Protocol != "udp" {
+			v.Add(field+".protocol", "%q is not tcp or udp", p.Protocol)
+		}
+		if p.HostPort < 1 || p.HostPort > 65535 {
+			v.Add(field+".host_port", "must be between 1 and 65535")
+		}
+		if p.ContainerPort < 1 || p.ContainerPort > 65535 {
+			v.Add(field+".container_port", "must be between 1 and 65535")
+		}
+		key := strconv.Itoa(p.HostPort) + "/" + p.Protocol
+		if j, dup := seen[key]; dup {
+			v.Add(field+".host_port", "host port %s is already published by ports[%d]", key, j)
+		}
+		seen[key] = i
+	}
+}

@@ -61,6 +61,10 @@ type WorkloadSpec struct {
 	Privileged bool        `json:"privileged,omitempty"`
 	Resources  Resources   `json:"resources,omitempty"`
 	Restart    RestartSpec `json:"restart,omitempty"`
+	// Network is bridge (the default), none or host.
+	Network string `json:"network,omitempty"`
+	// Ports publishes workload ports on the node (bridge network only).
+	Ports []PortMapping `json:"ports,omitempty"`
 }
 
 // Resources are the workload's requests, which are also its limits.
@@ -98,6 +102,9 @@ type Workload struct {
 	CreatedAt    time.Time  `json:"created_at"`
 	StartedAt    *time.Time `json:"started_at,omitempty"`
 	FinishedAt   *time.Time `json:"finished_at,omitempty"`
+	// Network is the workload's place on the node network while it runs
+	// (the mode always).
+	Network *NetworkStatus `json:"network,omitempty"`
 	// ModifyIndex increases each time the record changes.
 	ModifyIndex uint64 `json:"modify_index"`
 }
@@ -110,6 +117,9 @@ type Placement struct {
 	Matched       []RuleMatch `json:"matched,omitempty"`
 	PolicyVersion string      `json:"policy_version"`
 	Explanation   string      `json:"explanation"`
+	// Network is the network mode the workload gets: its request, or none
+	// when a rule forces it.
+	Network string `json:"network,omitempty"`
 }
 
 // RuleMatch is one policy rule that matched and why.
@@ -275,4 +285,32 @@ type PolicyError struct {
 	Line    int    `json:"line"`
 	Column  int    `json:"column"`
 	Message string `json:"message"`
+}
+
+// Network modes of a workload.
+const (
+	// NetworkBridge: an interface and address on the node's bridge network
+	// (the default).
+	NetworkBridge = "bridge"
+	// NetworkNone: loopback only.
+	NetworkNone = "none"
+	// NetworkHost: the host's network namespace (containers only, and only
+	// where the isolation policy allows it).
+	NetworkHost = "host"
+)
+
+// PortMapping publishes a workload's port on the node.
+type PortMapping struct {
+	HostPort      int    `json:"host_port"`
+	ContainerPort int    `json:"container_port"`
+	Protocol      string `json:"protocol,omitempty"` // tcp (default) or udp
+}
+
+// NetworkStatus is where a workload is on the node's network.
+type NetworkStatus struct {
+	Mode string `json:"mode"`
+	// Address is the workload's address on the bridge, e.g. 10.88.0.5.
+	Address string        `json:"address,omitempty"`
+	Gateway string        `json:"gateway,omitempty"`
+	Ports   []PortMapping `json:"ports,omitempty"`
 }

@@ -185,6 +185,9 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, err
 	}
 	spec := buildSpec(cfg, uid, gid, hasSwapAccounting("/sys/fs/cgroup/memory"))
+	if err := writeNetworkFiles(dir, cfg, spec); err != nil {
+		return nil, err
+	}
 	if err := fileutil.WriteJSON(filepath.Join(bundle, "config.json"), spec); err != nil {
 		return nil, err
 	}

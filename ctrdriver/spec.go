@@ -3,6 +3,8 @@ package ctrdriver
 import (
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -119,7 +121,52 @@ func buildSpec(cfg *driver.TaskConfig, uid, gid uint32, swapAccounting bool) *sp
 			Seccomp:       defaultSeccomp(),
 		},
 	}
+	if n := cfg.Network; n != nil {
+		for i := range s.Linux.Namespaces {
+			if s.Linux.Namespaces[i].Type != specs.NetworkNamespace {
+				continue
+			}
+			switch n.Mode {
+			case driver.NetworkBridge:
+				// The namespace the agent made and attached to the bridge.
+				s.Linux.Namespaces[i].Path = n.Netns
+			case driver.NetworkHost:
+				s.Linux.Namespaces = append(s.Linux.Namespaces[:i], s.Linux.Namespaces[i+1:]...)
+			}
+			break
+		}
+	}
 	return s
+}
+
+// writeNetworkFiles gives a container with a network its /etc/resolv.conf
+// and /etc/hosts, bind-mounted read-only from the task directory (the image
+// keeps its own files underneath, untouched).
+func writeNetworkFiles(dir string, cfg *driver.TaskConfig, s *specs.Spec) error {
+	n := cfg.Network
+	if n == nil || n.Mode == driver.NetworkNone {
+		return nil
+	}
+	hosts := "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+	resolv := n.ResolvConf
+	if n.Mode == driver.NetworkHost {
+		host, err := os.ReadFile("/etc/resolv.conf")
+		if err != nil {
+			return fmt.Errorf("read the host's resolv.conf: %w", err)
+		}
+		resolv = host
+	} else if addr, _, ok := strings.Cut(n.Address, "/"); ok {
+		hosts += addr + "\t" + s.Hostname + "\n"
+	}
+	files := map[string][]byte{"resolv.conf": resolv, "hosts": []byte(hosts)}
+	for _, name := range []string{"resolv.conf", "hosts"} {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, files[name], 0o644); err != nil {
+			return err
+		}
+		s.Mounts = append(s.Mounts, specs.Mount{Destination: "/etc/" + name, Type: "bind", Source: path, Options: []string{"rbind", "ro", "nosuid", "nodev", "noexec"}})
+	}
+	return nil
 }
 
 // nofileLimit gives workloads the usual 1024 open files, raisable up to

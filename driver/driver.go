@@ -63,6 +63,34 @@ type TaskConfig struct {
 	// LogDir is where the driver writes StdoutLog and StderrLog. The agent
 	// owns the directory and removes it after Destroy.
 	LogDir string
+	// Network is the task's place on the node network; nil means loopback
+	// only (mode none).
+	Network *Network
+}
+
+// Network modes.
+const (
+	NetworkBridge = "bridge"
+	NetworkNone   = "none"
+	NetworkHost   = "host"
+)
+
+// Network is a task's network, made by the agent before Start.
+type Network struct {
+	// Mode is bridge, none or host (containers only).
+	Mode string
+	// Netns is the network namespace a container joins (bridge mode).
+	Netns string
+	// Bridge is the bridge a VM's NIC joins, with MAC as its address.
+	Bridge string
+	MAC    string
+	// Address is the task's address with prefix length, e.g.
+	// 10.88.0.5/16; Gateway the default route; DNS the name servers.
+	Address string
+	Gateway string
+	DNS     []string
+	// ResolvConf is the resolv.conf the task sees.
+	ResolvConf []byte
 }
 
 // Image is the task's root filesystem source.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -29,9 +30,15 @@ type Config struct {
 	Policy           Policy           `mapstructure:"policy"`
 	WorkloadDefaults WorkloadDefaults `mapstructure:"workload_defaults"`
 	Node             Node             `mapstructure:"node"`
+	Network          Network          `mapstructure:"network"`
 	Container        Container        `mapstructure:"container"`
 	VM               VM               `mapstructure:"vm"`
 	API              API              `mapstructure:"api"`
+	// ListenUnix is the API's unix socket; empty for none.
+	ListenUnix string `mapstructure:"listen_unix"`
+	Auth       Auth   `mapstructure:"auth"`
+	TLS        TLS    `mapstructure:"tls"`
+	Audit      Audit  `mapstructure:"audit"`
 }
 
 type Log struct {
@@ -59,6 +66,15 @@ type Node struct {
 	Labels map[string]string `mapstructure:"labels"`
 }
 
+type Network struct {
+	Enabled    bool     `mapstructure:"enabled"`
+	Name       string   `mapstructure:"name"`
+	Bridge     string   `mapstructure:"bridge"`
+	Subnet     string   `mapstructure:"subnet"`
+	DNS        []string `mapstructure:"dns"`
+	PluginDirs []string `mapstructure:"plugin_dirs"`
+}
+
 type Container struct {
 	Enabled     bool   `mapstructure:"enabled"`
 	Runc        string `mapstructure:"runc"`
@@ -74,15 +90,67 @@ type VM struct {
 
 type API struct {
 	MaxBodyBytes int64 `mapstructure:"max_body_bytes"`
+	// MaxHeaderBytes limits a request's header block.
+	MaxHeaderBytes int `mapstructure:"max_header_bytes"`
+	// ReadHeaderTimeout bounds reading a request's headers.
+	ReadHeaderTimeout time.Duration `mapstructure:"read_header_timeout"`
+	// RequestTimeout bounds reading and answering a request that is not a
+	// blocking query, a stream or a long operation.
+	RequestTimeout time.Duration `mapstructure:"request_timeout"`
+	// IdleTimeout closes a keep-alive connection with no request.
+	IdleTimeout time.Duration `mapstructure:"idle_timeout"`
+	// StreamIdleTimeout bounds each write of a log or event stream.
+	StreamIdleTimeout time.Duration `mapstructure:"stream_idle_timeout"`
+}
+
+// Auth is who may use the API.
+type Auth struct {
+	// TokensFile turns authentication on (internal/auth documents the
+	// format); empty: no authentication, loopback and unix socket only.
+	TokensFile string `mapstructure:"tokens_file"`
+	// TrustUnixRoot makes a root peer on the unix socket an admin.
+	TrustUnixRoot bool `mapstructure:"trust_unix_root"`
+}
+
+// TLS is the TCP listener's transport security.
+type TLS struct {
+	CertFile string `mapstructure:"cert_file"`
+	KeyFile  string `mapstructure:"key_file"`
+	// ClientCAFile enables client certificates signed by these CAs; the
+	// tokens file maps them to roles.
+	ClientCAFile string `mapstructure:"client_ca_file"`
+}
+
+// Audit is where the audit log goes.
+type Audit struct {
+	// File: empty for <data_dir>/audit.log, "-" for stderr.
+	File string `mapstructure:"file"`
+}
+
+// IsLoopback reports whether a listen address can only be reached from
+// this machine: localhost or a loopback IP. An empty host (every
+// interface) and other names are not.
+func IsLoopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // Flags maps command-line flags to config keys, e.g. "listen" -> "listen",
 // "data-dir" -> "data_dir".
 var Flags = map[string]string{
-	"listen":    "listen",
-	"data-dir":  "data_dir",
-	"log-level": "log.level",
-	"policy":    "policy.file",
+	"listen":      "listen",
+	"data-dir":    "data_dir",
+	"log-level":   "log.level",
+	"policy":      "policy.file",
+	"tokens":      "auth.tokens_file",
+	"listen-unix": "listen_unix",
 }
 
 // Load reads the configuration. file may be empty (defaults only); flags
@@ -177,9 +245,10 @@ func (c *Config) Validate() error {
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
 	}
-	if _, port, err := net.SplitHostPort(c.Listen); err != nil || port == "" {
+	if _, port, err := net.SplitHostPort(c.Listen); c.Listen != "" && (err != nil || port == "") {
 		bad("listen", "%q is not HOST:PORT", c.Listen)
 	}
+	c.validateSecurity(bad)
 	if !filepath.IsAbs(c.DataDir) {
 		bad("data_dir", "%q must be an absolute path", c.DataDir)
 	}
@@ -218,6 +287,22 @@ func (c *Config) Validate() error {
 	if c.Node.MaxWorkloads < 0 {
 		bad("node.max_workloads", "must not be negative")
 	}
+	if c.Network.Enabled {
+		if p, err := netip.ParsePrefix(c.Network.Subnet); err != nil || !p.Addr().Is4() || p.Bits() > 30 {
+			bad("network.subnet", "%q is not an IPv4 CIDR of at most /30", c.Network.Subnet)
+		}
+		if c.Network.Bridge == "" || len(c.Network.Bridge) > 15 || strings.ContainsAny(c.Network.Bridge, "/ ") {
+			bad("network.bridge", "%q is not a usable interface name (at most 15 characters)", c.Network.Bridge)
+		}
+		if c.Network.Name == "" {
+			bad("network.name", "must name the CNI network")
+		}
+		for _, d := range c.Network.DNS {
+			if _, err := netip.ParseAddr(d); err != nil {
+				bad("network.dns", "%q is not an IP address", d)
+			}
+		}
+	}
 	if c.Container.Enabled && c.Container.Runc == "" {
 		bad("container.runc", "must name the runc binary")
 	}
@@ -239,4 +324,44 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("container.enabled and vm.enabled are both false: the agent could run nothing"))
 	}
 	return errors.Join(errs...)
+}
+
+// validateSecurity checks the listeners, auth, TLS and audit keys: no
+// listener anyone else can reach without TLS and tokens.
+func (c *Config) validateSecurity(bad func(key, format string, args ...any)) {
+	if c.Listen == "" && c.ListenUnix == "" {
+		bad("listen", "listen and listen_unix are both empty: the API would be unreachable")
+	}
+	if c.ListenUnix != "" && !filepath.IsAbs(c.ListenUnix) {
+		bad("listen_unix", "%q must be an absolute path", c.ListenUnix)
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		bad("tls.cert_file", "tls.cert_file and tls.key_file go together")
+	}
+	if c.TLS.ClientCAFile != "" && c.TLS.CertFile == "" {
+		bad("tls.client_ca_file", "client certificates need TLS: set tls.cert_file and tls.key_file")
+	}
+	if c.TLS.ClientCAFile != "" && c.Auth.TokensFile == "" {
+		bad("tls.client_ca_file", "client certificates are mapped to roles by the tokens file: set auth.tokens_file")
+	}
+	if c.Listen != "" && !IsLoopback(c.Listen) {
+		if c.TLS.CertFile == "" {
+			bad("listen", "%q is reachable from other machines: berth refuses it without TLS (tls.cert_file, tls.key_file)", c.Listen)
+		}
+		if c.Auth.TokensFile == "" {
+			bad("listen", "%q is reachable from other machines: berth refuses it without authentication (auth.tokens_file)", c.Listen)
+		}
+	}
+	a := c.API
+	if a.MaxHeaderBytes < 4<<10 || a.MaxHeaderBytes > 1<<20 {
+		bad("api.max_header_bytes", "%d must be between 4096 and 1048576", a.MaxHeaderBytes)
+	}
+	for key, d := range map[string]time.Duration{
+		"api.read_header_timeout": a.ReadHeaderTimeout, "api.request_timeout": a.RequestTimeout,
+		"api.idle_timeout": a.IdleTimeout, "api.stream_idle_timeout": a.StreamIdleTimeout,
+	} {
+		if d < 100*time.Millisecond || d > time.Hour {
+			bad(key, "%v must be between 100ms and 1h", d)
+		}
+	}
 }

@@ -118,7 +118,7 @@ func TestChaosSIGKILL(t *testing.T) {
 	dataDir := t.TempDir()
 	addr := freeAddr(t)
 	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
-	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 1s\n  cpu: 0.01\n  memory_mb: 16\n", addr, dataDir)
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nnetwork:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 1s\n  cpu: 0.01\n  memory_mb: 16\n", addr, dataDir)
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/config"
+	"github.com/berthd/berth/network"
 	"github.com/berthd/berth/vmdriver"
 )
 
@@ -83,7 +84,22 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		}
 	}
 	d.drivers = drivers
+	var netw *network.Manager
+	if cfg.Network.Enabled {
+		dns := cfg.Network.DNS
+		if len(dns) == 0 {
+			dns = nil // the host's
+		}
+		netw, err = network.New(network.Config{
+			Name: cfg.Network.Name, Bridge: cfg.Network.Bridge, Subnet: cfg.Network.Subnet,
+			DNS: dns, PluginDirs: cfg.Network.PluginDirs, DataDir: filepath.Join(cfg.DataDir, "network"),
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	ag, err = agent.New(ctx, agent.Options{
+		Network: netw,
 		DataDir: cfg.DataDir,
 		Drivers: drivers,
 		Images:  imgs,

@@ -96,6 +96,9 @@ func testConfig(t *testing.T, dataDir, listen string) *config.Config {
 	cfg.DataDir = dataDir
 	cfg.Listen = listen
 	cfg.VM.Enabled = false
+	// Tests that use the network make their own bridge and subnet, so
+	// agents of concurrent tests never share an address pool.
+	cfg.Network.Enabled = false
 	cfg.WorkloadDefaults.StopTimeout = 2 * time.Second
 	// 20 workloads at once on a 2-core machine: request little CPU.
 	cfg.WorkloadDefaults.CPU = 0.05
@@ -482,7 +485,7 @@ func TestAgentSIGKILLKeepsWorkloads(t *testing.T) {
 	dataDir := t.TempDir()
 	addr := freeAddr(t)
 	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
-	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir)
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nnetwork:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir)
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

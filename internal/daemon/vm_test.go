@@ -154,7 +154,7 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 	dataDir := vmDataDir(t)
 	addr := freeAddr(t)
 	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
-	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  accel: tcg\n  init_path: %s\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir, berthInit(t))
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nnetwork:\n  enabled: false\nvm:\n  accel: tcg\n  init_path: %s\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir, berthInit(t))
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
