@@ -374,7 +374,9 @@ func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) err
 	// created but not started: a signal now would kill runc's init and
 	// fail the start instead of stopping a workload. Let the start finish
 	// (it is quick) so the workload sees its SIGTERM like any other.
-	d.awaitStarted(ctx, t, timeout)
+	// The grace period is for the workload, not for runc: a start on a busy
+	// node may take longer than it.
+	d.awaitStarted(ctx, t, max(timeout, 30*time.Second))
 	if d.signal(ctx, t, "TERM") {
 		return nil
 	}
