@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -33,13 +34,36 @@ type Client struct {
 	http *http.Client
 }
 
-// New returns a client for addr: "HOST:PORT", "http://HOST:PORT" or
-// "unix:///path/to/berth.sock".
-func New(addr string) (*Client, error) {
+// Option configures a client.
+type Option func(*options)
+
+type options struct {
+	token string
+	tls   *tls.Config
+}
+
+// WithToken sends token as the bearer credential of every request.
+func WithToken(token string) Option { return func(o *options) { o.token = token } }
+
+// WithTLS talks TLS with cfg (its RootCAs for an agent with a private CA,
+// its Certificates for a client certificate). A HOST:PORT address then
+// means https://HOST:PORT.
+func WithTLS(cfg *tls.Config) Option { return func(o *options) { o.tls = cfg } }
+
+// New returns a client for addr: "HOST:PORT", "http://HOST:PORT",
+// "https://HOST:PORT" or "unix:///path/to/berth.sock".
+func New(addr string, opts ...Option) (*Client, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if addr == "" {
 		addr = DefaultAddr
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if o.tls != nil {
+		tr.TLSClientConfig = o.tls.Clone()
+	}
 	base := &url.URL{Scheme: "http"}
 	switch {
 	case strings.HasPrefix(addr, "unix://"):
@@ -63,8 +87,32 @@ func New(addr string) (*Client, error) {
 			return nil, fmt.Errorf("berth address %q: want HOST:PORT, http://HOST:PORT or unix:///PATH", addr)
 		}
 		base.Host = addr
+		if o.tls != nil {
+			base.Scheme = "https"
+		}
 	}
-	return &Client{base: base, http: &http.Client{Transport: tr}}, nil
+	var rt http.RoundTripper = tr
+	if o.token != "" {
+		rt = &bearer{token: o.token, host: base.Host, next: tr}
+	}
+	return &Client{base: base, http: &http.Client{Transport: rt}}, nil
+}
+
+// bearer adds the token to every request to the agent, streams and
+// blocking queries included, and to nothing else.
+type bearer struct {
+	token string
+	host  string
+	next  http.RoundTripper
+}
+
+func (b *bearer) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Host != b.host {
+		return b.next.RoundTrip(req)
+	}
+	req = req.Clone(req.Context())
+	req.Header.Set("Authorization", "Bearer "+b.token)
+	return b.next.RoundTrip(req)
 }
 
 func (c *Client) url(path string, q url.Values) string {

@@ -46,6 +46,8 @@ when the agent stops; the next start re-attaches to them.`,
 	f.String("data-dir", "", "state, images, bundles and logs (default /var/lib/berth)")
 	f.String("log-level", "", "debug, info, warn or error (default info)")
 	f.String("policy", "", "isolation policy file (default: the built-in policy)")
+	f.String("tokens", "", "tokens file: turns authentication on (berth token add writes it)")
+	f.String("listen-unix", "", "API unix socket path (default /run/berth/berth.sock)")
 	for name := range config.Flags {
 		if f.Lookup(name) == nil {
 			panic("config flag without a command-line flag: " + name)

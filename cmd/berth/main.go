@@ -71,9 +71,18 @@ func describe(err error) string {
 type globals struct {
 	addr   string
 	output string
+	// token, tlsCA, tlsCert and tlsKey are the credentials and trust for
+	// an agent with auth or TLS on (token.go).
+	token, tlsCA, tlsCert, tlsKey string
 }
 
-func (g *globals) client() (*client.Client, error) { return client.New(g.addr) }
+func (g *globals) client() (*client.Client, error) {
+	opts, err := g.clientOptions()
+	if err != nil {
+		return nil, err
+	}
+	return client.New(g.addr, opts...)
+}
 
 func newRootCmd() *cobra.Command {
 	g := &globals{}
@@ -90,11 +99,13 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.addr, "addr", addr, "agent address: HOST:PORT, http://HOST:PORT or unix:///PATH (env BERTH_ADDR)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	g.addSecurityFlags(root)
 	root.AddCommand(
 		newAgentCmd(),
 		newRunCmd(g), newPsCmd(g), newInspectCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g), newStatsCmd(g),
 		newImageCmd(g), newNodeCmd(g), newEventsCmd(g),
 		newPolicyCmd(g),
+		newTokenCmd(),
 	)
 	return root
 }

@@ -6,6 +6,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,7 @@ import (
 	"github.com/berthd/berth/ctrdriver"
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/image"
+	"github.com/berthd/berth/internal/auth"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/network"
 	"github.com/berthd/berth/vmdriver"
@@ -49,8 +51,13 @@ type Daemon struct {
 	images  *image.Store
 	agent   *agent.Agent
 	api     *server.Server
-	ln      net.Listener
+	ln      net.Listener // TCP (TLS when configured); nil for none
 	http    *http.Server
+
+	unixLn  net.Listener // nil for none
+	tlsConf *tls.Config
+	tokens  *auth.Store // nil when auth is off
+	audit   *os.File
 }
 
 // New opens the data directory, recovers the node's workloads and binds
@@ -125,19 +132,17 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		return nil, err
 	}
 	d.agent = ag
-	d.api = server.New(ag, server.Options{Logger: log, MaxBodyBytes: cfg.API.MaxBodyBytes})
-
-	ln, err := net.Listen("tcp", cfg.Listen)
+	apiOpts, err := d.security()
+	if err == nil {
+		err = d.listen()
+	}
 	if err != nil {
+		d.closeSecurity()
 		ag.Close()
-		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+		return nil, err
 	}
-	d.ln = ln
-	d.http = &http.Server{
-		Handler:           d.api,
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	d.api = server.New(ag, apiOpts)
+	d.http = d.httpServer(d.api)
 	return d, nil
 }
 
@@ -174,8 +179,22 @@ func (d *Daemon) buildDrivers(opts Options) ([]driver.Driver, error) {
 	return ds, nil
 }
 
-// Addr is the address the API listens on.
-func (d *Daemon) Addr() string { return d.ln.Addr().String() }
+// Addr is the address the API listens on: TCP HOST:PORT, or
+// unix:///PATH when there is no TCP listener.
+func (d *Daemon) Addr() string {
+	if d.ln == nil {
+		return d.UnixAddr()
+	}
+	return d.ln.Addr().String()
+}
+
+// UnixAddr is the unix socket as a client address, or "".
+func (d *Daemon) UnixAddr() string {
+	if d.unixLn == nil {
+		return ""
+	}
+	return "unix://" + d.unixLn.Addr().String()
+}
 
 // Agent is the lifecycle manager (for tests).
 func (d *Daemon) Agent() *agent.Agent { return d.agent }
@@ -184,9 +203,13 @@ func (d *Daemon) Agent() *agent.Agent { return d.agent }
 // requests, lets running ones finish for a few seconds and closes the
 // state. Workloads keep running; the next start re-attaches to them.
 func (d *Daemon) Serve(ctx context.Context) error {
-	d.log.Info("berth agent listening", "addr", d.Addr(), "data_dir", d.cfg.DataDir)
-	errc := make(chan error, 1)
-	go func() { errc <- d.http.Serve(d.ln) }()
+	d.log.Info("berth agent listening", "addr", d.Addr(), "unix", d.UnixAddr(), "tls", d.tlsConf != nil, "auth", d.tokens != nil, "data_dir", d.cfg.DataDir)
+	errc := make(chan error, 2)
+	for _, ln := range []net.Listener{d.ln, d.unixLn} {
+		if ln != nil {
+			go func() { errc <- d.http.Serve(ln) }()
+		}
+	}
 	var serveErr error
 	select {
 	case serveErr = <-errc:
@@ -198,6 +221,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		// Followers of logs and blocking queries are cut off.
 		d.http.Close()
 	}
+	d.closeSecurity()
 	if err := d.agent.Close(); err != nil && serveErr == nil {
 		serveErr = err
 	}
