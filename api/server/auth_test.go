@@ -45,7 +45,7 @@ func (b *syncBuffer) String() string {
 }
 
 type authEnv struct {
-	t      *testing.T
+	t      testing.TB
 	srv    *httptest.Server
 	agent  *agent.Agent
 	tokens map[string]string // caller name -> token
@@ -55,7 +55,7 @@ type authEnv struct {
 
 // newAuthEnv serves the real agent over the fake driver with auth on: one
 // token per role, and submitters for tenant a and for tenants a and b.
-func newAuthEnv(t *testing.T) *authEnv {
+func newAuthEnv(t testing.TB) *authEnv {
 	t.Helper()
 	dir := t.TempDir()
 	imgs, err := image.New(filepath.Join(dir, "images"))
