@@ -49,8 +49,12 @@ test: deps build
 test-short:
 	$(GO) test -short -count=1 ./...
 
+# berth against raw runc, QEMU and libvirt, side by side in one run on a
+# scratch agent; writes bench/results/latest.{md,json}. BENCH_QUICK=1 for a
+# short run, BENCH_ACCEL=kvm where KVM guests work (default tcg).
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem ./placement/ ./agent/
+	$(GO) build -o bin/berth-bench ./bench/cmd/berth-bench
+	./bin/berth-bench -berth bin/berth -out bench/results
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

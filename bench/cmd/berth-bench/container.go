@@ -1,0 +1,555 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/api"
+)
+
+// containerSpec is a bench container workload: 1 core (so CFS throttling
+// never slows runc init), 32 MiB.
+func containerSpec(command ...string) api.WorkloadSpec {
+	return api.WorkloadSpec{
+		Image:     benchImage,
+		Command:   command,
+		Isolation: api.IsolationContainer,
+		Resources: api.Resources{CPU: 1, MemoryMB: 32},
+		Labels:    map[string]string{"berth-bench": "1"},
+	}
+}
+
+// idleCommand runs until SIGTERM, which it honours at once (a bare sleep
+// as PID 1 ignores it and would make every stop wait for the grace period).
+var idleCommand = []string{"sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"}
+
+// captured is what the harness learns from a berth container to build
+// the baseline bundle: berth's own runtime spec and the image's unpacked
+// root filesystem.
+type captured struct {
+	spec   *specs.Spec
+	rootfs string
+}
+
+// captureBundle reads the runtime spec berth wrote for workload id and the
+// lower directory of its overlay root (the image's unpacked rootfs).
+func captureBundle(dataDir, id string) (*captured, error) {
+	bundle := filepath.Join(dataDir, "containers", "tasks", id, "bundle")
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read berth's bundle: %w", err)
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, err
+	}
+	lower, err := overlayLower(filepath.Join(bundle, "rootfs"))
+	if err != nil {
+		return nil, err
+	}
+	return &captured{spec: &s, rootfs: lower}, nil
+}
+
+// overlayLower finds the lowerdir of the overlay mounted at target.
+func overlayLower(target string) (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 10 || fields[4] != target {
+			continue
+		}
+		for _, o := range strings.Split(fields[len(fields)-1], ",") {
+			if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+				return strings.Split(v, ":")[0], nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no overlay mounted at %s", target)
+}
+
+// rawRunc runs baseline containers straight through runc, with their own
+// runc state root and cgroup parent.
+type rawRunc struct {
+	root    string // runc --root
+	dir     string // bundles
+	cgroup  string // cgroup parent, e.g. /berthbench-<run>
+	cap     *captured
+	counter atomic.Int64
+}
+
+// bundle writes a bundle for one container: berth's spec with the given
+// args, the image's rootfs read-only (the same files berth's overlay shows),
+// its own cgroup.
+func (r *rawRunc) bundle(args []string) (id, dir string, err error) {
+	n := r.counter.Add(1)
+	id = fmt.Sprintf("bb%d", n)
+	dir = filepath.Join(r.dir, id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	s := *r.cap.spec
+	p := *s.Process
+	p.Args = args
+	s.Process = &p
+	s.Root = &specs.Root{Path: r.cap.rootfs, Readonly: true}
+	s.Hostname = id
+	l := *s.Linux
+	l.CgroupsPath = r.cgroup + "/" + id
+	// berth joins the container to a network namespace it set up through
+	// CNI; the baseline gets a fresh, empty one (runc's default), so the
+	// network set-up is counted in berth's overhead.
+	l.Namespaces = nil
+	for _, ns := range s.Linux.Namespaces {
+		ns.Path = ""
+		l.Namespaces = append(l.Namespaces, ns)
+	}
+	s.Linux = &l
+	s.Hooks = nil
+	b, err := json.Marshal(&s)
+	if err != nil {
+		return "", "", err
+	}
+	return id, dir, os.WriteFile(filepath.Join(dir, "config.json"), b, 0o600)
+}
+
+func (r *rawRunc) cmd(ctx context.Context, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "runc", append([]string{"--root", r.root}, args...)...)
+}
+
+// run times `runc run` of /bin/true: create, start, wait, delete in one.
+func (r *rawRunc) run(ctx context.Context) (time.Duration, error) {
+	id, dir, err := r.bundle([]string{"/bin/true"})
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	cmd := r.cmd(ctx, "run", "--bundle", dir, id)
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	d := time.Since(t0)
+	if err != nil {
+		return 0, fmt.Errorf("runc run: %v: %s", err, out)
+	}
+	return d, nil
+}
+
+// createStartDelete times `runc create` + `runc start` (to running) and
+// then until the container has exited and `runc delete` returned.
+func (r *rawRunc) createStartDelete(ctx context.Context) (running, total time.Duration, err error) {
+	id, dir, err := r.bundle([]string{"/bin/true"})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer os.RemoveAll(dir)
+	pidFile := filepath.Join(dir, "pid")
+	t0 := time.Now()
+	if out, err := r.cmd(ctx, "create", "--bundle", dir, "--pid-file", pidFile, id).CombinedOutput(); err != nil {
+		return 0, 0, fmt.Errorf("runc create: %v: %s", err, out)
+	}
+	var pid int
+	if b, err := os.ReadFile(pidFile); err == nil {
+		fmt.Sscan(string(b), &pid)
+	}
+	pidfd := -1
+	if pid > 0 {
+		pidfd, _ = unix.PidfdOpen(pid, 0)
+	}
+	if out, err := r.cmd(ctx, "start", id).CombinedOutput(); err != nil {
+		if pidfd >= 0 {
+			unix.Close(pidfd)
+		}
+		_ = r.cmd(context.Background(), "delete", "--force", id).Run()
+		return 0, 0, fmt.Errorf("runc start: %v: %s", err, out)
+	}
+	running = time.Since(t0)
+	if pidfd >= 0 {
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			_, perr := unix.Poll(fds, 10000)
+			if !errors.Is(perr, unix.EINTR) {
+				break
+			}
+		}
+		unix.Close(pidfd)
+		// The harness is a child subreaper: the orphaned container
+		// process is ours to reap.
+		var ws unix.WaitStatus
+		_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+	}
+	if out, err := r.cmd(ctx, "delete", id).CombinedOutput(); err != nil {
+		return 0, 0, fmt.Errorf("runc delete: %v: %s", err, out)
+	}
+	return running, time.Since(t0), nil
+}
+
+// cleanup removes whatever baseline containers are left, and their cgroups.
+func (r *rawRunc) cleanup() {
+	out, _ := exec.Command("runc", "--root", r.root, "list", "-q").Output()
+	for _, id := range strings.Fields(string(out)) {
+		_ = exec.Command("runc", "--root", r.root, "delete", "--force", id).Run()
+	}
+	removeCgroups(r.cgroup)
+	os.RemoveAll(r.root)
+	os.RemoveAll(r.dir)
+}
+
+// removeCgroups removes the cgroup parent from every v1 hierarchy (and
+// the unified one), children first.
+func removeCgroups(parent string) {
+	if parent == "" || parent == "/" {
+		return
+	}
+	mounts, _ := filepath.Glob("/sys/fs/cgroup/*")
+	mounts = append(mounts, "/sys/fs/cgroup")
+	for _, m := range mounts {
+		dir := filepath.Join(m, parent)
+		subs, _ := filepath.Glob(filepath.Join(dir, "*"))
+		for _, s := range subs {
+			if fi, err := os.Stat(s); err == nil && fi.IsDir() {
+				_ = unix.Rmdir(s)
+			}
+		}
+		_ = unix.Rmdir(dir)
+	}
+}
+
+// berthTrue submits /bin/true and times submit→running (from the agent's
+// started_at) and submit→exit (as the client sees it), then deletes it.
+func berthTrue(ctx context.Context, a *agentProc) (running, exit time.Duration, err error) {
+	t0 := time.Now()
+	w, err := a.c.Submit(ctx, containerSpec("/bin/true"))
+	if err != nil {
+		return 0, 0, err
+	}
+	fin, err := a.c.WaitExit(ctx, w.ID)
+	exit = time.Since(t0)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer a.c.Delete(context.WithoutCancel(ctx), w.ID, true)
+	if fin.State != api.StateExited || fin.ExitCode == nil || *fin.ExitCode != 0 || fin.StartedAt == nil {
+		return 0, 0, fmt.Errorf("workload %s ended %s (exit %v): %s", w.ID, fin.State, fin.ExitCode, fin.Error)
+	}
+	// Wall clock on both sides: the agent runs on this machine.
+	return fin.StartedAt.Sub(t0.Round(0)), exit, nil
+}
+
+// containerStart is measurement 1: N sequential /bin/true workloads
+// through the API, interleaved with the runc baselines so drift and noise
+// hit all three alike.
+func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *Report) error {
+	var bRun, bExit, rRun, cRun, cTotal []float64
+	// One unmeasured round of each warms page cache and runc.
+	if _, _, err := berthTrue(ctx, a); err != nil {
+		return err
+	}
+	if _, err := rr.run(ctx); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		run, exit, err := berthTrue(ctx, a)
+		if err != nil {
+			return fmt.Errorf("berth /bin/true #%d: %w", i, err)
+		}
+		bRun, bExit = append(bRun, ms(run)), append(bExit, ms(exit))
+		d, err := rr.run(ctx)
+		if err != nil {
+			return err
+		}
+		rRun = append(rRun, ms(d))
+		cr, ct, err := rr.createStartDelete(ctx)
+		if err != nil {
+			return err
+		}
+		cRun, cTotal = append(cRun, ms(cr)), append(cTotal, ms(ct))
+	}
+	sec := "Container start (/bin/true, sequential)"
+	runcRun := summarize(rRun)
+	csRun := summarize(cRun)
+	csTotal := summarize(cTotal)
+	br := summarize(bRun)
+	be := summarize(bExit)
+	rep.add(Result{Section: sec, Name: "baseline: runc run (create+start+wait+delete)", Unit: "ms", Summary: &runcRun})
+	rep.add(Result{Section: sec, Name: "baseline: runc create+start (to running)", Unit: "ms", Summary: &csRun})
+	rep.add(Result{Section: sec, Name: "baseline: runc create+start+wait+delete", Unit: "ms", Summary: &csTotal})
+	rep.add(Result{Section: sec, Name: "berth submit→running", Unit: "ms", Summary: &br,
+		Baseline: "runc run", Ratio: ratio(br.Median, runcRun.Median),
+		Note: fmt.Sprintf("overhead %+.1f ms over runc run, %+.1f ms (×%.2f) over runc create+start",
+			br.Median-runcRun.Median, br.Median-csRun.Median, ratio(br.Median, csRun.Median))})
+	rep.add(Result{Section: sec, Name: "berth submit→exit (client sees exited)", Unit: "ms", Summary: &be,
+		Baseline: "runc run", Ratio: ratio(be.Median, runcRun.Median),
+		Note: fmt.Sprintf("overhead %+.1f ms over runc run, %+.1f ms over runc create+start+wait+delete",
+			be.Median-runcRun.Median, be.Median-csTotal.Median)})
+	over := br.Median - runcRun.Median
+	rep.target(Target{
+		Name: "container submit→running overhead over raw `runc run` (median)", Goal: "< 15 ms",
+		Measured: fmt.Sprintf("%.1f ms (berth %.1f ms − runc run %.1f ms)", over, br.Median, runcRun.Median),
+		Met:      over < 15, By: fmt.Sprintf("%+.1f ms", over-15),
+	})
+	rep.raw["container_start"] = map[string]any{
+		"berth_submit_to_running_ms": bRun, "berth_submit_to_exit_ms": bExit,
+		"runc_run_ms": rRun, "runc_create_start_ms": cRun, "runc_create_start_wait_delete_ms": cTotal,
+	}
+	return nil
+}
+
+// throughput is measurement 2: total workloads of /bin/true submitted by
+// conc workers, each submitting and waiting for the exit; the baseline is
+// the same number of `runc run`s at the same concurrency.
+func throughput(ctx context.Context, a *agentProc, rr *rawRunc, total, conc int, rep *Report) error {
+	_ = resetPeak(a.pid())
+	before, _ := readMem(a.pid())
+	var (
+		next    atomic.Int64
+		failed  atomic.Int64
+		firstMu sync.Mutex
+		first   error
+		ids     = make([]string, total)
+		peakRSS atomic.Int64
+	)
+	// Sample RSS too, in case clear_refs is not available.
+	stopSample := make(chan struct{})
+	var sampleWG sync.WaitGroup
+	sampleWG.Add(1)
+	go func() {
+		defer sampleWG.Done()
+		for {
+			if m, err := readMem(a.pid()); err == nil && m.RSS > peakRSS.Load() {
+				peakRSS.Store(m.RSS)
+			}
+			select {
+			case <-stopSample:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < conc; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= total || ctx.Err() != nil {
+					return
+				}
+				wl, err := a.c.Submit(ctx, containerSpec("/bin/true"))
+				if err == nil {
+					ids[i] = wl.ID
+					var fin *api.Workload
+					fin, err = a.c.WaitExit(ctx, wl.ID)
+					if err == nil && (fin.ExitCode == nil || *fin.ExitCode != 0) {
+						err = fmt.Errorf("workload %s ended %s: %s", fin.ID, fin.State, fin.Error)
+					}
+				}
+				if err != nil {
+					failed.Add(1)
+					firstMu.Lock()
+					if first == nil {
+						first = err
+					}
+					firstMu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(t0)
+	close(stopSample)
+	sampleWG.Wait()
+	after, _ := readMem(a.pid())
+	peak := max(after.HWM, peakRSS.Load())
+
+	// Delete them (not timed), conc at a time.
+	deleteAll(ctx, a, ids, conc)
+	if first != nil && failed.Load() > int64(total/10) {
+		return fmt.Errorf("%d of %d workloads failed; first: %w", failed.Load(), total, first)
+	}
+
+	// Baseline: the same number of runc runs at the same concurrency.
+	next.Store(0)
+	var rerr atomic.Value
+	t1 := time.Now()
+	for w := 0; w < conc; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= total || ctx.Err() != nil {
+					return
+				}
+				if _, err := rr.run(ctx); err != nil {
+					rerr.Store(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	rwall := time.Since(t1)
+	if err, ok := rerr.Load().(error); ok {
+		return fmt.Errorf("baseline runc run: %w", err)
+	}
+	ok := total - int(failed.Load())
+	berthRate := float64(ok) / wall.Seconds()
+	runcRate := float64(total) / rwall.Seconds()
+	sec := fmt.Sprintf("Container throughput (%d × /bin/true, concurrency %d)", total, conc)
+	rep.add(Result{Section: sec, Name: "baseline: runc run", Unit: "completed/s", Value: runcRate,
+		Note: fmt.Sprintf("%d runs in %.1f s", total, rwall.Seconds())})
+	rep.add(Result{Section: sec, Name: "berth submit + wait exit", Unit: "completed/s", Value: berthRate,
+		Baseline: "runc run", Ratio: ratio(berthRate, runcRate),
+		Note: fmt.Sprintf("%d ok, %d failed in %.1f s", ok, failed.Load(), wall.Seconds())})
+	rep.add(Result{Section: sec, Name: "agent peak RSS during the run", Unit: "MiB", Value: float64(peak) / 1024,
+		Note: fmt.Sprintf("RSS %.1f MiB before, %.1f MiB after", float64(before.RSS)/1024, float64(after.RSS)/1024)})
+	if first != nil {
+		rep.errorf("throughput: %d workloads failed; first: %v", failed.Load(), first)
+	}
+	return nil
+}
+
+// deleteAll force-deletes workloads, conc at a time.
+func deleteAll(ctx context.Context, a *agentProc, ids []string, conc int) {
+	ch := make(chan string)
+	var wg sync.WaitGroup
+	for w := 0; w < conc; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range ch {
+				dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 60*time.Second)
+				_ = a.c.Delete(dctx, id, true)
+				cancel()
+			}
+		}()
+	}
+	for _, id := range ids {
+		if id != "" {
+			ch <- id
+		}
+	}
+	close(ch)
+	wg.Wait()
+}
+
+// waitRunning waits until every workload is running (or fails).
+func waitRunning(ctx context.Context, a *agentProc, ids []string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for _, id := range ids {
+		var idx uint64
+		for {
+			w, i, err := a.c.Get(ctx, id, queryOpts(idx))
+			if err != nil {
+				return fmt.Errorf("workload %s: %w", id, err)
+			}
+			if w.State == api.StateRunning {
+				break
+			}
+			if w.State.Terminal() {
+				return fmt.Errorf("workload %s ended %s before running: %s", id, w.State, w.Error)
+			}
+			idx = i
+		}
+	}
+	return nil
+}
+
+// monitorPids returns the pids of the container monitors in the agent's
+// data dir, by task id.
+func monitorPids(dir string, ids []string) map[string]int {
+	out := map[string]int{}
+	for _, id := range ids {
+		b, err := os.ReadFile(filepath.Join(dir, id, "monitor.pid"))
+		if err != nil {
+			continue
+		}
+		var ident struct {
+			Pid int `json:"pid"`
+		}
+		if json.Unmarshal(b, &ident) == nil && ident.Pid > 0 {
+			out[id] = ident.Pid
+		}
+	}
+	return out
+}
+
+// containerFootprint is measurement 6 for containers: agent RSS with n
+// running containers against the idle agent, and each monitor's memory.
+// It returns berth's own bundle of the first container, for the baselines.
+func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, rep *Report) (*captured, error) {
+	ids := make([]string, n)
+	t0 := time.Now()
+	for i := range ids {
+		w, err := a.c.Submit(ctx, containerSpec(idleCommand...))
+		if err != nil {
+			deleteAll(ctx, a, ids, 16)
+			return nil, fmt.Errorf("submit running container #%d: %w", i, err)
+		}
+		ids[i] = w.ID
+	}
+	defer deleteAll(ctx, a, ids, 16)
+	if err := waitRunning(ctx, a, ids, 5*time.Minute); err != nil {
+		return nil, err
+	}
+	up := time.Since(t0)
+	cap, err := captureBundle(a.dataDir, ids[0])
+	if err != nil {
+		return nil, err
+	}
+	// Let the agent settle (health loop, GC) before reading it.
+	time.Sleep(2 * time.Second)
+	busy, err := readMem(a.pid())
+	if err != nil {
+		return nil, err
+	}
+	pids := monitorPids(filepath.Join(a.dataDir, "containers", "tasks"), ids)
+	var rss, pss []float64
+	for _, pid := range pids {
+		if m, err := readMem(pid); err == nil {
+			rss, pss = append(rss, float64(m.RSS)), append(pss, float64(m.PSS))
+		}
+	}
+	sec := "Footprint"
+	deltaKiB := float64(busy.RSS-idle.RSS) / float64(n)
+	monRSS, monPSS := summarize(rss), summarize(pss)
+	rep.add(Result{Section: sec, Name: fmt.Sprintf("agent RSS with %d running containers", n), Unit: "MiB",
+		Value: float64(busy.RSS) / 1024, Note: fmt.Sprintf("PSS %.1f MiB; %d submitted and running in %.1f s", float64(busy.PSS)/1024, n, up.Seconds())})
+	rep.add(Result{Section: sec, Name: "agent memory per running container ((RSS busy − idle) / n)", Unit: "KiB", Value: deltaKiB})
+	rep.add(Result{Section: sec, Name: "container monitor process RSS", Unit: "KiB", Summary: &monRSS,
+		Note: fmt.Sprintf("%d monitors; RSS counts the berth binary's shared text in full", len(rss))})
+	rep.add(Result{Section: sec, Name: "container monitor process PSS", Unit: "KiB", Summary: &monPSS,
+		Note: "shared pages split among the processes mapping them"})
+	rep.add(Result{Section: sec, Name: "per-container overhead (monitor PSS + agent delta)", Unit: "KiB", Value: monPSS.Median + deltaKiB})
+	rep.target(Target{
+		Name: "agent memory per running workload (containers)", Goal: "< 150 KiB",
+		Measured: fmt.Sprintf("%.0f KiB (agent RSS %.1f → %.1f MiB with %d containers)", deltaKiB, float64(idle.RSS)/1024, float64(busy.RSS)/1024, n),
+		Met:      deltaKiB < 150, By: fmt.Sprintf("%+.0f KiB", deltaKiB-150),
+	})
+	rep.raw["container_monitor_rss_kib"] = rss
+	rep.raw["container_monitor_pss_kib"] = pss
+	return cap, nil
+}

@@ -1,0 +1,247 @@
+// Command berth-bench measures berth against the raw runtimes it drives,
+// side by side on the same machine in the same run: container start
+// against runc, VM start against a hand-started QEMU and `virsh create`,
+// placement and node-status throughput against the HTTP server's floor,
+// and the agent's memory footprint. It starts its own agent on a scratch
+// data directory and a free loopback port, and removes everything it
+// created when it ends, fails or is interrupted.
+//
+//	go run ./bench/cmd/berth-bench -berth bin/berth -out bench/results   # make bench
+//
+// BENCH_QUICK=1 (or -quick) runs fewer iterations and VMs (under 2
+// minutes); BENCH_ACCEL=kvm runs the VMs under KVM where a probe showed it
+// works (the default is TCG: nested KVM guests hang on berth's build
+// machines).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/api"
+)
+
+// sizes are the iteration counts of a run.
+type sizes struct {
+	startN       int // sequential /bin/true starts
+	throughputN  int
+	throughputC  int
+	runningN     int // containers running for the footprint
+	decideTime   string
+	decideCount  int
+	httpDur      time.Duration
+	httpConc     int
+	pollers      int
+	pollerRounds int
+	vmN          int // VM boots of each kind
+	vmFootprintK int // extra VMs running for the footprint (0: the warm-up VM alone)
+}
+
+var full = sizes{
+	startN: 50, throughputN: 200, throughputC: 16, runningN: 100,
+	decideTime: "1s", decideCount: 5, httpDur: 5 * time.Second, httpConc: 32,
+	pollers: 1000, pollerRounds: 3, vmN: 5, vmFootprintK: 3,
+}
+
+var quick = sizes{
+	startN: 10, throughputN: 50, throughputC: 16, runningN: 30,
+	decideTime: "200ms", decideCount: 1, httpDur: 2 * time.Second, httpConc: 32,
+	pollers: 1000, pollerRounds: 1, vmN: 1, vmFootprintK: 0,
+}
+
+func main() {
+	berth := flag.String("berth", "bin/berth", "berth binary")
+	out := flag.String("out", "bench/results", "directory for latest.md and latest.json")
+	repo := flag.String("repo", ".", "berth's source tree (for go test -bench)")
+	quickFlag := flag.Bool("quick", os.Getenv("BENCH_QUICK") == "1", "fewer iterations and VMs (also BENCH_QUICK=1)")
+	accel := flag.String("accel", envOr("BENCH_ACCEL", "tcg"), "vm.accel of the bench agent: tcg, kvm or auto (also BENCH_ACCEL)")
+	scratch := flag.String("scratch", "/var/tmp", "where the scratch data directory is made (must be o+x all the way: QEMU runs as libvirt-qemu)")
+	flag.Parse()
+	log.SetFlags(log.Ltime)
+	log.SetPrefix("bench: ")
+	if os.Geteuid() != 0 {
+		log.Fatal("needs root (runc, libvirt, /proc of the agent)")
+	}
+	os.Exit(run(*berth, *out, *repo, *scratch, *accel, *quickFlag))
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func run(berth, out, repo, scratch, accel string, isQuick bool) int {
+	started := time.Now()
+	sz := full
+	if isQuick {
+		sz = quick
+	}
+	berth, _ = filepath.Abs(berth)
+	rep := newReport()
+	rep.Quick = isQuick
+	rep.Host = hostInfo(berth)
+	rep.AccelNote = accelNote(accel)
+
+	// Runc baseline containers are orphaned to the harness once `runc
+	// create` returns; being a subreaper lets it reap them.
+	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	defer stop()
+
+	dir, err := os.MkdirTemp(scratch, "berth-bench-")
+	if err != nil {
+		log.Print(err)
+		return 1
+	}
+	if err := os.Chmod(dir, 0o711); err != nil {
+		log.Print(err)
+		return 1
+	}
+	runID := strings.TrimPrefix(filepath.Base(dir), "berth-bench-")
+	cl := &cleaner{dir: dir, runID: runID}
+	defer cl.run()
+
+	log.Printf("scratch %s; starting agent (vm.accel %s)", dir, accel)
+	a, err := startAgent(ctx, berth, dir, accel)
+	if err != nil {
+		log.Print(err)
+		return 1
+	}
+	cl.agent = a
+	if err := a.importImage(ctx); err != nil {
+		log.Print(err)
+		return 1
+	}
+	if n, _, err := a.c.Node(ctx, nil); err == nil {
+		if d, ok := n.Drivers[string(api.IsolationVM)]; ok {
+			if v := d.Details["accel"]; v != "" {
+				rep.VMAccel = v
+			}
+			if !d.Healthy {
+				rep.errorf("VM driver unhealthy: %s", d.Reason)
+			}
+		}
+	}
+	rr := &rawRunc{root: filepath.Join(dir, "runc-baseline"), dir: filepath.Join(dir, "bundles"), cgroup: "/berthbench-" + runID}
+	cl.runc = rr
+
+	failed := false
+	phase := func(name string, fn func() error) {
+		if ctx.Err() != nil {
+			return
+		}
+		t := time.Now()
+		log.Printf("%s ...", name)
+		if err := fn(); err != nil {
+			failed = true
+			log.Printf("%s: FAILED: %v", name, err)
+			rep.errorf("%s: %v", name, err)
+			return
+		}
+		log.Printf("%s done in %.1fs", name, time.Since(t).Seconds())
+	}
+
+	var idle procMem
+	phase("idle agent RSS", func() error {
+		time.Sleep(3 * time.Second)
+		var err error
+		idle, err = readMem(a.pid())
+		if err != nil {
+			return err
+		}
+		rep.add(Result{Section: "Footprint", Name: "agent RSS idle (image imported, no workloads)", Unit: "MiB", Value: float64(idle.RSS) / 1024,
+			Note: fmt.Sprintf("PSS %.1f MiB", float64(idle.PSS)/1024)})
+		mib := float64(idle.RSS) / 1024
+		rep.target(Target{Name: "agent idle RSS", Goal: "< 40 MiB", Measured: fmt.Sprintf("%.1f MiB", mib), Met: mib < 40, By: fmt.Sprintf("%+.1f MiB", mib-40)})
+		return nil
+	})
+	phase(fmt.Sprintf("footprint: %d running containers", sz.runningN), func() error {
+		c, err := containerFootprint(ctx, a, sz.runningN, idle, rep)
+		rr.cap = c
+		return err
+	})
+	phase(fmt.Sprintf("container start: %d × (berth, runc run, runc create/start/delete)", sz.startN), func() error {
+		if rr.cap == nil {
+			return errors.New("no berth bundle captured to build the baseline from")
+		}
+		return containerStart(ctx, a, rr, sz.startN, rep)
+	})
+	phase(fmt.Sprintf("throughput: %d workloads at concurrency %d", sz.throughputN, sz.throughputC), func() error {
+		if rr.cap == nil {
+			return errors.New("no berth bundle captured to build the baseline from")
+		}
+		return throughput(ctx, a, rr, sz.throughputN, sz.throughputC, rep)
+	})
+	phase("placement Decide (go test -bench)", func() error {
+		return decideBench(ctx, repo, sz.decideTime, sz.decideCount, rep)
+	})
+	phase(fmt.Sprintf("HTTP load at concurrency %d", sz.httpConc), func() error {
+		return httpLoad(ctx, a, sz.httpConc, sz.httpDur, rep)
+	})
+	phase(fmt.Sprintf("%d blocking node pollers", sz.pollers), func() error {
+		return nodePollers(ctx, a, sz.pollers, sz.pollerRounds, rep)
+	})
+	phase(fmt.Sprintf("VM start: %d × (berth, qemu direct, virsh create)", sz.vmN), func() error {
+		return vmStart(ctx, a, sz.vmN, filepath.Join(dir, "vm-baseline"), runID, sz.vmFootprintK == 0, rep)
+	})
+	if sz.vmFootprintK > 0 {
+		phase(fmt.Sprintf("footprint: %d running VMs", sz.vmFootprintK), func() error {
+			return vmFootprint(ctx, a, sz.vmFootprintK, rep)
+		})
+	}
+	if ctx.Err() != nil {
+		rep.errorf("interrupted: %v", ctx.Err())
+		failed = true
+	}
+
+	rep.Duration = time.Since(started).Round(time.Second).String()
+	if ctx.Err() == nil {
+		if err := rep.write(out); err != nil {
+			log.Print(err)
+			return 1
+		}
+		log.Printf("wrote %s and %s in %s", filepath.Join(out, "latest.md"), filepath.Join(out, "latest.json"), rep.Duration)
+	}
+	if failed {
+		return 1
+	}
+	return 0
+}
+
+func accelNote(accel string) string {
+	switch accel {
+	case "tcg":
+		return "forced in the bench agent's config (vm.accel: tcg): on these machines /dev/kvm exists but nested KVM guests hang after the kernel starts; set BENCH_ACCEL=kvm where a probe shows KVM works"
+	case "kvm":
+		return "forced in the bench agent's config (vm.accel: kvm, BENCH_ACCEL)"
+	default:
+		return "vm.accel: " + accel + " (the agent's probe decides)"
+	}
+}
+
+// methodology is appended to latest.md.
+const methodology = `- **Container start**: a ` + "`/bin/true`" + ` workload (1 core, 32 MiB) submitted through the Go client, N sequential. *submit→running* is the agent's ` + "`started_at`" + ` (set when the driver's Start returned: overlay mounted, bundle written, monitor spawned, ` + "`runc create`+`start`" + ` done) minus the client's clock before the POST (same host, same wall clock). *submit→exit* is until the client's blocking GET sees ` + "`exited`" + `. Baselines, interleaved with berth's runs: ` + "`runc run`" + ` and ` + "`runc create`/`start`/wait/`delete`" + ` of a bundle holding **berth's own config.json** (captured from a running berth container: same hardened spec, seccomp profile, namespaces, masked paths, cgroup limits) over the same unpacked image rootfs (read-only instead of berth's per-workload overlay), with their own runc root and cgroup parent.
+- **Container throughput**: N workloads, a fixed number of client workers each submitting and waiting for the exit; completed per second. Baseline: the same number of ` + "`runc run`" + ` at the same concurrency. Peak agent RSS is VmHWM after clear_refs, cross-checked by sampling every 20 ms.
+- **VM start**: the first (unmeasured) berth VM warms the initramfs and base-image caches, and lends the baselines its domain XML (` + "`virsh dumpxml --inactive`" + `), config disk and base image. Then, interleaved: berth submit → first stdout line through ` + "`GET /v1/workloads/{id}/logs?follow=true`" + ` (which polls every 100 ms); ` + "`qemu-system-x86_64`" + ` started by hand with the same kernel, initramfs, command line, machine, CPU model, vCPUs, memory, disk cache mode and virtio-serial ports as plain files, exec → first stdout byte; ` + "`virsh create`" + ` of berth's domain XML renamed, without berth's metadata, on a fresh overlay and sockets of its own, exec → first byte read from the stdout port's socket.
+- **Placement**: ` + "`BenchmarkDecide`" + ` of package placement (default policy and the 50-rule policy: 40 match rules and 10 CEL rules), median of the repeated runs. HTTP: a Go closed-loop load generator in the harness (keep-alive connections, one per worker) on the same 2 cores as the agent, against ` + "`POST /v1/placements`" + `, ` + "`GET /v1/node`" + ` and, as the server's floor, ` + "`GET /healthz`" + `.
+- **Node status blocking queries**: the pollers park on ` + "`GET /v1/node?index=N&wait=1m`" + ` (parked = the agent holds that many more established connections, plus 300 ms); the state change is a container submit; latency is from before the submit to each poller's return. Baseline: the same with a single poller.
+- **Footprint**: VmRSS (and PSS from smaps_rollup) of the agent and of each per-workload monitor. Agent memory per workload is (RSS with the workloads running − RSS idle) / count: the Go heap grows in steps, so this is coarse. Monitor PSS splits the berth binary's shared text among the monitors mapping it; RSS counts it whole in each.
+`
+
+// targetLimits says what limits each target, for the results file; it is
+// written from what the runs showed, and re-checked against each run.
+var targetLimits = map[string]string{}
