@@ -281,6 +281,30 @@ func (d *Driver) spawnMonitor(ctx context.Context, id, dir string) (*task, error
 	return t, nil
 }
 
+// monitorRecordWait is how long Recover waits for a monitor that may have
+// been started just before the agent died to record itself.
+const monitorRecordWait = 5 * time.Second
+
+// readMonitorPid reads the monitor's identity. A monitor started just
+// before the agent died (a busy node, an agent restarted at once) may not
+// have recorded itself yet: give it a moment before concluding that none
+// was started.
+func (d *Driver) readMonitorPid(ctx context.Context, dir string, ident *proc.Ident) error {
+	path := filepath.Join(dir, monitorPidFile)
+	deadline := time.Now().Add(monitorRecordWait)
+	for {
+		err := fileutil.ReadJSON(path, ident)
+		if err == nil || !errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // awaitStarted waits, at most limit, until the task's monitor has started
 // the container or the task has ended.
 func (d *Driver) awaitStarted(ctx context.Context, t *task, limit time.Duration) {
@@ -542,7 +566,7 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 		return fmt.Errorf("container task %s: %w", h.ID, errdefs.ErrNotFound)
 	}
 	t := &task{id: h.ID, dir: dir, done: make(chan struct{})}
-	if err := fileutil.ReadJSON(filepath.Join(dir, monitorPidFile), &t.monitor); err != nil {
+	if err := d.readMonitorPid(ctx, dir, &t.monitor); err != nil {
 		// The agent died between creating the directory and starting the
 		// monitor (which records itself first thing): the task never ran.
 		// Remove what there is, so it can be started afresh.
