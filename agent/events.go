@@ -137,7 +137,13 @@ func (a *Agent) publishTransition(prev, cur *record) {
 	}
 	switch w.State {
 	case api.StateRunning:
-		ev(api.EventWorkloadStarted, fmt.Sprintf("workload %s is running as a %s", w.ID, w.Isolation), map[string]string{"isolation": string(w.Isolation)})
+		attrs := map[string]string{"isolation": string(w.Isolation)}
+		msg := fmt.Sprintf("workload %s is running as a %s", w.ID, w.Isolation)
+		if w.Network != nil && w.Network.Address != "" {
+			attrs["address"] = w.Network.Address
+			msg += " at " + w.Network.Address
+		}
+		ev(api.EventWorkloadStarted, msg, attrs)
 	case api.StateStopping:
 		ev(api.EventWorkloadStopping, fmt.Sprintf("workload %s is stopping", w.ID), nil)
 	case api.StateExited:

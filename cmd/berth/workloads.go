@@ -22,6 +22,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		env     []string
 		restart string
 		wait    bool
+		ports   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
@@ -52,6 +53,9 @@ code (125 when it could not be run at all).`,
 				return err
 			}
 			if spec.Env, err = keyValues("-e", env); err != nil {
+				return err
+			}
+			if spec.Ports, err = parsePorts(ports); err != nil {
 				return err
 			}
 			c, err := g.client()
@@ -118,7 +122,30 @@ code (125 when it could not be run at all).`,
 	f.StringVar(&restart, "restart", "", "restart policy: never, on-failure or always")
 	f.IntVar(&spec.Restart.MaxRetries, "max-retries", 0, "restarts allowed by on-failure")
 	f.BoolVar(&wait, "wait", false, "stream the output and exit with the workload's exit code")
+	f.StringVar(&spec.Network, "network", "", "bridge (default), none, or host (containers, where policy allows)")
+	f.StringArrayVarP(&ports, "publish", "p", nil, "publish a port: HOST_PORT:CONTAINER_PORT[/tcp|udp] (repeatable)")
 	return cmd
+}
+
+// parsePorts reads HOST:CONTAINER[/PROTO] port mappings.
+func parsePorts(specs []string) ([]api.PortMapping, error) {
+	var out []api.PortMapping
+	for _, p := range specs {
+		m := api.PortMapping{Protocol: "tcp"}
+		rest, proto, ok := strings.Cut(p, "/")
+		if ok {
+			m.Protocol = proto
+		}
+		host, ctr, ok := strings.Cut(rest, ":")
+		var err1, err2 error
+		m.HostPort, err1 = strconv.Atoi(host)
+		m.ContainerPort, err2 = strconv.Atoi(ctr)
+		if !ok || err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("-p %q: want HOST_PORT:CONTAINER_PORT[/tcp|udp]", p)
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
 func keyValues(flag string, kvs []string) (map[string]string, error) {
@@ -174,9 +201,10 @@ func newPsCmd(g *globals) *cobra.Command {
 				return printJSON(list)
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tISOLATION\tSTATE\tEXIT\tCREATED")
+			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tISOLATION\tSTATE\tEXIT\tADDRESS\tPORTS\tCREATED")
 			for _, w := range list {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, w.State, exitText(&w), ago(w.CreatedAt))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, w.State, exitText(&w),
+					dash(address(&w)), dash(portsText(w.Spec.Ports)), ago(w.CreatedAt))
 			}
 			return tw.Flush()
 		},
@@ -268,6 +296,16 @@ func printWorkload(w *api.Workload) {
 			keys[i] = k + "=" + w.Spec.Labels[k]
 		}
 		row("Labels", strings.Join(keys, ", "))
+	}
+	if n := w.Network; n != nil {
+		net := n.Mode
+		if n.Address != "" {
+			net += ", address " + n.Address + ", gateway " + n.Gateway
+		}
+		row("Network", net)
+	}
+	if len(w.Spec.Ports) > 0 {
+		row("Ports", portsText(w.Spec.Ports))
 	}
 	row("Exit", exitText(w))
 	if w.Error != "" {
@@ -393,4 +431,22 @@ func newStatsCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
+}
+
+func address(w *api.Workload) string {
+	if w.Network == nil {
+		return ""
+	}
+	if w.Network.Address == "" && w.Network.Mode != api.NetworkBridge {
+		return w.Network.Mode
+	}
+	return w.Network.Address
+}
+
+func portsText(ps []api.PortMapping) string {
+	parts := make([]string, len(ps))
+	for i, p := range ps {
+		parts[i] = fmt.Sprintf("%d->%d/%s", p.HostPort, p.ContainerPort, p.Protocol)
+	}
+	return strings.Join(parts, ",")
 }
