@@ -30,6 +30,13 @@ const probeImage = "berth.test/probe:latest"
 // startAgentWith is startAgent with a configuration change.
 func startAgentWith(t *testing.T, modify func(*config.Config)) *client.Client {
 	t.Helper()
+	c, _ := startAgentAddr(t, modify)
+	return c
+}
+
+// startAgentAddr is startAgentWith that also returns the TCP address.
+func startAgentAddr(t *testing.T, modify func(*config.Config)) (*client.Client, string) {
+	t.Helper()
 	requireRunc(t)
 	cfg := testConfig(t, t.TempDir(), "127.0.0.1:0")
 	cfg.ListenUnix = filepath.Join(t.TempDir(), "berth.sock")
@@ -57,7 +64,7 @@ func startAgentWith(t *testing.T, modify func(*config.Config)) *client.Client {
 		}
 	})
 	importBusybox(t, c)
-	return c
+	return c, d.Addr()
 }
 
 // importProbe builds testdata/probe statically and imports busybox plus
