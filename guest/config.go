@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
 
@@ -63,16 +64,16 @@ type Config struct {
 	User string `json:"user,omitempty"`
 	// Hostname is the guest's hostname; empty means "localhost".
 	Hostname string `json:"hostname,omitempty"`
-	// Network is reserved for the guest's network configuration. This
-	// version of berth-init configures no network, so Validate rejects a
-	// Config that sets it rather than letting a workload silently run
-	// without the network it was promised.
+	// Network is the guest's place on the node's bridge; nil means
+	// loopback only.
 	Network *Network `json:"network,omitempty"`
 }
 
-// Network is the planned shape of a guest's network configuration: one
-// virtio-net interface on the node's bridge with a static address from the
-// node's IPAM. Not implemented yet; see Config.Network.
+// Network is a guest's network configuration: one virtio-net interface on
+// the node's bridge with a static address from the node's IPAM. berth-init
+// brings the interface up with the address, adds the default route through
+// the gateway and writes the name servers to the workload's
+// /etc/resolv.conf.
 type Network struct {
 	// Interface is the guest's interface name, e.g. "eth0".
 	Interface string `json:"interface"`
@@ -116,8 +117,21 @@ func (c *Config) Validate() error {
 	if len(c.Hostname) > 64 || strings.ContainsAny(c.Hostname, "\x00/ ") {
 		problems = append(problems, fmt.Sprintf("hostname: %q is not a valid hostname", c.Hostname))
 	}
-	if c.Network != nil {
-		problems = append(problems, "network: guest networking is not supported by this berth-init")
+	if n := c.Network; n != nil {
+		if p, err := netip.ParsePrefix(n.Address); err != nil || !p.Addr().Is4() {
+			problems = append(problems, fmt.Sprintf("network.address: %q is not an IPv4 CIDR", n.Address))
+		}
+		if a, err := netip.ParseAddr(n.Gateway); n.Gateway != "" && (err != nil || !a.Is4()) {
+			problems = append(problems, fmt.Sprintf("network.gateway: %q is not an IPv4 address", n.Gateway))
+		}
+		if len(n.Interface) > 15 || strings.ContainsAny(n.Interface, "/ \x00") {
+			problems = append(problems, fmt.Sprintf("network.interface: %q is not an interface name", n.Interface))
+		}
+		for i, d := range n.DNS {
+			if _, err := netip.ParseAddr(d); err != nil {
+				problems = append(problems, fmt.Sprintf("network.dns[%d]: %q is not an IP address", i, d))
+			}
+		}
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("guest config: %s: %w", strings.Join(problems, "; "), errdefs.ErrInvalidArgument)

@@ -69,17 +69,19 @@ func TestConfigInvalid(t *testing.T) {
 		cfg  Config
 		want string
 	}{
-		"no args":       {Config{}, "a command is required"},
-		"empty command": {Config{Args: []string{""}}, "a command is required"},
-		"nul in arg":    {Config{Args: []string{"a\x00b"}}, "NUL"},
-		"bad env":       {Config{Args: []string{"x"}, Env: []string{"NOEQUALS"}}, "env[0]"},
-		"empty key":     {Config{Args: []string{"x"}, Env: []string{"=v"}}, "env[0]"},
-		"relative dir":  {Config{Args: []string{"x"}, Workdir: "srv"}, "workdir"},
-		"named user":    {Config{Args: []string{"x"}, User: "nobody"}, "uid must be numeric"},
-		"named group":   {Config{Args: []string{"x"}, User: "1:wheel"}, "gid must be numeric"},
-		"hostname":      {Config{Args: []string{"x"}, Hostname: "a b"}, "hostname"},
-		"future":        {Config{Version: 2, Args: []string{"x"}}, "version 2"},
-		"network":       {Config{Args: []string{"x"}, Network: &Network{Interface: "eth0"}}, "networking is not supported"},
+		"no args":         {Config{}, "a command is required"},
+		"empty command":   {Config{Args: []string{""}}, "a command is required"},
+		"nul in arg":      {Config{Args: []string{"a\x00b"}}, "NUL"},
+		"bad env":         {Config{Args: []string{"x"}, Env: []string{"NOEQUALS"}}, "env[0]"},
+		"empty key":       {Config{Args: []string{"x"}, Env: []string{"=v"}}, "env[0]"},
+		"relative dir":    {Config{Args: []string{"x"}, Workdir: "srv"}, "workdir"},
+		"named user":      {Config{Args: []string{"x"}, User: "nobody"}, "uid must be numeric"},
+		"named group":     {Config{Args: []string{"x"}, User: "1:wheel"}, "gid must be numeric"},
+		"hostname":        {Config{Args: []string{"x"}, Hostname: "a b"}, "hostname"},
+		"future":          {Config{Version: 2, Args: []string{"x"}}, "version 2"},
+		"network address": {Config{Args: []string{"x"}, Network: &Network{Interface: "eth0"}}, "network.address"},
+		"network gateway": {Config{Args: []string{"x"}, Network: &Network{Address: "10.88.0.2/16", Gateway: "nope"}}, "network.gateway"},
+		"network dns":     {Config{Args: []string{"x"}, Network: &Network{Address: "10.88.0.2/16", DNS: []string{"x"}}}, "network.dns[0]"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := EncodeConfig(tc.cfg)

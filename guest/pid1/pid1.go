@@ -176,6 +176,12 @@ func (in *initProc) run() guest.Status {
 	if err := bringUpLoopback(); err != nil {
 		return in.failure(err)
 	}
+	if cfg.Network != nil {
+		// Inside the root now: resolv.conf goes into the workload's /etc.
+		if err := configureNetwork(cfg.Network, "/", deviceTimeout); err != nil {
+			return in.failure(err)
+		}
+	}
 	return in.runWorkload(cfg)
 }
 
