@@ -353,3 +353,31 @@ func TestPolicyReloadIsAnEventAndShowsInNodeStatus(t *testing.T) {
 		t.Errorf("node after a rejected reload: index %d, policy %+v, condition %+v", after.Index, after.Policy, valid)
 	}
 }
+
+func TestReconcileRemovesOrphansAndMarksVanished(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	// A task no workload owns, as a crash between a driver's start and the
+	// store could leave.
+	orphan := &driver.TaskConfig{ID: "orphan-task", Args: []string{"sleep", "30"}, LogDir: t.TempDir()}
+	if _, err := e.ctr.Start(ctx, orphan); err != nil {
+		t.Fatal(err)
+	}
+	w := e.submit(sh("sleep 30"))
+	e.waitFor(w.ID, func(w *api.Workload) bool { return w.State == api.StateRunning })
+
+	rep := e.agent.Reconcile(ctx)
+	if len(rep.Orphans) != 1 || rep.Orphans[0] != "orphan-task" || len(rep.Vanished) != 0 {
+		t.Fatalf("report %+v, want the orphan removed and nothing else", rep)
+	}
+	if _, err := e.ctr.Inspect(ctx, "orphan-task"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("orphan still there: %v", err)
+	}
+	if cur, _ := e.agent.Get(ctx, w.ID); cur.State != api.StateRunning {
+		t.Errorf("the owned workload is %s after reconciliation", cur.State)
+	}
+	evs, _, _ := e.agent.events.after(1, func(ev *api.Event) bool { return ev.Type == api.EventWorkloadReconciled })
+	if len(evs) != 1 || evs[0].WorkloadID != "orphan-task" || evs[0].Attrs["action"] != "orphan_removed" {
+		t.Errorf("reconciliation events %+v", evs)
+	}
+}
