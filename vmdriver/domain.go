@@ -34,6 +34,8 @@ type domainMeta struct {
 	XMLName xml.Name `xml:"task"`
 	ID      string   `xml:"id"`
 	Root    string   `xml:"root"`
+	// Probe marks the KVM probe guest, which is no task (its ID is empty).
+	Probe bool `xml:"probe,omitempty"`
 }
 
 // Accel is how guests are run.
@@ -51,16 +53,18 @@ const (
 // domainSpec is everything that shapes one task's domain. It is plain data
 // so the XML it becomes can be tested without libvirt.
 type domainSpec struct {
-	Name     string
-	Meta     domainMeta
-	Accel    Accel // kvm or tcg, never auto
+	Name  string
+	Meta  domainMeta
+	Accel Accel // kvm or tcg, never auto
+	// CPUModel replaces KVM's host-model CPU with a named model (tests).
+	CPUModel string
 	VCPUs    uint
 	MemoryKi uint
 
 	Kernel, Initrd, Cmdline string
 
-	RootDisk, RootFormat string // the task's overlay (qcow2)
-	ConfigDisk           string // raw, read-only
+	RootDisk, RootFormat string // the task's overlay (qcow2); none when empty
+	ConfigDisk           string // raw, read-only; none when empty
 
 	// Sockets of the virtio-serial ports, by port name; QEMU listens on
 	// them (libvirt creates them and passes the fd) and the task's monitor
@@ -107,7 +111,8 @@ func domainXML(s domainSpec) (string, error) {
 		NS      string   `xml:"xmlns,attr"`
 		ID      string   `xml:"id"`
 		Root    string   `xml:"root"`
-	}{NS: metadataNS, ID: s.Meta.ID, Root: s.Meta.Root})
+		Probe   bool     `xml:"probe,omitempty"`
+	}{NS: metadataNS, ID: s.Meta.ID, Root: s.Meta.Root, Probe: s.Meta.Probe})
 	if err != nil {
 		return "", err
 	}
@@ -119,6 +124,10 @@ func domainXML(s domainSpec) (string, error) {
 		// host-model, never host-passthrough: passthrough aborts on hosts
 		// whose MSRs the guest CPU cannot mirror (nested virtualization).
 		cpu = &libvirtxml.DomainCPU{Mode: "host-model"}
+		if s.CPUModel != "" {
+			cpu = &libvirtxml.DomainCPU{Mode: "custom", Match: "exact", Check: "none",
+				Model: &libvirtxml.DomainCPUModel{Value: s.CPUModel, Fallback: "forbid"}}
+		}
 	case AccelTCG:
 		// A named model TCG emulates fully; x86-64 baseline is all the
 		// Debian kernel needs.
@@ -129,25 +138,25 @@ func domainXML(s domainSpec) (string, error) {
 	}
 
 	zero := uint(0)
-	disks := []libvirtxml.DomainDisk{
-		{
+	var disks []libvirtxml.DomainDisk
+	if s.RootDisk != "" {
+		disks = append(disks, libvirtxml.DomainDisk{
 			Device: "disk",
 			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: s.RootFormat, Cache: "none", IO: "native", Discard: "unmap"},
 			Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.RootDisk}},
 			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 			Serial: guest.RootDiskSerial,
-		},
-		{
+		})
+	}
+	if s.ConfigDisk != "" {
+		disks = append(disks, libvirtxml.DomainDisk{
 			Device:   "disk",
 			Driver:   &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
 			Source:   &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.ConfigDisk}},
 			Target:   &libvirtxml.DomainDiskTarget{Dev: "vdb", Bus: "virtio"},
 			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
 			Serial:   guest.ConfigDiskSerial,
-		},
-	}
-	if s.ConfigDisk == "" {
-		disks = disks[:1]
+		})
 	}
 	var channels []libvirtxml.DomainChannel
 	for _, port := range []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort} {

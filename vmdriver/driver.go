@@ -85,8 +85,12 @@ type Options struct {
 	Root string
 	// URI is libvirt's connection URI; default DefaultURI.
 	URI string
-	// Accel is auto (default), kvm or tcg.
+	// Accel is auto (default), kvm or tcg. auto boots a probe guest under
+	// KVM once, in the background, and uses KVM only if it reaches user
+	// space within ProbeTimeout.
 	Accel Accel
+	// ProbeTimeout bounds auto's KVM probe guest; default DefaultProbeTimeout.
+	ProbeTimeout time.Duration
 	// DomainPrefix starts the name of every domain of this driver; default
 	// DefaultDomainPrefix. Domains are named prefix + task id.
 	DomainPrefix string
@@ -119,7 +123,24 @@ type Driver struct {
 
 	bootMu sync.Mutex
 	boot   *bootAssets
-	accel  *accelChoice
+
+	// The acceleration, decided once (see resolveAccel).
+	accelMu    sync.Mutex
+	accel      *accelChoice
+	probeDone  chan struct{} // set while the KVM probe runs; closed at its end
+	probeErr   error         // why the last probe could not run
+	probeErrAt time.Time
+	probeWG    sync.WaitGroup
+	// cheapAccel and probeGuest decide the acceleration; tests replace them.
+	cheapAccel func(ctx context.Context) (c accelChoice, probe bool, err error)
+	probeGuest func(ctx context.Context) (probeOutcome, error)
+	// probeCPUModel, when set, replaces the probe guest's host-model CPU
+	// (tests: a model nested KVM starts, to see a guest hang).
+	probeCPUModel string
+
+	// ctx ends at Close, stopping a running probe.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu    sync.Mutex
 	tasks map[string]*task
@@ -188,6 +209,9 @@ func New(opts Options) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("vmdriver: accel %q: want auto, kvm or tcg: %w", opts.Accel, errdefs.ErrInvalidArgument)
 	}
+	if opts.ProbeTimeout <= 0 {
+		opts.ProbeTimeout = DefaultProbeTimeout
+	}
 	if opts.DomainPrefix == "" {
 		opts.DomainPrefix = DefaultDomainPrefix
 	}
@@ -229,6 +253,11 @@ func New(opts Options) (*Driver, error) {
 		log:      opts.Logger.With("driver", Name),
 		tasks:    map[string]*task{},
 	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.cheapAccel = func(ctx context.Context) (accelChoice, bool, error) { return chooseAccel(ctx, d.hv, d.opts.Accel) }
+	d.probeGuest = func(ctx context.Context) (probeOutcome, error) {
+		return d.bootProbeGuest(ctx, AccelKVM, d.opts.ProbeTimeout)
+	}
 	// 0711: QEMU (libvirt's unprivileged user) may pass through to the
 	// disks libvirt hands it, and list nothing.
 	for _, dir := range []string{opts.Root, d.tasksDir, d.cacheDir} {
@@ -242,8 +271,13 @@ func New(opts Options) (*Driver, error) {
 	return d, nil
 }
 
-// Close drops the libvirt connection. Tasks keep running.
-func (d *Driver) Close() { d.hv.close() }
+// Close stops a running KVM probe (removing its guest) and drops the
+// libvirt connection. Tasks keep running.
+func (d *Driver) Close() {
+	d.cancel()
+	d.probeWG.Wait()
+	d.hv.close()
+}
 
 // Name implements driver.Driver.
 func (d *Driver) Name() string { return Name }
@@ -271,12 +305,17 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	if err != nil {
 		return unhealthy("libvirt is unreachable: %v", lvError(err))
 	}
-	choice, err := d.accelChoice(ctx)
+	// Never waits for the KVM probe: while it runs, accel is "probing"
+	// and the driver healthy (Start waits for the verdict).
+	choice, err := d.resolveAccel(ctx, false)
 	if err != nil {
 		return unhealthy("%v", err)
 	}
 	fp.Details["accel"] = string(choice.Accel)
 	fp.Details["accel_reason"] = choice.Reason
+	if choice.Probed {
+		fp.Details["accel_probe_duration"] = choice.ProbeTook.Round(time.Millisecond).String()
+	}
 	k, err := initramfs.FindKernel(d.opts.BootDir, d.opts.ModulesDir)
 	if err != nil {
 		return unhealthy("no guest kernel: %v (install linux-image-amd64)", err)
@@ -321,22 +360,6 @@ func untraversable(dir string) string {
 			return ""
 		}
 	}
-}
-
-// accelChoice resolves the acceleration once; a failed probe (libvirt
-// down) is retried on the next call.
-func (d *Driver) accelChoice(ctx context.Context) (accelChoice, error) {
-	d.bootMu.Lock()
-	defer d.bootMu.Unlock()
-	if d.accel != nil {
-		return *d.accel, nil
-	}
-	c, err := chooseAccel(ctx, d.hv, d.opts.Accel)
-	if err != nil {
-		return c, err
-	}
-	d.accel = &c
-	return c, nil
 }
 
 // bootAssets finds the kernel and builds (or finds cached) the initramfs.
@@ -422,7 +445,8 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if _, err := d.hv.connect(); err != nil {
 		return nil, err
 	}
-	choice, err := d.accelChoice(ctx)
+	// Waits for auto's KVM probe when it still runs.
+	choice, err := d.resolveAccel(ctx, true)
 	if err != nil {
 		return nil, err
 	}
