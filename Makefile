@@ -11,7 +11,7 @@ DEMO_IMAGE := bin/busybox.tar
 # Tests that boot VMs and run containers take a while on 2 cores.
 TEST_TIMEOUT ?= 60m
 
-.PHONY: all deps build run test test-short bench lint fmt clean demo-image
+.PHONY: all deps build run test test-short bench lint fmt clean demo-image nomad
 
 all: build
 
@@ -44,6 +44,7 @@ run: deps build demo-image
 test: deps build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) nomad && cd integrations/nomad && $(GO) vet ./... && BERTH_NOMAD_BIN=$(NOMAD_BIN) $(GO) test -count=1 -timeout 20m ./...
 
 # Unit tests only: no root, runc or libvirt needed.
 test-short:
@@ -62,6 +63,16 @@ fmt:
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+
+# The Nomad task driver (its own module) and, for its cluster test, a
+# pinned Nomad built from the module proxy, cached across runs.
+NOMAD_VERSION ?= 1.11.2
+NOMAD_CACHE   ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/berth-nomad
+NOMAD_BIN     := $(NOMAD_CACHE)/bin/nomad-$(NOMAD_VERSION)
+
+nomad:
+	cd integrations/nomad && $(GO) build -o ../../bin/nomad-driver-berth .
+	GO=$(GO) NOMAD_VERSION=$(NOMAD_VERSION) ./integrations/nomad/scripts/build-nomad.sh $(NOMAD_CACHE)
 
 clean:
 	rm -rf bin/

@@ -1,0 +1,239 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/nomad/client/lib/fifo"
+	"github.com/hashicorp/nomad/plugins/drivers"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/api/client"
+)
+
+// logDrainTimeout is how long an exit waits for the last log lines to
+// reach Nomad's log collector before it is reported.
+const logDrainTimeout = 10 * time.Second
+
+// taskHandle follows one berth workload for Nomad: its exit, its output
+// (into the task's stdout/stderr fifos) and its berth events.
+type taskHandle struct {
+	d     *Driver
+	cfg   *drivers.TaskConfig
+	state State
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	// done is closed once the workload has ended and exit is set.
+	done     chan struct{}
+	logsDone chan struct{}
+
+	mu       sync.Mutex
+	exit     *drivers.ExitResult
+	finished time.Time
+}
+
+func newTaskHandle(d *Driver, cfg *drivers.TaskConfig, state State) *taskHandle {
+	ctx, cancel := context.WithCancel(d.ctx)
+	return &taskHandle{
+		d: d, cfg: cfg, state: state,
+		ctx: ctx, cancel: cancel,
+		done:     make(chan struct{}),
+		logsDone: make(chan struct{}),
+	}
+}
+
+func (h *taskHandle) result() *drivers.ExitResult {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.exit
+}
+
+func (h *taskHandle) completedAt() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.finished
+}
+
+func (h *taskHandle) exited() bool {
+	select {
+	case <-h.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (h *taskHandle) close() { h.cancel() }
+
+// run follows the workload until it ends or the handle is closed.
+func (h *taskHandle) run(recovered bool) {
+	go h.streamLogs(recovered)
+	go h.forwardEvents()
+	w, err := h.waitExit()
+	if err != nil {
+		return // closed
+	}
+	select {
+	case <-h.logsDone:
+	case <-time.After(logDrainTimeout):
+		h.d.logger.Warn("output still streaming after the workload ended", "task_id", h.cfg.ID, "workload_id", h.state.WorkloadID)
+	}
+	res := exitResult(w)
+	h.mu.Lock()
+	h.exit = res
+	h.finished = time.Now()
+	if w.FinishedAt != nil {
+		h.finished = *w.FinishedAt
+	}
+	h.mu.Unlock()
+	close(h.done)
+}
+
+// exitResult is Nomad's view of an ended workload.
+func exitResult(w *api.Workload) *drivers.ExitResult {
+	res := &drivers.ExitResult{ExitCode: -1, OOMKilled: w.OOMKilled}
+	if w.ExitCode != nil {
+		res.ExitCode = *w.ExitCode
+	}
+	if w.State == api.StateFailed {
+		res.Err = fmt.Errorf("berth workload %s failed: %s", w.ID, w.Error)
+	}
+	return res
+}
+
+// waitExit waits for the workload to end, riding out agent restarts. A
+// workload that disappeared (deleted behind Nomad's back) ends the task
+// with an error.
+func (h *taskHandle) waitExit() (*api.Workload, error) {
+	delay := 500 * time.Millisecond
+	for {
+		w, err := h.d.agent().WaitExit(h.ctx, h.state.WorkloadID)
+		if err == nil {
+			return w, nil
+		}
+		if h.ctx.Err() != nil {
+			return nil, h.ctx.Err()
+		}
+		if client.IsReason(err, api.ReasonNotFound) {
+			return &api.Workload{ID: h.state.WorkloadID, State: api.StateFailed, Error: "the workload is gone from berth"}, nil
+		}
+		h.d.logger.Warn("waiting for the workload", "workload_id", h.state.WorkloadID, "error", err)
+		select {
+		case <-time.After(delay):
+		case <-h.ctx.Done():
+			return nil, h.ctx.Err()
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// streamLogs copies the workload's output into the task's fifos, where
+// Nomad's log collector reads it. A broken stream is resumed by skipping
+// the lines already copied. After a plugin restart (recovered) only new
+// output is copied: lines written while no plugin ran stay in berth
+// (`berth logs WORKLOAD`), not in Nomad.
+func (h *taskHandle) streamLogs(recovered bool) {
+	defer close(h.logsDone)
+	stdout, err := openFifo(h.ctx, h.cfg.StdoutPath)
+	if err != nil {
+		h.d.logger.Error("open stdout fifo", "task_id", h.cfg.ID, "error", err)
+		return
+	}
+	defer stdout.Close()
+	stderr, err := openFifo(h.ctx, h.cfg.StderrPath)
+	if err != nil {
+		h.d.logger.Error("open stderr fifo", "task_id", h.cfg.ID, "error", err)
+		return
+	}
+	defer stderr.Close()
+
+	// seen counts the lines copied per stream. A recovered handle does not
+	// know how many the previous plugin copied, so it only ever asks for
+	// new lines.
+	seen := map[string]int{}
+	delay := 500 * time.Millisecond
+	for {
+		opts := api.LogOptions{Tail: -1, Follow: true}
+		skip := map[string]int{"stdout": seen["stdout"], "stderr": seen["stderr"]}
+		if recovered {
+			opts.Tail, skip = 0, map[string]int{}
+		}
+		err := h.d.agent().Logs(h.ctx, h.state.WorkloadID, opts, func(l api.LogLine) error {
+			if skip[l.Stream] > 0 {
+				skip[l.Stream]--
+				return nil
+			}
+			out := stdout
+			if l.Stream == "stderr" {
+				out = stderr
+			}
+			seen[l.Stream]++
+			_, err := io.WriteString(out, l.Line+"\n")
+			return err
+		})
+		if err == nil || h.ctx.Err() != nil || client.IsReason(err, api.ReasonNotFound) {
+			return
+		}
+		if fifo.IsClosedErr(err) || errors.Is(err, syscall.EPIPE) {
+			h.d.logger.Warn("the log collector went away", "task_id", h.cfg.ID)
+			return
+		}
+		h.d.logger.Warn("log stream broke; resuming", "workload_id", h.state.WorkloadID, "error", err)
+		select {
+		case <-time.After(delay):
+		case <-h.ctx.Done():
+			return
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// openFifo opens a task's log fifo for writing. The open blocks until
+// Nomad's log collector has the other end, which after a client restart
+// can come after RecoverTask.
+func openFifo(ctx context.Context, path string) (io.WriteCloser, error) {
+	type result struct {
+		w   io.WriteCloser
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		w, err := fifo.OpenWriter(path)
+		ch <- result{w, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.w, r.err
+	case <-ctx.Done():
+		// Unblock the pending open, then close what it opened.
+		if r, err := fifo.OpenReader(path); err == nil {
+			r.Close()
+		}
+		if r := <-ch; r.w != nil {
+			r.w.Close()
+		}
+		return nil, ctx.Err()
+	}
+}
+
+// forwardEvents turns berth's events about the workload into Nomad task
+// events (shown by `nomad alloc status`).
+func (h *taskHandle) forwardEvents() {
+	err := h.d.agent().Events(h.ctx, client.EventOptions{WorkloadID: h.state.WorkloadID, Types: []string{"workload."}}, nil, func(e api.Event) error {
+		switch e.Type {
+		case api.EventWorkloadCreated, api.EventWorkloadPlaced:
+			return nil // StartTask reported the placement
+		}
+		h.d.emit(h.cfg, "berth: "+e.Message, e.Attrs)
+		return nil
+	})
+	if err != nil && !errors.Is(err, context.Canceled) && h.ctx.Err() == nil {
+		h.d.logger.Debug("berth event stream ended", "workload_id", h.state.WorkloadID, "error", err)
+	}
+}
