@@ -209,10 +209,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		_ = c.Delete(ctx, w.ID, true)
 		return nil, nil, fmt.Errorf("berth: task handle: %w", err)
 	}
-	th := d.track(cfg, state, false)
+	d.track(cfg, state, false)
 	d.emit(cfg, placementMessage(w), map[string]string{"workload_id": w.ID, "isolation": string(w.Isolation)})
 	d.logger.Info("started task", "task_id", cfg.ID, "workload_id", w.ID, "isolation", w.Isolation)
-	_ = th
 	return h, nil, nil
 }
 
