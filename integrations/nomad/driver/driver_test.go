@@ -17,7 +17,7 @@ func TestWorkloadName(t *testing.T) {
 		{alloc, alloc + "/hello/8c1f2a3b", "nomad-" + alloc + "-8c1f2a3b"},
 		{alloc, alloc + "/Hello/8C1F2A3B", "nomad-" + alloc + "-8c1f2a3b"},
 		{alloc, alloc + "/t/" + alloc + alloc, ""}, // too long: berth names it
-		{"a_b", "a_b/t/x", ""},                    // not a DNS label
+		{"a_b", "a_b/t/x", ""}, // not a DNS label
 	} {
 		if got := WorkloadName(tc.alloc, tc.task); got != tc.want {
 			t.Errorf("WorkloadName(%q, %q) = %q, want %q", tc.alloc, tc.task, got, tc.want)
