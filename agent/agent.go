@@ -113,6 +113,9 @@ type Agent struct {
 	nodeID    string
 	capacity  api.NodeResources
 	conds     conditions
+	// recovered is closed when the start-up work that runs in the
+	// background (interrupted deletes, the first reconciliation) is done.
+	recovered chan struct{}
 }
 
 // New opens the agent's state and recovers every workload it knew: those
@@ -158,6 +161,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 
 		startedAt: time.Now().UTC(),
 		capacity:  hostCapacity(),
+		recovered: make(chan struct{}),
 	}
 	if opts.Capacity != nil {
 		a.capacity = *opts.Capacity

@@ -447,20 +447,33 @@ func (a *Agent) recover(ctx context.Context) error {
 			a.names[r.Workload.Name] = r.Workload.ID
 		}
 	}
+	var deletes []string
 	for _, r := range recs {
 		id := r.Workload.ID
 		switch {
 		case r.Deleting:
-			if err := a.finishDelete(ctx, id); err != nil {
-				a.log.Warn("finish interrupted delete", "workload_id", id, "err", err)
-			}
+			deletes = append(deletes, id)
 		case r.Workload.State == api.StatePending:
 			a.supervise(id)
 		case r.Workload.State == api.StateStarting, r.Workload.State == api.StateRunning, r.Workload.State == api.StateStopping:
 			a.reattach(ctx, r)
 		}
 	}
-	a.Reconcile(ctx)
+	// Interrupted deletes and the first reconciliation can take a while
+	// (killing what is left, waiting for monitors): they run in the
+	// background so the API is up at once. Deleting records are hidden
+	// from it already.
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		defer close(a.recovered)
+		for _, id := range deletes {
+			if err := a.finishDelete(a.ctx, id); err != nil && a.ctx.Err() == nil {
+				a.log.Warn("finish interrupted delete", "workload_id", id, "err", err)
+			}
+		}
+		a.Reconcile(a.ctx)
+	}()
 	a.log.Info("state recovered", "workloads", len(recs), "index", a.index)
 	return nil
 }

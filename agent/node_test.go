@@ -357,6 +357,7 @@ func TestPolicyReloadIsAnEventAndShowsInNodeStatus(t *testing.T) {
 func TestReconcileRemovesOrphansAndMarksVanished(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
+	<-e.agent.recovered // the start-up reconciliation is over
 	// A task no workload owns, as a crash between a driver's start and the
 	// store could leave.
 	orphan := &driver.TaskConfig{ID: "orphan-task", Args: []string{"sleep", "30"}, LogDir: t.TempDir()}

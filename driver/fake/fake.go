@@ -278,7 +278,8 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	d.mu.Lock()
 	delete(d.known, id)
 	d.mu.Unlock()
-	if !ok {
+	if !ok || t.cmd == nil || t.cmd.Process == nil {
+		// Absent, or still being started by Start (which then fails).
 		return nil
 	}
 	select {

@@ -179,7 +179,8 @@ func sh(script string) api.WorkloadSpec {
 // run submits spec, waits for its end and returns it with its output.
 func run(t *testing.T, c *client.Client, spec api.WorkloadSpec) (w *api.Workload, stdout, stderr string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	// Generous: a VM boots under emulation, and CI machines are shared.
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	sub, err := c.Submit(ctx, spec)
 	if err != nil {
@@ -452,7 +453,7 @@ func (p *agentProcess) start(addr string) *client.Client {
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(90 * time.Second)
 	for c.Ready(context.Background()) != nil {
 		if time.Now().After(deadline) {
 			p.t.Fatalf("agent did not become ready:\n%s", p.stderr)

@@ -166,7 +166,8 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 	})
 	importBusybox(t, c)
 	ctx := context.Background()
-	spec := sh("i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.25; done; exit 5")
+	// Long enough to outlast an agent restart on a loaded machine.
+	spec := sh("i=0; while [ $i -lt 120 ]; do echo tick $i; i=$((i+1)); sleep 0.25; done; exit 5")
 	spec.Isolation = api.IsolationVM
 	sub, err := c.Submit(ctx, spec)
 	if err != nil {
@@ -177,11 +178,11 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 		return strings.Count(out, "tick")
 	}
 	// Wait for output: the guest has booted and the workload runs.
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(4 * time.Minute)
 	for countTicks() == 0 {
 		if time.Now().After(deadline) {
 			w, _, _ := c.Get(ctx, sub.ID, nil)
-			t.Fatalf("no output from the VM workload after 90s: %+v\n%s", w, p.stderr)
+			t.Fatalf("no output from the VM workload after 4 minutes: %+v\n%s", w, p.stderr)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -208,8 +209,8 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if end.State != api.StateExited || exitCode(end) != 5 || countTicks() != 40 {
+	if end.State != api.StateExited || exitCode(end) != 5 || countTicks() != 120 {
 		out, _ := logs(t, c, sub.ID)
-		t.Errorf("VM workload ended %s exit %d (%q) with %d ticks, want exited 5 with 40:\n%s", end.State, exitCode(end), end.Error, countTicks(), out)
+		t.Errorf("VM workload ended %s exit %d (%q) with %d ticks, want exited 5 with 120:\n%s", end.State, exitCode(end), end.Error, countTicks(), out)
 	}
 }
