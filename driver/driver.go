@@ -101,6 +101,18 @@ type Image struct {
 	// every task of that image. Drivers must layer a per-task copy-on-write
 	// view over it and never write into it.
 	RootfsDir string
+	// DiskPath, when set, is an absolute path to a bootable whole-disk
+	// image in qcow2 format, booted instead of an OCI root filesystem, for
+	// workloads that need a full OS; RootfsDir is then unused. Only the VM
+	// driver runs such tasks. The image is shared and never written: each
+	// task boots a copy-on-write overlay over it. The guest boots by its
+	// own bootloader (BIOS), so Args, Env, Workdir and User are not passed
+	// in (the disk's OS decides what runs) and may be empty. The guest's
+	// first serial port (ttyS0) is the task's stdout log; stderr stays
+	// empty. The task exits 0 when the guest powers itself off (or resets),
+	// and 137 (SIGKILL) when it was forced off: Stop presses the ACPI power
+	// button and forces the VM off after its timeout.
+	DiskPath string
 }
 
 // Resources are the task's limits.

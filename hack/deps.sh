@@ -4,8 +4,11 @@
 # systemd is not PID 1. Run as root (make run and make test call it).
 set -eu
 
+# syslinux, syslinux-common, mtools and dosfstools build the bootable
+# whole-disk image vmdriver's tests boot.
 PACKAGES="runc qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config
-linux-image-amd64 busybox-static e2fsprogs iptables containernetworking-plugins"
+linux-image-amd64 busybox-static e2fsprogs iptables containernetworking-plugins
+syslinux syslinux-common mtools dosfstools"
 
 if [ "$(id -u)" != 0 ]; then
 	echo "deps: berth needs root to install packages and run containers; run make as root" >&2

@@ -1,14 +1,16 @@
 // Package vmdriver runs berth tasks inside libvirt virtual machines: the
 // task's OCI image boots as a transient libvirt domain by direct kernel
 // boot into berth-init, which runs the command and reports how it ended
-// (the host<->guest contract is package guest).
+// (the host<->guest contract is package guest). A task may instead boot a
+// whole-disk qcow2 image by its own bootloader (see Whole-disk images).
 //
 // # Task directory
 //
 // Each task gets a directory under the driver's root:
 //
 //	tasks/<id>/task.json          domain name, uuid, QEMU pid+start time, log dir, accel
-//	tasks/<id>/root.qcow2         copy-on-write overlay over the image's ext4 base
+//	tasks/<id>/root.qcow2         copy-on-write overlay over the image's ext4 base (or the whole-disk image)
+//	tasks/<id>/console.sock       a whole-disk task's serial console (QEMU listens)
 //	tasks/<id>/config.img         guest.EncodeConfig: args, env, workdir, user, hostname
 //	tasks/<id>/{stdout,stderr,status}.sock  the virtio-serial ports (QEMU listens)
 //	tasks/<id>/status.log         the guest's status records, as the monitor received them
@@ -30,6 +32,26 @@
 // domain type qemu (TCG, CPU model qemu64) or kvm (host-model; never
 // host-passthrough), vCPUs = ceil(cpu), RAM = memory + GuestMemoryOverhead,
 // two virtio-blk disks found by serial, no network, no USB, no balloon.
+//
+// # Whole-disk images
+//
+// A task whose driver.Image.DiskPath names a qcow2 whole-disk image (a
+// full OS with its own bootloader) boots that instead: root.qcow2 is a
+// copy-on-write overlay over the image (qemu-img create -f qcow2 -b IMAGE
+// -F qcow2; the shared image is never written), the domain boots it by
+// BIOS (SeaBIOS, boot order 1), with no kernel, initramfs, config disk or
+// virtio-serial ports, and its first serial port (the guest's ttyS0) is
+// the unix socket console.sock, which the task's monitor appends to
+// LogDir/stdout.log (stderr.log stays empty). The domain is created
+// paused and resumed once the monitor is connected: unlike a
+// virtio-serial port, a serial port without a client drops what the guest
+// writes, and the bootloader's first lines would be lost. Nothing in the
+// guest reports a result, so the exit code is 0 when the guest ends by
+// itself (power-off; a reset ends the domain too) and 137 (SIGKILL) when
+// berth forced it off. Stop presses the ACPI power button (a full OS with
+// acpid shuts down and exits 0) and forces the VM off after the timeout;
+// Destroy, Recover, Stats and List are the same as for other tasks. The
+// image must be reachable by QEMU's unprivileged user, as the driver root.
 //
 // # Output and exit codes while the agent is dead
 //

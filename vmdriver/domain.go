@@ -72,6 +72,13 @@ type domainSpec struct {
 	Ports   map[string]string
 	Console string // file the serial console is appended to
 
+	// WholeDisk boots RootDisk by its own bootloader (BIOS, boot from hd)
+	// instead of Kernel and Initrd, and the serial console goes to
+	// ConsoleSocket (QEMU listens; the task's monitor connects) instead of
+	// the Console file.
+	WholeDisk     bool
+	ConsoleSocket string
+
 	// Interfaces is where the task's network devices will go (a virtio-net
 	// tap on the node bridge). Empty today: guests have no network.
 	Interfaces []libvirtxml.DomainInterface
@@ -140,13 +147,35 @@ func domainXML(s domainSpec) (string, error) {
 	zero := uint(0)
 	var disks []libvirtxml.DomainDisk
 	if s.RootDisk != "" {
-		disks = append(disks, libvirtxml.DomainDisk{
+		disk := libvirtxml.DomainDisk{
 			Device: "disk",
 			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: s.RootFormat, Cache: "none", IO: "native", Discard: "unmap"},
 			Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.RootDisk}},
 			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 			Serial: guest.RootDiskSerial,
-		})
+		}
+		if s.WholeDisk {
+			disk.Serial = ""
+			disk.Boot = &libvirtxml.DomainDeviceBoot{Order: 1}
+		}
+		disks = append(disks, disk)
+	}
+	osCfg := &libvirtxml.DomainOS{
+		Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
+		Kernel:  s.Kernel,
+		Initrd:  s.Initrd,
+		Cmdline: s.Cmdline,
+	}
+	console := libvirtxml.DomainSerial{
+		Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}},
+		Target: &libvirtxml.DomainSerialTarget{Port: &zero},
+	}
+	if s.WholeDisk {
+		if s.RootDisk == "" || s.ConsoleSocket == "" || s.Kernel != "" {
+			return "", fmt.Errorf("whole-disk domain %s: want a root disk and a console socket, and no kernel", s.Name)
+		}
+		osCfg = &libvirtxml.DomainOS{Type: osCfg.Type}
+		console.Source = &libvirtxml.DomainChardevSource{UNIX: &libvirtxml.DomainChardevSourceUNIX{Mode: "bind", Path: s.ConsoleSocket}}
 	}
 	if s.ConfigDisk != "" {
 		disks = append(disks, libvirtxml.DomainDisk{
@@ -175,12 +204,7 @@ func domainXML(s domainSpec) (string, error) {
 		Metadata: &libvirtxml.DomainMetadata{XML: string(meta)},
 		Memory:   &libvirtxml.DomainMemory{Value: s.MemoryKi, Unit: "KiB"},
 		VCPU:     &libvirtxml.DomainVCPU{Value: s.VCPUs},
-		OS: &libvirtxml.DomainOS{
-			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
-			Kernel:  s.Kernel,
-			Initrd:  s.Initrd,
-			Cmdline: s.Cmdline,
-		},
+		OS:       osCfg,
 		// ACPI carries the power button berth-init turns into SIGTERM.
 		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}},
 		CPU:        cpu,
@@ -196,10 +220,7 @@ func domainXML(s domainSpec) (string, error) {
 			},
 			Channels:   channels,
 			Interfaces: s.Interfaces,
-			Serials: []libvirtxml.DomainSerial{{
-				Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}},
-				Target: &libvirtxml.DomainSerialTarget{Port: &zero},
-			}},
+			Serials:    []libvirtxml.DomainSerial{console},
 			MemBalloon: &libvirtxml.DomainMemBalloon{Model: "none"},
 		},
 	}

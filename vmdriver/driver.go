@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -68,6 +69,10 @@ const (
 	consoleLog    = "console.log"
 	statusLog     = "status.log"
 	killedFile    = "killed"
+	// consoleSocket is a whole-disk task's serial console (QEMU listens).
+	consoleSocket = "console.sock"
+	// consolePort names the serial console among the monitor's ports.
+	consolePort = "console"
 )
 
 var portSockets = map[string]string{
@@ -165,6 +170,9 @@ type taskState struct {
 	QEMU        proc.Ident `json:"qemu"`
 	MemoryBytes int64      `json:"memory_bytes"`
 	StartedAt   time.Time  `json:"started_at"`
+	// WholeDisk is the whole-disk image (driver.Image.DiskPath) the task
+	// boots; empty for an OCI task booted into berth-init.
+	WholeDisk string `json:"whole_disk,omitempty"`
 }
 
 // task is the driver's in-memory view of one VM.
@@ -398,11 +406,17 @@ func validateTask(cfg *driver.TaskConfig) error {
 	if err := checkID(cfg.ID); err != nil {
 		problems = append(problems, err.Error())
 	}
-	if len(cfg.Args) == 0 {
+	switch disk := cfg.Image.DiskPath; {
+	case disk != "":
+		// The disk's own OS decides what runs: Args and the rest are unused.
+		if err := checkWholeDisk(disk); err != nil {
+			problems = append(problems, "image: "+err.Error())
+		}
+	case len(cfg.Args) == 0:
 		problems = append(problems, "args: a command is required")
 	}
-	if cfg.Image.RootfsDir == "" {
-		problems = append(problems, "image: rootfs dir is required")
+	if cfg.Image.RootfsDir == "" && cfg.Image.DiskPath == "" {
+		problems = append(problems, "image: rootfs dir or disk path is required")
 	}
 	if cfg.LogDir == "" {
 		problems = append(problems, "log dir is required")
@@ -412,6 +426,27 @@ func validateTask(cfg *driver.TaskConfig) error {
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("vm task: %s: %w", strings.Join(problems, "; "), errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// qcow2Magic starts every qcow2 image.
+var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+
+// checkWholeDisk checks that a whole-disk image is an absolute path to a
+// qcow2 image, before anything is built for it.
+func checkWholeDisk(path string) error {
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("disk path %q is not absolute", path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("disk image: %v", err)
+	}
+	defer f.Close()
+	magic := make([]byte, len(qcow2Magic))
+	if _, err := io.ReadFull(f, magic); err != nil || !bytes.Equal(magic, qcow2Magic) {
+		return fmt.Errorf("disk image %s is not a qcow2 image", path)
 	}
 	return nil
 }
@@ -450,41 +485,9 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err != nil {
 		return nil, err
 	}
-	boot, err := d.bootAssets(ctx)
-	if err != nil {
-		return nil, err
-	}
-	base, err := rootdisk.Base(ctx, cfg.Image.RootfsDir, baseKey(cfg.Image), d.cacheDir, rootdisk.WithHeadroom(d.opts.BaseHeadroom))
-	if err != nil {
-		return nil, err
-	}
-	if err := rootdisk.Overlay(ctx, base, filepath.Join(dir, rootDiskFile)); err != nil {
-		return nil, err
-	}
-	gcfg, err := guestConfig(cfg)
-	if err != nil {
-		return nil, err
-	}
-	cfgData, err := guest.EncodeConfig(gcfg)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, configDisk), cfgData, 0o644); err != nil {
-		return nil, fmt.Errorf("write config disk: %w", err)
-	}
-	// The monitor appends here; create them now so the agent can tail
-	// them from the moment Start returns.
-	for _, name := range []string{driver.StdoutLog, driver.StderrLog} {
-		f, err := os.OpenFile(filepath.Join(cfg.LogDir, name), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-		if err != nil {
-			return nil, fmt.Errorf("create log: %w", err)
-		}
-		f.Close()
-	}
-
 	st := taskState{
 		ID: cfg.ID, Domain: d.domainName(cfg.ID), LogDir: cfg.LogDir, Accel: choice.Accel,
-		MemoryBytes: cfg.Resources.MemoryBytes,
+		MemoryBytes: cfg.Resources.MemoryBytes, WholeDisk: cfg.Image.DiskPath,
 	}
 	if st.MemoryBytes <= 0 {
 		st.MemoryBytes = DefaultMemoryBytes
@@ -495,17 +498,28 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		Accel:      choice.Accel,
 		VCPUs:      vcpus(cfg.Resources.CPU),
 		MemoryKi:   memoryKiB(cfg.Resources.MemoryBytes),
-		Kernel:     boot.kernel.Path,
-		Initrd:     boot.initrd,
-		Cmdline:    kernelCmdline,
 		RootDisk:   filepath.Join(dir, rootDiskFile),
 		RootFormat: "qcow2",
-		ConfigDisk: filepath.Join(dir, configDisk),
-		Ports:      map[string]string{},
-		Console:    filepath.Join(dir, consoleLog),
 	}
-	for port, sock := range portSockets {
-		spec.Ports[port] = filepath.Join(dir, sock)
+	if st.WholeDisk != "" {
+		// The disk boots by its own bootloader; its serial console is the
+		// task's stdout, through the monitor.
+		if err := rootdisk.OverlayOf(ctx, st.WholeDisk, "qcow2", spec.RootDisk); err != nil {
+			return nil, err
+		}
+		spec.WholeDisk = true
+		spec.ConsoleSocket = filepath.Join(dir, consoleSocket)
+	} else if err := d.prepareBoot(ctx, cfg, dir, &spec); err != nil {
+		return nil, err
+	}
+	// The monitor appends here; create them now so the agent can tail
+	// them from the moment Start returns.
+	for _, name := range []string{driver.StdoutLog, driver.StderrLog} {
+		f, err := os.OpenFile(filepath.Join(cfg.LogDir, name), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, fmt.Errorf("create log: %w", err)
+		}
+		f.Close()
 	}
 	xmlDoc, err := domainXML(spec)
 	if err != nil {
@@ -517,8 +531,15 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, err
 	}
 	domainCreated = true // from here on, a failure may have left one
+	// A whole-disk guest starts paused until its monitor is connected: a
+	// serial port without a client drops what the guest writes (unlike the
+	// virtio-serial ports berth-init uses, whose writes wait).
+	createFlags := libvirt.DOMAIN_NONE
+	if spec.WholeDisk {
+		createFlags = libvirt.DOMAIN_START_PAUSED
+	}
 	err = d.hv.do(ctx, func(c *libvirt.Connect) error {
-		dom, err := c.DomainCreateXML(xmlDoc, libvirt.DOMAIN_NONE)
+		dom, err := c.DomainCreateXML(xmlDoc, createFlags)
 		if err != nil {
 			return err
 		}
@@ -551,11 +572,70 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		<-exited
 		return nil, fmt.Errorf("vm task %s: monitor: %s (see %s)", cfg.ID, res.Error, filepath.Join(dir, monitorLogFile))
 	}
+	if spec.WholeDisk {
+		if err := d.resume(ctx, cfg.ID); err != nil {
+			return nil, err
+		}
+	}
 	d.mu.Lock()
 	d.tasks[cfg.ID] = t
 	d.mu.Unlock()
 	go d.supervise(t, exited)
 	return d.handle(t), nil
+}
+
+// prepareBoot readies an OCI task's direct kernel boot: the kernel and
+// initramfs, the root disk overlay over the image's ext4 base, the config
+// disk for berth-init and the virtio-serial ports.
+func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir string, spec *domainSpec) error {
+	boot, err := d.bootAssets(ctx)
+	if err != nil {
+		return err
+	}
+	base, err := rootdisk.Base(ctx, cfg.Image.RootfsDir, baseKey(cfg.Image), d.cacheDir, rootdisk.WithHeadroom(d.opts.BaseHeadroom))
+	if err != nil {
+		return err
+	}
+	if err := rootdisk.Overlay(ctx, base, spec.RootDisk); err != nil {
+		return err
+	}
+	gcfg, err := guestConfig(cfg)
+	if err != nil {
+		return err
+	}
+	cfgData, err := guest.EncodeConfig(gcfg)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, configDisk), cfgData, 0o644); err != nil {
+		return fmt.Errorf("write config disk: %w", err)
+	}
+	spec.Kernel, spec.Initrd, spec.Cmdline = boot.kernel.Path, boot.initrd, kernelCmdline
+	spec.ConfigDisk = filepath.Join(dir, configDisk)
+	spec.Console = filepath.Join(dir, consoleLog)
+	spec.Ports = map[string]string{}
+	for port, sock := range portSockets {
+		spec.Ports[port] = filepath.Join(dir, sock)
+	}
+	return nil
+}
+
+// resume starts the vCPUs of a task's domain created paused.
+func (d *Driver) resume(ctx context.Context, id string) error {
+	return d.hv.do(ctx, func(c *libvirt.Connect) error {
+		dom, err := d.lookup(c, id)
+		if err != nil {
+			return err
+		}
+		if dom == nil {
+			return nil // it already ended: the monitor records how
+		}
+		defer dom.Free()
+		if err := dom.Resume(); err != nil && !isNotRunning(err) {
+			return fmt.Errorf("resume domain %s: %w", d.domainName(id), lvError(err))
+		}
+		return nil
+	})
 }
 
 func (d *Driver) handle(t *task) *driver.Handle {
@@ -641,9 +721,16 @@ func (d *Driver) spawnMonitor(ctx context.Context, t *task) (<-chan struct{}, er
 			guest.StderrPort: filepath.Join(t.state.LogDir, driver.StderrLog),
 			guest.StatusPort: filepath.Join(t.dir, statusLog),
 		},
+		Durable: []string{guest.StatusPort},
 	}
 	for port, sock := range portSockets {
 		mcfg.Sockets[port] = filepath.Join(t.dir, sock)
+	}
+	if t.state.WholeDisk != "" {
+		// One port: the serial console is the task's stdout.
+		mcfg.Sockets = map[string]string{consolePort: filepath.Join(t.dir, consoleSocket)}
+		mcfg.Outputs = map[string]string{consolePort: filepath.Join(t.state.LogDir, driver.StdoutLog)}
+		mcfg.Durable = nil
 	}
 	if err := fileutil.WriteJSON(filepath.Join(t.dir, monitorConfigFile), mcfg); err != nil {
 		return nil, err
@@ -775,15 +862,35 @@ func (d *Driver) forceOff(t *task, reason string) {
 // finish turns what the VM left on disk into the task's exit result: the
 // guest's last status record, or berth's own forced stop, or a crash.
 func (d *Driver) finish(t *task) {
-	t.exit = exitResult(t.dir)
+	if t.state.WholeDisk != "" {
+		t.exit = wholeDiskExitResult(t.dir)
+	} else {
+		t.exit = exitResult(t.dir)
+	}
 	close(t.done)
 }
 
-func exitResult(dir string) *driver.ExitResult {
-	res := &driver.ExitResult{FinishedAt: time.Now().UTC()}
-	if mr, ok := readMonitorResult(dir); ok && !mr.FinishedAt.IsZero() {
-		res.FinishedAt = mr.FinishedAt
+// wholeDiskExitResult is how a whole-disk guest ended: nothing in it
+// reports a result, so it is 0 when the guest powered itself off (or
+// reset, which ends the domain too) and 137 when berth forced it off.
+func wholeDiskExitResult(dir string) *driver.ExitResult {
+	res := &driver.ExitResult{FinishedAt: monitorFinishedAt(dir)}
+	if _, err := os.Stat(filepath.Join(dir, killedFile)); err == nil {
+		res.ExitCode, res.Signal = 128+int(unix.SIGKILL), int(unix.SIGKILL)
 	}
+	return res
+}
+
+// monitorFinishedAt is when the monitor saw the VM end, or now.
+func monitorFinishedAt(dir string) time.Time {
+	if mr, ok := readMonitorResult(dir); ok && !mr.FinishedAt.IsZero() {
+		return mr.FinishedAt
+	}
+	return time.Now().UTC()
+}
+
+func exitResult(dir string) *driver.ExitResult {
+	res := &driver.ExitResult{FinishedAt: monitorFinishedAt(dir)}
 	var last *guest.Status
 	var err error
 	if f, ferr := os.Open(filepath.Join(dir, statusLog)); ferr == nil {

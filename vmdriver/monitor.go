@@ -4,16 +4,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/berthd/berth/guest"
 	"github.com/berthd/berth/internal/fileutil"
 	"github.com/berthd/berth/internal/proc"
 )
@@ -46,6 +47,10 @@ type monitorConfig struct {
 	Outputs     map[string]string `json:"outputs"`
 	QEMU        proc.Ident        `json:"qemu"`
 	LogMaxBytes int64             `json:"log_max_bytes"`
+	// Durable names the ports whose output is synced on every write and
+	// never capped (the status port); the others are logs capped at
+	// LogMaxBytes.
+	Durable []string `json:"durable,omitempty"`
 }
 
 // monitorResult is written as monitor-done.json when the monitor saw QEMU
@@ -100,7 +105,9 @@ func monitor(dir string, ready *os.File) error {
 		return errors.Join(err, werr)
 	}
 
-	ports := []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort}
+	// Every port in the config: berth-init's three, or a whole-disk
+	// guest's serial console.
+	ports := slices.Sorted(maps.Keys(cfg.Sockets))
 	conns := make([]net.Conn, 0, len(ports))
 	defer func() {
 		for _, c := range conns {
@@ -121,7 +128,7 @@ func monitor(dir string, ready *os.File) error {
 	}
 	outs := make([]io.WriteCloser, 0, len(ports))
 	for _, port := range ports {
-		w, err := openOutput(cfg.Outputs[port], port == guest.StatusPort, cfg.LogMaxBytes)
+		w, err := openOutput(cfg.Outputs[port], slices.Contains(cfg.Durable, port), cfg.LogMaxBytes)
 		if err != nil {
 			for _, o := range outs {
 				o.Close()

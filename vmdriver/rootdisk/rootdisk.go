@@ -237,7 +237,13 @@ func buildBase(ctx context.Context, rootfsDir, final string, o options) (err err
 // the shared base. It fails with errdefs.ErrAlreadyExists if path exists,
 // rather than replacing a disk a VM may be using; a half-created overlay
 // never appears at path.
-func Overlay(ctx context.Context, base, path string) (err error) {
+func Overlay(ctx context.Context, base, path string) error {
+	return OverlayOf(ctx, base, "raw", path)
+}
+
+// OverlayOf is Overlay over a base in the given format ("raw", "qcow2"),
+// e.g. a whole-disk VM image.
+func OverlayOf(ctx context.Context, base, baseFormat, path string) (err error) {
 	absBase, err := filepath.Abs(base)
 	if err != nil {
 		return fmt.Errorf("rootdisk: overlay: %w", err)
@@ -252,7 +258,7 @@ func Overlay(ctx context.Context, base, path string) (err error) {
 	defer os.Remove(tmp) // after the link below, path keeps the file
 	// The backing path is stored absolute so the overlay works wherever it
 	// is opened from; the format is given so QEMU never probes it.
-	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", absBase, tmp)
+	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", baseFormat, "-b", absBase, tmp)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		if errors.Is(err, exec.ErrNotFound) {
 			return fmt.Errorf("rootdisk: qemu-img not found (install qemu-utils): %w", errdefs.ErrUnavailable)
