@@ -89,6 +89,8 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	mux  chi.Router
+	// httpm counts requests for /metrics.
+	httpm httpMetrics
 }
 
 // New returns the API handler over b.
@@ -124,6 +126,7 @@ func New(b Backend, opts Options) *Server {
 		writeProblem(w, r, s.log, &api.Problem{Status: http.StatusMethodNotAllowed, Reason: api.ReasonMethodNotAllowed, Title: "Method not allowed", Detail: r.Method + " is not supported on " + r.URL.Path})
 	})
 	r.Get("/healthz", s.healthz)
+	r.Get("/metrics", s.metrics)
 	r.Get("/readyz", s.readyz)
 	r.Route("/v1", func(r chi.Router) {
 		r.Get("/node", s.getNode)
@@ -179,6 +182,7 @@ func (s *Server) accessLog(next http.Handler) http.Handler {
 		start := time.Now()
 		next.ServeHTTP(ww, r)
 		route := chi.RouteContext(r.Context()).RoutePattern()
+		s.httpm.observe(r.Method, route, ww.Status(), time.Since(start))
 		s.log.Debug("request", "method", r.Method, "route", route, "path", r.URL.Path, "status", ww.Status(), "duration", time.Since(start))
 	})
 }
