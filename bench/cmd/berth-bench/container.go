@@ -45,9 +45,12 @@ type captured struct {
 }
 
 // captureBundle reads the runtime spec berth wrote for workload id and the
-// lower directory of its overlay root (the image's unpacked rootfs).
-func captureBundle(dataDir, id string) (*captured, error) {
-	bundle := filepath.Join(dataDir, "containers", "tasks", id, "bundle")
+// lower directory of its overlay root (the image's unpacked rootfs). Files
+// berth bind-mounts from the task's directory (resolv.conf, hosts) are
+// copied into keep, since the task's directory goes with the workload.
+func captureBundle(dataDir, id, keep string) (*captured, error) {
+	taskDir := filepath.Join(dataDir, "containers", "tasks", id)
+	bundle := filepath.Join(taskDir, "bundle")
 	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
 	if err != nil {
 		return nil, fmt.Errorf("read berth's bundle: %w", err)
@@ -59,6 +62,23 @@ func captureBundle(dataDir, id string) (*captured, error) {
 	lower, err := overlayLower(filepath.Join(bundle, "rootfs"))
 	if err != nil {
 		return nil, err
+	}
+	if err := os.MkdirAll(keep, 0o700); err != nil {
+		return nil, err
+	}
+	for i, m := range s.Mounts {
+		if !strings.HasPrefix(m.Source, taskDir+"/") {
+			continue
+		}
+		b, err := os.ReadFile(m.Source)
+		if err != nil {
+			return nil, fmt.Errorf("copy %s of berth's bundle: %w", m.Source, err)
+		}
+		dst := filepath.Join(keep, fmt.Sprintf("%d-%s", i, filepath.Base(m.Source)))
+		if err := os.WriteFile(dst, b, 0o644); err != nil {
+			return nil, err
+		}
+		s.Mounts[i].Source = dst
 	}
 	return &captured{spec: &s, rootfs: lower}, nil
 }
@@ -132,7 +152,11 @@ func (r *rawRunc) bundle(args []string) (id, dir string, err error) {
 }
 
 func (r *rawRunc) cmd(ctx context.Context, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "runc", append([]string{"--root", r.root}, args...)...)
+	cmd := exec.CommandContext(ctx, "runc", append([]string{"--root", r.root}, args...)...)
+	// A container started by runc holds runc's stdio; never wait on it
+	// for ever once runc itself is gone.
+	cmd.WaitDelay = 5 * time.Second
+	return cmd
 }
 
 // run times `runc run` of /bin/true: create, start, wait, delete in one.
@@ -161,9 +185,13 @@ func (r *rawRunc) createStartDelete(ctx context.Context) (running, total time.Du
 	}
 	defer os.RemoveAll(dir)
 	pidFile := filepath.Join(dir, "pid")
+	// The container inherits create's stdio: /dev/null, not a pipe the
+	// harness would wait on until the container ends. Errors go to --log.
+	logPath := filepath.Join(dir, "runc.log")
+	create := r.cmd(ctx, "--log", logPath, "create", "--bundle", dir, "--pid-file", pidFile, id)
 	t0 := time.Now()
-	if out, err := r.cmd(ctx, "create", "--bundle", dir, "--pid-file", pidFile, id).CombinedOutput(); err != nil {
-		return 0, 0, fmt.Errorf("runc create: %v: %s", err, out)
+	if err := create.Run(); err != nil {
+		return 0, 0, fmt.Errorf("runc create: %v: %s", err, tailFile(logPath, 1000))
 	}
 	var pid int
 	if b, err := os.ReadFile(pidFile); err == nil {
@@ -234,9 +262,11 @@ func removeCgroups(parent string) {
 
 // berthTrue submits /bin/true and times submit→running (from the agent's
 // started_at) and submit→exit (as the client sees it), then deletes it.
-func berthTrue(ctx context.Context, a *agentProc) (running, exit time.Duration, err error) {
+func berthTrue(ctx context.Context, a *agentProc, network string) (running, exit time.Duration, err error) {
+	spec := containerSpec("/bin/true")
+	spec.Network = network
 	t0 := time.Now()
-	w, err := a.c.Submit(ctx, containerSpec("/bin/true"))
+	w, err := a.c.Submit(ctx, spec)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -257,9 +287,9 @@ func berthTrue(ctx context.Context, a *agentProc) (running, exit time.Duration, 
 // through the API, interleaved with the runc baselines so drift and noise
 // hit all three alike.
 func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *Report) error {
-	var bRun, bExit, rRun, cRun, cTotal []float64
+	var bRun, bExit, nRun, rRun, cRun, cTotal []float64
 	// One unmeasured round of each warms page cache and runc.
-	if _, _, err := berthTrue(ctx, a); err != nil {
+	if _, _, err := berthTrue(ctx, a, ""); err != nil {
 		return err
 	}
 	if _, err := rr.run(ctx); err != nil {
@@ -269,11 +299,18 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		run, exit, err := berthTrue(ctx, a)
+		run, exit, err := berthTrue(ctx, a, "")
 		if err != nil {
 			return fmt.Errorf("berth /bin/true #%d: %w", i, err)
 		}
 		bRun, bExit = append(bRun, ms(run)), append(bExit, ms(exit))
+		// The same without the node network (no CNI set-up and teardown),
+		// to show what the network costs.
+		run, _, err = berthTrue(ctx, a, "none")
+		if err != nil {
+			return fmt.Errorf("berth /bin/true network none #%d: %w", i, err)
+		}
+		nRun = append(nRun, ms(run))
 		d, err := rr.run(ctx)
 		if err != nil {
 			return err
@@ -298,6 +335,10 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 		Baseline: "runc run", Ratio: ratio(br.Median, runcRun.Median),
 		Note: fmt.Sprintf("overhead %+.1f ms over runc run, %+.1f ms (×%.2f) over runc create+start",
 			br.Median-runcRun.Median, br.Median-csRun.Median, ratio(br.Median, csRun.Median))})
+	bn := summarize(nRun)
+	rep.add(Result{Section: sec, Name: "berth submit→running, network none (no CNI)", Unit: "ms", Summary: &bn,
+		Baseline: "runc run", Ratio: ratio(bn.Median, runcRun.Median),
+		Note: fmt.Sprintf("overhead %+.1f ms over runc run; the bridge network costs %+.1f ms", bn.Median-runcRun.Median, br.Median-bn.Median)})
 	rep.add(Result{Section: sec, Name: "berth submit→exit (client sees exited)", Unit: "ms", Summary: &be,
 		Baseline: "runc run", Ratio: ratio(be.Median, runcRun.Median),
 		Note: fmt.Sprintf("overhead %+.1f ms over runc run, %+.1f ms over runc create+start+wait+delete",
@@ -309,7 +350,7 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 		Met:      over < 15, By: fmt.Sprintf("%+.1f ms", over-15),
 	})
 	rep.raw["container_start"] = map[string]any{
-		"berth_submit_to_running_ms": bRun, "berth_submit_to_exit_ms": bExit,
+		"berth_submit_to_running_ms": bRun, "berth_submit_to_exit_ms": bExit, "berth_network_none_submit_to_running_ms": nRun,
 		"runc_run_ms": rRun, "runc_create_start_ms": cRun, "runc_create_start_wait_delete_ms": cTotal,
 	}
 	return nil
@@ -500,7 +541,7 @@ func monitorPids(dir string, ids []string) map[string]int {
 // containerFootprint is measurement 6 for containers: agent RSS with n
 // running containers against the idle agent, and each monitor's memory.
 // It returns berth's own bundle of the first container, for the baselines.
-func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, rep *Report) (*captured, error) {
+func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, keep string, rep *Report) (*captured, error) {
 	ids := make([]string, n)
 	t0 := time.Now()
 	for i := range ids {
@@ -516,7 +557,7 @@ func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, 
 		return nil, err
 	}
 	up := time.Since(t0)
-	cap, err := captureBundle(a.dataDir, ids[0])
+	cap, err := captureBundle(a.dataDir, ids[0], keep)
 	if err != nil {
 		return nil, err
 	}

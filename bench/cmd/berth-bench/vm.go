@@ -148,11 +148,27 @@ func berthVM(ctx context.Context, a *agentProc, capture, whileUp func(id string)
 	return got, nil
 }
 
+// machineCgroup makes a cpu cgroup for the hand-started QEMU next to
+// libvirt's (under /machine, where libvirt puts every QEMU it starts), so
+// under CPU contention it competes for the same share as libvirt's guests
+// instead of as a root-level task. Empty when there is no such hierarchy.
+func machineCgroup(runID string) string {
+	parent := "/sys/fs/cgroup/cpu/machine"
+	if _, err := os.Stat(parent); err != nil {
+		return ""
+	}
+	dir := filepath.Join(parent, "berthbench-"+runID)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return ""
+	}
+	return dir
+}
+
 // qemuDirect boots the captured guest with qemu-system-x86_64 by hand:
 // the same kernel, initramfs, command line, machine, CPU model, memory,
 // disk caching and virtio-serial ports (as plain files), timed from exec
 // to the first stdout byte.
-func qemuDirect(ctx context.Context, c *vmCapture, dir string) (time.Duration, error) {
+func qemuDirect(ctx context.Context, c *vmCapture, dir, cgroup string) (time.Duration, error) {
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return 0, err
 	}
@@ -205,6 +221,9 @@ func qemuDirect(ctx context.Context, c *vmCapture, dir string) (time.Duration, e
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		return 0, err
+	}
+	if cgroup != "" {
+		_ = os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(fmt.Sprint(cmd.Process.Pid)), 0)
 	}
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
@@ -353,7 +372,8 @@ func virshCreate(ctx context.Context, c *vmCapture, dir, name string) (time.Dura
 //
 // With footprint set, the warm-up VM is also measured for the footprint
 // (quick runs boot no extra VMs for it).
-func vmStart(ctx context.Context, a *agentProc, n int, work, runID string, footprint bool, rep *Report) error {
+func vmStart(ctx context.Context, a *agentProc, n int, budget time.Duration, work, runID string, footprint bool, rep *Report) error {
+	phaseStart := time.Now()
 	if err := os.MkdirAll(work, 0o711); err != nil {
 		return err
 	}
@@ -378,13 +398,19 @@ func vmStart(ctx context.Context, a *agentProc, n int, work, runID string, footp
 	}
 	rep.VMAccel = map[string]string{"qemu": "tcg", "kvm": "kvm"}[cap.dom.Type]
 	var bt, qt, vt []float64
+	cg := machineCgroup(runID)
+	defer removeCgroups(strings.TrimPrefix(cg, "/sys/fs/cgroup/cpu"))
 	for i := 0; i < n; i++ {
+		if i > 0 && time.Since(phaseStart) > budget {
+			rep.errorf("VM start: stopped after %d of %d rounds: the %s budget was spent (machine under load)", i, n, budget)
+			break
+		}
 		d, err := berthVM(ctx, a, nil, nil)
 		if err != nil {
 			return fmt.Errorf("berth VM #%d: %w", i, err)
 		}
 		bt = append(bt, ms(d))
-		d, err = qemuDirect(ctx, cap, filepath.Join(work, fmt.Sprintf("qemu%d", i)))
+		d, err = qemuDirect(ctx, cap, filepath.Join(work, fmt.Sprintf("qemu%d", i)), cg)
 		if err != nil {
 			return fmt.Errorf("qemu direct boot #%d: %w", i, err)
 		}
