@@ -162,7 +162,7 @@ func startCluster(t *testing.T, env testEnv) *cluster {
 
 	img := busyboxArchive(t)
 	for _, spec := range []struct{ name, policy string }{{vmNode, "vm"}, {ctrNode, "container"}} {
-		n := &node{name: spec.name}
+		n := &node{name: spec.name, cgroupParent: fmt.Sprintf("nomad-berth-e2e-%d-%s", os.Getpid(), spec.name)}
 		dir := mkdir(t, filepath.Join(root, spec.name), 0o711)
 		n.berth = startBerth(t, env, mkdir(t, filepath.Join(dir, "berth"), 0o711), spec.policy)
 		if _, err := n.berth.agent.ImportImage(context.Background(), bytes.NewReader(img), ""); err != nil {
@@ -179,6 +179,11 @@ name                 = "server"
 data_dir             = %q
 bind_addr            = "127.0.0.1"
 disable_update_check = true
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}
 ports {
   http = %d
   rpc  = %d
@@ -202,15 +207,19 @@ server {
 		return err == nil && l != ""
 	})
 
-	for i, n := range cl.nodes {
+	for _, n := range cl.nodes {
 		dir := filepath.Join(root, n.name)
-		n.cgroupParent = fmt.Sprintf("nomad-berth-e2e-%d-%d", os.Getpid(), i)
 		cfg := writeFile(t, filepath.Join(dir, "client.hcl"), fmt.Sprintf(`
 name                 = %q
 data_dir             = %q
 bind_addr            = "127.0.0.1"
 disable_update_check = true
 plugin_dir           = %q
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}
 ports {
   http = %d
   rpc  = %d
@@ -547,6 +556,10 @@ func killByExe(t *testing.T, dir string) {
 // cgroupDirs lists the directories of a cgroup parent in every hierarchy
 // (v1 controllers or the v2 unified tree), deepest first.
 func cgroupDirs(parent string) []string {
+	if parent == "" || strings.Contains(parent, "..") || filepath.IsAbs(parent) {
+		// Never walk a whole hierarchy: only the test's own parent.
+		return nil
+	}
 	var roots []string
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		roots = []string{"/sys/fs/cgroup"}
