@@ -189,8 +189,8 @@ func testRecoverAndStop(t *testing.T, cl *cluster) {
 		t.Fatal("no allocation on the container node")
 	}
 	n := cl.node(ctrNode)
-	n.nomad.stop(t)
 	before := tickCount(cl.nomadCLI(t, "alloc", "logs", ctrAlloc.ID, "tick"))
+	n.nomad.stop(t)
 	n.nomad.start(t)
 	cl.waitNodeReady(t, n)
 	waitFor(t, 2*time.Minute, "new output after the client restart", func() bool {
