@@ -60,8 +60,10 @@
 // shm and mqueue, and a tmpfs /run mounted as runc would), with the config's
 // environment (PATH defaults to DefaultPath, HOME to the user's home from
 // the image's /etc/passwd), working directory (created when missing, as runc
-// does), numeric user and hostname, and the loopback interface up (the
-// guest has no other network yet; see Config.Network); stdin is /dev/null. When the main
+// does), numeric user and hostname, the loopback interface up and, when
+// Config.Network is set, eth0 (virtio-net) up with its address, the default
+// route through the gateway and the name servers in the workload's
+// /etc/resolv.conf; stdin is /dev/null. When the main
 // process exits, every process left in the guest is killed (as when a
 // container's PID namespace ends), the output is drained, the terminal
 // status record is written, filesystems are synced and the guest powers

@@ -31,7 +31,8 @@
 // (the power button is SIGTERM), on_poweroff/on_reboot/on_crash destroy,
 // domain type qemu (TCG, CPU model qemu64) or kvm (host-model; never
 // host-passthrough), vCPUs = ceil(cpu), RAM = memory + GuestMemoryOverhead,
-// two virtio-blk disks found by serial, no network, no USB, no balloon.
+// two virtio-blk disks found by serial, a virtio-net NIC on the node bridge
+// for a bridge network (libvirt makes and removes the tap), no USB, no balloon.
 //
 // # Whole-disk images
 //

@@ -79,8 +79,9 @@ type domainSpec struct {
 	WholeDisk     bool
 	ConsoleSocket string
 
-	// Interfaces is where the task's network devices will go (a virtio-net
-	// tap on the node bridge). Empty today: guests have no network.
+	// Interfaces are the task's network devices: a virtio-net NIC whose
+	// tap libvirt attaches to the node bridge (see bridgeInterface), or
+	// none for a guest with loopback only.
 	Interfaces []libvirtxml.DomainInterface
 }
 
@@ -109,9 +110,9 @@ func memoryKiB(req int64) uint {
 // domainXML renders the domain definition: a transient, ACPI-capable q35
 // machine booted directly into berth's kernel and initramfs, with two
 // virtio-blk disks found by serial, three virtio-serial ports, a serial
-// console into a file, and nothing else: no network (until
-// domainSpec.Interfaces is filled), no USB, no balloon, no
-// graphics, no host devices.
+// console into a file, a virtio-net NIC on the node bridge when the task
+// has a bridge network, and nothing else: no USB, no balloon, no graphics,
+// no host devices.
 func domainXML(s domainSpec) (string, error) {
 	meta, err := xml.Marshal(struct {
 		XMLName xml.Name `xml:"task"`
@@ -225,4 +226,15 @@ func domainXML(s domainSpec) (string, error) {
 		},
 	}
 	return dom.Marshal()
+}
+
+// bridgeInterface is a virtio-net NIC on the node's bridge with the MAC
+// the node network assigned. libvirt makes the tap (vnetN) and enslaves it
+// to the bridge, and removes it when the domain ends.
+func bridgeInterface(bridge, mac string) libvirtxml.DomainInterface {
+	return libvirtxml.DomainInterface{
+		Source: &libvirtxml.DomainInterfaceSource{Bridge: &libvirtxml.DomainInterfaceSourceBridge{Bridge: bridge}},
+		MAC:    &libvirtxml.DomainInterfaceMAC{Address: mac},
+		Model:  &libvirtxml.DomainInterfaceModel{Type: "virtio"},
+	}
 }

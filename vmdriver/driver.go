@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"libvirt.org/go/libvirtxml"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -501,6 +502,17 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		RootDisk:   filepath.Join(dir, rootDiskFile),
 		RootFormat: "qcow2",
 	}
+	if n := cfg.Network; n != nil {
+		switch n.Mode {
+		case driver.NetworkBridge:
+			if n.Bridge == "" || n.MAC == "" {
+				return nil, fmt.Errorf("vm task %s: a bridge network needs a bridge and a MAC: %w", cfg.ID, errdefs.ErrInvalidArgument)
+			}
+			spec.Interfaces = []libvirtxml.DomainInterface{bridgeInterface(n.Bridge, n.MAC)}
+		case driver.NetworkHost:
+			return nil, fmt.Errorf("vm task %s: the host network exists only for containers: %w", cfg.ID, errdefs.ErrInvalidArgument)
+		}
+	}
 	if st.WholeDisk != "" {
 		// The disk boots by its own bootloader; its serial console is the
 		// task's stdout, through the monitor.
@@ -675,7 +687,11 @@ func guestConfig(cfg *driver.TaskConfig) (guest.Config, error) {
 	if len(host) > 63 {
 		host = host[:63]
 	}
-	return guest.Config{Args: cfg.Args, Env: cfg.Env, Workdir: cfg.Workdir, User: user, Hostname: host}, nil
+	gc := guest.Config{Args: cfg.Args, Env: cfg.Env, Workdir: cfg.Workdir, User: user, Hostname: host}
+	if n := cfg.Network; n != nil && n.Mode == driver.NetworkBridge {
+		gc.Network = &guest.Network{Interface: "eth0", Address: n.Address, Gateway: n.Gateway, DNS: n.DNS}
+	}
+	return gc, nil
 }
 
 // findQEMU returns the pid of the domain's QEMU: from libvirtd's pid file,

@@ -200,3 +200,58 @@ func TestContainerNetwork(t *testing.T) {
 		t.Errorf("left after deleting everything:\n%s", strings.Join(tr, "\n"))
 	}
 }
+
+// TestVMNetwork: a web server placed in a VM is reached exactly like one
+// in a container: on its address on the bridge and on a published port;
+// the container and the VM reach each other; nothing is left afterwards.
+func TestVMNetwork(t *testing.T) {
+	requireCNI(t)
+	requireLibvirt(t)
+	n := startNetAgent(t, true)
+	if tr := n.traces(); len(tr) > 0 {
+		t.Fatalf("traces before the test:\n%s", strings.Join(tr, "\n"))
+	}
+	vm := n.running(httpd("vm", api.IsolationVM, n.portBase+1))
+	if vm.Isolation != api.IsolationVM {
+		t.Fatalf("placed on %s", vm.Isolation)
+	}
+	ctr := n.running(httpd("ctr", api.IsolationContainer, 0))
+
+	// The guest boots under emulation: give it time to bring httpd up.
+	if got := get(t, "http://"+vm.Network.Address+":8080/", 4*time.Minute); got != "hello-from-vm" {
+		t.Errorf("VM on its address: %q", got)
+	}
+	if got := get(t, fmt.Sprintf("http://127.0.0.1:%d/", n.portBase+1), 30*time.Second); got != "hello-from-vm" {
+		t.Errorf("VM on the published port on loopback: %q", got)
+	}
+	if got := get(t, "http://"+ctr.Network.Address+":8080/", 30*time.Second); got != "hello-from-ctr" {
+		t.Errorf("container on its address: %q", got)
+	}
+
+	// Container to VM, and VM to container, by address.
+	w, out, _ := run(t, n.c, sh("wget -q -O - http://"+vm.Network.Address+":8080/"))
+	if exitCode(w) != 0 || strings.TrimSpace(out) != "hello-from-vm" {
+		t.Errorf("container to VM: exit %d, %q", exitCode(w), out)
+	}
+	toCtr := sh("wget -q -O - http://" + ctr.Network.Address + ":8080/ && cat /etc/resolv.conf")
+	toCtr.Isolation = api.IsolationVM
+	w, out, errs := run(t, n.c, toCtr)
+	if exitCode(w) != 0 || !strings.Contains(out, "hello-from-ctr") || !strings.Contains(out, "nameserver 10.0.0.53") {
+		t.Errorf("VM to container: exit %d (%s), stdout %q, stderr %q", exitCode(w), w.Error, out, errs)
+	}
+
+	deleteAll(t, n.c)
+	// libvirt removes a domain's tap when the domain ends.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		tr := n.traces()
+		if len(tr) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("left after deleting everything:\n%s", strings.Join(tr, "\n"))
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

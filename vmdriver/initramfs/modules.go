@@ -25,6 +25,7 @@ var DefaultModules = []string{
 	"ext4",           // the root filesystem; its crc32c soft dependency comes along
 	"button",         // the ACPI power button the host presses to stop the workload
 	"evdev",          // /dev/input/event*, through which berth-init reads the button
+	"virtio_net",     // the NIC on the node bridge (net_failover and failover come along)
 }
 
 // Module is one kernel module to load.
