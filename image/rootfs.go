@@ -29,6 +29,9 @@ func (s *Store) Rootfs(ctx context.Context, img *Image) (string, error) {
 	if img == nil {
 		return "", errdefs.Invalid("image", "an image is required")
 	}
+	if img.Kind == KindDisk {
+		return "", errdefs.Invalid("image", "%s is a whole-disk image: it boots in a VM and has no root filesystem to unpack", img.Ref)
+	}
 	digest, err := v1.NewHash(img.Digest)
 	if err != nil || digest.Algorithm != "sha256" {
 		return "", errdefs.Invalid("digest", "%q is not a valid sha256 image digest", img.Digest)

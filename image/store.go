@@ -28,6 +28,8 @@ type Image struct {
 	Size      int64     `json:"size"`       // bytes stored: manifest, config and compressed layers
 	CreatedAt time.Time `json:"created_at"` // when this node stored this digest under Ref
 	Config    Config    `json:"config"`
+	// Kind is empty for an OCI image, KindDisk for a whole-disk VM image.
+	Kind string `json:"kind,omitempty"`
 }
 
 // Config is the part of an image's config that decides how its workloads run.
@@ -448,6 +450,19 @@ func (s *Store) gc(candidates []string) error {
 	}
 
 	var errs []error
+	// Whole-disk images live in disks/, live by their digest alone.
+	disks, _ := dirNames(s.diskDir())
+	for _, hex := range disks {
+		if candidates != nil && !slices.Contains(candidates, "sha256:"+hex) {
+			continue
+		}
+		if live["sha256:"+hex] || s.used("sha256:"+hex) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(s.diskDir(), hex)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
 	for _, hex := range blobs {
 		if live["sha256:"+hex] {
 			continue
