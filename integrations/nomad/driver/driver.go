@@ -66,7 +66,6 @@ type Driver struct {
 	mu      sync.Mutex
 	config  PluginConfig
 	client  *client.Client
-	closer  func()
 	compute cpustats.Compute
 	tasks   map[string]*taskHandle
 }
@@ -106,16 +105,13 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 			return fmt.Errorf("berth plugin config: %w", err)
 		}
 	}
-	c, closer, err := newClient(pc.Address, pc.Token)
+	c, err := newClient(pc.Address, pc.Token)
 	if err != nil {
 		return fmt.Errorf("berth plugin config: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.closer != nil {
-		d.closer()
-	}
-	d.config, d.client, d.closer = pc, c, closer
+	d.config, d.client = pc, c
 	if cfg.AgentConfig != nil {
 		d.compute = cfg.AgentConfig.Compute()
 	}
@@ -265,7 +261,15 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	ctx, cancel := context.WithTimeout(d.ctx, agentTimeout)
 	defer cancel()
 	if _, _, err := c.Get(ctx, state.WorkloadID, nil); err != nil {
-		return fmt.Errorf("berth: recover workload %s: %w", state.WorkloadID, err)
+		if client.IsReason(err, api.ReasonNotFound) {
+			// Nomad starts the task afresh.
+			return fmt.Errorf("berth: recover workload %s: %w", state.WorkloadID, err)
+		}
+		// The agent does not answer right now (it may be restarting):
+		// follow the workload anyway, the handle waits for the agent. A
+		// failed recovery would make Nomad start a second workload and
+		// leave this one running.
+		d.logger.Warn("recovering task while the berth agent does not answer", "task_id", handle.Config.ID, "workload_id", state.WorkloadID, "error", err)
 	}
 	d.track(handle.Config, state, true)
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "workload_id", state.WorkloadID)
@@ -415,12 +419,4 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 
 // Shutdown stops the driver's background work (Nomad kills the plugin
 // process; tests call it).
-func (d *Driver) Shutdown() {
-	d.cancel()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closer != nil {
-		d.closer()
-		d.closer = nil
-	}
-}
+func (d *Driver) Shutdown() { d.cancel() }

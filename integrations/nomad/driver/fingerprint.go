@@ -2,7 +2,9 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/hashicorp/nomad/plugins/drivers"
@@ -12,16 +14,22 @@ import (
 	"github.com/berthd/berth/api/client"
 )
 
-// Fingerprint timing: a blocking query on the node document returns as
-// soon as anything changes, so health follows the agent within a request;
-// an unreachable agent is retried this often.
+// Fingerprint timing. Each round is a blocking query on the agent's node
+// document: it returns as soon as anything changes, or after
+// fingerprintWait with the same document. A round that does not answer
+// within fingerprintWait+fingerprintSlack (a hung agent) or fails in any
+// way (refused, reset, an error status) makes the driver unhealthy at
+// once; an unhealthy driver asks again every fingerprintRetry.
 const (
-	fingerprintWait  = 30 * time.Second
-	fingerprintRetry = 5 * time.Second
+	fingerprintWait  = 10 * time.Second
+	fingerprintSlack = 5 * time.Second
+	fingerprintRetry = 2 * time.Second
 )
 
 // Fingerprint implements drivers.DriverPlugin: healthy while the agent
 // answers and has a healthy driver, with node attributes for constraints.
+// A fingerprint is sent after every round, changed or not (Nomad only acts
+// on changes).
 func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, error) {
 	ch := make(chan *drivers.Fingerprint)
 	go d.fingerprint(ctx, ch)
@@ -32,29 +40,22 @@ func (d *Driver) fingerprint(ctx context.Context, ch chan<- *drivers.Fingerprint
 	defer close(ch)
 	var index uint64
 	for {
-		c := d.agent()
 		var fp *drivers.Fingerprint
 		wait := time.Duration(0)
-		if c == nil {
+		if c := d.agent(); c == nil {
 			fp = &drivers.Fingerprint{Health: drivers.HealthStateUndetected, HealthDescription: "the plugin is not configured"}
 			wait = fingerprintRetry
 		} else {
-			qctx, cancel := context.WithTimeout(ctx, fingerprintWait+15*time.Second)
-			n, idx, err := c.Node(qctx, &client.QueryOptions{WaitIndex: index, WaitTime: fingerprintWait})
-			cancel()
+			var n *api.Node
+			var err error
+			n, index, err = probeNode(ctx, c, index, fingerprintWait, fingerprintSlack)
 			if err != nil {
-				index = 0
-				fp = &drivers.Fingerprint{
-					Health:            drivers.HealthStateUnhealthy,
-					HealthDescription: fmt.Sprintf("berth agent unreachable: %v", err),
-					Attributes:        map[string]*pstructs.Attribute{"driver.berth": pstructs.NewBoolAttribute(false)},
+				if ctx.Err() != nil || d.ctx.Err() != nil {
+					return
 				}
+				fp = unreachable(err)
 				wait = fingerprintRetry
 			} else {
-				if idx < index {
-					idx = 0 // the node's state was reset
-				}
-				index = idx
 				fp = NodeFingerprint(n)
 			}
 		}
@@ -74,6 +75,41 @@ func (d *Driver) fingerprint(ctx context.Context, ch chan<- *drivers.Fingerprint
 				return
 			}
 		}
+	}
+}
+
+// probeNode is one fingerprint round: a blocking query for the node
+// document past index, bounded by wait+slack in all. It returns the index
+// for the next round (0 after an error or when the agent's state was
+// reset, so that the next round answers at once).
+func probeNode(ctx context.Context, c *client.Client, index uint64, wait, slack time.Duration) (*api.Node, uint64, error) {
+	qctx, cancel := context.WithTimeout(ctx, wait+slack)
+	defer cancel()
+	n, idx, err := c.Node(qctx, &client.QueryOptions{WaitIndex: index, WaitTime: wait})
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			err = fmt.Errorf("no answer within %s", wait+slack)
+		}
+		return nil, 0, err
+	}
+	if idx < index {
+		idx = 0 // the node's state was reset (a new agent)
+	}
+	return n, idx, nil
+}
+
+// unreachable is the fingerprint of an agent that does not answer. Its
+// description names the cause without the request URL (whose query
+// changes), so that Nomad records one node event per cause.
+func unreachable(err error) *drivers.Fingerprint {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return &drivers.Fingerprint{
+		Health:            drivers.HealthStateUnhealthy,
+		HealthDescription: fmt.Sprintf("berth agent unreachable: %v", err),
+		Attributes:        map[string]*pstructs.Attribute{"driver.berth": pstructs.NewBoolAttribute(false)},
 	}
 }
 

@@ -135,36 +135,54 @@ func (h *taskHandle) waitExit() (*api.Workload, error) {
 
 // streamLogs copies the workload's output into the task's fifos, where
 // Nomad's log collector reads it. A broken stream is resumed by skipping
-// the lines already copied. After a plugin restart (recovered) only new
-// output is copied: lines written while no plugin ran stay in berth
-// (`berth logs WORKLOAD`), not in Nomad.
+// the lines already copied. When the collector goes away (a restarted
+// Nomad client restarts it, and it reopens the fifos) the fifos are
+// opened again and copying resumes where it stopped. After a plugin
+// restart (recovered) only output from then on is copied: lines written
+// while no plugin ran stay in berth (`berth logs WORKLOAD`), not in Nomad.
 func (h *taskHandle) streamLogs(recovered bool) {
 	defer close(h.logsDone)
-	stdout, err := openFifo(h.ctx, h.cfg.StdoutPath)
-	if err != nil {
-		h.d.logger.Error("open stdout fifo", "task_id", h.cfg.ID, "error", err)
-		return
+	var stdout, stderr io.WriteCloser
+	closeFifos := func() {
+		if stdout != nil {
+			stdout.Close()
+		}
+		if stderr != nil {
+			stderr.Close()
+		}
+		stdout, stderr = nil, nil
 	}
-	defer stdout.Close()
-	stderr, err := openFifo(h.ctx, h.cfg.StderrPath)
-	if err != nil {
-		h.d.logger.Error("open stderr fifo", "task_id", h.cfg.ID, "error", err)
-		return
-	}
-	defer stderr.Close()
+	defer closeFifos()
 
-	// seen counts the lines copied per stream. A recovered handle does not
-	// know how many the previous plugin copied, so it only ever asks for
-	// new lines.
+	// seen counts the lines of each stream copied so far, or skipped: a
+	// recovered handle first counts the lines already there.
 	seen := map[string]int{}
+	if recovered {
+		var ok bool
+		if seen, ok = h.countLines(); !ok {
+			return
+		}
+	}
 	delay := 500 * time.Millisecond
 	for {
-		opts := api.LogOptions{Tail: -1, Follow: true}
-		skip := map[string]int{"stdout": seen["stdout"], "stderr": seen["stderr"]}
-		if recovered {
-			opts.Tail, skip = 0, map[string]int{}
+		if stdout == nil {
+			var err error
+			if stdout, err = openFifo(h.ctx, h.cfg.StdoutPath); err != nil {
+				if h.ctx.Err() == nil {
+					h.d.logger.Error("open stdout fifo", "task_id", h.cfg.ID, "error", err)
+				}
+				return
+			}
+			if stderr, err = openFifo(h.ctx, h.cfg.StderrPath); err != nil {
+				if h.ctx.Err() == nil {
+					h.d.logger.Error("open stderr fifo", "task_id", h.cfg.ID, "error", err)
+				}
+				return
+			}
 		}
-		err := h.d.agent().Logs(h.ctx, h.state.WorkloadID, opts, func(l api.LogLine) error {
+		skip := map[string]int{"stdout": seen["stdout"], "stderr": seen["stderr"]}
+		var writeErr error
+		err := h.d.agent().Logs(h.ctx, h.state.WorkloadID, api.LogOptions{Tail: -1, Follow: true}, func(l api.LogLine) error {
 			if skip[l.Stream] > 0 {
 				skip[l.Stream]--
 				return nil
@@ -173,22 +191,59 @@ func (h *taskHandle) streamLogs(recovered bool) {
 			if l.Stream == "stderr" {
 				out = stderr
 			}
+			if _, err := io.WriteString(out, l.Line+"\n"); err != nil {
+				writeErr = err
+				return err
+			}
 			seen[l.Stream]++
-			_, err := io.WriteString(out, l.Line+"\n")
-			return err
+			return nil
 		})
 		if err == nil || h.ctx.Err() != nil || client.IsReason(err, api.ReasonNotFound) {
 			return
 		}
-		if fifo.IsClosedErr(err) || errors.Is(err, syscall.EPIPE) {
-			h.d.logger.Warn("the log collector went away", "task_id", h.cfg.ID)
-			return
+		if writeErr != nil {
+			if !fifo.IsClosedErr(writeErr) && !errors.Is(writeErr, syscall.EPIPE) {
+				h.d.logger.Error("write to the log collector", "task_id", h.cfg.ID, "error", writeErr)
+				return
+			}
+			// The collector closed its end: wait for it to open the fifos
+			// again.
+			h.d.logger.Info("the log collector went away; reopening the fifos", "task_id", h.cfg.ID)
+			closeFifos()
+		} else {
+			h.d.logger.Warn("log stream broke; resuming", "workload_id", h.state.WorkloadID, "error", err)
 		}
-		h.d.logger.Warn("log stream broke; resuming", "workload_id", h.state.WorkloadID, "error", err)
 		select {
 		case <-time.After(delay):
 		case <-h.ctx.Done():
 			return
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// countLines counts the workload's output lines per stream, retrying
+// while the agent does not answer. It returns false once the handle is
+// closed or the workload is gone.
+func (h *taskHandle) countLines() (map[string]int, bool) {
+	delay := 500 * time.Millisecond
+	for {
+		n := map[string]int{}
+		err := h.d.agent().Logs(h.ctx, h.state.WorkloadID, api.LogOptions{Tail: -1}, func(l api.LogLine) error {
+			n[l.Stream]++
+			return nil
+		})
+		if err == nil {
+			return n, true
+		}
+		if h.ctx.Err() != nil || client.IsReason(err, api.ReasonNotFound) {
+			return nil, false
+		}
+		h.d.logger.Warn("count the workload's output", "workload_id", h.state.WorkloadID, "error", err)
+		select {
+		case <-time.After(delay):
+		case <-h.ctx.Done():
+			return nil, false
 		}
 		delay = min(2*delay, 5*time.Second)
 	}

@@ -163,6 +163,19 @@ job "berth-sleep" {
 `
 
 func testRecoverAndStop(t *testing.T, cl *cluster) {
+	// A failure below leaves the job running: purge it, so that the next
+	// checks and the cleanup start from no workloads.
+	t.Cleanup(func() {
+		if t.Failed() {
+			cl.api.Jobs().Deregister("berth-sleep", true, nil)
+			for _, n := range cl.nodes {
+				waitForE(2*time.Minute, func() bool {
+					list, _, err := n.berth.agent.List(context.Background(), api.ListFilter{Labels: map[string]string{"nomad.job": "berth-sleep"}}, nil)
+					return err == nil && len(list) == 0
+				})
+			}
+		}
+	})
 	cl.runJob(t, sleepJob)
 	allocs := cl.waitAllocs(t, "berth-sleep", 2, func(a *nomad.AllocationListStub) bool {
 		return a.ClientStatus == "running"
@@ -173,7 +186,7 @@ func testRecoverAndStop(t *testing.T, cl *cluster) {
 		w := n.waitRunningWorkload(t, a.ID)
 		workloads[a.ID] = w
 		waitFor(t, 3*time.Minute, "tick lines in nomad alloc logs of "+a.NodeName, func() bool {
-			return strings.Contains(cl.nomadCLI(t, "alloc", "logs", a.ID, "tick"), "tick 1")
+			return strings.Contains(cl.allocLogs(a.ID, "tick"), "tick 1")
 		})
 	}
 
@@ -193,8 +206,8 @@ func testRecoverAndStop(t *testing.T, cl *cluster) {
 	n.nomad.stop(t)
 	n.nomad.start(t)
 	cl.waitNodeReady(t, n)
-	waitFor(t, 2*time.Minute, "new output after the client restart", func() bool {
-		return tickCount(cl.nomadCLI(t, "alloc", "logs", ctrAlloc.ID, "tick")) > before+2
+	waitFor(t, 3*time.Minute, "new output after the client restart", func() bool {
+		return tickCount(cl.allocLogs(ctrAlloc.ID, "tick")) > before+2
 	})
 	alloc, _, err := cl.api.Allocations().Info(ctrAlloc.ID, nil)
 	if err != nil {
@@ -295,13 +308,21 @@ func (p *placements) isolationOf(t *testing.T, allocID string) api.Isolation {
 
 func waitFor(t *testing.T, d time.Duration, what string, ok func() bool) {
 	t.Helper()
+	if !waitForE(d, ok) {
+		t.Fatalf("timed out after %s waiting for %s", d, what)
+	}
+}
+
+// waitForE polls ok until it holds (true) or d has passed (false).
+func waitForE(d time.Duration, ok func() bool) bool {
 	deadline := time.Now().Add(d)
 	for !ok() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
+			return false
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	return true
 }
 
 func (cl *cluster) runJob(t *testing.T, hcl string) {
@@ -315,14 +336,34 @@ func (cl *cluster) runJob(t *testing.T, hcl string) {
 
 func (cl *cluster) nomadCLI(t *testing.T, args ...string) string {
 	t.Helper()
-	cmd := exec.Command(cl.env.nomadBin, args...)
+	out, err := cl.nomadCLITry(args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// nomadCLITry runs the nomad CLI against the server, for at most two
+// minutes. Reading logs fails while the allocation's client is not
+// connected, so polls use this one.
+func (cl *cluster) nomadCLITry(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, cl.env.nomadBin, args...)
 	cmd.Env = append(cleanEnv(), "NOMAD_ADDR=http://"+cl.serverHTTP)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("nomad %s: %v\n%s%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
+		return "", fmt.Errorf("nomad %s: %v\n%s%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
 	}
-	return stdout.String()
+	return stdout.String(), nil
+}
+
+// allocLogs is the task's stdout in nomad alloc logs, "" while it cannot
+// be read.
+func (cl *cluster) allocLogs(allocID, task string) string {
+	out, _ := cl.nomadCLITry("alloc", "logs", allocID, task)
+	return out
 }
 
 func (cl *cluster) waitAllocs(t *testing.T, job string, count int, ok func(*nomad.AllocationListStub) bool, d time.Duration) []*nomad.AllocationListStub {

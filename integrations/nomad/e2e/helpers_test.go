@@ -145,7 +145,14 @@ func startCluster(t *testing.T, env testEnv) *cluster {
 	cl := &cluster{env: env, root: root}
 	// Cleanups run last-registered first: Nomad goes before the berth
 	// agents, so that its tasks are gone before the agents are checked.
-	t.Cleanup(func() { os.RemoveAll(root) })
+	t.Cleanup(func() {
+		if t.Failed() {
+			reportLogs(t, root)
+		}
+		os.RemoveAll(root)
+	})
+	// After the agents' own cleanup (cleanups run last-registered first).
+	t.Cleanup(func() { requireNoDomains(t, root) })
 
 	// Nomad and the plugin binaries: links in the test's directory, so
 	// that every process of the test can be told by its executable.
@@ -362,22 +369,35 @@ type proc struct {
 
 func (p *proc) start(t *testing.T) {
 	t.Helper()
+	if err := p.startE(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (p *proc) startE() error {
 	f, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	cmd := exec.Command(p.bin, p.args...)
 	cmd.Env = cleanEnv()
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
-		t.Fatal(err)
+		return fmt.Errorf("start %s: %w", p.name, err)
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); f.Close(); close(done) }()
 	p.mu.Lock()
 	p.cmd, p.done = cmd, done
 	p.mu.Unlock()
+	return nil
+}
+
+func (p *proc) running() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cmd != nil
 }
 
 // stop sends SIGTERM and, after 20 s, SIGKILL.
@@ -441,8 +461,13 @@ workload_defaults:
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		// A stopped agent (testUnhealthy) is started again before the end;
-		// this only runs on an agent that is up.
+		// An agent a failed test left stopped (testUnhealthy) is started
+		// again: only a running agent deletes its workloads.
+		if !b.running() {
+			if err := b.startE(); err != nil {
+				t.Errorf("%s: start it again to clean up: %v", b.name, err)
+			}
+		}
 		b.deleteAll(t)
 		b.proc.stop(t)
 	})
@@ -452,8 +477,29 @@ workload_defaults:
 
 func (b *berthAgent) start(t *testing.T) {
 	t.Helper()
-	b.proc.start(t)
-	waitFor(t, 30*time.Second, b.name+" ready", func() bool { return b.agent.Ready(context.Background()) == nil })
+	if err := b.startE(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startE starts the agent and waits up to a minute for it to be ready.
+func (b *berthAgent) startE() error {
+	if err := b.proc.startE(); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := b.agent.Ready(ctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after a minute: %v\n%s", b.name, err, b.tail())
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 func (b *berthAgent) stop(t *testing.T) { b.proc.stop(t) }
