@@ -35,6 +35,8 @@ type Images interface {
 	List() []*image.Image
 	Pull(ctx context.Context, ref string) (*image.Image, error)
 	Import(ctx context.Context, r io.Reader, ref string) ([]*image.Image, error)
+	ImportDisk(ctx context.Context, r io.Reader, ref string) (*image.Image, error)
+	DiskPath(img *image.Image) (string, error)
 	Remove(ref string) error
 }
 
@@ -356,7 +358,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		}
 		return nil, false, err
 	}
-	if _, err := resolveCommand(spec, img); err != nil {
+	if img.Kind == image.KindDisk {
+		if spec, err = diskSpec(spec); err != nil {
+			return nil, false, err
+		}
+	} else if _, err := resolveCommand(spec, img); err != nil {
 		return nil, false, err
 	}
 	if w := a.existing(spec); w != nil {
@@ -434,6 +440,27 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 	if err != nil {
 		return nil, fmt.Errorf("image %s (%s) is gone from the node: %w", w.Spec.Image, w.ImageDigest, err)
 	}
+	logDir := a.logDir(w.ID)
+	if img.Kind == image.KindDisk {
+		disk, err := a.images.DiskPath(img)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(logDir, 0o700); err != nil {
+			return nil, err
+		}
+		return &driver.TaskConfig{
+			ID: w.ID, Name: w.Name,
+			Image: driver.Image{Ref: img.Ref, Digest: img.Digest, DiskPath: disk},
+			Resources: driver.Resources{
+				CPU:         w.Spec.Resources.CPU,
+				MemoryBytes: w.Spec.Resources.MemoryMB << 20,
+				Pids:        w.Spec.Resources.Pids,
+			},
+			Labels: w.Spec.Labels,
+			LogDir: logDir,
+		}, nil
+	}
 	rootfs, err := a.images.Rootfs(ctx, img)
 	if err != nil {
 		return nil, fmt.Errorf("unpack image %s: %w", w.Spec.Image, err)
@@ -447,7 +474,6 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 	if workdir == "" {
 		workdir = img.Config.WorkingDir
 	}
-	logDir := a.logDir(w.ID)
 	if err := os.MkdirAll(logDir, 0o700); err != nil {
 		return nil, err
 	}
@@ -597,4 +623,34 @@ func (a *Agent) driverFor(iso api.Isolation) (driver.Driver, error) {
 		return nil, fmt.Errorf("no %s driver on this node: %w", iso, errdefs.ErrUnavailable)
 	}
 	return d, nil
+}
+
+// diskSpec checks a spec that boots a whole-disk image: it runs in a VM
+// (an auto request becomes a vm request, so policy may still deny it), and
+// the disk's own OS decides what runs, so the spec names no command, env
+// or workdir.
+func diskSpec(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
+	v := &errdefs.ValidationError{}
+	switch spec.Isolation {
+	case api.IsolationAuto, api.IsolationVM:
+		spec.Isolation = api.IsolationVM
+	default:
+		v.Add("isolation", "%s is a whole-disk image: it runs only in a VM", spec.Image)
+	}
+	if len(spec.Command) > 0 || len(spec.Args) > 0 {
+		v.Add("command", "a whole-disk image boots its own OS; it takes no command")
+	}
+	if len(spec.Env) > 0 {
+		v.Add("env", "a whole-disk image boots its own OS; it takes no environment")
+	}
+	if spec.Workdir != "" {
+		v.Add("workdir", "a whole-disk image boots its own OS; it takes no workdir")
+	}
+	if spec.Network == api.NetworkHost {
+		v.Add("network", "host is for containers only")
+	}
+	if err := v.Err(); err != nil {
+		return spec, err
+	}
+	return spec, nil
 }

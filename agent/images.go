@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -13,7 +14,7 @@ import (
 )
 
 func apiImage(img *image.Image) api.Image {
-	return api.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, CreatedAt: img.CreatedAt}
+	return api.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, CreatedAt: img.CreatedAt, Kind: img.Kind}
 }
 
 // ListImages lists the node's images.
@@ -28,7 +29,17 @@ func (a *Agent) ListImages() []api.Image {
 
 // ImportImage stores the images of an OCI-layout or docker-archive tarball.
 func (a *Agent) ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error) {
-	imgs, err := a.images.Import(ctx, r, ref)
+	// A qcow2 file is a whole-disk VM image; anything else an archive.
+	br := bufio.NewReader(r)
+	if head, _ := br.Peek(4); image.IsDiskImage(head) {
+		img, err := a.images.ImportDisk(ctx, br, ref)
+		if err != nil {
+			return nil, err
+		}
+		a.log.Info("disk image imported", "ref", img.Ref, "digest", img.Digest, "size", img.Size)
+		return []api.Image{apiImage(img)}, nil
+	}
+	imgs, err := a.images.Import(ctx, br, ref)
 	if err != nil {
 		return nil, err
 	}

@@ -150,6 +150,9 @@ type Image struct {
 	Digest    string    `json:"digest"`
 	Size      int64     `json:"size"`
 	CreatedAt time.Time `json:"created_at"`
+	// Kind is empty for an OCI image and "disk" for a whole-disk VM image
+	// (qcow2), which boots its own OS in a VM.
+	Kind string `json:"kind,omitempty"`
 }
 
 // ImageList is the answer of GET /v1/images.

@@ -130,9 +130,18 @@ func New(root string, opts ...Option) (*Store, error) {
 	// Blobs may hold private images: root only. The root and rootfs/ are
 	// traversable but not listable, so a driver helper running as another
 	// user (qemu) can reach a rootfs whose path it was given.
-	for dir, perm := range map[string]os.FileMode{s.root: 0o711, s.blobDir(): 0o700, s.rootfsDir(): 0o711, s.tmpDir(): 0o700} {
-		if err := os.MkdirAll(dir, perm); err != nil {
+	// In this order, and set explicitly: MkdirAll gives parents the mode of
+	// the child it makes, so a map's random order could leave the root
+	// 0700 and QEMU unable to reach a disk image under it.
+	for _, d := range []struct {
+		dir  string
+		perm os.FileMode
+	}{{s.root, 0o711}, {s.blobDir(), 0o700}, {s.rootfsDir(), 0o711}, {s.tmpDir(), 0o700}, {s.diskDir(), 0o711}} {
+		if err := os.MkdirAll(d.dir, d.perm); err != nil {
 			return nil, fmt.Errorf("create image store directory: %w", err)
+		}
+		if err := os.Chmod(d.dir, d.perm); err != nil {
+			return nil, fmt.Errorf("image store directory: %w", err)
 		}
 	}
 	if err := s.load(); err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/daemon"
+	"github.com/berthd/berth/internal/testdisk"
 )
 
 const libvirtSocket = "/run/libvirt/libvirt-sock"
@@ -212,5 +213,86 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 	if end.State != api.StateExited || exitCode(end) != 5 || countTicks() != 120 {
 		out, _ := logs(t, c, sub.ID)
 		t.Errorf("VM workload ended %s exit %d (%q) with %d ticks, want exited 5 with 120:\n%s", end.State, exitCode(end), end.Error, countTicks(), out)
+	}
+}
+
+// TestWholeDiskWorkload imports a bootable qcow2 through the API and runs
+// it as a workload: it boots by its own bootloader, its console is its log,
+// it exits 0 when it powers itself off, a stop forces off one that ignores
+// the power button (137), and delete leaves the image unchanged.
+func TestWholeDiskWorkload(t *testing.T) {
+	requireLibvirt(t)
+	cfg := testConfig(t, vmDataDir(t), "127.0.0.1:0")
+	cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx) }()
+	c, err := client.New(d.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		cancel()
+		<-done
+	})
+	dir := t.TempDir()
+	for name, hold := range map[string]bool{"appliance:once": false, "appliance:hold": true} {
+		f, err := os.Open(testdisk.Build(t, filepath.Join(dir, name), hold))
+		if err != nil {
+			t.Fatal(err)
+		}
+		imgs, err := c.ImportImage(context.Background(), f, "berth.test/"+name)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(imgs) != 1 || imgs[0].Kind != "disk" {
+			t.Fatalf("imported %+v, want one disk image", imgs)
+		}
+	}
+
+	// A disk takes no command and never runs as a container.
+	_, err = c.Submit(context.Background(), api.WorkloadSpec{Image: "berth.test/appliance:once", Command: []string{"true"}})
+	if !client.IsReason(err, api.ReasonInvalidArgument) {
+		t.Errorf("disk with a command: %v", err)
+	}
+	_, err = c.Submit(context.Background(), api.WorkloadSpec{Image: "berth.test/appliance:once", Isolation: api.IsolationContainer})
+	if !client.IsReason(err, api.ReasonInvalidArgument) {
+		t.Errorf("disk as a container: %v", err)
+	}
+
+	w, out, _ := run(t, c, api.WorkloadSpec{Image: "berth.test/appliance:once", Resources: api.Resources{MemoryMB: 128}})
+	if w.Isolation != api.IsolationVM || w.State != api.StateExited || exitCode(w) != 0 || !strings.Contains(out, testdisk.Hello) {
+		t.Errorf("disk workload: %s on %s, exit %d (%q), console:\n%s", w.State, w.Isolation, exitCode(w), w.Error, out)
+	}
+
+	sub, err := c.Submit(context.Background(), api.WorkloadSpec{Image: "berth.test/appliance:hold", Resources: api.Resources{MemoryMB: 128}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(4 * time.Minute)
+	for {
+		out, _ := logs(t, c, sub.ID)
+		if strings.Contains(out, testdisk.Hello) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the held disk never printed its line:\n%s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	stopped, err := c.Stop(context.Background(), sub.ID, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stopped.State != api.StateExited || exitCode(stopped) != 137 {
+		t.Errorf("stopped disk workload: %s exit %d, want exited 137", stopped.State, exitCode(stopped))
 	}
 }
