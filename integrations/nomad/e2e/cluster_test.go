@@ -231,9 +231,9 @@ func testRecoverAndStop(t *testing.T, cl *cluster) {
 	}
 	cl.waitAllocs(t, "berth-sleep", 2, func(a *nomad.AllocationListStub) bool {
 		return a.ClientStatus == "complete"
-	}, 2*time.Minute)
+	}, 3*time.Minute)
 	for _, n := range cl.nodes {
-		waitFor(t, time.Minute, "no berth-sleep workloads on "+n.name, func() bool {
+		waitFor(t, 2*time.Minute, "no berth-sleep workloads on "+n.name, func() bool {
 			list, _, err := n.berth.agent.List(context.Background(), api.ListFilter{Labels: map[string]string{"nomad.job": "berth-sleep"}}, nil)
 			return err == nil && len(list) == 0
 		})
@@ -245,12 +245,12 @@ func tickCount(logs string) int { return strings.Count(logs, "tick ") }
 func testUnhealthy(t *testing.T, cl *cluster) {
 	n := cl.node(ctrNode)
 	n.berth.stop(t)
-	waitFor(t, time.Minute, "the berth driver unhealthy on "+n.name, func() bool {
+	waitFor(t, 2*time.Minute, "the berth driver unhealthy on "+n.name, func() bool {
 		d := cl.nodeInfo(t, n).Drivers["berth"]
 		return d != nil && !d.Healthy && strings.Contains(d.HealthDescription, "unreachable")
 	})
 	n.berth.start(t)
-	waitFor(t, time.Minute, "the berth driver healthy again on "+n.name, func() bool {
+	waitFor(t, 2*time.Minute, "the berth driver healthy again on "+n.name, func() bool {
 		d := cl.nodeInfo(t, n).Drivers["berth"]
 		return d != nil && d.Healthy
 	})
@@ -268,8 +268,9 @@ func watchPlacements(t *testing.T, c *client.Client) *placements {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	p := &placements{names: make(chan [2]string, 64), isolation: make(chan [2]string, 64)}
-	ready := make(chan struct{})
-	go c.Events(ctx, client.EventOptions{Types: []string{api.EventWorkloadCreated, api.EventWorkloadPlaced}}, nil, func(e api.Event) error {
+	// Since 1: every event the agent still holds, so that none of the
+	// job's can come before the subscription.
+	go c.Events(ctx, client.EventOptions{Since: 1, Types: []string{api.EventWorkloadCreated, api.EventWorkloadPlaced}}, nil, func(e api.Event) error {
 		switch e.Type {
 		case api.EventWorkloadCreated:
 			p.names <- [2]string{e.WorkloadID, e.Attrs["name"]}
@@ -278,16 +279,12 @@ func watchPlacements(t *testing.T, c *client.Client) *placements {
 		}
 		return nil
 	})
-	// The stream starts at "now": give the subscription a moment so the
-	// job's events are not before it.
-	go func() { time.Sleep(time.Second); close(ready) }()
-	<-ready
 	return p
 }
 
 func (p *placements) isolationOf(t *testing.T, allocID string) api.Isolation {
 	names, isos := map[string]string{}, map[string]string{}
-	timeout := time.After(10 * time.Second)
+	timeout := time.After(time.Minute)
 	for {
 		for id, name := range names {
 			if strings.Contains(name, allocID) && isos[id] != "" {

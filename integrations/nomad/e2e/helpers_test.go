@@ -432,6 +432,75 @@ type berthAgent struct {
 	proc
 	addr  string
 	agent *client.Client
+
+	mu sync.Mutex
+	// created holds the ids of every workload the agent made during the
+	// test: their cgroups must be gone at the end.
+	created map[string]bool
+}
+
+// record notes the workloads the agent creates, until ctx ends.
+func (b *berthAgent) record(ctx context.Context) {
+	b.agent.Events(ctx, client.EventOptions{Since: 1, Types: []string{api.EventWorkloadCreated}}, nil, func(e api.Event) error {
+		b.mu.Lock()
+		b.created[e.WorkloadID] = true
+		b.mu.Unlock()
+		return nil
+	})
+}
+
+// requireNoCgroups fails the test if a cgroup of one of the agent's
+// workloads is left (berth's container driver makes /berth/WORKLOAD_ID in
+// each hierarchy), and removes it. Only those exact paths are looked at.
+func (b *berthAgent) requireNoCgroups(t *testing.T) {
+	b.mu.Lock()
+	var ids []string
+	for id := range b.created {
+		ids = append(ids, id)
+	}
+	b.mu.Unlock()
+	var dirs []string
+	for _, id := range ids {
+		if id == "" || strings.ContainsAny(id, "/.") {
+			continue
+		}
+		dirs = append(dirs, workloadCgroups(id)...)
+	}
+	t.Logf("%s: checking the cgroups of %d workloads", b.name, len(ids))
+	if len(dirs) == 0 {
+		return
+	}
+	// berth removes a cgroup when it deletes the workload; give a busy
+	// machine a moment.
+	waitForE(30*time.Second, func() bool {
+		for _, d := range dirs {
+			if _, err := os.Stat(d); err == nil {
+				return false
+			}
+		}
+		return true
+	})
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err == nil {
+			t.Errorf("%s: cgroup %s of a workload left behind", b.name, d)
+			if err := os.Remove(d); err != nil {
+				t.Logf("remove %s: %v", d, err)
+			}
+		}
+	}
+}
+
+// workloadCgroups are the paths berth's container driver gives workload
+// id's cgroup: /berth/ID in the unified tree or in each v1 hierarchy.
+func workloadCgroups(id string) []string {
+	out := []string{filepath.Join("/sys/fs/cgroup/berth", id)}
+	entries, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, e := range entries {
+		if e.IsDir() {
+			out = append(out, filepath.Join("/sys/fs/cgroup", e.Name(), "berth", id))
+		}
+	}
+	return out
 }
 
 func startBerth(t *testing.T, env testEnv, dataDir, isolation string) *berthAgent {
@@ -454,7 +523,7 @@ vm:
 workload_defaults:
   stop_timeout: 3s
 `, addr, dataDir, policy, env.initBin))
-	b := &berthAgent{addr: addr}
+	b := &berthAgent{addr: addr, created: map[string]bool{}}
 	b.proc = proc{t: t, name: "berth agent " + isolation, bin: env.berthBin, args: []string{"agent", "--config", cfg}, log: filepath.Join(dataDir, "..", "berth.log")}
 	var err error
 	if b.agent, err = client.New(addr); err != nil {
@@ -469,9 +538,14 @@ workload_defaults:
 			}
 		}
 		b.deleteAll(t)
+		b.requireNoCgroups(t)
 		b.proc.stop(t)
 	})
 	b.start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	// Runs before the cleanup above, whose deleteAll records what it finds.
+	t.Cleanup(cancel)
+	go b.record(ctx)
 	return b
 }
 
@@ -514,6 +588,9 @@ func (b *berthAgent) deleteAll(t *testing.T) {
 		return
 	}
 	for _, w := range list {
+		b.mu.Lock()
+		b.created[w.ID] = true
+		b.mu.Unlock()
 		t.Errorf("%s: workload %s (%s, %s) left behind by the driver", b.name, w.ID, w.Name, w.State)
 		if err := b.agent.Delete(ctx, w.ID, true); err != nil {
 			t.Errorf("%s: delete %s: %v", b.name, w.ID, err)
@@ -523,7 +600,7 @@ func (b *berthAgent) deleteAll(t *testing.T) {
 
 func (n *node) requireNoWorkloads(t *testing.T, job string) {
 	t.Helper()
-	waitFor(t, 30*time.Second, "no "+job+" workloads left on "+n.name, func() bool {
+	waitFor(t, 2*time.Minute, "no "+job+" workloads left on "+n.name, func() bool {
 		list, _, err := n.berth.agent.List(context.Background(), api.ListFilter{Labels: map[string]string{"nomad.job": job}}, nil)
 		return err == nil && len(list) == 0
 	})
