@@ -44,6 +44,7 @@ run: deps build demo-image
 test: deps build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) test-nomad
 
 # The Nomad task driver against a real Nomad cluster on loopback (builds a
 # pinned Nomad first; cached in $(NOMAD_CACHE)).
