@@ -129,7 +129,11 @@
 // the first Fingerprint; with a CPU model QEMU accepts (qemu64), the KVM
 // guest hangs without a console byte and the probe gives up at its bound.
 // Under TCG the probe guest reaches user space ~8 s after its domain
-// starts (~3.2 s of guest kernel time).
+// starts (~3.2 s of guest kernel time). The test's whole-disk image
+// (SYSLINUX from an MBR disk loading the node's 8 MiB kernel and a busybox
+// initramfs through the BIOS) boots, prints and powers off in ~17 s under
+// TCG. On a busy shared machine (load average 15-27) all of these took
+// 3-6 times as long.
 //
 // The guest kernel reports berth-init starting the workload ~4.9 s after
 // its own boot; the rest is QEMU start, firmware and loading the kernel and
