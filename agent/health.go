@@ -68,7 +68,8 @@ func (a *Agent) refreshHealth(ctx context.Context, iso api.Isolation) driver.Fin
 	prev, had := h.fps[iso]
 	h.fps[iso], h.taken[iso] = fp, time.Now()
 	h.mu.Unlock()
-	if had && prev.Healthy == fp.Healthy && prev.Reason == fp.Reason && prev.Version == fp.Version {
+	if had && prev.Healthy == fp.Healthy && prev.Reason == fp.Reason && prev.Version == fp.Version &&
+		prev.Details["accel"] == fp.Details["accel"] {
 		return fp
 	}
 	// The first fingerprint is the driver's initial state, not a change:

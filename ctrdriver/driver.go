@@ -360,6 +360,11 @@ func (d *Driver) finish(t *task) {
 		_ = d.runc.delete(ctx, t.id)
 		cancel()
 	}
+	// The container is gone: its root filesystem need not stay mounted
+	// until the workload is deleted (the writable layer stays on disk).
+	if err := unmountAll(filepath.Join(t.dir, "bundle", "rootfs")); err != nil {
+		d.log.Warn("unmount the root filesystem of an ended container", "task_id", t.id, "err", err)
+	}
 	t.exit = res
 	close(t.done)
 }

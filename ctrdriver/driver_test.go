@@ -181,3 +181,32 @@ func TestPidsLimit(t *testing.T) {
 		t.Errorf("want fork failures under a pids limit of 10; stdout %q stderr %q", drivertest.ReadLog(t, cfg, driver.StdoutLog), stderr)
 	}
 }
+
+func TestEndedContainerIsUnmounted(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	d := newDriver(t, root)
+	cfg := &driver.TaskConfig{
+		ID:     drivertest.NewID("dt-umount"),
+		Image:  driver.Image{RootfsDir: sharedRootfs(t)},
+		Args:   []string{"sh", "-c", "echo gone"},
+		Env:    []string{"PATH=/bin"},
+		LogDir: t.TempDir(),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Destroy(context.Background(), cfg.ID)
+	if _, err := d.Wait(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), filepath.Join(root, "tasks", cfg.ID)) {
+		t.Errorf("the root filesystem of an ended container is still mounted")
+	}
+	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "gone\n" {
+		t.Errorf("stdout %q", got)
+	}
+}
