@@ -3,6 +3,7 @@ package placement
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/checker"
@@ -49,10 +50,11 @@ type celNode struct {
 	Labels             map[string]string `cel:"labels"`
 }
 
-// celEnv is built once at package initialization and only read afterwards:
-// a cel.Env is immutable and safe for concurrent use, and building one
-// costs more than compiling a whole policy.
-var celEnv = mustCELEnv()
+// celEnv is built once, the first time a policy uses CEL, and only read
+// afterwards: a cel.Env is immutable and safe for concurrent use, and
+// building one costs more than compiling a whole policy (and a few MiB an
+// agent whose policy has no `when` never needs).
+var celEnv = sync.OnceValue(mustCELEnv)
 
 func mustCELEnv() *cel.Env {
 	env, err := cel.NewEnv(
@@ -87,7 +89,7 @@ type celError struct {
 // compileCEL parses, type-checks and plans expr. The result must be bool:
 // a `when` that yields a string is a mistake, not a truthy value.
 func compileCEL(expr string) (cel.Program, []celError) {
-	ast, iss := celEnv.Compile(expr)
+	ast, iss := celEnv().Compile(expr)
 	if iss.Err() != nil {
 		var out []celError
 		for _, e := range iss.Errors() {
@@ -105,7 +107,7 @@ func compileCEL(expr string) (cel.Program, []celError) {
 	// regular expressions, string functions), the limit is enforced as the
 	// expression runs.
 	var opts []cel.ProgramOption
-	est, err := celEnv.EstimateCost(ast, noSizeHints{})
+	est, err := celEnv().EstimateCost(ast, noSizeHints{})
 	switch {
 	case err != nil:
 		opts = append(opts, cel.CostLimit(celCostLimit))
@@ -114,7 +116,7 @@ func compileCEL(expr string) (cel.Program, []celError) {
 	case est.Max > celCostLimit:
 		opts = append(opts, cel.CostLimit(celCostLimit))
 	}
-	prg, err := celEnv.Program(ast, opts...)
+	prg, err := celEnv().Program(ast, opts...)
 	if err != nil {
 		return nil, []celError{{line: 1, col: 0, msg: err.Error()}}
 	}
@@ -167,7 +169,7 @@ func (a *activation) init(w *Workload, n *NodeFacts) {
 		Accel:              n.Accel,
 		Labels:             n.Labels,
 	}
-	adapter := celEnv.CELTypeAdapter()
+	adapter := celEnv().CELTypeAdapter()
 	a.wv = adapter.NativeToValue(&a.w)
 	a.nv = adapter.NativeToValue(&a.n)
 }

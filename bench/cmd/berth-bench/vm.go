@@ -24,11 +24,14 @@ import (
 const libvirtURI = "qemu:///system"
 
 // vmSpec is a bench VM workload: one vCPU, 128 MiB for the workload
-// (plus the driver's guest overhead).
+// (plus the driver's guest overhead), no network: the baselines boot the
+// same guest (berth's config disk) without a NIC, so boot to first output
+// is compared like for like.
 func vmSpec(command ...string) api.WorkloadSpec {
 	return api.WorkloadSpec{
 		Image:     benchImage,
 		Command:   command,
+		Network:   api.NetworkNone,
 		Isolation: api.IsolationVM,
 		Resources: api.Resources{CPU: 1, MemoryMB: 128},
 		Labels:    map[string]string{"berth-bench": "1"},
