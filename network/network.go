@@ -3,12 +3,12 @@
 // IPAM pool, published ports through the portmap plugin, all driven through
 // CNI (libcni and Debian's containernetworking-plugins).
 //
-//	             host (loopback and its addresses)
-//	                 |  published ports: portmap DNAT
-//	          +------+------ berth0 (bridge, 10.88.0.1/16) ------+
-//	          |                                                    |
-//	   veth <-> eth0 (netns)                             vnetN <-> eth0
-//	   container 10.88.0.2                               VM 10.88.0.3 (virtio-net)
+//	          host (loopback and its addresses)
+//	              |  published ports: portmap DNAT
+//	       +------+------ berth0 (bridge, 10.88.0.1/16) ------+
+//	       |                                                    |
+//	veth <-> eth0 (netns)                             vnetN <-> eth0
+//	container 10.88.0.2                               VM 10.88.0.3 (virtio-net)
 //
 // A container gets a network namespace of its own (a bind-mounted nsfs file
 // under the data dir) set up with the CNI list loopback → bridge → portmap →
