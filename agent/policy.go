@@ -13,22 +13,15 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/configs"
+	"github.com/berthd/berth/internal/filewatch"
 	"github.com/berthd/berth/placement"
 )
 
 // BuiltinPolicySource is the source of the embedded default policy, as GET
 // /v1/policy reports it and as its messages name it.
 const BuiltinPolicySource = "builtin"
-
-// reloadDebounce is how long the policy watcher waits after the last file
-// event before it reads the file. Editors and config managers write a file
-// in several steps (truncate and write, or write a temporary file and
-// rename it over); reading after the burst sees the finished file once.
-const reloadDebounce = 100 * time.Millisecond
 
 // policyHolder holds the active isolation policy and keeps it in step with
 // its file. Readers take the active policy with one atomic load; a reload
@@ -47,9 +40,7 @@ type policyHolder struct {
 	reloads  uint64
 	failures uint64
 
-	watcher *fsnotify.Watcher // nil when not watching
-	stop    chan struct{}
-	done    chan struct{}
+	watcher *filewatch.Watcher // nil when not watching
 
 	// onChange hears of every reload outcome, outside the lock: applied
 	// (ok, new version, old version) or rejected (!ok, active version,
@@ -124,67 +115,14 @@ func (h *policyHolder) watch() error {
 	if h.file == "" {
 		return nil
 	}
-	w, err := fsnotify.NewWatcher()
+	w, err := filewatch.Watch(h.file, func() { _ = h.reload() }, func(err error) {
+		h.log.Warn("isolation policy watcher", "source", h.file, "error", err)
+	})
 	if err != nil {
 		return err
 	}
-	if err := w.Add(filepath.Dir(h.file)); err != nil {
-		w.Close()
-		return err
-	}
-	// The file itself too: when it is a symlink to a file elsewhere, writes
-	// to the target show up only on it.
-	_ = w.Add(h.file)
 	h.watcher = w
-	// A change between the first load and the watch would go unseen.
-	_ = h.reload()
-	h.stop, h.done = make(chan struct{}), make(chan struct{})
-	go h.loop()
 	return nil
-}
-
-func (h *policyHolder) loop() {
-	defer close(h.done)
-	var (
-		timer *time.Timer
-		fire  <-chan time.Time
-	)
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for {
-		select {
-		case <-h.stop:
-			return
-		case ev, ok := <-h.watcher.Events:
-			if !ok {
-				return
-			}
-			if ev.Op == fsnotify.Chmod {
-				// Touching permissions or times changes no content.
-				continue
-			}
-			if timer == nil {
-				timer = time.NewTimer(reloadDebounce)
-			} else {
-				timer.Reset(reloadDebounce)
-			}
-			fire = timer.C
-		case err, ok := <-h.watcher.Errors:
-			if !ok {
-				return
-			}
-			h.log.Warn("isolation policy watcher", "source", h.file, "error", err)
-		case <-fire:
-			fire = nil
-			_ = h.reload()
-			// A rename over the file dropped the watch on the old inode;
-			// watch the new one (the directory watch covers a missing file).
-			_ = h.watcher.Add(h.file)
-		}
-	}
 }
 
 // close stops watching. The active policy stays usable.
@@ -192,8 +130,6 @@ func (h *policyHolder) close() {
 	if h.watcher == nil {
 		return
 	}
-	close(h.stop)
-	<-h.done
 	h.watcher.Close()
 }
 

@@ -542,7 +542,7 @@ func TestCloseStopsWatching(t *testing.T) {
 	}
 	e.agent = nil
 	select {
-	case <-h.done:
+	case <-h.watcher.Done():
 	default:
 		t.Fatal("the policy watcher still runs after Close")
 	}

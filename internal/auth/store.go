@@ -10,14 +10,9 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
-	"time"
 
-	"github.com/fsnotify/fsnotify"
+	"github.com/berthd/berth/internal/filewatch"
 )
-
-// reloadDebounce is how long the watcher waits after the last file event
-// before it reads the file, so a write in several steps is read once.
-const reloadDebounce = 100 * time.Millisecond
 
 // Store holds the tokens file's entries and keeps them in step with the
 // file. A lookup takes the active entries with one atomic load; a reload
@@ -32,9 +27,7 @@ type Store struct {
 	last    []byte
 	lastErr error
 
-	watcher *fsnotify.Watcher
-	stop    chan struct{}
-	done    chan struct{}
+	watcher *filewatch.Watcher
 }
 
 // Open reads the tokens file and starts watching it. A file that is
@@ -59,22 +52,15 @@ func Open(file string, log *slog.Logger) (*Store, error) {
 	}
 	s.active.Store(t)
 	s.last = data
-	w, err := fsnotify.NewWatcher()
+	// Reload also runs once at the start of the watch: a change between
+	// the read and the watch would go unseen otherwise.
+	w, err := filewatch.Watch(abs, s.Reload, func(err error) {
+		s.log.Warn("tokens file watcher", "file", s.file, "error", err)
+	})
 	if err != nil {
-		return nil, err
-	}
-	// The directory too: an editor or config manager that renames a new
-	// file over the old one replaces the inode a file watch follows.
-	if err := w.Add(filepath.Dir(abs)); err != nil {
-		w.Close()
 		return nil, fmt.Errorf("watch tokens file: %w", err)
 	}
-	_ = w.Add(abs)
 	s.watcher = w
-	s.stop, s.done = make(chan struct{}), make(chan struct{})
-	// A change between the read and the watch would go unseen.
-	s.Reload()
-	go s.loop()
 	return s, nil
 }
 
@@ -129,53 +115,10 @@ func (s *Store) Reload() {
 	s.log.Info("tokens file reloaded", "file", s.file, "entries", len(t.entries))
 }
 
-func (s *Store) loop() {
-	defer close(s.done)
-	var (
-		timer *time.Timer
-		fire  <-chan time.Time
-	)
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for {
-		select {
-		case <-s.stop:
-			return
-		case ev, ok := <-s.watcher.Events:
-			if !ok {
-				return
-			}
-			if ev.Op == fsnotify.Chmod {
-				continue
-			}
-			if timer == nil {
-				timer = time.NewTimer(reloadDebounce)
-			} else {
-				timer.Reset(reloadDebounce)
-			}
-			fire = timer.C
-		case err, ok := <-s.watcher.Errors:
-			if !ok {
-				return
-			}
-			s.log.Warn("tokens file watcher", "file", s.file, "error", err)
-		case <-fire:
-			fire = nil
-			s.Reload()
-			_ = s.watcher.Add(s.file)
-		}
-	}
-}
-
 // Close stops watching; lookups keep working on the last entries.
 func (s *Store) Close() error {
 	if s.watcher == nil {
 		return nil
 	}
-	close(s.stop)
-	<-s.done
 	return s.watcher.Close()
 }
