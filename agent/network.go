@@ -21,7 +21,7 @@ func (a *Agent) checkPortsLocked(w *api.Workload) error {
 		return nil
 	}
 	if w.Network == nil || w.Network.Mode != api.NetworkBridge {
-		return fmt.Errorf("workload publishes ports but gets network %s: %w", w.Network.Mode, errdefs.ErrFailedPrecondition)
+		return fmt.Errorf("workload publishes ports but does not get the bridge network: %w", errdefs.ErrFailedPrecondition)
 	}
 	if a.opts.Network == nil {
 		return fmt.Errorf("this node has no bridge network to publish ports from (network.enabled is false): %w", errdefs.ErrFailedPrecondition)

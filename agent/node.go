@@ -181,8 +181,8 @@ func (a *Agent) Node(ctx context.Context) *api.Node {
 		}
 		n.Drivers[string(iso)] = st
 	}
-	pst := a.pol.status()
-	n.Policy = api.NodePolicy{Version: pst.Version, Source: pst.Source, LastReloadError: pst.LastReloadError}
+	n.Policy = a.pol.brief()
+	pst := n.Policy
 
 	ready := api.Condition{Type: api.ConditionReady, Status: true, Reason: "DriversHealthy", Message: fmt.Sprintf("%d of %d drivers healthy", healthy, len(a.drivers))}
 	if healthy == 0 {

@@ -205,6 +205,28 @@ func reloadError(at time.Time, err error) *api.PolicyReloadError {
 	return e
 }
 
+// brief is what node status shows of the policy: without the rule list
+// status builds, since fleet controllers poll node status often.
+func (h *policyHolder) brief() api.NodePolicy {
+	cur := h.current()
+	b := api.NodePolicy{Version: cur.policy.Version(), Source: cur.source}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	b.LastReloadError = h.lastErrLocked()
+	return b
+}
+
+// lastErrLocked is a copy of the last reload error, or nil; the caller
+// holds h.mu.
+func (h *policyHolder) lastErrLocked() *api.PolicyReloadError {
+	if h.lastErr == nil {
+		return nil
+	}
+	e := *h.lastErr
+	e.Errors = append([]api.PolicyError(nil), h.lastErr.Errors...)
+	return &e
+}
+
 // status describes the active policy and the reloads so far.
 func (h *policyHolder) status() api.PolicyStatus {
 	cur := h.current()
@@ -225,10 +247,6 @@ func (h *policyHolder) status() api.PolicyStatus {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	st.Reloads, st.ReloadFailures = h.reloads, h.failures
-	if h.lastErr != nil {
-		e := *h.lastErr
-		e.Errors = append([]api.PolicyError(nil), h.lastErr.Errors...)
-		st.LastReloadError = &e
-	}
+	st.LastReloadError = h.lastErrLocked()
 	return st
 }

@@ -86,16 +86,15 @@ type Attachment struct {
 
 // Manager attaches and detaches workloads.
 type Manager struct {
-	cfg      Config
-	cni      *libcni.CNIConfig
-	ctrList  *libcni.NetworkConfigList
-	vmList   *libcni.NetworkConfigList
-	gateway  netip.Addr
-	subnet   netip.Prefix
-	nsDir    string
-	recDir   string
-	mu       sync.Mutex
-	setupErr error
+	cfg     Config
+	cni     *libcni.CNIConfig
+	ctrList *libcni.NetworkConfigList
+	vmList  *libcni.NetworkConfigList
+	gateway netip.Addr
+	subnet  netip.Prefix
+	nsDir   string
+	recDir  string
+	mu      sync.Mutex // serializes bridge creation
 }
 
 // New prepares the manager. Nothing on the host changes until the first
@@ -145,12 +144,6 @@ func New(cfg Config) (*Manager, error) {
 	}
 	return m, nil
 }
-
-// Subnet is the pool's prefix.
-func (m *Manager) Subnet() netip.Prefix { return m.subnet }
-
-// Bridge is the bridge's name.
-func (m *Manager) Bridge() string { return m.cfg.Bridge }
 
 func (m *Manager) ipam() map[string]any {
 	return map[string]any{
@@ -298,15 +291,6 @@ func (m *Manager) Detach(ctx context.Context, id string) error {
 		return err
 	}
 	return nil
-}
-
-// Get returns a recorded attachment.
-func (m *Manager) Get(id string) (*Attachment, error) {
-	var a Attachment
-	if err := fileutil.ReadJSON(m.recordPath(id), &a); err != nil {
-		return nil, err
-	}
-	return &a, nil
 }
 
 // List returns the ids of every recorded attachment.

@@ -32,12 +32,6 @@ import (
 type Options struct {
 	Version string
 	Logger  *slog.Logger
-	// MonitorCmd overrides how the container driver starts its per-task
-	// monitor (tests re-execute their own binary); default `berth monitor`.
-	MonitorCmd []string
-	// VMMonitorCmd does the same for the VM driver; default
-	// `berth vm-monitor`.
-	VMMonitorCmd []string
 	// Drivers, when set, replace the drivers built from the configuration
 	// (tests use the fake driver).
 	Drivers []driver.Driver
@@ -85,7 +79,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 
 	drivers := opts.Drivers
 	if drivers == nil {
-		drivers, err = d.buildDrivers(opts)
+		drivers, err = d.buildDrivers()
 		if err != nil {
 			return nil, err
 		}
@@ -146,13 +140,12 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	return d, nil
 }
 
-func (d *Daemon) buildDrivers(opts Options) ([]driver.Driver, error) {
+func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 	var ds []driver.Driver
 	if d.cfg.Container.Enabled {
 		cd, err := ctrdriver.New(ctrdriver.Options{
 			Root:        filepath.Join(d.cfg.DataDir, "containers"),
 			Runc:        d.cfg.Container.Runc,
-			MonitorCmd:  opts.MonitorCmd,
 			LogMaxBytes: d.cfg.Container.LogMaxBytes,
 			Logger:      d.log,
 		})
@@ -167,7 +160,6 @@ func (d *Daemon) buildDrivers(opts Options) ([]driver.Driver, error) {
 			URI:         d.cfg.VM.URI,
 			Accel:       vmdriver.Accel(d.cfg.VM.Accel),
 			InitPath:    d.cfg.VM.InitPath,
-			MonitorCmd:  opts.VMMonitorCmd,
 			LogMaxBytes: d.cfg.Container.LogMaxBytes,
 			Logger:      d.log,
 		})

@@ -105,12 +105,11 @@ func testConfig(t *testing.T, dataDir, listen string) *config.Config {
 	return cfg
 }
 
-// startAgent runs an agent in this process and returns a client for it.
-func startAgent(t *testing.T) (*client.Client, string) {
+// serve runs an agent with cfg in this process until the test ends (then
+// deletes every workload it holds and stops it) and returns a client for it
+// and its TCP address.
+func serve(t *testing.T, cfg *config.Config) (*client.Client, string) {
 	t.Helper()
-	requireRunc(t)
-	dataDir := t.TempDir()
-	cfg := testConfig(t, dataDir, "127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
@@ -122,6 +121,7 @@ func startAgent(t *testing.T) (*client.Client, string) {
 	go func() { done <- d.Serve(ctx) }()
 	c, err := client.New(d.Addr())
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -131,6 +131,16 @@ func startAgent(t *testing.T) (*client.Client, string) {
 			t.Errorf("agent: %v", err)
 		}
 	})
+	return c, d.Addr()
+}
+
+// startAgent runs an agent in this process with the busybox image and
+// returns a client for it and its data dir.
+func startAgent(t *testing.T) (*client.Client, string) {
+	t.Helper()
+	requireRunc(t)
+	dataDir := t.TempDir()
+	c, _ := serve(t, testConfig(t, dataDir, "127.0.0.1:0"))
 	importBusybox(t, c)
 	return c, dataDir
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -17,7 +16,6 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/config"
-	"github.com/berthd/berth/internal/daemon"
 )
 
 // netTest is an agent on a bridge and subnet of its own.
@@ -48,27 +46,12 @@ func startNetAgent(t *testing.T, vm bool) *netTest {
 	cfg.Network.Subnet = fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(256))
 	cfg.Network.DNS = []string{"10.0.0.53"}
 	if vm {
-		cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
+		withVMs(t, cfg)
 	}
 	n.cfg = cfg
-	ctx, cancel := context.WithCancel(context.Background())
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
-	if n.c, err = client.New(d.Addr()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		deleteAll(t, n.c)
-		cancel()
-		<-done
-		exec.Command("ip", "link", "del", n.bridge).Run()
-	})
+	// Registered first, so it runs after the agent has stopped.
+	t.Cleanup(func() { exec.Command("ip", "link", "del", n.bridge).Run() })
+	n.c, _ = serve(t, cfg)
 	importBusybox(t, n.c)
 	return n
 }

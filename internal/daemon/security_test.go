@@ -8,7 +8,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,7 +20,6 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/config"
-	"github.com/berthd/berth/internal/daemon"
 	"github.com/berthd/berth/internal/testimage"
 )
 
@@ -43,28 +41,9 @@ func startAgentAddr(t *testing.T, modify func(*config.Config)) (*client.Client, 
 	if modify != nil {
 		modify(cfg)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
-	c, err := client.New(d.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		deleteAll(t, c)
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent: %v", err)
-		}
-	})
+	c, addr := serve(t, cfg)
 	importBusybox(t, c)
-	return c, d.Addr()
+	return c, addr
 }
 
 // importProbe builds testdata/probe statically and imports busybox plus

@@ -3,7 +3,6 @@ package daemon_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,7 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/internal/daemon"
+	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/testdisk"
 )
 
@@ -64,6 +63,13 @@ func berthInit(t *testing.T) string {
 	return initPath
 }
 
+// withVMs turns on the VM driver under emulation with a freshly built
+// berth-init.
+func withVMs(t *testing.T, cfg *config.Config) *config.Config {
+	cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
+	return cfg
+}
+
 // vmDataDir is a data dir QEMU (running as libvirt's unprivileged user)
 // can traverse to the task disks.
 func vmDataDir(t *testing.T) string {
@@ -81,26 +87,7 @@ func vmDataDir(t *testing.T) string {
 
 func TestSameSpecContainerAndVM(t *testing.T) {
 	requireLibvirt(t)
-	cfg := testConfig(t, vmDataDir(t), "127.0.0.1:0")
-	cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
-	c, err := client.New(d.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		deleteAll(t, c)
-		cancel()
-		<-done
-	})
+	c, _ := serve(t, withVMs(t, testConfig(t, vmDataDir(t), "127.0.0.1:0")))
 	importBusybox(t, c)
 
 	spec := api.WorkloadSpec{
@@ -222,26 +209,7 @@ func TestVMWorkloadSurvivesAgentSIGKILL(t *testing.T) {
 // the power button (137), and delete leaves the image unchanged.
 func TestWholeDiskWorkload(t *testing.T) {
 	requireLibvirt(t)
-	cfg := testConfig(t, vmDataDir(t), "127.0.0.1:0")
-	cfg.VM.Enabled, cfg.VM.Accel, cfg.VM.InitPath = true, "tcg", berthInit(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	d, err := daemon.New(ctx, cfg, daemon.Options{Version: "test", Logger: logger})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
-	c, err := client.New(d.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		deleteAll(t, c)
-		cancel()
-		<-done
-	})
+	c, _ := serve(t, withVMs(t, testConfig(t, vmDataDir(t), "127.0.0.1:0")))
 	dir := t.TempDir()
 	for name, hold := range map[string]bool{"appliance:once": false, "appliance:hold": true} {
 		f, err := os.Open(testdisk.Build(t, filepath.Join(dir, name), hold))
@@ -259,7 +227,7 @@ func TestWholeDiskWorkload(t *testing.T) {
 	}
 
 	// A disk takes no command and never runs as a container.
-	_, err = c.Submit(context.Background(), api.WorkloadSpec{Image: "berth.test/appliance:once", Command: []string{"true"}})
+	_, err := c.Submit(context.Background(), api.WorkloadSpec{Image: "berth.test/appliance:once", Command: []string{"true"}})
 	if !client.IsReason(err, api.ReasonInvalidArgument) {
 		t.Errorf("disk with a command: %v", err)
 	}
