@@ -652,3 +652,7 @@ func withSbin(path string) string {
 	}
 	return path
 }
+
+// Close implements driver.Driver. The driver holds no connection: tasks
+// belong to their monitors and keep running.
+func (d *Driver) Close(ctx context.Context) error { return nil }

@@ -11,6 +11,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"time"
 )
 
@@ -29,7 +30,10 @@ type Driver interface {
 	// Wait blocks until the task has exited, or ctx ends.
 	Wait(ctx context.Context, id string) (*ExitResult, error)
 	// Stop asks the task to end (SIGTERM), then forces it after timeout.
-	// Stopping a task that already exited is not an error.
+	// Stopping a task that already exited is not an error. The stop is
+	// the driver's once asked: its deadline is persisted and enforced
+	// whether or not the caller still waits (ctx only bounds the wait),
+	// and it resumes after Recover when the agent restarted meanwhile.
 	Stop(ctx context.Context, id string, timeout time.Duration) error
 	// Destroy removes every resource the driver made for the task, killing
 	// it first if it still runs. Destroying an unknown task is not an error.
@@ -45,7 +49,16 @@ type Driver interface {
 	// List returns the ids of every task the driver has resources for on
 	// this node, running or not, so the agent can reconcile its store.
 	List(ctx context.Context) ([]string, error)
+	// Close releases what the driver holds for itself (connections,
+	// background probes and the guests they run). Tasks keep running and
+	// a new driver over the same root recovers them.
+	Close(ctx context.Context) error
 }
+
+// ErrRebooted is returned (wrapped) by Recover for a task that was started
+// in an earlier boot of the node: whatever it was is gone, and the driver
+// has released what it left on disk.
+var ErrRebooted = errors.New("node rebooted")
 
 // TaskConfig is everything a driver needs to run one task. The agent has
 // already resolved the image's defaults (entrypoint, env, workdir) into it.

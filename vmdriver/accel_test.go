@@ -80,7 +80,7 @@ func fakeProbeDriver(t *testing.T, probe func(ctx context.Context) (probeOutcome
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(d.Close)
+	t.Cleanup(func() { _ = d.Close(context.Background()) })
 	var runs atomic.Int32
 	d.cheapAccel = func(ctx context.Context) (accelChoice, bool, error) { return cheapChoice(AccelAuto, "") }
 	d.probeGuest = func(ctx context.Context) (probeOutcome, error) {
@@ -204,7 +204,7 @@ func TestCloseStopsProbe(t *testing.T) {
 	}
 	<-started
 	closed := make(chan struct{})
-	go func() { d.Close(); close(closed) }()
+	go func() { _ = d.Close(context.Background()); close(closed) }()
 	select {
 	case <-closed:
 	case <-time.After(10 * time.Second):

@@ -282,10 +282,20 @@ func New(opts Options) (*Driver, error) {
 
 // Close stops a running KVM probe (removing its guest) and drops the
 // libvirt connection. Tasks keep running.
-func (d *Driver) Close() {
+func (d *Driver) Close(ctx context.Context) error {
 	d.cancel()
-	d.probeWG.Wait()
+	probed := make(chan struct{})
+	go func() {
+		d.probeWG.Wait()
+		close(probed)
+	}()
+	select {
+	case <-probed:
+	case <-ctx.Done():
+		return fmt.Errorf("vmdriver: close: the KVM probe guest is still being removed: %w", ctx.Err())
+	}
 	d.hv.close()
+	return nil
 }
 
 // Name implements driver.Driver.

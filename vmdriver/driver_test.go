@@ -140,7 +140,7 @@ func newDriverAccel(tb testing.TB, root string, accel Accel) *Driver {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(d.Close)
+	tb.Cleanup(func() { _ = d.Close(context.Background()) })
 	return d
 }
 
@@ -388,7 +388,7 @@ func TestRecoverAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitStarted(t, d1, cfg.ID)
-	d1.Close()
+	_ = d1.Close(context.Background())
 
 	d2 := newDriver(t, root)
 	defer d2.Destroy(context.Background(), cfg.ID)
@@ -542,7 +542,7 @@ func TestFingerprintUnreachable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	defer d.Close(context.Background())
 	fp := d.Fingerprint(context.Background())
 	if fp.Healthy || !strings.Contains(fp.Reason, sock) {
 		t.Errorf("Fingerprint = %+v, want unhealthy naming %s", fp, sock)

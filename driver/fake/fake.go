@@ -364,3 +364,9 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 	}
 	return ids, nil
 }
+
+// Close implements driver.Driver: the fake holds nothing of its own.
+func (d *Driver) Close(ctx context.Context) error {
+	_ = d.record("Close", "")
+	return nil
+}

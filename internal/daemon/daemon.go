@@ -9,7 +9,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -27,6 +26,10 @@ import (
 	"github.com/berthd/berth/network"
 	"github.com/berthd/berth/vmdriver"
 )
+
+// driverCloseTimeout bounds how long shutdown waits for a driver to let go
+// of what it holds (a KVM probe guest being removed).
+const driverCloseTimeout = 30 * time.Second
 
 // Options are what the configuration file does not hold.
 type Options struct {
@@ -217,9 +220,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if err := d.agent.Close(); err != nil && serveErr == nil {
 		serveErr = err
 	}
+	closeCtx, cancelClose := context.WithTimeout(context.Background(), driverCloseTimeout)
+	defer cancelClose()
 	for _, dr := range d.drivers {
-		if c, ok := dr.(io.Closer); ok {
-			c.Close()
+		if err := dr.Close(closeCtx); err != nil {
+			d.log.Warn("close driver", "driver", dr.Name(), "err", err)
 		}
 	}
 	if errors.Is(serveErr, http.ErrServerClosed) {
