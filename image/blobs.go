@@ -15,6 +15,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/fileutil"
 )
 
 // blobPath returns where the blob with digest h lives. Only sha256 is
@@ -122,7 +123,7 @@ func (s *Store) install(tmp, final string) error {
 	if err := os.Rename(tmp, final); err != nil {
 		return fmt.Errorf("store blob %s: %w", filepath.Base(final), err)
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := fileutil.SyncDir(filepath.Dir(final)); err != nil {
 		return fmt.Errorf("store blob %s: %w", filepath.Base(final), err)
 	}
 	return nil
@@ -137,47 +138,6 @@ func checkContent(want v1.Hash, size, n int64, digester hash.Hash) error {
 		return fmt.Errorf("%w: content does not match digest %s (got sha256:%s)", errdefs.ErrInvalidArgument, want, got)
 	}
 	return nil
-}
-
-// writeFileAtomic replaces path with data so that a crash leaves either the
-// old or the new content: temp file, fsync, rename, fsync the directory.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(perm)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-// syncDir makes a rename or create in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // ctxReader stops a long copy as soon as ctx is done.

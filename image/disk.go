@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/qcow2"
 )
 
 // Whole-disk VM images. A workload may boot a bootable qcow2 disk instead
@@ -31,12 +32,9 @@ const (
 	MediaTypeDisk = "application/vnd.berth.disk.qcow2"
 )
 
-// qcow2Magic starts every qcow2 file.
-var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
-
 // IsDiskImage reports whether the stream starting with head is a qcow2
 // disk rather than an image archive.
-func IsDiskImage(head []byte) bool { return bytes.HasPrefix(head, qcow2Magic) }
+func IsDiskImage(head []byte) bool { return qcow2.Is(head) }
 
 func (s *Store) diskDir() string { return filepath.Join(s.root, "disks") }
 

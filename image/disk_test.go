@@ -13,7 +13,8 @@ import (
 	"github.com/berthd/berth/errdefs"
 )
 
-func qcow2(t *testing.T, args ...string) []byte {
+// newQcow2 makes a 1 MiB qcow2 disk with qemu-img create ARGS.
+func newQcow2(t *testing.T, args ...string) []byte {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img is not installed; `make test` installs qemu-utils")
@@ -37,7 +38,7 @@ func TestDiskImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	disk := qcow2(t)
+	disk := newQcow2(t)
 	if !IsDiskImage(disk) {
 		t.Fatal("a qcow2 file is not recognized")
 	}
@@ -72,7 +73,7 @@ func TestDiskImages(t *testing.T) {
 	}{
 		"no ref":       {disk, ""},
 		"not qcow2":    {[]byte("QFI\xfbgarbage that is not a disk"), "x/y:1"},
-		"backing file": {qcow2(t, "-F", "raw", "-b", backing), "x/y:2"},
+		"backing file": {newQcow2(t, "-F", "raw", "-b", backing), "x/y:2"},
 	} {
 		if _, err := s.ImportDisk(ctx, bytes.NewReader(tc.data), tc.ref); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("%s: %v, want invalid argument", name, err)

@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/fileutil"
 )
 
 // Rootfs returns the directory holding img's flattened root filesystem,
@@ -107,7 +108,7 @@ func (s *Store) unpack(ctx context.Context, digest v1.Hash, dir string) error {
 		return err
 	}
 	done = true
-	return syncDir(s.rootfsDir())
+	return fileutil.SyncDir(s.rootfsDir())
 }
 
 // image rebuilds a v1.Image from stored blobs, without the network.

@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/fileutil"
 )
 
 // Image is a stored image.
@@ -164,8 +165,10 @@ func (s *Store) tmpDir() string    { return filepath.Join(s.root, "tmp") }
 
 func (s *Store) load() error {
 	// Stale temp files of a crash mid-save; refs.json itself is intact.
-	stale, _ := filepath.Glob(filepath.Join(s.root, "refs.json.tmp*"))
-	for _, f := range stale {
+	// refs.json.tmp* are those of agents from before fileutil.WriteFile.
+	_ = fileutil.RemoveTemps(s.indexPath())
+	legacy, _ := filepath.Glob(filepath.Join(s.root, "refs.json.tmp*"))
+	for _, f := range legacy {
 		_ = os.Remove(f)
 	}
 	data, err := os.ReadFile(s.indexPath())
@@ -202,7 +205,7 @@ func (s *Store) saveLocked(refs map[string]record) error {
 	if err != nil {
 		return fmt.Errorf("encode image index: %w", err)
 	}
-	if err := writeFileAtomic(s.indexPath(), data, 0o600); err != nil {
+	if err := fileutil.WriteFile(s.indexPath(), data, 0o600); err != nil {
 		return fmt.Errorf("save image index: %w", err)
 	}
 	return nil

@@ -265,9 +265,10 @@ func TestNewCleansCrashLeftovers(t *testing.T) {
 	img := importImage(t, s, busybox(t), "berth.local/test/busybox:1")
 
 	// What a crash mid-operation leaves: a half-written blob, a half-done
-	// unpack, a blob and a rootfs nothing references, a temp index.
+	// unpack, a blob and a rootfs nothing references, a temp index (as
+	// fileutil.WriteFile names it, and as agents before it did).
 	orphan := "0000000000000000000000000000000000000000000000000000000000000000"
-	for _, p := range []string{"tmp/blob-123", "tmp/unpack-abc/bin/sh", "blobs/sha256/" + orphan, "rootfs/" + orphan + "/etc/passwd", "refs.json.tmp42"} {
+	for _, p := range []string{"tmp/blob-123", "tmp/unpack-abc/bin/sh", "blobs/sha256/" + orphan, "rootfs/" + orphan + "/etc/passwd", ".refs.json.tmp41", "refs.json.tmp42"} {
 		if err := os.MkdirAll(filepath.Join(root, filepath.Dir(p)), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -276,7 +277,7 @@ func TestNewCleansCrashLeftovers(t *testing.T) {
 		}
 	}
 	s = newStore(t, root)
-	for _, p := range []string{"tmp/blob-123", "tmp/unpack-abc", "blobs/sha256/" + orphan, "rootfs/" + orphan, "refs.json.tmp42"} {
+	for _, p := range []string{"tmp/blob-123", "tmp/unpack-abc", "blobs/sha256/" + orphan, "rootfs/" + orphan, ".refs.json.tmp41", "refs.json.tmp42"} {
 		if _, err := os.Lstat(filepath.Join(root, p)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s survived New: %v", p, err)
 		}

@@ -1,5 +1,5 @@
 // Package fileutil holds the small file helpers berth's packages share:
-// atomic, durable writes of state files.
+// atomic, durable writes of state files, and lock files.
 package fileutil
 
 import (
@@ -7,13 +7,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // WriteFile replaces path with data atomically and durably: a reader sees
 // the old content or the new, never a torn write, even across a crash.
 func WriteFile(path string, data []byte, perm os.FileMode) error {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	tmp, err := os.CreateTemp(dir, tempPrefix(path)+"*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -37,6 +38,29 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return SyncDir(dir)
+}
+
+// tempPrefix starts the names of WriteFile's temp files for path: hidden,
+// next to it (a rename is atomic only within one file system).
+func tempPrefix(path string) string { return "." + filepath.Base(path) + ".tmp" }
+
+// RemoveTemps removes the temp files of WriteFile calls on path that a
+// crash interrupted before their rename. path itself is whole either way.
+func RemoveTemps(path string) error {
+	dir := filepath.Dir(path)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("remove stale temp files of %s: %w", path, err)
+	}
+	prefix := tempPrefix(path)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("remove stale temp files of %s: %w", path, err)
+			}
+		}
+	}
+	return nil
 }
 
 // SyncDir makes a rename or create inside dir durable.

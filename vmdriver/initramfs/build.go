@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"hash"
 	"os"
@@ -15,11 +14,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
-	"time"
 
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/guest"
+	"github.com/berthd/berth/internal/fileutil"
 )
 
 // formatVersion is part of every cache key: bump it whenever the archive's
@@ -94,7 +92,7 @@ func Build(ctx context.Context, o Options) (string, error) {
 	if err := os.MkdirAll(o.CacheDir, 0o755); err != nil {
 		return "", fmt.Errorf("initramfs: create cache dir: %w", err)
 	}
-	unlock, err := lockFile(ctx, final+".lock")
+	unlock, err := fileutil.Lock(ctx, final+".lock")
 	if err != nil {
 		return "", fmt.Errorf("initramfs: %w", err)
 	}
@@ -194,30 +192,4 @@ func writeArchive(final string, initBin []byte, mods []archiveFile) (err error) 
 		return fmt.Errorf("install archive: %w", err)
 	}
 	return nil
-}
-
-// lockFile takes an exclusive flock on path, waiting until ctx ends. flock
-// serializes builders across processes as well as goroutines (each call has
-// its own open file description).
-func lockFile(ctx context.Context, path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil // closing releases the lock
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }

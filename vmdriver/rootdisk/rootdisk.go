@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/fileutil"
 )
 
 // formatVersion is part of every base image's cache name: bump it when the
@@ -84,7 +85,7 @@ func Base(ctx context.Context, rootfsDir, key, cacheDir string, opts ...Option) 
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", fmt.Errorf("rootdisk: create cache dir: %w", err)
 	}
-	unlock, err := lockFile(ctx, final+".lock")
+	unlock, err := fileutil.Lock(ctx, final+".lock")
 	if err != nil {
 		return "", fmt.Errorf("rootdisk: %w", err)
 	}
@@ -273,30 +274,4 @@ func OverlayOf(ctx context.Context, base, baseFormat, path string) (err error) {
 		return fmt.Errorf("rootdisk: overlay %s: %w", path, err)
 	}
 	return nil
-}
-
-// lockFile takes an exclusive flock on path, waiting until ctx ends. flock
-// serializes builders across processes as well as goroutines (each call has
-// its own open file description).
-func lockFile(ctx context.Context, path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil // closing releases the lock
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }
