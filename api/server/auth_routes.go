@@ -34,7 +34,9 @@ type routeInfo struct {
 // routeTable maps "METHOD pattern" (chi's pattern, without a trailing
 // slash) to what the route does.
 // A route missing here is reachable by admins only: a new endpoint stays
-// closed until someone decides who may use it.
+// closed until someone decides who may use it. What a tenant-scoped caller
+// gets from each route is decided in auth_scope.go and listed, route by
+// route, in scope_routes_test.go.
 var routeTable = map[string]routeInfo{
 	"GET /healthz":                  {action: auth.ActPublic},
 	"GET /readyz":                   {action: auth.ActPublic},

@@ -17,10 +17,16 @@ import (
 // tenants' workloads: another tenant's is "not found" with the very error
 // a missing one gets, on every route. Every identity's requests record the
 // workload, tenant and placement they touched, for the audit log.
+//
+// scoped does not embed Backend (its Backend is a named field): it
+// implements every method itself, so a method added to Backend does not
+// compile until someone decides here how a tenant-scoped caller may use
+// it. scope_routes_test.go holds every route to being public, reachable
+// by no tenant-scoped role, or scoped.
 type scoped struct {
-	Backend
-	id *auth.Identity
-	st *request
+	Backend Backend
+	id      *auth.Identity
+	st      *request
 }
 
 var _ Backend = (*scoped)(nil)
@@ -182,6 +188,25 @@ func (b *scoped) RemoveImage(ref string) error {
 	b.st.image = ref
 	return b.Backend.RemoveImage(ref)
 }
+
+// Index is node-wide: it only says that something changed, never what or
+// whose, and blocking queries of every role need it.
+func (b *scoped) Index() (uint64, <-chan struct{}) { return b.Backend.Index() }
+
+// ListImages: images are the node's, not a tenant's; every workload of
+// every tenant runs from the same store.
+func (b *scoped) ListImages() []api.Image { return b.Backend.ListImages() }
+
+// Ready is the public readiness probe's: no tenant data.
+func (b *scoped) Ready(ctx context.Context) error { return b.Backend.Ready(ctx) }
+
+// Node counts every tenant's workloads, so no tenant-scoped role is
+// granted the routes that read it (/v1/node, /metrics).
+func (b *scoped) Node(ctx context.Context) *api.Node { return b.Backend.Node(ctx) }
+
+// Policy shows the operator's rules, tenants included; no tenant-scoped
+// role is granted /v1/policy or /metrics.
+func (b *scoped) Policy(ctx context.Context) api.PolicyStatus { return b.Backend.Policy(ctx) }
 
 // checkEventScope answers, before an event stream starts, whether the
 // caller may follow one workload's events: a submitter asking for another
