@@ -36,11 +36,7 @@ var (
 func dlopenBuild(t *testing.T) (berth string) {
 	t.Helper()
 	dlopenOnce.Do(func() {
-		dlopenDir, dlopenErr = os.MkdirTemp("", "berth-dlopen-")
-		if dlopenErr != nil {
-			return
-		}
-		if dlopenErr = os.Chmod(dlopenDir, 0o711); dlopenErr != nil {
+		if dlopenDir, dlopenErr = traversableTemp(); dlopenErr != nil {
 			return
 		}
 		build := exec.Command("go", "build", "-tags", "libvirt_dlopen", "-o", filepath.Join(dlopenDir, "berth"), ".")
@@ -115,7 +111,7 @@ exec "$@"`
 	agent := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "hide",
 		berth, "agent", "--data-dir", filepath.Join(dir, "data"), "--listen", addr, "--listen-unix", filepath.Join(dir, "berth.sock"))
 	agent.Env = append(agentEnv(), "ORIG="+orig, "SHADOW="+shadow, "LIBDIR="+libDir)
-	startAgent(t, agent)
+	startAgent(t, agent, dir)
 
 	// Client commands run in the agent's mount namespace.
 	ns := fmt.Sprintf("--mount=/proc/%d/ns/mnt", agent.Process.Pid)
@@ -171,7 +167,7 @@ func TestAgentDlopenVMDriverHealthy(t *testing.T) {
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	agent := exec.Command(berth, "agent", "--data-dir", filepath.Join(dir, "data"), "--listen", addr, "--listen-unix", filepath.Join(dir, "berth.sock"))
 	agent.Env = agentEnv()
-	startAgent(t, agent)
+	startAgent(t, agent, dir)
 
 	n := waitNode(t, func() (string, error) {
 		out, err := exec.Command(berth, "--addr", addr, "-o", "json", "node", "status").Output()
@@ -224,15 +220,20 @@ func libvirtDir(t *testing.T) string {
 // unprivileged user and reaches the task disks under the data dir).
 func tempDir(t *testing.T) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "berth-nolibvirt-")
+	dir, err := traversableTemp()
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(dir, 0o711); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+func traversableTemp() (string, error) {
+	dir, err := os.MkdirTemp("", "berth-nolibvirt-")
+	if err == nil {
+		err = os.Chmod(dir, 0o711)
+	}
+	return dir, err
 }
 
 func freePort(t *testing.T) int {
@@ -256,28 +257,16 @@ func agentEnv() []string {
 	)
 }
 
-// syncBuffer is the agent's log, written by exec and read by the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// startAgent starts cmd and stops it (SIGTERM, then SIGKILL) at cleanup.
-func startAgent(t *testing.T, cmd *exec.Cmd) {
+// startAgent starts cmd with its output in a file of dir, and stops it
+// (SIGTERM, then SIGKILL) at cleanup, showing the output if the test failed.
+func startAgent(t *testing.T, cmd *exec.Cmd, dir string) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logPath := filepath.Join(dir, "agent.log")
+	logs, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logs.Close() // the agent has its own copy
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start the agent: %v", err)
@@ -296,7 +285,8 @@ func startAgent(t *testing.T, cmd *exec.Cmd) {
 			<-done
 		}
 		if t.Failed() {
-			t.Logf("agent log:\n%s", logs)
+			out, _ := os.ReadFile(logPath)
+			t.Logf("agent log:\n%s", out)
 		}
 	})
 }
