@@ -29,7 +29,12 @@ bin/berth: FORCE
 bin/berth-init: FORCE
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $@ ./cmd/berth-init
 
-build: bin/berth bin/berth-init
+# berth-monitor is the per-task monitor, one per running workload: static,
+# no cgo, nothing but the standard library and x/sys, so it stays small.
+bin/berth-monitor: FORCE
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $@ ./cmd/berth-monitor
+
+build: bin/berth bin/berth-init bin/berth-monitor
 
 # A busybox image built on this machine from Debian's busybox-static: the
 # quickstart needs no registry and no internet.

@@ -13,16 +13,13 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
 	"github.com/berthd/berth/internal/testrootfs"
+	"github.com/berthd/berth/supervisor/monitortest"
 )
 
-// The test binary doubles as the monitor, as the berth binary does.
-const monitorEnv = "BERTH_TEST_CTR_MONITOR"
-
 func TestMain(m *testing.M) {
-	if os.Getenv(monitorEnv) == "1" {
-		os.Exit(RunMonitor(os.Args[len(os.Args)-1]))
-	}
-	os.Exit(m.Run())
+	code := m.Run()
+	monitortest.Cleanup()
+	os.Exit(code)
 }
 
 // requireRunc skips only when this machine truly cannot run containers.
@@ -62,15 +59,7 @@ func sharedRootfs(t *testing.T) string {
 
 func newDriver(t *testing.T, root string) *Driver {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := New(Options{
-		Root:       root,
-		MonitorCmd: []string{exe},
-		MonitorEnv: []string{monitorEnv + "=1", "PATH=" + os.Getenv("PATH")},
-	})
+	d, err := New(Options{Root: root, MonitorCmd: []string{monitortest.Path(t)}})
 	if err != nil {
 		t.Fatal(err)
 	}

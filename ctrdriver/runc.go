@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // runc is a thin wrapper over the runc command line. berth keeps its own
@@ -20,8 +23,14 @@ func (r runc) args(extra ...string) []string {
 	return append([]string{"--root", r.root}, extra...)
 }
 
+// run runs one runc command in a process group of its own; when ctx ends
+// the whole group is killed (a hung runc and what it started), and the
+// pipes it leaked to its children are not waited for.
 func (r runc) run(ctx context.Context, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, r.path, r.args(args...)...)
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
+	cmd.WaitDelay = time.Second
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

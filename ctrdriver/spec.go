@@ -220,9 +220,10 @@ func hasSwapAccounting(memoryMount string) bool {
 }
 
 func validateTask(cfg *driver.TaskConfig) error {
+	if err := driver.CheckID(cfg.ID); err != nil {
+		return err
+	}
 	switch {
-	case cfg.ID == "":
-		return fmt.Errorf("task id is empty")
 	case len(cfg.Args) == 0:
 		return fmt.Errorf("task %s has no command: neither the spec nor the image gives one", cfg.ID)
 	case cfg.Image.RootfsDir == "":

@@ -12,7 +12,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"regexp"
 	"time"
+
+	"github.com/berthd/berth/errdefs"
 )
 
 // Driver runs tasks of one isolation kind. Every method takes ctx first and
@@ -198,3 +202,15 @@ type Fingerprint struct {
 	// Details are driver specific facts, e.g. cgroup_mode, accel.
 	Details map[string]string
 }
+
+// CheckID enforces the one task id rule of every driver: ids name
+// directories, domains, cgroups and runc containers, so they are 1-64
+// letters, digits, '.', '_' or '-', starting with a letter or digit.
+func CheckID(id string) error {
+	if !validID.MatchString(id) {
+		return fmt.Errorf("task id %q: want 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit: %w", id, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)

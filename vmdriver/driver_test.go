@@ -22,16 +22,12 @@ import (
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/proc"
 	"github.com/berthd/berth/internal/testrootfs"
+	"github.com/berthd/berth/supervisor/monitortest"
 )
 
-// The test binary doubles as the monitor, as the berth binary does.
-const monitorEnv = "BERTH_TEST_VM_MONITOR"
-
 func TestMain(m *testing.M) {
-	if os.Getenv(monitorEnv) == "1" {
-		os.Exit(RunMonitor(os.Args[len(os.Args)-1]))
-	}
 	code := m.Run()
+	monitortest.Cleanup()
 	// Every domain and task was destroyed by its own test; the shared
 	// fixtures (berth-init, rootfs, caches) go last.
 	if fixtures.work != "" {
@@ -123,17 +119,12 @@ func newDriver(tb testing.TB, root string) *Driver {
 
 func newDriverAccel(tb testing.TB, root string, accel Accel) *Driver {
 	tb.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		tb.Fatal(err)
-	}
 	d, err := New(Options{
 		Root:         root,
 		Accel:        accel,
 		DomainPrefix: testPrefix,
 		InitPath:     fixtures.initBin,
-		MonitorCmd:   []string{exe},
-		MonitorEnv:   []string{monitorEnv + "=1", "PATH=" + os.Getenv("PATH")},
+		MonitorCmd:   []string{monitortest.Path(tb)},
 		// Test tasks write little; a small headroom keeps the base quick to build.
 		BaseHeadroom: 64 << 20,
 	})
@@ -346,11 +337,11 @@ func TestMonitorRespawn(t *testing.T) {
 	}
 	defer d.Destroy(context.Background(), cfg.ID)
 	waitStarted(t, d, cfg.ID)
-	tk, _ := d.get(cfg.ID)
-	tk.mu.Lock()
-	mon := tk.monitor
-	tk.mu.Unlock()
-	if err := killProc(mon); err != nil {
+	tk, err := d.sup.Get(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := killProc(tk.Monitor().Ident); err != nil {
 		t.Fatal(err)
 	}
 	res, err := d.Wait(ctx, cfg.ID)
@@ -437,12 +428,11 @@ func TestDestroyLeavesNothing(t *testing.T) {
 			t.Errorf("while running: %v", err)
 		}
 	}
-	var mon proc.Ident
-	tk, _ := d.get(cfg.ID)
-	tk.mu.Lock()
-	mon = tk.monitor
-	tk.mu.Unlock()
-	qemu := tk.state.QEMU
+	tk, err := d.sup.Get(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mon, qemu := tk.Monitor().Ident, tk.Data.QEMU
 	if err := d.Destroy(ctx, cfg.ID); err != nil {
 		t.Fatal(err)
 	}

@@ -1,17 +1,14 @@
 package main
 
 import (
-	"fmt"
 	"log/slog"
 	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
-	"github.com/berthd/berth/ctrdriver"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
-	"github.com/berthd/berth/vmdriver"
 )
 
 func newAgentCmd() *cobra.Command {
@@ -66,24 +63,4 @@ func newLogger(c config.Log) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
-}
-
-// runMonitor is `berth monitor DIR`, the per-container monitor process the
-// container driver starts. It is not meant to be run by hand.
-func runMonitor(dir string) int {
-	if !strings.HasPrefix(dir, "/") {
-		fmt.Fprintln(os.Stderr, "berth monitor: needs the absolute task directory; it is started by the agent")
-		return 2
-	}
-	return ctrdriver.RunMonitor(dir)
-}
-
-// runVMMonitor is `berth vm-monitor DIR`, the per-VM monitor the VM driver
-// starts. It is not meant to be run by hand.
-func runVMMonitor(dir string) int {
-	if !strings.HasPrefix(dir, "/") {
-		fmt.Fprintln(os.Stderr, "berth vm-monitor: needs the absolute task directory; it is started by the agent")
-		return 2
-	}
-	return vmdriver.RunMonitor(dir)
 }

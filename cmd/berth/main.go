@@ -26,15 +26,6 @@ type exitError struct{ code int }
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
 func main() {
-	// The container driver starts per-task monitors as `berth monitor DIR`;
-	// it must not go through cobra's flag parsing or config loading.
-	if len(os.Args) == 3 && os.Args[1] == "monitor" {
-		os.Exit(runMonitor(os.Args[2]))
-	}
-	// Likewise the VM driver's per-domain monitor, `berth vm-monitor DIR`.
-	if len(os.Args) == 3 && os.Args[1] == "vm-monitor" {
-		os.Exit(runVMMonitor(os.Args[2]))
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()

@@ -62,6 +62,11 @@ func Run(t *testing.T, h Harness) {
 	t.Run("Stats", s.stats)
 	t.Run("Concurrent", s.concurrent)
 	t.Run("Recover", s.recover)
+	t.Run("RecoverFromID", s.recoverFromID)
+	t.Run("StopOutlivesCaller", s.stopOutlivesCaller)
+	t.Run("StopResumedAfterRestart", s.stopResumed)
+	t.Run("InvalidIDs", s.invalidIDs)
+	t.Run("Close", s.close)
 }
 
 type suite struct {
@@ -347,5 +352,103 @@ func (s *suite) recover(t *testing.T) {
 	}
 	if got := ReadLog(t, cfg, driver.StdoutLog); got != "before\nafter\n" {
 		t.Errorf("stdout = %q, want output from before and after the restart", got)
+	}
+}
+
+// recoverFromID hands a fresh driver only the task id (the agent died
+// before it could persist the handle) and expects the same as Recover.
+func (s *suite) recoverFromID(t *testing.T) {
+	cfg := s.task(t, "sh", "-c", "echo before; sleep 2; exit 6")
+	s.start(t, s.d, cfg)
+	s.waitOutput(t, cfg, "before\n")
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), &driver.Handle{ID: cfg.ID}); err != nil {
+		t.Fatalf("Recover from the id alone: %v", err)
+	}
+	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	if res := s.wait(t, d2, cfg.ID, 2*time.Second); res.ExitCode != 6 {
+		t.Errorf("exit code seen after Recover from the id = %d, want 6 (%+v)", res.ExitCode, res)
+	}
+}
+
+// stopOutlivesCaller asks for a stop and gives up waiting at once: the
+// task must still end by the grace period (SIGKILL for one that ignores
+// SIGTERM), because the deadline is the driver's, not the caller's.
+func (s *suite) stopOutlivesCaller(t *testing.T) {
+	cfg := s.task(t, "sh", "-c", "trap '' TERM; echo ready; sleep 1000")
+	s.start(t, s.d, cfg)
+	s.waitOutput(t, cfg, "ready\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	err := s.d.Stop(ctx, cfg.ID, s.h.StopTimeout)
+	cancel()
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Stop with a caller that leaves: %v", err)
+	}
+	res := s.wait(t, s.d, cfg.ID, s.h.StopTimeout)
+	if res.ExitCode != 137 {
+		t.Errorf("exit code = %d, want 137: the stop's deadline must outlive its caller (%+v)", res.ExitCode, res)
+	}
+}
+
+// stopResumed asks for a stop, then hands the task to a fresh driver (an
+// agent restart in the grace period): the deadline still holds.
+func (s *suite) stopResumed(t *testing.T) {
+	cfg := s.task(t, "sh", "-c", "trap '' TERM; echo ready; sleep 1000")
+	h := s.start(t, s.d, cfg)
+	s.waitOutput(t, cfg, "ready\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	_ = s.d.Stop(ctx, cfg.ID, s.h.StopTimeout)
+	cancel()
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	if res := s.wait(t, d2, cfg.ID, s.h.StopTimeout); res.ExitCode != 137 {
+		t.Errorf("exit code = %d, want 137: a stop asked before a restart must be enforced after it (%+v)", res.ExitCode, res)
+	}
+}
+
+// invalidIDs: ids name directories, domains and cgroups; every method
+// refuses one that could escape or collide, before touching anything.
+func (s *suite) invalidIDs(t *testing.T) {
+	ctx := s.ctx(t, 0)
+	for _, id := range []string{"", "../escape", "a/b", ".hidden", "-flag", "x y", string(make([]byte, 65))} {
+		cfg := s.task(t, "true")
+		cfg.ID = id
+		checks := map[string]error{}
+		_, checks["Start"] = s.d.Start(ctx, cfg)
+		_, checks["Inspect"] = s.d.Inspect(ctx, id)
+		_, checks["Wait"] = s.d.Wait(ctx, id)
+		checks["Stop"] = s.d.Stop(ctx, id, time.Second)
+		checks["Destroy"] = s.d.Destroy(ctx, id)
+		checks["Recover"] = s.d.Recover(ctx, &driver.Handle{ID: id, Driver: s.d.Name()})
+		for name, err := range checks {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("%s(id %q) = %v, want ErrInvalidArgument", name, id, err)
+			}
+		}
+	}
+}
+
+// close: closing a driver leaves its tasks running, and a new driver
+// recovers them.
+func (s *suite) close(t *testing.T) {
+	d := s.h.New(t)
+	cfg := s.task(t, "sh", "-c", "echo ready; sleep 1; exit 4")
+	h, err := d.Start(s.ctx(t, 0), cfg)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	if err := d.Close(s.ctx(t, 0)); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
+		t.Fatalf("Recover after Close: %v", err)
+	}
+	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	if res := s.wait(t, d2, cfg.ID, time.Second); res.ExitCode != 4 {
+		t.Errorf("exit code after Close and Recover = %d, want 4: Close must leave tasks running (%+v)", res.ExitCode, res)
 	}
 }

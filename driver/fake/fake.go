@@ -6,7 +6,6 @@ package fake
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -27,10 +26,31 @@ import (
 type Node struct {
 	mu    sync.Mutex
 	tasks map[string]*task
+	// rebooted are tasks of an earlier boot: their processes are gone and
+	// Recover answers driver.ErrRebooted (once).
+	rebooted map[string]bool
 }
 
 // NewNode returns an empty node.
-func NewNode() *Node { return &Node{tasks: map[string]*task{}} }
+func NewNode() *Node { return &Node{tasks: map[string]*task{}, rebooted: map[string]bool{}} }
+
+// Reboot simulates a host reboot: every task's processes die with the
+// node, and a driver's Recover of one of them answers driver.ErrRebooted.
+func (n *Node) Reboot() {
+	n.mu.Lock()
+	tasks := n.tasks
+	n.tasks = map[string]*task{}
+	for id := range tasks {
+		n.rebooted[id] = true
+	}
+	n.mu.Unlock()
+	for _, t := range tasks {
+		if t.cmd != nil && t.cmd.Process != nil {
+			_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+			<-t.done
+		}
+	}
+}
 
 type task struct {
 	driver  string // the Name of the driver that started it
@@ -39,6 +59,12 @@ type task struct {
 	started time.Time
 	done    chan struct{}
 	exit    *driver.ExitResult
+
+	// The stop deadline belongs to the task, not to the driver that was
+	// asked, so it outlives both the caller and the driver (a restart).
+	stopMu   sync.Mutex
+	deadline *time.Timer
+	killAt   time.Time
 }
 
 // Call is one recorded driver call.
@@ -87,7 +113,8 @@ func (d *Driver) FailNext(method string, err error) {
 	d.mu.Unlock()
 }
 
-// Delay makes every call of method take at least dur before it acts.
+// Delay makes every call of method take at least dur before it acts, or
+// fail with its ctx's error when ctx ends first (a hung runtime).
 func (d *Driver) Delay(method string, dur time.Duration) {
 	d.mu.Lock()
 	d.delay[method] = dur
@@ -101,7 +128,9 @@ func (d *Driver) Calls() []Call {
 	return append([]Call(nil), d.calls...)
 }
 
-func (d *Driver) record(method, id string) error {
+// record notes a call, applies its delay (cut short when ctx ends, as a
+// real driver's hung call is by its caller) and returns its injected error.
+func (d *Driver) record(ctx context.Context, method, id string) error {
 	d.mu.Lock()
 	d.calls = append(d.calls, Call{Method: method, ID: id})
 	delay := d.delay[method]
@@ -111,7 +140,14 @@ func (d *Driver) record(method, id string) error {
 	}
 	d.mu.Unlock()
 	if delay > 0 {
-		time.Sleep(delay)
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+			return fmt.Errorf("fake %s %s: %w", method, id, ctx.Err())
+		}
+	}
+	if err == nil && method != "Close" && method != "List" && method != "Fingerprint" {
+		err = driver.CheckID(id)
 	}
 	return err
 }
@@ -134,7 +170,7 @@ func (d *Driver) Name() string { return d.name }
 
 // Fingerprint implements driver.Driver.
 func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
-	_ = d.record("Fingerprint", "")
+	_ = d.record(ctx, "Fingerprint", "")
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.fp
@@ -142,7 +178,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 
 // Start implements driver.Driver.
 func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Handle, error) {
-	if err := d.record("Start", cfg.ID); err != nil {
+	if err := d.record(ctx, "Start", cfg.ID); err != nil {
 		return nil, err
 	}
 	if len(cfg.Args) == 0 {
@@ -166,8 +202,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Han
 	d.mu.Lock()
 	d.known[cfg.ID] = true
 	d.mu.Unlock()
-	state, _ := json.Marshal(map[string]int{"pid": t.cmd.Process.Pid})
-	return &driver.Handle{ID: cfg.ID, Driver: d.name, Version: 1, State: state}, nil
+	return &driver.Handle{ID: cfg.ID, Driver: d.name, Version: 1}, nil
 }
 
 func (t *task) run() error {
@@ -220,7 +255,7 @@ func (t *task) run() error {
 
 // Wait implements driver.Driver.
 func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error) {
-	if err := d.record("Wait", id); err != nil {
+	if err := d.record(ctx, "Wait", id); err != nil {
 		return nil, err
 	}
 	t, err := d.get(id)
@@ -237,27 +272,14 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 
 // Stop implements driver.Driver.
 func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) error {
-	if err := d.record("Stop", id); err != nil {
+	if err := d.record(ctx, "Stop", id); err != nil {
 		return err
 	}
 	t, err := d.get(id)
 	if err != nil {
 		return err
 	}
-	select {
-	case <-t.done:
-		return nil
-	default:
-	}
-	_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-t.done:
-		return nil
-	case <-time.After(timeout):
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+	t.stop(timeout)
 	select {
 	case <-t.done:
 		return nil
@@ -266,14 +288,44 @@ func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) err
 	}
 }
 
+// stop sends SIGTERM and arms SIGKILL at the deadline; a later stop never
+// extends an earlier deadline.
+func (t *task) stop(grace time.Duration) {
+	select {
+	case <-t.done:
+		return
+	default:
+	}
+	t.stopMu.Lock()
+	defer t.stopMu.Unlock()
+	at := time.Now().Add(grace)
+	if t.deadline != nil && !at.Before(t.killAt) {
+		return
+	}
+	if t.deadline == nil {
+		_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGTERM)
+	} else {
+		t.deadline.Stop()
+	}
+	t.killAt = at
+	t.deadline = time.AfterFunc(grace, func() {
+		select {
+		case <-t.done:
+		default:
+			_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+		}
+	})
+}
+
 // Destroy implements driver.Driver.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
-	if err := d.record("Destroy", id); err != nil {
+	if err := d.record(ctx, "Destroy", id); err != nil {
 		return err
 	}
 	d.node.mu.Lock()
 	t, ok := d.node.tasks[id]
 	delete(d.node.tasks, id)
+	delete(d.node.rebooted, id)
 	d.node.mu.Unlock()
 	d.mu.Lock()
 	delete(d.known, id)
@@ -293,7 +345,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 
 // Inspect implements driver.Driver.
 func (d *Driver) Inspect(ctx context.Context, id string) (*driver.TaskStatus, error) {
-	if err := d.record("Inspect", id); err != nil {
+	if err := d.record(ctx, "Inspect", id); err != nil {
 		return nil, err
 	}
 	t, err := d.get(id)
@@ -311,7 +363,7 @@ func (d *Driver) Inspect(ctx context.Context, id string) (*driver.TaskStatus, er
 
 // Stats implements driver.Driver with the process's resident memory.
 func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
-	if err := d.record("Stats", id); err != nil {
+	if err := d.record(ctx, "Stats", id); err != nil {
 		return nil, err
 	}
 	t, err := d.get(id)
@@ -334,12 +386,17 @@ func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 
 // Recover implements driver.Driver.
 func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
-	if err := d.record("Recover", h.ID); err != nil {
+	if err := d.record(ctx, "Recover", h.ID); err != nil {
 		return err
 	}
 	d.node.mu.Lock()
 	_, ok := d.node.tasks[h.ID]
+	rebooted := d.node.rebooted[h.ID]
+	delete(d.node.rebooted, h.ID)
 	d.node.mu.Unlock()
+	if rebooted {
+		return fmt.Errorf("fake task %s: %w", h.ID, driver.ErrRebooted)
+	}
 	if !ok {
 		return fmt.Errorf("fake task %s: %w", h.ID, errdefs.ErrNotFound)
 	}
@@ -351,7 +408,7 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 
 // List implements driver.Driver.
 func (d *Driver) List(ctx context.Context) ([]string, error) {
-	if err := d.record("List", ""); err != nil {
+	if err := d.record(ctx, "List", ""); err != nil {
 		return nil, err
 	}
 	d.node.mu.Lock()
@@ -367,6 +424,6 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 
 // Close implements driver.Driver: the fake holds nothing of its own.
 func (d *Driver) Close(ctx context.Context) error {
-	_ = d.record("Close", "")
+	_ = d.record(ctx, "Close", "")
 	return nil
 }

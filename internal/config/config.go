@@ -64,6 +64,12 @@ type Node struct {
 	MaxWorkloads     int     `mapstructure:"max_workloads"`
 	// Labels describe the node to isolation policy rules.
 	Labels map[string]string `mapstructure:"labels"`
+	// BootIDFile is where the node's boot id is read: tasks stamped with
+	// another one belong to an earlier boot and are gone.
+	BootIDFile string `mapstructure:"boot_id_file"`
+	// MonitorPath is the per-task monitor binary; empty: berth-monitor
+	// next to the berth binary.
+	MonitorPath string `mapstructure:"monitor_path"`
 }
 
 type Network struct {
@@ -79,6 +85,9 @@ type Container struct {
 	Enabled     bool   `mapstructure:"enabled"`
 	Runc        string `mapstructure:"runc"`
 	LogMaxBytes int64  `mapstructure:"log_max_bytes"`
+	// StartTimeout bounds runc create and start: a runc that hangs fails
+	// the start instead of wedging the workload.
+	StartTimeout time.Duration `mapstructure:"start_timeout"`
 }
 
 type VM struct {
@@ -308,6 +317,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Container.LogMaxBytes < 0 {
 		bad("container.log_max_bytes", "must not be negative")
+	}
+	if c.Container.StartTimeout < time.Second {
+		bad("container.start_timeout", "must be at least 1s")
 	}
 	switch c.VM.Accel {
 	case "auto", "kvm", "tcg":

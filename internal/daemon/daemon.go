@@ -24,6 +24,7 @@ import (
 	"github.com/berthd/berth/internal/auth"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/network"
+	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/vmdriver"
 )
 
@@ -144,13 +145,24 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 }
 
 func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
+	bootID, err := supervisor.BootID(d.cfg.Node.BootIDFile)
+	if err != nil {
+		return nil, err
+	}
+	var monitorCmd []string
+	if d.cfg.Node.MonitorPath != "" {
+		monitorCmd = []string{d.cfg.Node.MonitorPath}
+	}
 	var ds []driver.Driver
 	if d.cfg.Container.Enabled {
 		cd, err := ctrdriver.New(ctrdriver.Options{
-			Root:        filepath.Join(d.cfg.DataDir, "containers"),
-			Runc:        d.cfg.Container.Runc,
-			LogMaxBytes: d.cfg.Container.LogMaxBytes,
-			Logger:      d.log,
+			Root:         filepath.Join(d.cfg.DataDir, "containers"),
+			Runc:         d.cfg.Container.Runc,
+			LogMaxBytes:  d.cfg.Container.LogMaxBytes,
+			StartTimeout: d.cfg.Container.StartTimeout,
+			MonitorCmd:   monitorCmd,
+			BootID:       bootID,
+			Logger:       d.log,
 		})
 		if err != nil {
 			return nil, err
@@ -164,6 +176,8 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			Accel:       vmdriver.Accel(d.cfg.VM.Accel),
 			InitPath:    d.cfg.VM.InitPath,
 			LogMaxBytes: d.cfg.Container.LogMaxBytes,
+			MonitorCmd:  monitorCmd,
+			BootID:      bootID,
 			Logger:      d.log,
 		})
 		if err != nil {

@@ -22,11 +22,10 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/ctrdriver"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
 	"github.com/berthd/berth/internal/testimage"
-	"github.com/berthd/berth/vmdriver"
+	"github.com/berthd/berth/supervisor/monitortest"
 )
 
 const (
@@ -37,18 +36,17 @@ const (
 )
 
 func TestMain(m *testing.M) {
-	// The container driver starts monitors as `<own executable> monitor DIR`;
-	// here the own executable is this test binary.
-	if len(os.Args) == 3 && os.Args[1] == "monitor" {
-		os.Exit(ctrdriver.RunMonitor(os.Args[2]))
-	}
-	if len(os.Args) == 3 && os.Args[1] == "vm-monitor" {
-		os.Exit(vmdriver.RunMonitor(os.Args[2]))
-	}
 	if file := os.Getenv(agentConfigEnv); file != "" {
 		os.Exit(runAgent(file))
 	}
+	// Build the monitor once, before any agent process is started: they
+	// inherit its path.
+	if _, err := monitortest.Build(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	code := m.Run()
+	monitortest.Cleanup()
 	if initDir != "" {
 		os.RemoveAll(initDir)
 	}
@@ -60,6 +58,14 @@ func runAgent(file string) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
+	}
+	if cfg.Node.MonitorPath == "" {
+		// The berth-monitor built for this test run (its path comes
+		// from the test process that started this agent).
+		if cfg.Node.MonitorPath, err = monitortest.Build(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -95,6 +101,7 @@ func testConfig(t *testing.T, dataDir, listen string) *config.Config {
 	}
 	cfg.DataDir = dataDir
 	cfg.Listen = listen
+	cfg.Node.MonitorPath = monitortest.Path(t)
 	cfg.VM.Enabled = false
 	// Tests that use the network make their own bridge and subnet, so
 	// agents of concurrent tests never share an address pool.

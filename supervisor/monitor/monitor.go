@@ -1,0 +1,104 @@
+package monitor
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/fileutil"
+	"github.com/berthd/berth/internal/proc"
+)
+
+// Main is the monitor's main function: args are the command line after the
+// program name, the task directory alone. It returns the exit code.
+func Main(args []string) int {
+	if len(args) != 1 || !filepath.IsAbs(args[0]) {
+		fmt.Fprintln(os.Stderr, "berth-monitor: needs the absolute task directory; it is started by the berth agent")
+		return 2
+	}
+	// The agent's death must not reach us, nor a stray terminal signal.
+	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGPIPE)
+	dir := args[0]
+	ready := os.NewFile(ReadyFD, "ready")
+	if err := run(dir, ready); err != nil {
+		fmt.Fprintf(os.Stderr, "berth-monitor %s: %v\n", dir, err)
+		return 1
+	}
+	return 0
+}
+
+func run(dir string, ready *os.File) error {
+	var cfg Config
+	if err := fileutil.ReadJSON(filepath.Join(dir, ConfigFile), &cfg); err != nil {
+		signalReady(ready)
+		return err
+	}
+	// Listen for stop requests before the record below tells the agent
+	// that it may send them (SIGUSR1 would otherwise end us).
+	stops := make(chan os.Signal, 1)
+	signal.Notify(stops, unix.SIGUSR1)
+	// Our record is how an agent, this one or a restarted one, finds us.
+	// Only we write it: its version says we hear stop requests.
+	ident, err := proc.Identify(os.Getpid())
+	if err == nil {
+		err = fileutil.WriteJSON(filepath.Join(dir, PidFile), PidRecord{Ident: ident, BootID: cfg.BootID, Version: Version})
+	}
+	m := &mon{dir: dir, cfg: cfg, ready: ready, stops: stops}
+	if err != nil {
+		return m.fail(fmt.Errorf("record the monitor's identity: %w", err))
+	}
+	switch {
+	case cfg.Kind == KindRunc && cfg.Runc != nil:
+		return m.runContainer()
+	case cfg.Kind == KindPorts && cfg.Ports != nil:
+		return m.drainPorts()
+	default:
+		return m.fail(fmt.Errorf("monitor.json: kind %q without its section: this monitor speaks protocol %d", cfg.Kind, Version))
+	}
+}
+
+// mon is one monitor's state.
+type mon struct {
+	dir   string
+	cfg   Config
+	ready *os.File
+	// stops receives SIGUSR1: "stop.json has a request".
+	stops chan os.Signal
+}
+
+func (m *mon) writeStatus(st Status) error {
+	st.Version = Version
+	return fileutil.WriteJSON(filepath.Join(m.dir, StatusFile), st)
+}
+
+// fail records that the task could not run and releases the agent waiting
+// for it.
+func (m *mon) fail(err error) error {
+	st := Status{State: StateFailed, ExitCode: -1, Error: err.Error(), FinishedAt: time.Now().UTC()}
+	if werr := m.writeStatus(st); werr != nil {
+		err = errors.Join(err, werr)
+	}
+	signalReady(m.ready)
+	return err
+}
+
+// readStop returns the pending stop request, if any.
+func (m *mon) readStop() (StopRequest, bool) {
+	var r StopRequest
+	if err := fileutil.ReadJSON(filepath.Join(m.dir, StopFile), &r); err != nil {
+		return r, false
+	}
+	return r, true
+}
+
+func signalReady(ready *os.File) {
+	if ready != nil {
+		_, _ = ready.Write([]byte{1})
+		ready.Close()
+	}
+}

@@ -1,0 +1,153 @@
+// Package monitor is the per-task monitor process of berth, in the pattern
+// of conmon and containerd-shim, and the on-disk protocol it speaks with the
+// agent's supervisor (package supervisor).
+//
+// A monitor runs in its own session, outlives agent restarts and owns its
+// task: for a container it is runc's parent and the container's subreaper,
+// owns the container's stdio and records its exit status; for a VM it
+// drains the guest's virtio-serial ports into the task's logs. It enforces a
+// container's stop deadline (SIGTERM, then SIGKILL) whether or not an agent
+// is there to watch.
+//
+// The monitor binary (cmd/berth-monitor) links this package and nothing
+// heavier than the standard library and x/sys: it lives as long as every
+// workload, one per workload, so its memory is paid many times over.
+//
+// The protocol is files in the task directory, each replaced atomically:
+//
+//	monitor.json  Config      written by the agent before the monitor starts
+//	monitor.pid   PidRecord   written by the monitor first thing (and by the agent)
+//	status.json   Status      written by the monitor at each step of the task
+//	stop.json     StopRequest written by the agent; SIGUSR1 tells the monitor
+//
+// plus one control message: SIGUSR1, "read stop.json now". Every record
+// carries the protocol version, so an agent adopts monitors an older agent
+// started (records without a version are version 1: the layout before the
+// supervisor was shared, which a new agent still reads).
+package monitor
+
+import (
+	"time"
+
+	"github.com/berthd/berth/internal/proc"
+)
+
+// Version is the protocol version this package writes.
+const Version = 2
+
+// Files of the protocol, in the task directory.
+const (
+	ConfigFile = "monitor.json"
+	PidFile    = "monitor.pid"
+	StatusFile = "status.json"
+	StopFile   = "stop.json"
+	LogFile    = "monitor.log"
+)
+
+// ReadyFD is the pipe (the monitor's fd 3) on which the monitor tells the
+// agent that its task runs, or that it failed to start.
+const ReadyFD = 3
+
+// Kind says what a monitor supervises.
+type Kind string
+
+const (
+	// KindRunc is an OCI container run by runc.
+	KindRunc Kind = "runc"
+	// KindPorts is a VM: the monitor drains the guest's unix-socket ports
+	// into files until QEMU ends. The VM's lifecycle is libvirt's, so the
+	// agent's supervisor, not the monitor, enforces its stop deadline.
+	KindPorts Kind = "ports"
+)
+
+// Config is what the agent tells a monitor (monitor.json).
+type Config struct {
+	Version int    `json:"version"`
+	Kind    Kind   `json:"kind"`
+	ID      string `json:"id"`
+	// BootID is the node's boot id the agent runs under; the monitor
+	// stamps it on its pid record, so a record of an earlier boot is
+	// recognised as dead even if its pid was reused.
+	BootID string `json:"boot_id,omitempty"`
+	// LogMaxBytes caps each output log; 0 means no cap.
+	LogMaxBytes int64 `json:"log_max_bytes"`
+
+	Runc  *RuncConfig  `json:"runc,omitempty"`
+	Ports *PortsConfig `json:"ports,omitempty"`
+}
+
+// RuncConfig is a container monitor's task.
+type RuncConfig struct {
+	Runc     string `json:"runc"`
+	RuncRoot string `json:"runc_root"`
+	Bundle   string `json:"bundle"`
+	// LogDir receives stdout.log and stderr.log.
+	LogDir string `json:"log_dir"`
+	// StartTimeout bounds runc create and runc start together: a runc that
+	// hangs fails the start instead of wedging the task.
+	StartTimeout time.Duration `json:"start_timeout"`
+	// Cgroup is the container's cgroup path (e.g. /berth/ID), read for
+	// the OOM killer's verdict once the container ended.
+	Cgroup string `json:"cgroup"`
+}
+
+// PortsConfig is a VM monitor's task.
+type PortsConfig struct {
+	// Sockets by port name: where QEMU listens for each port.
+	Sockets map[string]string `json:"sockets"`
+	// Outputs by port name: where each port's bytes are appended.
+	Outputs map[string]string `json:"outputs"`
+	// QEMU is the VM's process; the monitor ends when it does.
+	QEMU proc.Ident `json:"qemu"`
+	// Durable names ports whose output is synced on every write (the
+	// status port); they are capped at DurableMaxBytes, and a guest that
+	// writes more is misbehaving: the monitor records the failure and
+	// kills QEMU.
+	Durable         []string `json:"durable,omitempty"`
+	DurableMaxBytes int64    `json:"durable_max_bytes,omitempty"`
+}
+
+// PidRecord identifies a monitor process for its whole life (monitor.pid).
+type PidRecord struct {
+	proc.Ident
+	BootID  string `json:"boot_id,omitempty"`
+	Version int    `json:"version,omitempty"`
+}
+
+// Task states in Status.
+const (
+	StateCreated = "created" // runc create done, not started
+	StateRunning = "running"
+	StateExited  = "exited"
+	StateFailed  = "failed" // the task could not start, or the monitor gave up
+)
+
+// Status is the monitor's record of its task (status.json).
+type Status struct {
+	State      string    `json:"state"`
+	Pid        int       `json:"pid,omitempty"`
+	StartedAt  time.Time `json:"started_at,omitzero"`
+	ExitCode   int       `json:"exit_code"`
+	Signal     int       `json:"signal,omitempty"`
+	OOMKilled  bool      `json:"oom_killed,omitempty"`
+	Error      string    `json:"error,omitempty"`
+	FinishedAt time.Time `json:"finished_at,omitzero"`
+	// Stopped is set when the task ended after a stop request.
+	Stopped bool `json:"stopped,omitempty"`
+	// GuestFault is set when the monitor ended a VM whose guest broke the
+	// channel's rules (Error says how): its own report is not trusted.
+	GuestFault bool `json:"guest_fault,omitempty"`
+	Version    int  `json:"version,omitempty"`
+}
+
+// StopRequest asks for a task's end (stop.json): SIGTERM at RequestedAt,
+// SIGKILL at RequestedAt + Grace. A later request never extends an earlier
+// deadline.
+type StopRequest struct {
+	RequestedAt time.Time     `json:"requested_at"`
+	Grace       time.Duration `json:"grace"`
+	Version     int           `json:"version,omitempty"`
+}
+
+// Deadline is when the task is killed.
+func (r StopRequest) Deadline() time.Time { return r.RequestedAt.Add(r.Grace) }
