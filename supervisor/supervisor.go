@@ -309,7 +309,9 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 	_ = os.Remove(filepath.Join(t.Dir, monitor.PidFile))
 	args := append(append([]string(nil), s.opts.Monitor[1:]...), t.Dir)
 	cmd := exec.Command(s.opts.Monitor[0], args...)
-	cmd.Env = s.opts.Env
+	// One P is all a monitor needs (it waits, mostly), and each P costs
+	// memory that every workload pays once more.
+	cmd.Env = append(append([]string(nil), s.opts.Env...), "GOMAXPROCS=1")
 	cmd.Dir = t.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{readyW} // fd 3 = monitor.ReadyFD
