@@ -113,7 +113,9 @@ func (a *Agent) detachNetwork(ctx context.Context, id string) error {
 }
 
 // reconcileNetwork releases attachments no running workload owns: left by
-// a crash between a run's end and its detach, or by a delete.
+// a crash between a run's end and its detach, or by a delete. A release
+// that fails is retried every pass, but reported (logged, evented, in the
+// report) only when it first fails or fails for another reason.
 func (a *Agent) reconcileNetwork(ctx context.Context, rep *ReconcileReport) {
 	if a.opts.Network == nil {
 		return
@@ -124,14 +126,34 @@ func (a *Agent) reconcileNetwork(ctx context.Context, rep *ReconcileReport) {
 		return
 	}
 	for _, id := range ids {
-		a.mu.Lock()
-		r, ok := a.recs[id]
-		a.mu.Unlock()
-		if ok && !r.Deleting && (r.Workload.State == api.StateStarting || r.Workload.State == api.StateRunning || r.Workload.State == api.StateStopping) {
+		// Asked again under the attachment's lock: a start attaching it
+		// meanwhile has made the workload starting.
+		inUse := func() bool {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			r, ok := a.recs[id]
+			return ok && !r.Deleting && (r.Workload.State == api.StateStarting || r.Workload.State == api.StateRunning || r.Workload.State == api.StateStopping)
+		}
+		if inUse() {
 			continue
 		}
-		if err := a.opts.Network.Detach(ctx, id); err != nil && !errors.Is(err, context.Canceled) {
+		detached, err := a.opts.Network.DetachUnused(ctx, id, inUse)
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				continue
+			}
+			if errors.Is(err, network.ErrRepeatedFailure) {
+				a.log.Debug("reconcile: network release still failing", "workload_id", id, "err", err)
+				continue
+			}
+			a.log.Warn("reconcile: release a network attachment no running workload owns", "workload_id", id, "err", err)
 			rep.Errors = append(rep.Errors, fmt.Sprintf("network: release %s: %v", id, err))
+			a.events.publish(api.Event{Type: api.EventWorkloadReconciled, WorkloadID: id,
+				Message: fmt.Sprintf("could not release the network attachment of %s, which no running workload owns: %v", id, err),
+				Attrs:   map[string]string{"action": "network_release_failed"}})
+			continue
+		}
+		if !detached {
 			continue
 		}
 		rep.Orphans = append(rep.Orphans, "network:"+id)

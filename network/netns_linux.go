@@ -9,18 +9,34 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/netlinkutil"
 )
 
-// newNetns makes a network namespace and pins it with a bind mount at
+// createNetnsFile makes the file a namespace is pinned on. A file already
+// there is from an attachment of the same id that was not torn down (the
+// caller tore down what it knew of): it is unpinned and replaced, never an
+// error.
+func createNetnsFile(path string) error {
+	for try := 0; ; try++ {
+		f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
+		if err == nil {
+			return f.Close()
+		}
+		if !errors.Is(err, os.ErrExist) || try > 0 {
+			return fmt.Errorf("create netns file: %w", err)
+		}
+		if err := removeNetns(path); err != nil {
+			return err
+		}
+	}
+}
+
+// pinNetns makes a network namespace and pins it with a bind mount on
 // path, as `ip netns add` does, without entering it for good: the work is
 // done on a locked OS thread that returns to the host namespace, or dies
 // with its goroutine when it cannot.
-func newNetns(path string) error {
-	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
-	if err != nil {
-		return fmt.Errorf("create netns file: %w", err)
-	}
-	f.Close()
+func pinNetns(path string) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -36,7 +52,7 @@ func newNetns(path string) error {
 			errc <- fmt.Errorf("unshare network namespace: %w", err)
 			return
 		}
-		err = loopbackUp()
+		err = netlinkutil.LoopbackUp()
 		if err == nil {
 			err = unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "", unix.MS_BIND, "")
 		}
@@ -52,17 +68,35 @@ func newNetns(path string) error {
 		}
 		errc <- err
 	}()
-	if err := <-errc; err != nil {
-		os.Remove(path)
-		return err
+	return <-errc
+}
+
+// isNetns reports whether a namespace is mounted on path. After a host
+// reboot the file is still there, but as a plain file.
+func isNetns(path string) bool {
+	var st unix.Statfs_t
+	return path != "" && unix.Statfs(path, &st) == nil && st.Type == unix.NSFS_MAGIC
+}
+
+// unpinNetns removes every mount on path (one, unless something stacked
+// more); a path with none, or no path, is fine.
+func unpinNetns(path string) error {
+	for range 16 {
+		err := unix.Unmount(path, unix.MNT_DETACH)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("unmount netns %s: %w", path, err)
+		}
 	}
-	return nil
+	return fmt.Errorf("unmount netns %s: still mounted after 16 unmounts", path)
 }
 
 // removeNetns unpins and removes a namespace file; a missing one is fine.
 func removeNetns(path string) error {
-	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("unmount netns %s: %w", path, err)
+	if err := unpinNetns(path); err != nil {
+		return err
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove netns %s: %w", path, err)
@@ -91,23 +125,20 @@ func (m *Manager) ensureBridge() error {
 	return nil
 }
 
-// loopbackUp brings up lo in the calling thread's network namespace.
-func loopbackUp() error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("loopback: %w", err)
+// deleteLink deletes the host's end of a veth pair if it still exists and
+// is still on bridge (the pair goes when the namespace does, but not while
+// something else holds the namespace).
+func deleteLink(name, bridge string) error {
+	if name == "" || strings.ContainsAny(name, "/ ") {
+		return nil
 	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		return err
+	master, err := os.Readlink("/sys/class/net/" + name + "/master")
+	if err != nil || !strings.HasSuffix(master, "/"+bridge) {
+		return nil
 	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("loopback flags: %w", err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("bring loopback up: %w", err)
+	out, err := exec.Command("ip", "link", "del", "dev", name).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "Cannot find device") {
+		return fmt.Errorf("ip link del %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }

@@ -15,12 +15,15 @@
 // firewall. A VM's NIC is a tap libvirt attaches to the same bridge; its
 // address comes from the same pool through the list host-local → portmap →
 // firewall run in the host's namespace (no interface is made there), and
-// the guest init configures it. Each attachment is recorded on disk so it
-// can be torn down exactly after an agent restart.
+// the guest init configures it.
+//
+// Each attachment is recorded on disk before anything is made for it, so
+// it can be torn down after an agent crash at any step, an agent restart
+// or a host reboot (which keeps the files and drops the kernel objects):
+// attach and detach are safe to repeat at any point.
 package network
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
@@ -33,7 +36,6 @@ import (
 	"sync"
 
 	"github.com/containernetworking/cni/libcni"
-	types100 "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/internal/fileutil"
@@ -68,20 +70,46 @@ const (
 	KindTap Kind = "tap"
 )
 
-// Attachment is a workload's place on the network.
+// State is how far an attachment got.
+type State string
+
+const (
+	// StateAttaching is recorded before anything is made: a crash from
+	// then on leaves a record that Detach (or the next Attach) tears down
+	// from.
+	StateAttaching State = "attaching"
+	// StateAttached is recorded once every step is done.
+	StateAttached State = "attached"
+)
+
+// Attachment is a workload's place on the network, as recorded on disk.
 type Attachment struct {
 	ID   string `json:"id"`
 	Kind Kind   `json:"kind"`
+	// Network is the CNI network it was made on: teardown uses it, not the
+	// configuration of the day.
+	Network string `json:"network,omitempty"`
+	State   State  `json:"state,omitempty"`
 	// Netns is the namespace file of a container (KindNetns).
 	Netns string `json:"netns,omitempty"`
 	// Address is the workload's address with the prefix length.
 	Address netip.Prefix `json:"address"`
 	Gateway netip.Addr   `json:"gateway"`
 	Bridge  string       `json:"bridge"`
+	// HostVeth is the host's end of a container's veth pair.
+	HostVeth string `json:"host_veth,omitempty"`
 	// MAC is the VM NIC's address (KindTap).
 	MAC   string            `json:"mac,omitempty"`
 	DNS   []string          `json:"dns,omitempty"`
 	Ports []api.PortMapping `json:"ports,omitempty"`
+	// DetachError is why the last detach failed (see ErrRepeatedFailure).
+	DetachError string `json:"detach_error,omitempty"`
+}
+
+// complete reports whether every step of the attachment was done. Records
+// written before states existed were written only when complete.
+func (a *Attachment) complete() bool {
+	return a.State == StateAttached || (a.State == "" && a.Address.IsValid())
 }
 
 // Manager attaches and detaches workloads.
@@ -90,11 +118,20 @@ type Manager struct {
 	cni     *libcni.CNIConfig
 	ctrList *libcni.NetworkConfigList
 	vmList  *libcni.NetworkConfigList
-	gateway netip.Addr
-	subnet  netip.Prefix
-	nsDir   string
-	recDir  string
-	mu      sync.Mutex // serializes bridge creation
+	// ctrCheck and vmCheck are the lists CHECK runs (see confList).
+	ctrCheck *libcni.NetworkConfigList
+	vmCheck  *libcni.NetworkConfigList
+	gateway  netip.Addr
+	subnet   netip.Prefix
+	nsDir    string
+	recDir   string
+	mu       sync.Mutex // serializes bridge creation
+	ids      idLocks    // one attach or detach of an id at a time
+
+	// crashAt, set by tests, is called at each step boundary of Attach
+	// and of teardown; it panics to stop them where a SIGKILL would: no
+	// undo runs.
+	crashAt func(point string)
 }
 
 // New prepares the manager. Nothing on the host changes until the first
@@ -130,33 +167,46 @@ func New(cfg Config) (*Manager, error) {
 		nsDir:   filepath.Join(cfg.DataDir, "netns"),
 		recDir:  filepath.Join(cfg.DataDir, "attachments"),
 	}
-	for _, dir := range []string{m.nsDir, m.recDir, filepath.Join(cfg.DataDir, "ipam"), filepath.Join(cfg.DataDir, "cache")} {
+	for _, dir := range []string{m.nsDir, m.recDir, m.ipamDir(), m.cacheDir()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("network: %w", err)
 		}
 	}
-	m.cni = libcni.NewCNIConfigWithCacheDir(cfg.PluginDirs, filepath.Join(cfg.DataDir, "cache"), nil)
-	if m.ctrList, err = libcni.ConfListFromBytes(m.confList(false)); err != nil {
-		return nil, fmt.Errorf("network: container CNI list: %w", err)
+	// A crash inside an atomic write leaves its temporary file behind.
+	tmps, _ := filepath.Glob(filepath.Join(m.recDir, ".*.json.tmp*"))
+	for _, tmp := range tmps {
+		os.Remove(tmp)
 	}
-	if m.vmList, err = libcni.ConfListFromBytes(m.confList(true)); err != nil {
-		return nil, fmt.Errorf("network: VM CNI list: %w", err)
+	m.cni = libcni.NewCNIConfigWithCacheDir(cfg.PluginDirs, m.cacheDir(), nil)
+	for _, l := range []struct {
+		list        **libcni.NetworkConfigList
+		vm, portmap bool
+	}{{&m.ctrList, false, true}, {&m.vmList, true, true}, {&m.ctrCheck, false, false}, {&m.vmCheck, true, false}} {
+		if *l.list, err = libcni.ConfListFromBytes(m.confList(cfg.Name, l.vm, l.portmap)); err != nil {
+			return nil, fmt.Errorf("network: CNI list: %w", err)
+		}
 	}
 	return m, nil
 }
+
+func (m *Manager) ipamDir() string  { return filepath.Join(m.cfg.DataDir, "ipam") }
+func (m *Manager) cacheDir() string { return filepath.Join(m.cfg.DataDir, "cache") }
 
 func (m *Manager) ipam() map[string]any {
 	return map[string]any{
 		"type":    "host-local",
 		"ranges":  [][]map[string]string{{{"subnet": m.subnet.String(), "gateway": m.gateway.String()}}},
 		"routes":  []map[string]string{{"dst": "0.0.0.0/0"}},
-		"dataDir": filepath.Join(m.cfg.DataDir, "ipam"),
+		"dataDir": m.ipamDir(),
 	}
 }
 
 // confList is the CNI list for containers, or for VMs (no interface: the
-// address and the ports only).
-func (m *Manager) confList(vm bool) []byte {
+// address and the ports only). Without portmap it is the list CNI CHECK
+// runs: Debian's portmap (1.1.1) fails CHECK on an IPv4-only attachment
+// (it looks for an IPv6 chain it never made), so the ports are checked
+// apart (portsPresent).
+func (m *Manager) confList(name string, vm, portmap bool) []byte {
 	var plugins []map[string]any
 	if vm {
 		plugins = append(plugins, map[string]any{"type": "host-local", "ipam": m.ipam()})
@@ -170,128 +220,55 @@ func (m *Manager) confList(vm bool) []byte {
 			"ipam":        m.ipam(),
 		})
 	}
-	plugins = append(plugins,
-		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}, "snat": true},
-		map[string]any{"type": "firewall", "backend": "iptables"},
-	)
-	name := m.cfg.Name
+	if portmap {
+		plugins = append(plugins, map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}, "snat": true})
+	}
+	plugins = append(plugins, map[string]any{"type": "firewall", "backend": "iptables"})
 	list := map[string]any{"cniVersion": "1.0.0", "name": name, "plugins": plugins}
 	data, _ := json.Marshal(list)
 	return data
 }
 
+// list is the CNI list an attachment was made with. A record from an
+// earlier configuration keeps its network name: the name keys the leases,
+// the CNI cache and the plugins' iptables chains.
+func (m *Manager) list(a *Attachment) (*libcni.NetworkConfigList, error) {
+	if a.Network == "" || a.Network == m.cfg.Name {
+		if a.Kind == KindTap {
+			return m.vmList, nil
+		}
+		return m.ctrList, nil
+	}
+	l, err := libcni.ConfListFromBytes(m.confList(a.Network, a.Kind == KindTap, true))
+	if err != nil {
+		return nil, fmt.Errorf("CNI list of network %q: %w", a.Network, err)
+	}
+	return l, nil
+}
+
 func (m *Manager) runtimeConf(a *Attachment) *libcni.RuntimeConf {
-	rt := &libcni.RuntimeConf{ContainerID: a.ID, NetNS: a.Netns, IfName: "eth0"}
+	rt := &libcni.RuntimeConf{ContainerID: a.ID, NetNS: a.Netns, IfName: ifName}
 	if a.Kind == KindTap {
 		// The VM list makes no interface; plugins still want a namespace.
 		rt.NetNS = "/proc/1/ns/net"
 	}
 	pm := make([]map[string]any, 0, len(a.Ports))
 	for _, p := range a.Ports {
-		pm = append(pm, map[string]any{"hostPort": p.HostPort, "containerPort": p.ContainerPort, "protocol": p.Protocol})
+		proto := p.Protocol
+		if proto == "" {
+			proto = "tcp"
+		}
+		pm = append(pm, map[string]any{"hostPort": p.HostPort, "containerPort": p.ContainerPort, "protocol": proto})
 	}
 	rt.CapabilityArgs = map[string]any{"portMappings": pm}
 	return rt
 }
 
+// ifName is the workload's interface; CNI keys leases and cache entries
+// by container id and interface.
+const ifName = "eth0"
+
 func (m *Manager) recordPath(id string) string { return filepath.Join(m.recDir, id+".json") }
-
-// Attach gives a workload its place on the network. It is recorded before
-// anything is made, so Detach can undo a half-made attachment too.
-func (m *Manager) Attach(ctx context.Context, id string, kind Kind, ports []api.PortMapping) (*Attachment, error) {
-	a := &Attachment{ID: id, Kind: kind, Bridge: m.cfg.Bridge, Ports: ports, DNS: m.cfg.DNS}
-	if kind == KindNetns {
-		a.Netns = filepath.Join(m.nsDir, id)
-	} else {
-		a.MAC = macFor(id)
-		if err := m.ensureBridge(); err != nil {
-			return nil, err
-		}
-	}
-	if err := fileutil.WriteJSON(m.recordPath(id), a); err != nil {
-		return nil, err
-	}
-	undo := func(err error) (*Attachment, error) {
-		if derr := m.Detach(context.WithoutCancel(ctx), id); derr != nil {
-			err = errors.Join(err, fmt.Errorf("undo: %w", derr))
-		}
-		return nil, err
-	}
-	list := m.vmList
-	if kind == KindNetns {
-		list = m.ctrList
-		if err := newNetns(a.Netns); err != nil {
-			return undo(err)
-		}
-	}
-	res, err := m.cni.AddNetworkList(ctx, list, m.runtimeConf(a))
-	if err != nil {
-		return undo(fmt.Errorf("attach %s to network %s: %w", id, m.cfg.Name, err))
-	}
-	r, err := types100.NewResultFromResult(res)
-	if err != nil {
-		return undo(err)
-	}
-	for _, ip := range r.IPs {
-		if addr, ok := netip.AddrFromSlice(ip.Address.IP.To4()); ok {
-			ones, _ := ip.Address.Mask.Size()
-			a.Address = netip.PrefixFrom(addr, ones)
-			a.Gateway = m.gateway
-			if gw, ok := netip.AddrFromSlice(ip.Gateway.To4()); ok {
-				a.Gateway = gw
-			}
-			break
-		}
-	}
-	if !a.Address.IsValid() {
-		return undo(fmt.Errorf("attach %s: the IPAM plugin returned no IPv4 address", id))
-	}
-	if err := fileutil.WriteJSON(m.recordPath(id), a); err != nil {
-		return undo(err)
-	}
-	return a, nil
-}
-
-// Detach undoes an attachment: CNI DEL (releases the address, removes the
-// veth and the port and firewall rules) and the namespace. It is
-// idempotent: detaching what is not attached does nothing.
-func (m *Manager) Detach(ctx context.Context, id string) error {
-	var a Attachment
-	if err := fileutil.ReadJSON(m.recordPath(id), &a); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return fmt.Errorf("read attachment of %s: %w", id, err)
-	}
-	list := m.vmList
-	if a.Kind == KindNetns {
-		list = m.ctrList
-	}
-	var errs []error
-	rt := m.runtimeConf(&a)
-	if a.Kind == KindNetns {
-		if _, err := os.Stat(a.Netns); err != nil {
-			// CNI DEL must still release the address and rules; plugins
-			// accept a missing namespace on DEL.
-			rt.NetNS = ""
-		}
-	}
-	if err := m.cni.DelNetworkList(ctx, list, rt); err != nil {
-		errs = append(errs, fmt.Errorf("detach %s from network %s: %w", id, m.cfg.Name, err))
-	}
-	if a.Kind == KindNetns {
-		if err := removeNetns(a.Netns); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	if err := os.Remove(m.recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
-}
 
 // List returns the ids of every recorded attachment.
 func (m *Manager) List() ([]string, error) {
@@ -301,11 +278,24 @@ func (m *Manager) List() ([]string, error) {
 	}
 	var ids []string
 	for _, e := range entries {
-		if id, ok := strings.CutSuffix(e.Name(), ".json"); ok {
+		if id, ok := strings.CutSuffix(e.Name(), ".json"); ok && !strings.HasPrefix(id, ".") {
 			ids = append(ids, id)
 		}
 	}
 	return ids, nil
+}
+
+// Lookup returns the recorded attachment of id; the error wraps
+// os.ErrNotExist when there is none.
+func (m *Manager) Lookup(id string) (*Attachment, error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	var a Attachment
+	if err := fileutil.ReadJSON(m.recordPath(id), &a); err != nil {
+		return nil, err
+	}
+	return &a, nil
 }
 
 // macFor is a stable, locally administered unicast MAC for a workload.
