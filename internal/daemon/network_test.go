@@ -37,7 +37,9 @@ func requireCNI(t *testing.T) {
 
 func startNetAgent(t *testing.T, vm bool) *netTest {
 	t.Helper()
-	n := &netTest{t: t, bridge: fmt.Sprintf("bt%04x", rand.IntN(1<<16)), portBase: 20000 + rand.IntN(20000)}
+	// Host ports below the kernel's ephemeral range (32768-60999), where a
+	// client socket of another test cannot hold them.
+	n := &netTest{t: t, bridge: fmt.Sprintf("bt%04x", rand.IntN(1<<16)), portBase: 20000 + rand.IntN(12000)}
 	dataDir := vmDataDir(t)
 	cfg := testConfig(t, dataDir, "127.0.0.1:0")
 	cfg.Network.Enabled = true
