@@ -131,7 +131,10 @@ func (d *Driver) Close(ctx context.Context) error { return nil }
 
 // Fingerprint implements driver.Driver.
 func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
-	fp := driver.Fingerprint{Details: map[string]string{"cgroup_mode": cgroupMode(), "runc_path": d.runc.path}}
+	fp := driver.Fingerprint{
+		Capabilities: driver.Capabilities{HostNetwork: true},
+		Details:      map[string]string{"cgroup_mode": cgroupMode(), "runc_path": d.runc.path},
+	}
 	v, err := d.runc.version(ctx)
 	if err != nil {
 		fp.Reason = fmt.Sprintf("runc is not usable: %v", err)

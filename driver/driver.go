@@ -159,9 +159,6 @@ type TaskState string
 const (
 	TaskRunning TaskState = "running"
 	TaskExited  TaskState = "exited"
-	// TaskUnknown means the driver has resources for the task but cannot
-	// tell whether it runs (its monitor is gone, the hypervisor is down).
-	TaskUnknown TaskState = "unknown"
 )
 
 // TaskStatus is the answer of Inspect.
@@ -199,9 +196,31 @@ type Fingerprint struct {
 	// Reason says why the driver is unhealthy.
 	Reason  string
 	Version string
-	// Details are driver specific facts, e.g. cgroup_mode, accel.
+	// Capabilities are what the agent decides on; Details are for people.
+	Capabilities Capabilities
+	// Details are driver specific facts, e.g. cgroup_mode, runc_version.
 	Details map[string]string
 }
+
+// Capabilities say what a driver can run on this node.
+type Capabilities struct {
+	// WholeDisk: the driver boots whole-disk images (Image.DiskPath).
+	WholeDisk bool
+	// HostNetwork: the driver can run tasks in the host's network.
+	HostNetwork bool
+	// Accel is a VM driver's accelerator; empty for other drivers.
+	Accel Accel
+}
+
+// Accel is how a VM driver runs guests.
+type Accel string
+
+const (
+	AccelKVM Accel = "kvm"
+	AccelTCG Accel = "tcg"
+	// AccelProbing: the driver is still finding out whether KVM works.
+	AccelProbing Accel = "probing"
+)
 
 // CheckID enforces the one task id rule of every driver: ids name
 // directories, domains, cgroups and runc containers, so they are 1-64

@@ -15,7 +15,10 @@ import (
 
 // Fingerprint implements driver.Driver.
 func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
-	fp := driver.Fingerprint{Details: map[string]string{"uri": d.opts.URI, "accel_config": string(d.opts.Accel)}}
+	fp := driver.Fingerprint{
+		Capabilities: driver.Capabilities{WholeDisk: true},
+		Details:      map[string]string{"uri": d.opts.URI, "accel_config": string(d.opts.Accel)},
+	}
 	unhealthy := func(format string, args ...any) driver.Fingerprint {
 		fp.Healthy = false
 		fp.Reason = fmt.Sprintf(format, args...)
@@ -42,6 +45,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	if err != nil {
 		return unhealthy("%v", err)
 	}
+	fp.Capabilities.Accel = driver.Accel(choice.Accel)
 	fp.Details["accel"] = string(choice.Accel)
 	fp.Details["accel_reason"] = choice.Reason
 	if choice.Probed {

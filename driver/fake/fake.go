@@ -95,8 +95,16 @@ func New(name string, node *Node) *Driver {
 		known:    map[string]bool{},
 		failures: map[string][]error{},
 		delay:    map[string]time.Duration{},
-		fp:       driver.Fingerprint{Healthy: true, Version: "fake", Details: map[string]string{"fake": "true"}},
+		fp:       driver.Fingerprint{Healthy: true, Version: "fake", Capabilities: capabilities(name), Details: map[string]string{"fake": "true"}},
 	}
+}
+
+// capabilities are those of the real driver of that isolation.
+func capabilities(name string) driver.Capabilities {
+	if name == "vm" {
+		return driver.Capabilities{WholeDisk: true, Accel: driver.AccelTCG}
+	}
+	return driver.Capabilities{HostNetwork: true}
 }
 
 // SetFingerprint sets what Fingerprint reports.
