@@ -19,6 +19,9 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	monitortest.Cleanup()
+	if rootfsDir != "" {
+		os.RemoveAll(rootfsDir)
+	}
 	os.Exit(code)
 }
 
