@@ -103,8 +103,9 @@ type Agent struct {
 	recs    map[string]*record
 	names   map[string]string // name -> id
 	index   uint64
-	changed chan struct{}            // closed and replaced on every commit
-	sups    map[string]chan struct{} // running supervisors, closed when done
+	changed chan struct{}          // closed and replaced on every commit
+	sups    map[string]*supervisor // each workload's supervisor, while one runs
+	runs    map[string]*runLock    // per-workload locks of run transitions
 
 	health healthCache
 	pol    *policyHolder
@@ -157,7 +158,8 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		recs:    map[string]*record{},
 		names:   map[string]string{},
 		changed: make(chan struct{}),
-		sups:    map[string]chan struct{}{},
+		sups:    map[string]*supervisor{},
+		runs:    map[string]*runLock{},
 		pol:     pol,
 		events:  newEventLog(time.Now()),
 
@@ -225,39 +227,70 @@ func (a *Agent) lookupLocked(ref string) (*record, bool) {
 	return nil, false
 }
 
+// get finds a workload by id or name. A workload being deleted is found
+// until everything it held is released and its record is gone.
 func (a *Agent) get(ref string) (*record, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	r, ok := a.lookupLocked(ref)
-	if !ok || r.Deleting {
+	if !ok {
 		return nil, fmt.Errorf("workload %q: %w", ref, errdefs.ErrNotFound)
 	}
 	return r, nil
 }
 
+// record returns the current version of a workload's record, nil when it
+// is gone.
+func (a *Agent) record(id string) *record {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.recs[id]
+}
+
 // commitLocked persists r as the new version of its record and publishes
-// it. The caller holds a.writeMu. Records in a.recs are never mutated after
-// publication, so readers may hold them without locks.
+// it, and sees that a record with work left (a run, a stop, a delete) has
+// a supervisor, which it wakes. The caller holds a.writeMu. Records in
+// a.recs are never mutated after publication, so readers may hold them
+// without locks.
 func (a *Agent) commitLocked(r *record) error {
 	a.mu.Lock()
 	idx := a.index + 1
 	prev := a.recs[r.Workload.ID]
 	a.mu.Unlock()
 	r.Workload.ModifyIndex = idx
+	r.Workload.Deleting = r.Deleting
 	if err := a.store.put(r, idx); err != nil {
 		return fmt.Errorf("persist workload %s: %w", r.Workload.ID, err)
 	}
 	a.mu.Lock()
 	a.index = idx
 	a.recs[r.Workload.ID] = r
-	if r.Workload.Name != "" {
-		a.names[r.Workload.Name] = r.Workload.ID
-	}
+	a.bindNameLocked(r)
 	close(a.changed)
 	a.changed = make(chan struct{})
 	a.mu.Unlock()
 	a.publishTransition(prev, r)
+	if needsSupervisor(r) {
+		a.supervise(r.Workload.ID)
+	}
 	return nil
+}
+
+// bindNameLocked makes r's name find r, unless the name is another
+// record's: a name is never taken from the workload that holds it (a
+// workload being deleted holds its name until it is gone, and Submit
+// refuses the name meanwhile). The caller holds a.mu.
+func (a *Agent) bindNameLocked(r *record) {
+	name := r.Workload.Name
+	if name == "" {
+		return
+	}
+	if id, ok := a.names[name]; ok && id != r.Workload.ID {
+		if _, live := a.recs[id]; live {
+			return
+		}
+	}
+	a.names[name] = r.Workload.ID
 }
 
 // errSkip aborts a mutation without an error to report.
@@ -297,7 +330,7 @@ func (a *Agent) removeRecord(id string) error {
 		return fmt.Errorf("delete workload %s: %w", id, err)
 	}
 	a.mu.Lock()
-	if r, ok := a.recs[id]; ok && r.Workload.Name != "" {
+	if r, ok := a.recs[id]; ok && r.Workload.Name != "" && a.names[r.Workload.Name] == id {
 		delete(a.names, r.Workload.Name)
 	}
 	delete(a.recs, id)
@@ -379,7 +412,10 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		a.mu.Lock()
 		existing, ok := a.lookupLocked(spec.Name)
 		a.mu.Unlock()
-		if ok && !existing.Deleting {
+		if ok && existing.Deleting {
+			return nil, false, fmt.Errorf("a workload named %q (id %s) is being deleted; submit again once it is gone: %w", spec.Name, existing.Workload.ID, errdefs.ErrConflict)
+		}
+		if ok {
 			if reflect.DeepEqual(existing.Workload.Spec, spec) {
 				w := cloneWorkload(existing.Workload)
 				return &w, false, nil
@@ -410,7 +446,6 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	}
 	a.log.Info("workload admitted", "workload_id", r.Workload.ID, "name", spec.Name, "image", spec.Image,
 		"isolation", placement.Isolation, "rule", placement.DecidingRule)
-	a.supervise(r.Workload.ID)
 	w := cloneWorkload(r.Workload)
 	return &w, true, nil
 }
@@ -554,14 +589,13 @@ func (a *Agent) Get(ctx context.Context, ref string) (*api.Workload, error) {
 	return &w, nil
 }
 
-// List returns the workloads that match f, oldest first.
+// List returns the workloads that match f, oldest first; those being
+// deleted are listed (deleting: true) until they are gone.
 func (a *Agent) List(ctx context.Context, f api.ListFilter) []api.Workload {
 	a.mu.Lock()
 	recs := make([]*record, 0, len(a.recs))
 	for _, r := range a.recs {
-		if !r.Deleting {
-			recs = append(recs, r)
-		}
+		recs = append(recs, r)
 	}
 	a.mu.Unlock()
 	out := make([]api.Workload, 0, len(recs))

@@ -30,6 +30,9 @@ type env struct {
 	ctr   *fake.Driver
 	imgs  *image.Store
 	agent *Agent
+	// change, when set, changes the agent's options at every start (after
+	// e.ctr is made).
+	change func(*Options)
 }
 
 func newEnv(t *testing.T) *env {
@@ -66,14 +69,18 @@ func newEnv(t *testing.T) *env {
 func (e *env) start() {
 	e.t.Helper()
 	e.ctr = fake.New("container", e.node)
-	a, err := New(context.Background(), Options{Capacity: testCapacity,
+	opts := Options{Capacity: testCapacity,
 		DataDir:        e.dir,
 		Drivers:        []driver.Driver{e.ctr},
 		Images:         e.imgs,
 		Defaults:       Defaults{CPU: 1, MemoryMB: 128, Pids: 256},
 		StopTimeout:    2 * time.Second,
 		RestartBackoff: 20 * time.Millisecond,
-	})
+	}
+	if e.change != nil {
+		e.change(&opts)
+	}
+	a, err := New(context.Background(), opts)
 	if err != nil {
 		e.t.Fatal(err)
 	}

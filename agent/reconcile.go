@@ -25,16 +25,14 @@ type ReconcileReport struct {
 	// Vanished are workloads whose task disappeared from the node behind
 	// the agent's back; they were marked failed.
 	Vanished []string
-	// Deletes are interrupted deletes that were finished.
-	Deletes []string
 	// Errors are drivers that could not be listed, and why.
 	Errors []string
 }
 
 // Reconcile compares the store with what the drivers report and repairs
-// the difference: it removes tasks no workload owns, marks workloads whose
-// task vanished as failed, and finishes deletes that were interrupted.
-// Every change is logged and published as an event, so the node's state
+// the difference: it removes tasks no workload owns and marks workloads
+// whose task vanished as failed (a restart policy then starts them again).
+// Deletes are their supervisors' work, not reconciliation's. Every change is logged and published as an event, so the node's state
 // never drifts silently.
 func (a *Agent) Reconcile(ctx context.Context) ReconcileReport {
 	var rep ReconcileReport
@@ -74,9 +72,6 @@ func (a *Agent) Reconcile(ctx context.Context) ReconcileReport {
 				continue
 			}
 			if r.Deleting {
-				if err := a.finishDelete(ctx, w.ID); err == nil {
-					rep.Deletes = append(rep.Deletes, w.ID)
-				}
 				continue
 			}
 			if w.State != api.StateRunning && w.State != api.StateStopping {
@@ -91,7 +86,7 @@ func (a *Agent) Reconcile(ctx context.Context) ReconcileReport {
 			}
 			cause := fmt.Errorf("its %s task disappeared from the node (removed outside berth)", iso)
 			a.log.Warn("reconcile: workload's task vanished", "workload_id", w.ID, "driver", iso)
-			a.finish(w.ID, nil, cause)
+			a.finish(w.ID, w.RestartCount, nil, cause)
 			rep.Vanished = append(rep.Vanished, w.ID)
 			a.events.publish(api.Event{Type: api.EventWorkloadReconciled, WorkloadID: w.ID,
 				Message: "marked failed: " + cause.Error(),

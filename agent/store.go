@@ -24,8 +24,18 @@ type record struct {
 	// StopRequested survives restarts: a workload asked to stop is never
 	// started or restarted again.
 	StopRequested bool `json:"stop_requested,omitempty"`
-	// Deleting marks a delete in progress, finished after a crash.
+	// StopAt is when the stop was asked and StopGrace its grace period:
+	// the stop's deadline, which an agent restart resumes with what is
+	// left of it.
+	StopAt    *time.Time    `json:"stop_at,omitempty"`
+	StopGrace time.Duration `json:"stop_grace,omitempty"`
+	// Deleting marks a delete in progress, finished by the agent (after a
+	// crash too).
 	Deleting bool `json:"deleting,omitempty"`
+	// DeleteAttempts counts the failed attempts of a delete and
+	// DeleteError is why the last one failed.
+	DeleteAttempts int    `json:"delete_attempts,omitempty"`
+	DeleteError    string `json:"delete_error,omitempty"`
 	// NextStart is when a backed-off restart is due.
 	NextStart *time.Time `json:"next_start,omitempty"`
 }

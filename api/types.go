@@ -107,6 +107,11 @@ type Workload struct {
 	Network *NetworkStatus `json:"network,omitempty"`
 	// ModifyIndex increases each time the record changes.
 	ModifyIndex uint64 `json:"modify_index"`
+	// Deleting is true while a delete is in progress: the workload still
+	// holds what it held (its task, its address, its logs) until the agent
+	// has released all of it, and then it is gone (404). A delete that
+	// fails is retried by the agent; Error says why it failed last.
+	Deleting bool `json:"deleting,omitempty"`
 }
 
 // Placement records why a workload runs where it runs.
