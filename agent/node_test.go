@@ -382,3 +382,169 @@ func TestReconcileRemovesOrphansAndMarksVanished(t *testing.T) {
 		t.Errorf("reconciliation events %+v", evs)
 	}
 }
+
+// hungDriver is a fake whose Fingerprint, while hung, blocks and ignores
+// its ctx, as a libvirt call on a frozen libvirtd does.
+type hungDriver struct {
+	*fake.Driver
+	mu   sync.Mutex
+	gate chan struct{} // non-nil while hung; closed to resume
+}
+
+func (d *hungDriver) hang() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gate == nil {
+		d.gate = make(chan struct{})
+	}
+}
+
+func (d *hungDriver) resume() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gate != nil {
+		close(d.gate)
+		d.gate = nil
+	}
+}
+
+func (d *hungDriver) Fingerprint(ctx context.Context) driver.Fingerprint {
+	d.mu.Lock()
+	gate := d.gate
+	d.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
+	return d.Driver.Fingerprint(ctx)
+}
+
+// answerBound bounds requests while a driver hangs: it proves "does not
+// hang", nothing about speed.
+const answerBound = 3 * time.Second
+
+// A hung VM driver makes only itself unhealthy, with the reason, within
+// seconds; node status and container submits keep answering; when it
+// answers again it is healthy again. Health changes are events.
+func TestHungDriverMakesOnlyItselfUnhealthy(t *testing.T) {
+	vm := &hungDriver{Driver: fake.New("vm", fake.NewNode())}
+	e := newEnvWith(t, func(o *Options) {
+		o.Drivers = append(o.Drivers, vm)
+		o.HealthInterval = 20 * time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs := make(chan api.Event, 16)
+	go e.agent.Events(ctx, 1, api.EventFilter{Types: []string{"driver."}}, nil, func(ev api.Event) error {
+		evs <- ev
+		return nil
+	})
+	node := func() *api.Node {
+		t.Helper()
+		start := time.Now()
+		n := e.agent.Node(ctx)
+		if took := time.Since(start); took > answerBound {
+			t.Errorf("node status took %s", took)
+		}
+		if !n.Drivers["container"].Healthy || !n.Conditions[0].Status {
+			t.Errorf("container driver %+v, ready %+v; want both fine throughout", n.Drivers["container"], n.Conditions[0])
+		}
+		return n
+	}
+	submit := func() {
+		t.Helper()
+		start := time.Now()
+		spec := sh("sleep 30")
+		spec.Image, spec.Isolation = testImage, api.IsolationContainer
+		if _, _, err := e.agent.Submit(ctx, spec); err != nil {
+			t.Errorf("container submit: %v", err)
+		}
+		if took := time.Since(start); took > answerBound {
+			t.Errorf("container submit took %s", took)
+		}
+	}
+	waitVM := func(ok func(api.DriverStatus) bool) api.DriverStatus {
+		t.Helper()
+		for {
+			if st := node().Drivers["vm"]; ok(st) {
+				return st
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("vm driver %+v", node().Drivers["vm"])
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	nextEvent := func(typ string) api.Event {
+		t.Helper()
+		for {
+			select {
+			case ev := <-evs:
+				if ev.Type == typ && ev.Attrs["driver"] == "vm" {
+					return ev
+				}
+			case <-ctx.Done():
+				t.Fatalf("no %s event for the vm driver", typ)
+			}
+		}
+	}
+
+	waitVM(func(st api.DriverStatus) bool { return st.Healthy })
+	before, _ := e.agent.Index()
+	vm.hang()
+	hungAt := time.Now()
+	for range 3 {
+		submit()
+	}
+	st := waitVM(func(st api.DriverStatus) bool { return !st.Healthy })
+	t.Logf("vm driver unhealthy %s after it hung: %s", time.Since(hungAt).Round(time.Millisecond), st.Reason)
+	if want := "fingerprint did not answer within 5s (libvirtd hung?)"; st.Reason != want || st.Version != "fake" {
+		t.Errorf("vm driver %+v; want reason %q and the last known version", st, want)
+	}
+	if ev := nextEvent(api.EventDriverUnhealthy); !strings.Contains(ev.Message, "did not answer") {
+		t.Errorf("event %+v", ev)
+	}
+	if after, _ := e.agent.Index(); after <= before {
+		t.Errorf("index %d -> %d after the vm driver hung", before, after)
+	}
+	n := node()
+	for _, c := range n.Conditions {
+		if c.Type == api.ConditionVMCapable && (c.Status || !strings.Contains(c.Message, "did not answer")) {
+			t.Errorf("condition %+v while the vm driver hangs", c)
+		}
+	}
+	submit()
+	spec := sh("true")
+	spec.Image, spec.Isolation = testImage, api.IsolationVM
+	if _, _, err := e.agent.Submit(ctx, spec); !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "did not answer") {
+		t.Errorf("vm submit while the vm driver hangs: %v; want unavailable, saying why", err)
+	}
+
+	vm.resume()
+	waitVM(func(st api.DriverStatus) bool { return st.Healthy })
+	nextEvent(api.EventDriverHealthy)
+}
+
+// Before a driver's first fingerprint answers, it is "not checked yet":
+// requests wait for it only briefly while the agent starts.
+func TestDriverNotCheckedYet(t *testing.T) {
+	vm := &hungDriver{Driver: fake.New("vm", fake.NewNode())}
+	vm.hang()
+	defer vm.resume()
+	e := newEnvWith(t, func(o *Options) { o.Drivers = append(o.Drivers, vm) })
+	start := time.Now()
+	n := e.agent.Node(context.Background())
+	took := time.Since(start)
+	if st := n.Drivers["vm"]; st.Healthy || st.Reason != "not checked yet" {
+		t.Errorf("vm driver %+v before its first fingerprint; want not checked yet", st)
+	}
+	if !n.Drivers["container"].Healthy || took > firstWait+answerBound {
+		t.Errorf("node status after %s: container %+v", took, n.Drivers["container"])
+	}
+	start = time.Now()
+	spec := sh("true")
+	spec.Image = testImage
+	if _, _, err := e.agent.Submit(context.Background(), spec); err != nil || time.Since(start) > answerBound {
+		t.Errorf("container submit after %s: %v", time.Since(start), err)
+	}
+}
