@@ -408,20 +408,18 @@ func (d *Driver) probeDomain(c *libvirt.Connect, name string) (*libvirt.Domain, 
 
 // probeAlive reports whether the probe domain still runs.
 func (d *Driver) probeAlive(ctx context.Context, name string) (bool, error) {
-	alive := false
-	err := d.hv.do(ctx, func(c *libvirt.Connect) error {
+	return call(ctx, d.hv, func(c *libvirt.Connect) (bool, error) {
 		dom, err := d.probeDomain(c, name)
 		if err != nil || dom == nil {
-			return err
+			return false, err
 		}
 		defer dom.Free()
-		alive, err = dom.IsActive()
+		alive, err := dom.IsActive()
 		if isNotRunning(err) {
-			alive, err = false, nil
+			return false, nil
 		}
-		return err
+		return alive, err
 	})
-	return alive, err
 }
 
 // destroyProbeDomain forces the probe domain off; none is not an error.

@@ -24,20 +24,24 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 		fp.Reason = fmt.Sprintf(format, args...)
 		return fp
 	}
-	err := d.hv.do(ctx, func(c *libvirt.Connect) error {
+	versions, err := call(ctx, d.hv, func(c *libvirt.Connect) ([2]string, error) {
 		lib, err := c.GetLibVersion()
 		if err != nil {
-			return err
+			return [2]string{}, err
 		}
-		fp.Version = versionString(lib)
-		fp.Details["libvirt_version"] = fp.Version
+		v := [2]string{versionString(lib)}
 		if hv, err := c.GetVersion(); err == nil {
-			fp.Details["qemu_version"] = versionString(hv)
+			v[1] = versionString(hv)
 		}
-		return nil
+		return v, nil
 	})
 	if err != nil {
 		return unhealthy("libvirt is unreachable: %v", lvError(err))
+	}
+	fp.Version = versions[0]
+	fp.Details["libvirt_version"] = versions[0]
+	if versions[1] != "" {
+		fp.Details["qemu_version"] = versions[1]
 	}
 	// Never waits for the KVM probe: while it runs, accel is "probing"
 	// and the driver healthy (Start waits for the verdict).

@@ -482,19 +482,14 @@ func (d *Driver) lookup(c *libvirt.Connect, id string) (*libvirt.Domain, error) 
 
 // domainAlive reports whether the task's domain exists.
 func (d *Driver) domainAlive(ctx context.Context, id string) (bool, error) {
-	var alive bool
-	err := d.hv.do(ctx, func(c *libvirt.Connect) error {
+	return call(ctx, d.hv, func(c *libvirt.Connect) (bool, error) {
 		dom, err := d.lookup(c, id)
-		if err != nil {
-			return err
+		if err != nil || dom == nil {
+			return false, err
 		}
-		if dom != nil {
-			alive = true
-			dom.Free()
-		}
-		return nil
+		dom.Free()
+		return true, nil
 	})
-	return alive, err
 }
 
 // destroyDomain forces the task's domain off. A domain already gone is not
@@ -515,20 +510,18 @@ func (d *Driver) destroyDomain(ctx context.Context, id string) error {
 
 // ownedDomains lists the ids of this driver's running domains.
 func (d *Driver) ownedDomains(ctx context.Context) ([]string, error) {
-	var ids []string
-	err := d.hv.do(ctx, func(c *libvirt.Connect) error {
-		ids = ids[:0]
+	return call(ctx, d.hv, func(c *libvirt.Connect) ([]string, error) {
 		doms, err := c.ListAllDomains(libvirt.CONNECT_LIST_DOMAINS_ACTIVE)
 		if err != nil {
-			return err
+			return nil, err
 		}
+		var ids []string
 		for i := range doms {
 			if id, ok, _ := d.owned(&doms[i]); ok {
 				ids = append(ids, id)
 			}
 			doms[i].Free()
 		}
-		return nil
+		return ids, nil
 	})
-	return ids, err
 }

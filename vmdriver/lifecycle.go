@@ -140,32 +140,32 @@ func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 	if t.Exited() {
 		return nil, fmt.Errorf("vm task %s has exited: %w", id, errdefs.ErrFailedPrecondition)
 	}
-	var st driver.Stats
-	err = d.hv.do(ctx, func(c *libvirt.Connect) error {
+	st, err := call(ctx, d.hv, func(c *libvirt.Connect) (driver.Stats, error) {
+		var st driver.Stats
 		dom, err := d.lookup(c, id)
 		if err != nil {
-			return err
+			return st, err
 		}
 		if dom == nil {
-			return fmt.Errorf("vm task %s has no domain (it is exiting): %w", id, errdefs.ErrFailedPrecondition)
+			return st, fmt.Errorf("vm task %s has no domain (it is exiting): %w", id, errdefs.ErrFailedPrecondition)
 		}
 		defer dom.Free()
 		info, err := dom.GetInfo()
 		if err != nil {
-			return err
+			return st, err
 		}
 		st.CPUUsageNanos = info.CpuTime
 		st.MemoryLimit = info.MaxMem * 1024
 		mem, err := dom.MemoryStats(uint32(libvirt.DOMAIN_MEMORY_STAT_NR), 0)
 		if err != nil {
-			return err
+			return st, err
 		}
 		for _, m := range mem {
 			if m.Tag == int32(libvirt.DOMAIN_MEMORY_STAT_RSS) {
 				st.MemoryBytes = m.Val * 1024
 			}
 		}
-		return nil
+		return st, nil
 	})
 	if err != nil {
 		if isNotRunning(err) {

@@ -149,14 +149,14 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if spec.WholeDisk {
 		createFlags = libvirt.DOMAIN_START_PAUSED
 	}
-	err = d.hv.do(ctx, func(c *libvirt.Connect) error {
+	st.UUID, err = call(ctx, d.hv, func(c *libvirt.Connect) (string, error) {
 		dom, err := c.DomainCreateXML(xmlDoc, createFlags)
 		if err != nil {
-			return err
+			return "", err
 		}
 		defer dom.Free()
-		st.UUID, _ = dom.GetUUIDString()
-		return nil
+		uuid, _ := dom.GetUUIDString()
+		return uuid, nil
 	})
 	if err != nil {
 		var le libvirt.Error
