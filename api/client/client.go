@@ -234,7 +234,8 @@ func (c *Client) List(ctx context.Context, f api.ListFilter, opts *QueryOptions)
 }
 
 // Stop stops a workload and returns it once it has ended. A zero timeout
-// uses the agent's default grace period.
+// uses the agent's default grace period. The stop goes on if ctx ends
+// first: the agent owns it once asked.
 func (c *Client) Stop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error) {
 	q := url.Values{}
 	if timeout > 0 {
@@ -245,7 +246,21 @@ func (c *Client) Stop(ctx context.Context, ref string, timeout time.Duration) (*
 	return &w, err
 }
 
-// Delete removes a workload; force kills it first if it still runs.
+// RequestStop asks for a stop and returns the workload (stopping) at once;
+// the agent carries the stop out.
+func (c *Client) RequestStop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error) {
+	q := url.Values{"wait": {"false"}}
+	if timeout > 0 {
+		q.Set("timeout", timeout.String())
+	}
+	var w api.Workload
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(ref)+"/stop", q, nil, &w)
+	return &w, err
+}
+
+// Delete removes a workload and returns once it is gone; force kills it
+// first if it still runs. The agent finishes a delete whose caller gave up
+// waiting; meanwhile the workload reads as deleting.
 func (c *Client) Delete(ctx context.Context, ref string, force bool) error {
 	q := url.Values{}
 	if force {
@@ -253,6 +268,18 @@ func (c *Client) Delete(ctx context.Context, ref string, force bool) error {
 	}
 	_, err := c.doJSON(ctx, http.MethodDelete, "/v1/workloads/"+url.PathEscape(ref), q, nil, nil)
 	return err
+}
+
+// RequestDelete asks for a delete and returns the workload (deleting) at
+// once; the agent carries the delete out.
+func (c *Client) RequestDelete(ctx context.Context, ref string, force bool) (*api.Workload, error) {
+	q := url.Values{"wait": {"false"}}
+	if force {
+		q.Set("force", "true")
+	}
+	var w api.Workload
+	_, err := c.doJSON(ctx, http.MethodDelete, "/v1/workloads/"+url.PathEscape(ref), q, nil, &w)
+	return &w, err
 }
 
 // Stats reads a running workload's resource usage.

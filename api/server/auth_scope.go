@@ -124,12 +124,28 @@ func (b *scoped) Stop(ctx context.Context, ref string, timeout time.Duration) (*
 	return b.Backend.Stop(ctx, id, timeout)
 }
 
+func (b *scoped) RequestStop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.RequestStop(ctx, id, timeout)
+}
+
 func (b *scoped) Delete(ctx context.Context, ref string, force bool) error {
 	id, err := b.resolve(ctx, ref)
 	if err != nil {
 		return err
 	}
 	return b.Backend.Delete(ctx, id, force)
+}
+
+func (b *scoped) RequestDelete(ctx context.Context, ref string, force bool) (*api.Workload, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.RequestDelete(ctx, id, force)
 }
 
 func (b *scoped) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {

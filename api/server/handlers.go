@@ -232,23 +232,44 @@ func (s *Server) getWorkload(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, wl)
 }
 
+// deleteWorkload answers 204 once the workload is gone, or with
+// ?wait=false 202 and the workload (deleting) as soon as the delete is
+// recorded. Either way the agent finishes the delete when the client
+// leaves.
 func (s *Server) deleteWorkload(w http.ResponseWriter, r *http.Request) {
-	force, p := boolParam(r, "force")
+	force, p := boolParam(r, "force", false)
 	if p != nil {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	if err := s.be(r).Delete(r.Context(), chi.URLParam(r, "ref"), force); err != nil {
+	wait, p := boolParam(r, "wait", true)
+	if p != nil {
+		writeProblem(w, r, s.log, p)
+		return
+	}
+	ref := chi.URLParam(r, "ref")
+	if !wait {
+		wl, err := s.be(r).RequestDelete(r.Context(), ref, force)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		w.Header().Set(IndexHeader, strconv.FormatUint(wl.ModifyIndex, 10))
+		writeJSON(w, http.StatusAccepted, wl)
+		return
+	}
+	if err := s.be(r).Delete(r.Context(), ref, force); err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func boolParam(r *http.Request, name string) (bool, *api.Problem) {
+// boolParam reads a true/false query parameter, def when it is absent.
+func boolParam(r *http.Request, name string, def bool) (bool, *api.Problem) {
 	v := r.URL.Query().Get(name)
 	if v == "" {
-		return false, nil
+		return def, nil
 	}
 	b, err := strconv.ParseBool(v)
 	if err != nil {
@@ -270,7 +291,23 @@ func (s *Server) stopWorkload(w http.ResponseWriter, r *http.Request) {
 		}
 		timeout = d
 	}
-	wl, err := s.be(r).Stop(r.Context(), chi.URLParam(r, "ref"), timeout)
+	wait, p := boolParam(r, "wait", true)
+	if p != nil {
+		writeProblem(w, r, s.log, p)
+		return
+	}
+	ref := chi.URLParam(r, "ref")
+	if !wait {
+		wl, err := s.be(r).RequestStop(r.Context(), ref, timeout)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		w.Header().Set(IndexHeader, strconv.FormatUint(wl.ModifyIndex, 10))
+		writeJSON(w, http.StatusAccepted, wl)
+		return
+	}
+	wl, err := s.be(r).Stop(r.Context(), ref, timeout)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -300,7 +337,7 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var p *api.Problem
-	if opts.Follow, p = boolParam(r, "follow"); p != nil {
+	if opts.Follow, p = boolParam(r, "follow", false); p != nil {
 		writeProblem(w, r, s.log, p)
 		return
 	}

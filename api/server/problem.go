@@ -30,17 +30,34 @@ var errorClasses = []struct {
 	{errdefs.ErrUnauthenticated, http.StatusUnauthorized, api.ReasonUnauthenticated, "Authentication required"},
 	{errdefs.ErrNotImplemented, http.StatusNotImplemented, api.ReasonNotImplemented, "Not implemented on this node"},
 	{errdefs.ErrUnavailable, http.StatusServiceUnavailable, api.ReasonUnavailable, "Temporarily unavailable"},
+	// A client that goes away is not the agent's failure: logged at
+	// debug, never at error.
+	{context.Canceled, StatusClientClosedRequest, reasonClientClosed, "Client closed request"},
 	{context.DeadlineExceeded, http.StatusGatewayTimeout, api.ReasonTimeout, "Timed out"},
 }
 
-// problemFor turns an error into the problem document a client gets.
-func problemFor(err error) *api.Problem {
+// StatusClientClosedRequest is the status of a request whose client went
+// away before the answer (nginx's 499): no client reads it; it is for the
+// access log and the metrics.
+const StatusClientClosedRequest = 499
+
+// reasonClientClosed is the reason of StatusClientClosedRequest.
+const reasonClientClosed = "client_closed"
+
+// problemFor turns an error into the problem document a client gets. ctx
+// is the request's: an error that comes of the client leaving (its
+// context cancelled, or its deadline passed) is the client's doing, not a
+// failure of the agent's.
+func problemFor(ctx context.Context, err error) *api.Problem {
 	var p *api.Problem
 	if errors.As(err, &p) {
 		return p
 	}
+	// A deadline that passed with the request's is the client's (it went
+	// away); one that passed alone is the agent's own (504).
+	clientGone := ctx.Err() != nil && errors.Is(err, context.DeadlineExceeded)
 	for _, c := range errorClasses {
-		if errors.Is(err, c.err) {
+		if errors.Is(err, c.err) || clientGone && c.err == context.Canceled {
 			p = &api.Problem{Status: c.status, Reason: c.reason, Title: c.title, Detail: err.Error()}
 			break
 		}
@@ -67,8 +84,11 @@ func writeProblem(w http.ResponseWriter, r *http.Request, log *slog.Logger, p *a
 	if p.Instance == "" {
 		p.Instance = r.URL.Path
 	}
-	if p.Status >= 500 {
+	switch {
+	case p.Status >= 500:
 		log.Error("request failed", "method", r.Method, "path", r.URL.Path, "status", p.Status, "reason", p.Reason, "detail", p.Detail)
+	case p.Status == StatusClientClosedRequest:
+		log.Debug("client went away", "method", r.Method, "path", r.URL.Path, "detail", p.Detail)
 	}
 	w.Header().Set("Content-Type", api.ProblemMediaType)
 	w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -77,7 +97,7 @@ func writeProblem(w http.ResponseWriter, r *http.Request, log *slog.Logger, p *a
 }
 
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	writeProblem(w, r, s.log, problemFor(err))
+	writeProblem(w, r, s.log, problemFor(r.Context(), err))
 }
 
 func badRequest(reason, detail string, fields ...api.FieldError) *api.Problem {

@@ -21,8 +21,14 @@ type Backend interface {
 	Submit(ctx context.Context, spec api.WorkloadSpec) (w *api.Workload, created bool, err error)
 	Get(ctx context.Context, ref string) (*api.Workload, error)
 	List(ctx context.Context, f api.ListFilter) []api.Workload
+	// Stop and Delete record the intent, which the agent carries out
+	// whatever happens to the request, and wait (under ctx) for the
+	// workload to end, or to be gone. RequestStop and RequestDelete only
+	// record it and return the workload.
 	Stop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error)
+	RequestStop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error)
 	Delete(ctx context.Context, ref string, force bool) error
+	RequestDelete(ctx context.Context, ref string, force bool) (*api.Workload, error)
 	Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error
 	Stats(ctx context.Context, ref string) (*api.Stats, error)
 	// Index is the state index and a channel closed at its next change.

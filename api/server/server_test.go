@@ -278,3 +278,111 @@ func TestUnhealthyDriver(t *testing.T) {
 		t.Errorf("refused submit left %d workloads", n)
 	}
 }
+
+// waitWorkload polls GET until ok says the workload is what the test waits
+// for; gone (404) is passed to ok as nil.
+func (e *env) waitWorkload(id string, ok func(w *api.Workload) bool) *api.Workload {
+	e.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp := e.do("GET", "/v1/workloads/"+id, "", nil)
+		var w *api.Workload
+		if resp.StatusCode == http.StatusOK {
+			w = &api.Workload{}
+			if err := json.NewDecoder(resp.Body).Decode(w); err != nil {
+				e.t.Fatal(err)
+			}
+		} else if resp.StatusCode != http.StatusNotFound {
+			e.t.Fatalf("GET %s: %s", id, resp.Status)
+		}
+		resp.Body.Close()
+		if ok(w) {
+			return w
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("workload %s: still %+v", id, w)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (e *env) running(body string) *api.Workload {
+	e.t.Helper()
+	resp := e.do("POST", "/v1/workloads", "application/json", strings.NewReader(body))
+	defer resp.Body.Close()
+	var w api.Workload
+	if resp.StatusCode != http.StatusCreated {
+		e.t.Fatalf("submit: %s", resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&w); err != nil {
+		e.t.Fatal(err)
+	}
+	return e.waitWorkload(w.ID, func(w *api.Workload) bool { return w != nil && w.State == api.StateRunning })
+}
+
+// POST .../stop?wait=false and DELETE ...?wait=false answer 202 with the
+// workload at once; the agent finishes the work; a workload being deleted
+// answers GET (deleting: true) until it is gone.
+func TestStopAndDeleteWithoutWaiting(t *testing.T) {
+	e := newEnv(t)
+	w := e.running(`{"image":"` + testImage + `","command":["sleep","1000"]}`)
+	resp := e.do("POST", "/v1/workloads/"+w.ID+"/stop?wait=false&timeout=1s", "", nil)
+	var got api.Workload
+	_ = json.NewDecoder(resp.Body).Decode(&got)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted || got.State != api.StateStopping || resp.Header.Get(server.IndexHeader) == "" {
+		t.Fatalf("stop without waiting: %s %+v, want 202 with the workload stopping", resp.Status, got)
+	}
+	e.waitWorkload(w.ID, func(w *api.Workload) bool { return w.State == api.StateExited })
+
+	e.ctr.Delay("Destroy", 500*time.Millisecond)
+	resp = e.do("DELETE", "/v1/workloads/"+w.ID+"?wait=false", "", nil)
+	got = api.Workload{}
+	_ = json.NewDecoder(resp.Body).Decode(&got)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted || !got.Deleting {
+		t.Fatalf("delete without waiting: %s %+v, want 202 with the workload deleting", resp.Status, got)
+	}
+	if cur := e.waitWorkload(w.ID, func(*api.Workload) bool { return true }); cur == nil || !cur.Deleting {
+		t.Errorf("GET while the delete is in progress: %+v, want the workload, deleting", cur)
+	}
+	e.waitWorkload(w.ID, func(w *api.Workload) bool { return w == nil })
+
+	resp = e.do("POST", "/v1/workloads/"+w.ID+"/stop?wait=maybe", "", nil)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("wait=maybe: %s, want 400", resp.Status)
+	}
+}
+
+// A client that leaves while its stop waits is not a server error: the
+// request is counted as 499, and the stop goes on.
+func TestClientLeavingIsNotAServerError(t *testing.T) {
+	e := newEnv(t)
+	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap '' TERM; sleep 1000"]}`)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", e.srv.URL+"/v1/workloads/"+w.ID+"/stop?timeout=1s", nil)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the stop answered %s before its grace period", resp.Status)
+	}
+	e.waitWorkload(w.ID, func(w *api.Workload) bool { return w.State.Terminal() })
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp := e.do("GET", "/metrics", "", nil)
+		data, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		m := string(data)
+		if strings.Contains(m, `route="/v1/workloads/{ref}/stop",code="500"`) {
+			t.Fatalf("the stop was counted as a server error:\n%s", m)
+		}
+		if strings.Contains(m, `route="/v1/workloads/{ref}/stop",code="499"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no 499 for the stop in the metrics:\n%s", m)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

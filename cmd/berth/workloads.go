@@ -203,7 +203,7 @@ func newPsCmd(g *globals) *cobra.Command {
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tISOLATION\tSTATE\tEXIT\tADDRESS\tPORTS\tCREATED")
 			for _, w := range list {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, w.State, exitText(&w),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, stateText(&w), exitText(&w),
 					dash(address(&w)), dash(portsText(w.Spec.Ports)), ago(w.CreatedAt))
 			}
 			return tw.Flush()
@@ -221,6 +221,15 @@ func dash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// stateText is the workload's state, and "deleting" while a delete is in
+// progress.
+func stateText(w *api.Workload) string {
+	if w.Deleting {
+		return string(w.State) + " (deleting)"
+	}
+	return string(w.State)
 }
 
 func exitText(w *api.Workload) string {
@@ -279,7 +288,7 @@ func printWorkload(w *api.Workload) {
 	row("Image", w.Spec.Image+" ("+w.ImageDigest+")")
 	cmdline := append(append([]string{}, w.Spec.Command...), w.Spec.Args...)
 	row("Command", dash(strings.Join(cmdline, " ")))
-	row("State", string(w.State))
+	row("State", stateText(w))
 	row("Isolation", string(w.Isolation))
 	if p := w.Placement; p != nil {
 		row("Placement", p.Explanation)
@@ -359,17 +368,30 @@ func newLogsCmd(g *globals) *cobra.Command {
 }
 
 func newStopCmd(g *globals) *cobra.Command {
-	var timeout time.Duration
+	var (
+		timeout time.Duration
+		noWait  bool
+	)
 	cmd := &cobra.Command{
 		Use:   "stop WORKLOAD...",
 		Short: "Stop workloads: SIGTERM, then SIGKILL after the timeout",
-		Args:  cobra.MinimumNArgs(1),
+		Long: `Stop workloads: SIGTERM, then SIGKILL after the timeout. Once asked, the
+stop is the agent's: it goes on if this command is interrupted.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := g.client()
 			if err != nil {
 				return err
 			}
 			for _, ref := range args {
+				if noWait {
+					w, err := c.RequestStop(cmd.Context(), ref, timeout)
+					if err != nil {
+						return err
+					}
+					fmt.Printf("%s %s\n", w.ID, w.State)
+					continue
+				}
 				w, err := c.Stop(cmd.Context(), ref, timeout)
 				if err != nil {
 					return err
@@ -380,21 +402,33 @@ func newStopCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().DurationVarP(&timeout, "timeout", "t", 0, "grace period before SIGKILL (default from the agent's config)")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the stop is recorded, not once the workload has ended")
 	return cmd
 }
 
 func newRmCmd(g *globals) *cobra.Command {
-	var force bool
+	var force, noWait bool
 	cmd := &cobra.Command{
 		Use:   "rm WORKLOAD...",
 		Short: "Delete workloads and everything they left on the node",
-		Args:  cobra.MinimumNArgs(1),
+		Long: `Delete workloads and everything they left on the node. Once asked, the
+delete is the agent's: it goes on if this command is interrupted, and the
+workload reads as deleting until it is gone.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := g.client()
 			if err != nil {
 				return err
 			}
 			for _, ref := range args {
+				if noWait {
+					w, err := c.RequestDelete(cmd.Context(), ref, force)
+					if err != nil {
+						return err
+					}
+					fmt.Println(w.ID, "deleting")
+					continue
+				}
 				if err := c.Delete(cmd.Context(), ref, force); err != nil {
 					return err
 				}
@@ -404,6 +438,7 @@ func newRmCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "stop a running workload first (immediately)")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the delete is recorded, not once the workload is gone")
 	return cmd
 }
 
