@@ -1,0 +1,192 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+)
+
+func newID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// lookup finds a workload by id or name; the caller holds a.mu.
+func (a *Agent) lookupLocked(ref string) (*record, bool) {
+	if r, ok := a.recs[ref]; ok {
+		return r, true
+	}
+	if id, ok := a.names[ref]; ok {
+		return a.recs[id], true
+	}
+	return nil, false
+}
+
+// get finds a workload by id or name. A workload being deleted is found
+// until everything it held is released and its record is gone.
+func (a *Agent) get(ref string) (*record, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r, ok := a.lookupLocked(ref)
+	if !ok {
+		return nil, fmt.Errorf("workload %q: %w", ref, errdefs.ErrNotFound)
+	}
+	return r, nil
+}
+
+// record returns the current version of a workload's record, nil when it
+// is gone.
+func (a *Agent) record(id string) *record {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.recs[id]
+}
+
+// commitLocked persists r as the new version of its record and publishes
+// it, and sees that a record with work left (a run, a stop, a delete) has
+// a supervisor, which it wakes. The caller holds a.writeMu. Records in
+// a.recs are never mutated after publication, so readers may hold them
+// without locks.
+func (a *Agent) commitLocked(r *record) error {
+	a.mu.Lock()
+	idx := a.index + 1
+	prev := a.recs[r.Workload.ID]
+	a.mu.Unlock()
+	r.Workload.ModifyIndex = idx
+	r.Workload.Deleting = r.Deleting
+	if err := a.store.put(r, idx); err != nil {
+		return fmt.Errorf("persist workload %s: %w", r.Workload.ID, err)
+	}
+	a.mu.Lock()
+	a.index = idx
+	a.recs[r.Workload.ID] = r
+	a.bindNameLocked(r)
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
+	a.publishTransition(prev, r)
+	if needsSupervisor(r) {
+		a.supervise(r.Workload.ID)
+	}
+	return nil
+}
+
+// bindNameLocked makes r's name find r, unless the name is another
+// record's: a name is never taken from the workload that holds it (a
+// workload being deleted holds its name until it is gone, and Submit
+// refuses the name meanwhile). The caller holds a.mu.
+func (a *Agent) bindNameLocked(r *record) {
+	name := r.Workload.Name
+	if name == "" {
+		return
+	}
+	if id, ok := a.names[name]; ok && id != r.Workload.ID {
+		if _, live := a.recs[id]; live {
+			return
+		}
+	}
+	a.names[name] = r.Workload.ID
+}
+
+// errSkip aborts a mutation without an error to report.
+var errSkip = errors.New("skip")
+
+// mutate applies fn to a copy of the workload's record and commits it. fn
+// may return errSkip to leave the record as it is.
+func (a *Agent) mutate(id string, fn func(r *record) error) (*record, error) {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	cur, ok := a.recs[id]
+	a.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("workload %s: %w", id, errdefs.ErrNotFound)
+	}
+	r := cur.clone()
+	if err := fn(r); err != nil {
+		if errors.Is(err, errSkip) {
+			return cur, nil
+		}
+		return nil, err
+	}
+	if err := a.commitLocked(r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (a *Agent) removeRecord(id string) error {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	idx := a.index + 1
+	a.mu.Unlock()
+	if err := a.store.delete(id, idx); err != nil {
+		return fmt.Errorf("delete workload %s: %w", id, err)
+	}
+	a.mu.Lock()
+	if r, ok := a.recs[id]; ok && r.Workload.Name != "" && a.names[r.Workload.Name] == id {
+		delete(a.names, r.Workload.Name)
+	}
+	delete(a.recs, id)
+	a.index = idx
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
+	a.events.publish(api.Event{Type: api.EventWorkloadDeleted, WorkloadID: id, Message: "workload " + id + " deleted"})
+	return nil
+}
+
+// bumpIndex moves the state index for a change that is not a workload
+// record (a driver's health, the policy), so blocking queries on the node
+// document see it. The index is persisted: it never goes backwards.
+func (a *Agent) bumpIndex() {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	idx := a.index + 1
+	a.mu.Unlock()
+	if err := a.store.setIndex(idx); err != nil {
+		a.log.Warn("persist state index", "err", err)
+		return
+	}
+	a.mu.Lock()
+	a.index = idx
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
+}
+
+// Index returns the current state index and a channel closed at the next
+// change, for blocking queries.
+func (a *Agent) Index() (uint64, <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.index, a.changed
+}
+
+// waitRecord blocks until the workload's record satisfies ok, it is gone
+// (ErrNotFound), or ctx ends.
+func (a *Agent) waitRecord(ctx context.Context, id string, ok func(*record) bool) (*record, error) {
+	for {
+		_, changed := a.Index()
+		r := a.record(id)
+		if r == nil {
+			return nil, fmt.Errorf("workload %s: %w", id, errdefs.ErrNotFound)
+		}
+		if ok(r) {
+			return r, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}

@@ -1,0 +1,140 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"time"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/image"
+)
+
+// Submit admits a workload: validates it, places it, persists it (before it
+// returns) and starts it in the background. A submit naming an existing
+// workload with the same spec returns that workload (created false), so
+// clients can retry safely; with a different spec it is a conflict.
+func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, bool, error) {
+	spec, err := normalize(spec, a.opts.Defaults)
+	if err != nil {
+		return nil, false, err
+	}
+	img, err := a.images.Get(spec.Image)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return nil, false, &errdefs.ValidationError{Fields: []errdefs.FieldError{{
+				Field:  "image",
+				Detail: fmt.Sprintf("image %s is not on this node; pull it (POST /v1/images/pull) or import it (POST /v1/images) first", spec.Image),
+			}}}
+		}
+		return nil, false, err
+	}
+	if img.Kind == image.KindDisk {
+		if spec, err = diskSpec(spec); err != nil {
+			return nil, false, err
+		}
+	} else if _, err := resolveCommand(spec, img); err != nil {
+		return nil, false, err
+	}
+	if w := a.existing(spec); w != nil {
+		return w, false, nil
+	}
+	placement, err := a.place(ctx, spec)
+	if err != nil {
+		return nil, false, err
+	}
+
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	if spec.Name != "" {
+		a.mu.Lock()
+		existing, ok := a.lookupLocked(spec.Name)
+		a.mu.Unlock()
+		if ok && existing.Deleting {
+			return nil, false, fmt.Errorf("a workload named %q (id %s) is being deleted; submit again once it is gone: %w", spec.Name, existing.Workload.ID, errdefs.ErrConflict)
+		}
+		if ok {
+			if reflect.DeepEqual(existing.Workload.Spec, spec) {
+				w := cloneWorkload(existing.Workload)
+				return &w, false, nil
+			}
+			return nil, false, fmt.Errorf("a workload named %q already exists with a different spec (id %s): %w", spec.Name, existing.Workload.ID, errdefs.ErrAlreadyExists)
+		}
+	}
+	now := time.Now().UTC()
+	r := &record{Workload: api.Workload{
+		ID:          newID(),
+		Name:        spec.Name,
+		Spec:        spec,
+		State:       api.StatePending,
+		Isolation:   placement.Isolation,
+		Placement:   placement,
+		ImageDigest: img.Digest,
+		CreatedAt:   now,
+		Network:     &api.NetworkStatus{Mode: placement.Network},
+	}}
+	if r.Workload.Network.Mode == "" {
+		r.Workload.Network.Mode = spec.Network
+	}
+	if err := a.admitLocked(&r.Workload); err != nil {
+		return nil, false, err
+	}
+	if err := a.commitLocked(r); err != nil {
+		return nil, false, err
+	}
+	a.log.Info("workload admitted", "workload_id", r.Workload.ID, "name", spec.Name, "image", spec.Image,
+		"isolation", placement.Isolation, "rule", placement.DecidingRule)
+	w := cloneWorkload(r.Workload)
+	return &w, true, nil
+}
+
+// diskSpec checks a spec that boots a whole-disk image: it runs in a VM
+// (an auto request becomes a vm request, so policy may still deny it), and
+// the disk's own OS decides what runs, so the spec names no command, env
+// or workdir.
+func diskSpec(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
+	v := &errdefs.ValidationError{}
+	switch spec.Isolation {
+	case api.IsolationAuto, api.IsolationVM:
+		spec.Isolation = api.IsolationVM
+	default:
+		v.Add("isolation", "%s is a whole-disk image: it runs only in a VM", spec.Image)
+	}
+	if len(spec.Command) > 0 || len(spec.Args) > 0 {
+		v.Add("command", "a whole-disk image boots its own OS; it takes no command")
+	}
+	if len(spec.Env) > 0 {
+		v.Add("env", "a whole-disk image boots its own OS; it takes no environment")
+	}
+	if spec.Workdir != "" {
+		v.Add("workdir", "a whole-disk image boots its own OS; it takes no workdir")
+	}
+	if spec.Network == api.NetworkHost {
+		v.Add("network", "host is for containers only")
+	}
+	if err := v.Err(); err != nil {
+		return spec, err
+	}
+	return spec, nil
+}
+
+// resolveCommand merges the image's entrypoint and cmd with the spec's
+// command and args the way Kubernetes does: command replaces the
+// entrypoint (and drops the image's cmd), args replace the cmd.
+func resolveCommand(spec api.WorkloadSpec, img *image.Image) ([]string, error) {
+	var argv []string
+	switch {
+	case len(spec.Command) > 0:
+		argv = append(append(argv, spec.Command...), spec.Args...)
+	case len(spec.Args) > 0:
+		argv = append(append(argv, img.Config.Entrypoint...), spec.Args...)
+	default:
+		argv = append(append(argv, img.Config.Entrypoint...), img.Config.Cmd...)
+	}
+	if len(argv) == 0 {
+		return nil, errdefs.Invalid("command", "image %s has no entrypoint or cmd; give a command", spec.Image)
+	}
+	return argv, nil
+}
