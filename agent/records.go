@@ -1,15 +1,101 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"time"
 
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 )
+
+// record is the agent's state of one workload: its API view, which the
+// agent keeps current, and what only the agent needs (the driver's handle,
+// the intents it carries out). Records in Agent.recs are never mutated
+// once published; a change is a mutated clone, committed (mutate). What
+// the state database holds is converted from it (store.go).
+type record struct {
+	Workload api.Workload
+	// Handle is the driver's state from Start; nil before the task exists.
+	Handle *driver.Handle
+	// StopRequested: a workload asked to stop is never started or
+	// restarted again.
+	StopRequested bool
+	// StopAt is when the stop was asked and StopGrace its grace period:
+	// the stop's deadline, which an agent restart resumes with what is
+	// left of it.
+	StopAt    *time.Time
+	StopGrace time.Duration
+	// Deleting marks a delete in progress, carried out by the agent (after
+	// a crash too). DeleteAttempts counts its failed attempts and
+	// DeleteError is why the last one failed.
+	Deleting       bool
+	DeleteAttempts int
+	DeleteError    string
+	// NextStart is when a backed-off restart is due.
+	NextStart *time.Time
+}
+
+// clone is a deep copy of r: nothing of it is shared with r.
+func (r *record) clone() *record {
+	c := *r
+	c.Workload = cloneWorkload(r.Workload)
+	if r.Handle != nil {
+		h := *r.Handle
+		h.State = bytes.Clone(h.State)
+		c.Handle = &h
+	}
+	c.StopAt = clonePtr(r.StopAt)
+	c.NextStart = clonePtr(r.NextStart)
+	return &c
+}
+
+// cloneWorkload is a deep copy of w: reads hand out clones, so a caller
+// may change what it got without touching the agent's records.
+func cloneWorkload(w api.Workload) api.Workload {
+	c := w
+	c.Spec = cloneSpec(w.Spec)
+	c.ExitCode = clonePtr(w.ExitCode)
+	c.LastExitCode = clonePtr(w.LastExitCode)
+	c.StartedAt = clonePtr(w.StartedAt)
+	c.FinishedAt = clonePtr(w.FinishedAt)
+	if w.Placement != nil {
+		p := *w.Placement
+		p.Matched = slices.Clone(p.Matched)
+		c.Placement = &p
+	}
+	if w.Network != nil {
+		n := *w.Network
+		n.Ports = slices.Clone(n.Ports)
+		c.Network = &n
+	}
+	return c
+}
+
+func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
+	c := s
+	c.Command = slices.Clone(s.Command)
+	c.Args = slices.Clone(s.Args)
+	c.Env = maps.Clone(s.Env)
+	c.Labels = maps.Clone(s.Labels)
+	c.Ports = slices.Clone(s.Ports)
+	return c
+}
+
+func clonePtr[T any](p *T) *T {
+	if p == nil {
+		return nil
+	}
+	v := *p
+	return &v
+}
 
 func newID() string {
 	b := make([]byte, 8)

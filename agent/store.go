@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -14,53 +15,273 @@ import (
 	"github.com/berthd/berth/driver"
 )
 
-// record is what the agent persists per workload: the API view plus what
-// only the agent needs (the driver's handle, pending operations).
-type record struct {
-	Version  int          `json:"version"`
-	Workload api.Workload `json:"workload"`
-	// Handle is the driver's state from Start; nil before the task exists.
-	Handle *driver.Handle `json:"handle,omitempty"`
-	// StopRequested survives restarts: a workload asked to stop is never
-	// started or restarted again.
-	StopRequested bool `json:"stop_requested,omitempty"`
-	// StopAt is when the stop was asked and StopGrace its grace period:
-	// the stop's deadline, which an agent restart resumes with what is
-	// left of it.
-	StopAt    *time.Time    `json:"stop_at,omitempty"`
-	StopGrace time.Duration `json:"stop_grace,omitempty"`
-	// Deleting marks a delete in progress, finished by the agent (after a
-	// crash too).
-	Deleting bool `json:"deleting,omitempty"`
-	// DeleteAttempts counts the failed attempts of a delete and
-	// DeleteError is why the last one failed.
-	DeleteAttempts int    `json:"delete_attempts,omitempty"`
-	DeleteError    string `json:"delete_error,omitempty"`
-	// NextStart is when a backed-off restart is due.
-	NextStart *time.Time `json:"next_start,omitempty"`
-}
-
-const recordVersion = 1
-
-func (r *record) clone() *record {
-	c := *r
-	c.Workload = cloneWorkload(r.Workload)
-	return &c
-}
-
-func cloneWorkload(w api.Workload) api.Workload {
-	data, _ := json.Marshal(w)
-	var c api.Workload
-	_ = json.Unmarshal(data, &c)
-	return c
-}
+// The state database (bbolt, DataDir/state.db) holds one dbRecord per
+// workload, in the schema version the meta key "schema" names. Its types
+// are the database's own, converted explicitly from and to the agent's
+// records: the API's wire types may change (a renamed or a new field)
+// without a migration, and a change of these types is one, with a new
+// schema version and its conversion in migrate.
+//
+// Schema versions:
+//
+//	1 (no "schema" key): {"version":1,"workload":<api.Workload>,
+//	  "handle":..., "stop_requested":..., "deleting":..., ...}
+//	2: a flat dbRecord; a requested stop and a delete in progress are
+//	  objects of their own ("stop", "delete").
+const schemaVersion = 2
 
 var (
 	bucketWorkloads = []byte("workloads")
 	bucketMeta      = []byte("meta")
 	keyIndex        = []byte("index")
 	keyNodeID       = []byte("node_id")
+	keySchema       = []byte("schema")
 )
+
+// dbRecord is a workload as the state database holds it (schema 2).
+type dbRecord struct {
+	ID           string       `json:"id"`
+	Name         string       `json:"name,omitempty"`
+	Spec         dbSpec       `json:"spec"`
+	State        string       `json:"state"`
+	Isolation    string       `json:"isolation"`
+	ExitCode     *int         `json:"exit_code,omitempty"`
+	OOMKilled    bool         `json:"oom_killed,omitempty"`
+	Error        string       `json:"error,omitempty"`
+	Placement    *dbPlacement `json:"placement,omitempty"`
+	ImageDigest  string       `json:"image_digest,omitempty"`
+	RestartCount int          `json:"restart_count,omitempty"`
+	LastExitCode *int         `json:"last_exit_code,omitempty"`
+	CreatedAt    time.Time    `json:"created_at"`
+	StartedAt    *time.Time   `json:"started_at,omitempty"`
+	FinishedAt   *time.Time   `json:"finished_at,omitempty"`
+	Network      *dbNetwork   `json:"network,omitempty"`
+	ModifyIndex  uint64       `json:"modify_index"`
+	// Handle is the driver's own persisted state, versioned by the driver.
+	Handle *dbHandle `json:"handle,omitempty"`
+	// StopRequested without Stop: a stop of a workload that had ended
+	// (nothing to enforce; it only never restarts).
+	StopRequested bool       `json:"stop_requested,omitempty"`
+	Stop          *dbStop    `json:"stop,omitempty"`
+	Delete        *dbDelete  `json:"delete,omitempty"`
+	NextStart     *time.Time `json:"next_start,omitempty"`
+}
+
+type dbSpec struct {
+	Name       string            `json:"name,omitempty"`
+	Image      string            `json:"image"`
+	Command    []string          `json:"command,omitempty"`
+	Args       []string          `json:"args,omitempty"`
+	Env        map[string]string `json:"env,omitempty"`
+	Workdir    string            `json:"workdir,omitempty"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	Isolation  string            `json:"isolation,omitempty"`
+	Privileged bool              `json:"privileged,omitempty"`
+	Resources  dbResources       `json:"resources"`
+	Restart    dbRestart         `json:"restart"`
+	Network    string            `json:"network,omitempty"`
+	Ports      []dbPort          `json:"ports,omitempty"`
+}
+
+type dbResources struct {
+	CPU      float64 `json:"cpu,omitempty"`
+	MemoryMB int64   `json:"memory_mb,omitempty"`
+	Pids     int64   `json:"pids,omitempty"`
+}
+
+type dbRestart struct {
+	Policy     string `json:"policy,omitempty"`
+	MaxRetries int    `json:"max_retries,omitempty"`
+}
+
+type dbPort struct {
+	HostPort      int    `json:"host_port"`
+	ContainerPort int    `json:"container_port"`
+	Protocol      string `json:"protocol,omitempty"`
+}
+
+type dbPlacement struct {
+	Isolation     string        `json:"isolation"`
+	Denied        bool          `json:"denied,omitempty"`
+	DecidingRule  string        `json:"deciding_rule,omitempty"`
+	Matched       []dbRuleMatch `json:"matched,omitempty"`
+	PolicyVersion string        `json:"policy_version"`
+	Explanation   string        `json:"explanation"`
+	Network       string        `json:"network,omitempty"`
+}
+
+type dbRuleMatch struct {
+	Rule    string `json:"rule"`
+	Outcome string `json:"outcome"`
+	Reason  string `json:"reason"`
+}
+
+type dbNetwork struct {
+	Mode    string   `json:"mode"`
+	Address string   `json:"address,omitempty"`
+	Gateway string   `json:"gateway,omitempty"`
+	Ports   []dbPort `json:"ports,omitempty"`
+}
+
+type dbHandle struct {
+	ID      string          `json:"id"`
+	Driver  string          `json:"driver"`
+	Version int             `json:"version"`
+	State   json.RawMessage `json:"state,omitempty"`
+}
+
+type dbStop struct {
+	At      *time.Time `json:"at,omitempty"`
+	GraceMS int64      `json:"grace_ms"`
+}
+
+type dbDelete struct {
+	Attempts int    `json:"attempts,omitempty"`
+	Error    string `json:"error,omitempty"`
+}
+
+// toDB converts a record to what the database holds.
+func toDB(r *record) dbRecord {
+	w := &r.Workload
+	d := dbRecord{
+		ID: w.ID, Name: w.Name, Spec: specToDB(w.Spec),
+		State: string(w.State), Isolation: string(w.Isolation),
+		ExitCode: clonePtr(w.ExitCode), OOMKilled: w.OOMKilled, Error: w.Error,
+		ImageDigest: w.ImageDigest, RestartCount: w.RestartCount, LastExitCode: clonePtr(w.LastExitCode),
+		CreatedAt: w.CreatedAt, StartedAt: clonePtr(w.StartedAt), FinishedAt: clonePtr(w.FinishedAt),
+		ModifyIndex: w.ModifyIndex, StopRequested: r.StopRequested, NextStart: clonePtr(r.NextStart),
+	}
+	if p := w.Placement; p != nil {
+		d.Placement = &dbPlacement{Isolation: string(p.Isolation), Denied: p.Denied, DecidingRule: p.DecidingRule,
+			PolicyVersion: p.PolicyVersion, Explanation: p.Explanation, Network: p.Network}
+		for _, m := range p.Matched {
+			d.Placement.Matched = append(d.Placement.Matched, dbRuleMatch(m))
+		}
+	}
+	if n := w.Network; n != nil {
+		d.Network = &dbNetwork{Mode: n.Mode, Address: n.Address, Gateway: n.Gateway, Ports: portsToDB(n.Ports)}
+	}
+	if h := r.Handle; h != nil {
+		d.Handle = &dbHandle{ID: h.ID, Driver: h.Driver, Version: h.Version, State: h.State}
+	}
+	if r.StopAt != nil || r.StopGrace != 0 {
+		d.Stop = &dbStop{At: clonePtr(r.StopAt), GraceMS: r.StopGrace.Milliseconds()}
+	}
+	if r.Deleting {
+		d.Delete = &dbDelete{Attempts: r.DeleteAttempts, Error: r.DeleteError}
+	}
+	return d
+}
+
+func specToDB(s api.WorkloadSpec) dbSpec {
+	return dbSpec{
+		Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, Workdir: s.Workdir,
+		Labels: s.Labels, Isolation: string(s.Isolation), Privileged: s.Privileged,
+		Resources: dbResources(s.Resources),
+		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
+		Network:   s.Network, Ports: portsToDB(s.Ports),
+	}
+}
+
+func portsToDB(ports []api.PortMapping) []dbPort {
+	if ports == nil {
+		return nil
+	}
+	out := make([]dbPort, len(ports))
+	for i, p := range ports {
+		out[i] = dbPort(p)
+	}
+	return out
+}
+
+func portsFromDB(ports []dbPort) []api.PortMapping {
+	if ports == nil {
+		return nil
+	}
+	out := make([]api.PortMapping, len(ports))
+	for i, p := range ports {
+		out[i] = api.PortMapping(p)
+	}
+	return out
+}
+
+// fromDB converts what the database holds to a record.
+func fromDB(d *dbRecord) *record {
+	s := &d.Spec
+	r := &record{
+		Workload: api.Workload{
+			ID: d.ID, Name: d.Name,
+			Spec: api.WorkloadSpec{
+				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, Workdir: s.Workdir,
+				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
+				Resources: api.Resources(s.Resources),
+				Restart:   api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
+				Network:   s.Network, Ports: portsFromDB(s.Ports),
+			},
+			State: api.State(d.State), Isolation: api.Isolation(d.Isolation),
+			ExitCode: d.ExitCode, OOMKilled: d.OOMKilled, Error: d.Error,
+			ImageDigest: d.ImageDigest, RestartCount: d.RestartCount, LastExitCode: d.LastExitCode,
+			CreatedAt: d.CreatedAt, StartedAt: d.StartedAt, FinishedAt: d.FinishedAt,
+			ModifyIndex: d.ModifyIndex, Deleting: d.Delete != nil,
+		},
+		StopRequested: d.StopRequested || d.Stop != nil,
+		Deleting:      d.Delete != nil,
+		NextStart:     d.NextStart,
+	}
+	if p := d.Placement; p != nil {
+		r.Workload.Placement = &api.Placement{Isolation: api.Isolation(p.Isolation), Denied: p.Denied, DecidingRule: p.DecidingRule,
+			PolicyVersion: p.PolicyVersion, Explanation: p.Explanation, Network: p.Network}
+		for _, m := range p.Matched {
+			r.Workload.Placement.Matched = append(r.Workload.Placement.Matched, api.RuleMatch(m))
+		}
+	}
+	if n := d.Network; n != nil {
+		r.Workload.Network = &api.NetworkStatus{Mode: n.Mode, Address: n.Address, Gateway: n.Gateway, Ports: portsFromDB(n.Ports)}
+	}
+	if h := d.Handle; h != nil {
+		r.Handle = &driver.Handle{ID: h.ID, Driver: h.Driver, Version: h.Version, State: h.State}
+	}
+	if st := d.Stop; st != nil {
+		r.StopAt, r.StopGrace = st.At, time.Duration(st.GraceMS)*time.Millisecond
+	}
+	if del := d.Delete; del != nil {
+		r.DeleteAttempts, r.DeleteError = del.Attempts, del.Error
+	}
+	return r
+}
+
+// v1Record is the record of schema 1: the workload in the API's JSON of
+// the time (whose field names dbRecord's workload fields keep, so it
+// decodes into one) and the agent's fields beside it.
+type v1Record struct {
+	Workload       dbRecord   `json:"workload"`
+	Handle         *dbHandle  `json:"handle,omitempty"`
+	StopRequested  bool       `json:"stop_requested,omitempty"`
+	StopAt         *time.Time `json:"stop_at,omitempty"`
+	StopGrace      int64      `json:"stop_grace,omitempty"` // nanoseconds
+	Deleting       bool       `json:"deleting,omitempty"`
+	DeleteAttempts int        `json:"delete_attempts,omitempty"`
+	DeleteError    string     `json:"delete_error,omitempty"`
+	NextStart      *time.Time `json:"next_start,omitempty"`
+}
+
+// fromV1 decodes a schema 1 record into one of schema 2.
+func fromV1(data []byte) (*dbRecord, error) {
+	var v1 v1Record
+	if err := json.Unmarshal(data, &v1); err != nil {
+		return nil, err
+	}
+	d := v1.Workload
+	d.Handle, d.StopRequested, d.NextStart = v1.Handle, v1.StopRequested, v1.NextStart
+	d.Stop, d.Delete = nil, nil
+	if v1.StopAt != nil || v1.StopGrace != 0 {
+		d.Stop = &dbStop{At: v1.StopAt, GraceMS: time.Duration(v1.StopGrace).Milliseconds()}
+	}
+	if v1.Deleting {
+		d.Delete = &dbDelete{Attempts: v1.DeleteAttempts, Error: v1.DeleteError}
+	}
+	return &d, nil
+}
 
 // store persists workload records in bbolt. Every write is committed (and
 // fsynced by bbolt) before the API acknowledges the request it serves.
@@ -80,19 +301,60 @@ func openStore(dir string) (*store, error) {
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketWorkloads, bucketMeta} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	if err := db.Update(migrate); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("init %s: %w", path, err)
 	}
 	return &store{db: db}, nil
+}
+
+// migrate brings the database to schemaVersion in one transaction: a new
+// database gets it, an older one is converted record by record (any record
+// that does not convert aborts it all, and the agent does not start).
+func migrate(tx *bolt.Tx) error {
+	for _, b := range [][]byte{bucketWorkloads, bucketMeta} {
+		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+			return err
+		}
+	}
+	meta, wls := tx.Bucket(bucketMeta), tx.Bucket(bucketWorkloads)
+	version := 1
+	if v := meta.Get(keySchema); v != nil {
+		n, err := strconv.Atoi(string(v))
+		if err != nil {
+			return fmt.Errorf("schema version %q: %w", v, err)
+		}
+		version = n
+	} else if k, _ := wls.Cursor().First(); k == nil {
+		version = schemaVersion // a new database
+	}
+	switch {
+	case version > schemaVersion:
+		return fmt.Errorf("the state database has schema %d, newer than this agent's %d: run the agent that wrote it (downgrades are not supported)", version, schemaVersion)
+	case version == 1:
+		converted := map[string][]byte{}
+		err := wls.ForEach(func(k, v []byte) error {
+			d, err := fromV1(v)
+			if err != nil {
+				return fmt.Errorf("convert workload %s from schema 1: %w", k, err)
+			}
+			data, err := json.Marshal(d)
+			if err != nil {
+				return err
+			}
+			converted[string(k)] = data
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for k, v := range converted {
+			if err := wls.Put([]byte(k), v); err != nil {
+				return err
+			}
+		}
+	}
+	return meta.Put(keySchema, []byte(strconv.Itoa(schemaVersion)))
 }
 
 func (s *store) close() error { return s.db.Close() }
@@ -108,11 +370,11 @@ func (s *store) loadAll() ([]*record, uint64, error) {
 			}
 		}
 		return tx.Bucket(bucketWorkloads).ForEach(func(k, v []byte) error {
-			var r record
-			if err := json.Unmarshal(v, &r); err != nil {
+			var d dbRecord
+			if err := json.Unmarshal(v, &d); err != nil {
 				return fmt.Errorf("decode workload %s: %w", k, err)
 			}
-			out = append(out, &r)
+			out = append(out, fromDB(&d))
 			return nil
 		})
 	})
@@ -121,8 +383,7 @@ func (s *store) loadAll() ([]*record, uint64, error) {
 
 // put writes r with the given index in one transaction.
 func (s *store) put(r *record, index uint64) error {
-	r.Version = recordVersion
-	data, err := json.Marshal(r)
+	data, err := json.Marshal(toDB(r))
 	if err != nil {
 		return fmt.Errorf("encode workload %s: %w", r.Workload.ID, err)
 	}
