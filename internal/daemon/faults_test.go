@@ -480,3 +480,54 @@ func TestHungRunc(t *testing.T) {
 		t.Errorf("workload after runc recovered: %+v, %v; want exit 3", w, err)
 	}
 }
+
+// TestVMStopOutlivesItsClient: a stop of a VM workload that ignores
+// SIGTERM, whose client leaves 100 ms after asking, ends it (137) at its
+// grace period; the same with the agent SIGKILLed right after the ask, so
+// the persisted deadline is resumed by the next agent.
+func TestVMStopOutlivesItsClient(t *testing.T) {
+	requireCNI(t)
+	requireLibvirt(t)
+	a, c := startFaultAgent(t, true)
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		a.kill()
+	})
+	const grace, margin = 3 * time.Second, 30 * time.Second
+	for _, crash := range []bool{false, true} {
+		spec := termless()
+		spec.Isolation = api.IsolationVM
+		spec.Network = api.NetworkNone
+		w, err := c.Submit(context.Background(), spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitRunning(t, c, w.ID)
+		deadline := time.Now().Add(3 * time.Minute)
+		for {
+			if out, _ := logs(t, c, w.ID); strings.Contains(out, "ready") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("VM workload %s never said ready", w.ID)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		asked := time.Now()
+		askAndLeave(t, "stop of a VM", func(ctx context.Context) error { _, err := c.Stop(ctx, w.ID, grace); return err })
+		if crash {
+			a.kill()
+			c = a.start(a.addr)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), grace+margin)
+		end, err := c.WaitExit(ctx, w.ID)
+		cancel()
+		if err != nil {
+			t.Fatalf("crash %v: the VM workload did not end within its grace period (%v) and %v: %v", crash, grace, margin, err)
+		}
+		if end.State != api.StateExited || exitCode(end) != 137 {
+			t.Errorf("crash %v: VM workload ended %s with exit %d (%q), want exited 137", crash, end.State, exitCode(end), end.Error)
+		}
+		t.Logf("crash %v: ended %v after the stop was asked", crash, end.FinishedAt.Sub(asked).Round(100*time.Millisecond))
+	}
+}
