@@ -76,7 +76,7 @@ func (s *Store) writeBlob(ctx context.Context, h v1.Hash, size int64, r io.Reade
 	defer os.Remove(tmp) // a no-op once renamed
 
 	digester := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, digester), ctxReader{ctx, r})
+	n, err := io.Copy(io.MultiWriter(&floorWriter{w: f, s: s}, digester), ctxReader{ctx, r})
 	if err == nil {
 		err = checkContent(h, size, n, digester)
 	}

@@ -21,9 +21,11 @@ import (
 
 // Whole-disk VM images. A workload may boot a bootable qcow2 disk instead
 // of an OCI image; such disks are stored next to OCI content, by the
-// digest of their bytes, under disks/ (traversable, files read-only to
-// all: QEMU runs as libvirt's unprivileged user and reads them as the
-// backing file of each workload's copy-on-write overlay).
+// digest of their bytes, under disks/. QEMU runs as libvirt's
+// unprivileged user and reads them as the backing file of each workload's
+// copy-on-write overlay: with a disk group (WithDiskGroup) the store's
+// root and disks/ are searchable by that group alone and the files
+// read-only to it; otherwise root only (see perms.go).
 
 const (
 	// KindDisk marks a whole-disk image.
@@ -59,7 +61,7 @@ func (s *Store) ImportDisk(ctx context.Context, r io.Reader, ref string) (*Image
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(s.diskDir(), 0o711); err != nil {
+	if err := s.DiskPressure(); err != nil {
 		return nil, fmt.Errorf("import disk: %w", err)
 	}
 	tmp, err := os.CreateTemp(s.tmpDir(), "disk-")
@@ -68,7 +70,7 @@ func (s *Store) ImportDisk(ctx context.Context, r io.Reader, ref string) (*Image
 	}
 	defer os.Remove(tmp.Name())
 	hash := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, hash), io.LimitReader(bufio.NewReader(r), s.maxImport+1))
+	n, err := io.Copy(io.MultiWriter(&floorWriter{w: tmp, s: s}, hash), io.LimitReader(bufio.NewReader(r), s.maxImport+1))
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
@@ -84,7 +86,7 @@ func (s *Store) ImportDisk(ctx context.Context, r io.Reader, ref string) (*Image
 	digest := "sha256:" + hex.EncodeToString(hash.Sum(nil))
 	release := s.lease(digest)
 	defer release()
-	if err := os.Chmod(tmp.Name(), 0o444); err != nil {
+	if err := s.secureDisk(tmp.Name()); err != nil {
 		return nil, fmt.Errorf("import disk: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), filepath.Join(s.diskDir(), digest[len("sha256:"):])); err != nil {

@@ -53,7 +53,7 @@ func TestDiskImages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o444 {
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o400 {
 		t.Errorf("stored disk %s: %v %v", path, fi, err)
 	}
 	if got, err := s.Get("vms/appliance:1"); err != nil || got.Kind != KindDisk {

@@ -23,22 +23,23 @@ import (
 // extract writes the flattened filesystem of img into the empty directory
 // dir. mutate.Extract applies whiteouts and opaque directories and yields
 // each path once, upper layers first.
-func extract(ctx context.Context, img v1.Image, dir string) error {
+func extract(ctx context.Context, img v1.Image, dir string, b *budget) error {
 	rc := mutate.Extract(img)
 	// Closing the pipe early stops mutate.Extract's goroutine.
 	defer rc.Close()
-	return extractTar(ctx, rc, dir)
+	return extractTar(ctx, rc, dir, b)
 }
 
 // extractTar writes the entries of a flattened tar stream into dir through
 // an os.Root, so nothing can land outside dir whatever the stream holds.
-func extractTar(ctx context.Context, r io.Reader, dir string) error {
+// Every entry is counted against b before anything of it is written.
+func extractTar(ctx context.Context, r io.Reader, dir string, b *budget) error {
 	root, err := os.OpenRoot(dir)
 	if err != nil {
 		return err
 	}
 	defer root.Close()
-	x := &extractor{root: root}
+	x := &extractor{root: root, budget: b}
 	tr := tar.NewReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -74,9 +75,10 @@ func extractTar(ctx context.Context, r io.Reader, dir string) error {
 }
 
 type extractor struct {
-	root  *os.Root
-	dirs  []dirTime
-	links []hardlink
+	root   *os.Root
+	budget *budget
+	dirs   []dirTime
+	links  []hardlink
 }
 
 type dirTime struct {
@@ -95,6 +97,15 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		return err
 	}
 	perm := hdr.FileInfo().Mode() & permBits
+	if x.budget != nil {
+		var size int64
+		if hdr.Typeflag == tar.TypeReg || hdr.Typeflag == tar.TypeGNUSparse {
+			size = hdr.Size
+		}
+		if err := x.budget.entry(size); err != nil {
+			return err
+		}
+	}
 
 	// The stream is upper layers first and holds each path once, so an
 	// existing path was made by an upper layer, or is a directory implied by
@@ -134,7 +145,7 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return classify(name, err)
 		}
-		err = writeFile(f, hdr, r, perm)
+		err = writeFile(f, hdr, r, perm, x.budget)
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
@@ -175,8 +186,12 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 // writeFile fills a new regular file and sets its owner, mode and extended
 // attributes, in the order that keeps them: chown clears setuid bits and
 // file capabilities, so those come after it.
-func writeFile(f *os.File, hdr *tar.Header, r io.Reader, perm fs.FileMode) error {
-	if _, err := io.CopyN(f, r, hdr.Size); err != nil {
+func writeFile(f *os.File, hdr *tar.Header, r io.Reader, perm fs.FileMode, b *budget) error {
+	var floor func() error
+	if b != nil {
+		floor = b.s.DiskPressure
+	}
+	if err := copySparse(f, io.LimitReader(r, hdr.Size), hdr.Size, floor); err != nil {
 		return err
 	}
 	if err := f.Chown(hdr.Uid, hdr.Gid); err != nil {
@@ -250,6 +265,12 @@ func cleanEntryName(name string) (string, error) {
 // failing host. Host failures carry an errno (ENOSPC, EIO, ...); os.Root's
 // refusal to leave the tree and errors from decoding the layers do not.
 func classify(name string, err error) error {
+	if errors.Is(err, errdefs.ErrResourceExhausted) {
+		return err // a budget or the free-space floor
+	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: the data directory is full: %w", errdefs.ErrResourceExhausted, err)
+	}
 	var errno syscall.Errno
 	if errors.As(err, &errno) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		if name == "" {
@@ -277,4 +298,56 @@ func syncFS(dir string) error {
 	}
 	defer f.Close()
 	return unix.Syncfs(int(f.Fd()))
+}
+
+// sparseChunk is the unit copySparse writes or skips: runs of zeros this
+// long (aligned to it) become holes.
+const sparseChunk = 64 << 10
+
+// copySparse copies size bytes from r to the new, empty file f, leaving
+// holes where whole chunks are zero: a sparse entry (or any file of zeros)
+// takes the disk space of its data, not of its apparent size. floor, when
+// set, is checked every floorCheckBytes actually written.
+func copySparse(f *os.File, r io.Reader, size int64, floor func() error) error {
+	buf := make([]byte, sparseChunk)
+	var off, since int64
+	for off < size {
+		n, err := io.ReadFull(r, buf[:min(int64(len(buf)), size-off)])
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		if !allZero(buf[:n]) {
+			if _, err := f.WriteAt(buf[:n], off); err != nil {
+				return err
+			}
+			since += int64(n)
+			if floor != nil && since >= floorCheckBytes {
+				since = 0
+				if err := floor(); err != nil {
+					return err
+				}
+			}
+		}
+		off += int64(n)
+	}
+	// A trailing hole: the size comes from truncate, not from a write.
+	return f.Truncate(size)
+}
+
+func allZero(p []byte) bool {
+	for len(p) >= 8 {
+		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -25,9 +25,9 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-func newStore(t *testing.T, root string) *Store {
+func newStore(t *testing.T, root string, opts ...Option) *Store {
 	t.Helper()
-	s, err := New(root)
+	s, err := New(root, opts...)
 	if err != nil {
 		t.Fatalf("New(%s): %v", root, err)
 	}
@@ -126,4 +126,10 @@ func pushIndex(ref string, idx v1.ImageIndex) error {
 		return err
 	}
 	return remote.WriteIndex(r, idx)
+}
+
+// insecure lets a store pull from the given loopback test registries over
+// plain HTTP, as images.insecure_registries does.
+func insecure(hosts ...string) Option {
+	return WithRegistries(Registries{Allowed: []string{"*"}, Insecure: hosts})
 }

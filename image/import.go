@@ -14,6 +14,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"syscall"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -61,13 +62,16 @@ func (s *Store) Import(ctx context.Context, r io.Reader, ref string) ([]*Image, 
 			return nil, err
 		}
 	}
+	if err := s.DiskPressure(); err != nil {
+		return nil, fmt.Errorf("import: %w", err)
+	}
 	spool, err := os.MkdirTemp(s.tmpDir(), "import-")
 	if err != nil {
 		return nil, fmt.Errorf("import: %w", err)
 	}
 	defer os.RemoveAll(spool)
 
-	a, err := readArchive(ctx, r, spool, s.maxImport)
+	a, err := readArchive(ctx, r, spool, s.maxImport, s)
 	if err != nil {
 		return nil, fmt.Errorf("import: %w", err)
 	}
@@ -113,6 +117,17 @@ func (s *Store) Import(ctx context.Context, r io.Reader, ref string) ([]*Image, 
 	}()
 	for _, img := range imgs {
 		if err := a.store(ctx, s, img); err != nil {
+			return nil, fmt.Errorf("import: %w", err)
+		}
+	}
+	// Unpack now, within the budgets: an image that would fill the disk is
+	// refused here, not at its first workload.
+	for i, img := range imgs {
+		name := img.digest.String()
+		if len(refs[i]) > 0 {
+			name = refs[i][0]
+		}
+		if _, err := s.rootfs(ctx, img.digest, name); err != nil {
 			return nil, fmt.Errorf("import: %w", err)
 		}
 	}
@@ -193,7 +208,7 @@ type spooled struct {
 var metadataFiles = map[string]bool{"oci-layout": true, "index.json": true, "manifest.json": true}
 
 // readArchive spools the tar stream r into dir.
-func readArchive(ctx context.Context, r io.Reader, dir string, limit int64) (*archive, error) {
+func readArchive(ctx context.Context, r io.Reader, dir string, limit int64, s *Store) (*archive, error) {
 	src := &recordingReader{r: ctxReader{ctx, r}}
 	br := bufio.NewReader(src)
 	var in io.Reader = br
@@ -240,7 +255,7 @@ func readArchive(ctx context.Context, r io.Reader, dir string, limit int64) (*ar
 				a.meta[entry] = data
 				continue
 			}
-			sp, err := spool(tr, dir)
+			sp, err := spool(tr, dir, s)
 			if err != nil {
 				return nil, archiveError(src, err)
 			}
@@ -273,19 +288,25 @@ func archiveError(src *recordingReader, err error) error {
 	if src.err != nil {
 		return fmt.Errorf("read archive: %w", src.err)
 	}
+	if errors.Is(err, errdefs.ErrResourceExhausted) {
+		return err // the free-space floor
+	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: the data directory is full: %w", errdefs.ErrResourceExhausted, err)
+	}
 	if errors.Is(err, errTooLarge) {
 		return fmt.Errorf("%w: the archive is larger than the %d MiB an import may be; split it or prune its images", errdefs.ErrInvalidArgument, limitOf(err)>>20)
 	}
 	return fmt.Errorf("%w: not a valid image archive (truncated, corrupt or not a tar stream): %w", errdefs.ErrInvalidArgument, err)
 }
 
-func spool(r io.Reader, dir string) (spooled, error) {
+func spool(r io.Reader, dir string, s *Store) (spooled, error) {
 	f, err := os.CreateTemp(dir, "f-")
 	if err != nil {
 		return spooled{}, err
 	}
 	digester := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, digester), r)
+	n, err := io.Copy(io.MultiWriter(&floorWriter{w: f, s: s}, digester), r)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"runtime"
 	"time"
 
@@ -23,64 +22,83 @@ import (
 var platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
 
 // Pull fetches ref from its registry, stores the manifest for this node's
-// platform with its config and layers, and tags it as the normalized ref.
-// Blobs already in the store are not fetched again; a tag that moved is
-// re-pointed. Credentials come from the Docker config of the user running
-// berth (~/.docker/config.json and its credential helpers).
+// platform with its config and layers, unpacks its root filesystem, and
+// tags it as the normalized ref. Blobs already in the store are not
+// fetched again; a tag that moved is re-pointed. Credentials come from the
+// Docker config of the user running berth (~/.docker/config.json and its
+// credential helpers).
+//
+// Only registries the operator allows are used (WithRegistries), over
+// HTTPS unless listed as insecure; an image that passes a budget
+// (WithLimits) or a pull under disk pressure is refused and leaves nothing.
+// Errors never carry what a registry sent: a client of the agent reads
+// berth's words, the registry's HTTP status and its known error codes; the
+// rest goes to the log.
 func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 	canon, err := Normalize(ref)
 	if err != nil {
 		return nil, err
 	}
-	r, err := remoteRef(canon)
+	r, err := s.remoteRef(canon)
 	if err != nil {
 		return nil, err
 	}
+	if err := s.policy.check(r.Context().RegistryStr()); err != nil {
+		return nil, fmt.Errorf("pull %s: %w", canon, err)
+	}
+	if err := s.DiskPressure(); err != nil {
+		return nil, fmt.Errorf("pull %s: %w", canon, err)
+	}
+	g := newGuard(s.policy)
+	defer g.close()
 	opts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithPlatform(platform),
 		remote.WithAuthFromKeychain(authn.DefaultKeychain),
-		remote.WithTransport(httpsOnly{next: remote.DefaultTransport}),
+		remote.WithTransport(g),
 		remote.WithRetryBackoff(s.retry),
 	}
+	fail := func(err error) error { return s.remoteError(ctx, canon, g, err) }
 	desc, err := remote.Get(r, opts...)
 	if err != nil {
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	switch desc.MediaType {
 	case types.OCIManifestSchema1, types.DockerManifestSchema2, types.OCIImageIndex, types.DockerManifestList:
 	default:
-		return nil, fmt.Errorf("pull %s: %w: manifest type %q is not supported (berth runs OCI and Docker schema 2 images)", canon, errdefs.ErrInvalidArgument, desc.MediaType)
+		return nil, fmt.Errorf("pull %s: %w: manifest type %s is not supported (berth runs OCI and Docker schema 2 images)", canon, errdefs.ErrInvalidArgument, quoteShort(string(desc.MediaType)))
 	}
 	img, err := desc.Image()
 	if err != nil {
 		var terr *transport.Error
 		var nerr net.Error
-		if desc.MediaType.IsIndex() && ctx.Err() == nil && !errors.As(err, &terr) && !errors.As(err, &nerr) {
-			return nil, fmt.Errorf("pull %s: %w: the image has no %s variant: %w", canon, errdefs.ErrNotFound, platform, err)
+		if desc.MediaType.IsIndex() && ctx.Err() == nil && g.refused() == nil && !errors.As(err, &terr) && !errors.As(err, &nerr) {
+			s.logFailure(canon, err)
+			return nil, fmt.Errorf("pull %s: %w: the image has no %s variant", canon, errdefs.ErrNotFound, platform)
 		}
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	manifest, err := img.RawManifest()
 	if err != nil {
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	digest, err := img.Digest()
 	if err != nil {
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	mediaType, err := img.MediaType()
 	if err != nil {
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	mf, err := v1.ParseManifest(bytes.NewReader(manifest))
 	if err != nil {
-		return nil, fmt.Errorf("pull %s: %w: registry sent an unreadable manifest: %w", canon, errdefs.ErrInvalidArgument, err)
+		s.logFailure(canon, err)
+		return nil, fmt.Errorf("pull %s: %w: the registry sent an unreadable manifest", canon, errdefs.ErrInvalidArgument)
 	}
 
 	rawConfig, err := img.RawConfigFile()
 	if err != nil {
-		return nil, remoteError(ctx, canon, err)
+		return nil, fail(err)
 	}
 	// Refuse an image this node cannot run before fetching its layers.
 	rec, err := newRecord(canon, digest, mediaType, manifest, mf, rawConfig)
@@ -106,21 +124,26 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 		}
 		layer, err := img.LayerByDigest(l.Digest)
 		if err != nil {
-			return nil, remoteError(ctx, canon, err)
+			return nil, fail(err)
 		}
 		rc, err := layer.Compressed()
 		if err != nil {
-			return nil, remoteError(ctx, canon, err)
+			return nil, fail(err)
 		}
 		err = s.writeBlob(ctx, l.Digest, l.Size, rc)
 		rc.Close()
 		if err != nil {
-			return nil, remoteError(ctx, canon, fmt.Errorf("layer %s: %w", l.Digest, err))
+			return nil, fail(fmt.Errorf("layer %s: %w", l.Digest, err))
 		}
 	}
 	// The manifest goes last: a stored manifest means its blobs are stored.
 	if err := s.writeBlob(ctx, digest, int64(len(manifest)), bytes.NewReader(manifest)); err != nil {
 		return nil, fmt.Errorf("pull %s: manifest: %w", canon, err)
+	}
+	// Unpack now, within the budgets: an image that would fill the disk is
+	// refused here, not at its first workload.
+	if _, err := s.rootfs(ctx, digest, canon); err != nil {
+		return nil, fmt.Errorf("pull %s: %w", canon, err)
 	}
 	if err := s.commit(rec); err != nil {
 		return nil, err
@@ -176,78 +199,4 @@ func newRecord(canon string, digest v1.Hash, mediaType types.MediaType, manifest
 		MediaType: string(mediaType),
 		Blobs:     blobs,
 	}, nil
-}
-
-// remoteError gives a registry failure its error class and a hint.
-func remoteError(ctx context.Context, canon string, err error) error {
-	if ctx.Err() != nil {
-		return fmt.Errorf("pull %s: %w", canon, context.Cause(ctx))
-	}
-	var terr *transport.Error
-	if errors.As(err, &terr) {
-		if class, hint := registryClass(terr); class != nil {
-			return fmt.Errorf("pull %s: %w: %s: %w", canon, class, hint, err)
-		}
-		return fmt.Errorf("pull %s: %w", canon, err)
-	}
-	if errors.Is(err, errdefs.ErrInvalidArgument) {
-		return fmt.Errorf("pull %s: the registry sent bad content: %w", canon, err)
-	}
-	var nerr net.Error
-	if errors.As(err, &nerr) {
-		hint := "check the registry address and that it is up"
-		if r, perr := parse(canon); perr == nil && !isLoopback(r.Context().RegistryStr()) {
-			hint += "; berth speaks HTTPS to every registry not on a loopback address"
-		}
-		return fmt.Errorf("pull %s: %w: cannot reach the registry (%s): %w", canon, errdefs.ErrUnavailable, hint, err)
-	}
-	return fmt.Errorf("pull %s: %w", canon, err)
-}
-
-// registryClass maps a registry's answer to an error class and what to do
-// about it, by its error code first and its HTTP status second.
-func registryClass(terr *transport.Error) (error, string) {
-	const (
-		notFound = "the registry has no such image; check the name and tag"
-		login    = "log in to the registry (docker login) as the user berth runs as"
-		denied   = "the registry denies access to this repository"
-		later    = "the registry is rate limiting or failing; retry later"
-	)
-	for _, d := range terr.Errors {
-		switch d.Code {
-		case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
-			return errdefs.ErrNotFound, notFound
-		case transport.UnauthorizedErrorCode:
-			return errdefs.ErrUnauthenticated, login
-		case transport.DeniedErrorCode:
-			return errdefs.ErrPermissionDenied, denied
-		case transport.TooManyRequestsErrorCode, transport.UnavailableErrorCode:
-			return errdefs.ErrUnavailable, later
-		}
-	}
-	switch {
-	case terr.StatusCode == http.StatusNotFound:
-		return errdefs.ErrNotFound, notFound
-	case terr.StatusCode == http.StatusUnauthorized:
-		return errdefs.ErrUnauthenticated, login
-	case terr.StatusCode == http.StatusForbidden:
-		return errdefs.ErrPermissionDenied, denied
-	case terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode >= 500:
-		return errdefs.ErrUnavailable, later
-	}
-	return nil, ""
-}
-
-// httpsOnly upgrades plain-HTTP requests to anything but loopback to HTTPS.
-// go-containerregistry also speaks plain HTTP to private (RFC 1918) and
-// .local registries; berth does not, so a registry on the LAN cannot be
-// impersonated by anyone on the path.
-type httpsOnly struct{ next http.RoundTripper }
-
-func (t httpsOnly) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme == "http" && !isLoopback(req.URL.Host) {
-		req = req.Clone(req.Context())
-		req.URL.Scheme = "https"
-	}
-	return t.next.RoundTrip(req)
 }

@@ -21,14 +21,15 @@ func TestRegistryClass(t *testing.T) {
 	}{
 		{&transport.Error{StatusCode: 404, Errors: diag(transport.ManifestUnknownErrorCode)}, errdefs.ErrNotFound},
 		{&transport.Error{StatusCode: 404}, errdefs.ErrNotFound},
-		{&transport.Error{StatusCode: 401, Errors: diag(transport.UnauthorizedErrorCode)}, errdefs.ErrUnauthenticated},
-		{&transport.Error{StatusCode: 403}, errdefs.ErrPermissionDenied},
-		{&transport.Error{StatusCode: 403, Errors: diag(transport.DeniedErrorCode)}, errdefs.ErrPermissionDenied},
+		{&transport.Error{StatusCode: 401, Errors: diag(transport.UnauthorizedErrorCode)}, errRegistryUnauthorized},
+		{&transport.Error{StatusCode: 401}, errRegistryUnauthorized},
+		{&transport.Error{StatusCode: 403}, errRegistryForbidden},
+		{&transport.Error{StatusCode: 403, Errors: diag(transport.DeniedErrorCode)}, errRegistryForbidden},
 		{&transport.Error{StatusCode: 429, Errors: diag(transport.TooManyRequestsErrorCode)}, errdefs.ErrUnavailable},
 		{&transport.Error{StatusCode: 502}, errdefs.ErrUnavailable},
 		// The code wins over a status that says otherwise.
 		{&transport.Error{StatusCode: 400, Errors: diag(transport.NameUnknownErrorCode)}, errdefs.ErrNotFound},
-		{&transport.Error{StatusCode: 400}, nil},
+		{&transport.Error{StatusCode: 400}, errdefs.ErrUnavailable},
 	} {
 		got, hint := registryClass(tc.err)
 		if got != tc.want {
@@ -45,8 +46,9 @@ func TestPullFailingRegistry(t *testing.T) {
 		http.Error(w, "maintenance", http.StatusServiceUnavailable)
 	}))
 	defer srv.Close()
-	s := newStore(t, t.TempDir())
-	_, err := s.Pull(context.Background(), strings.TrimPrefix(srv.URL, "http://")+"/a/b:c")
+	host := strings.TrimPrefix(srv.URL, "http://")
+	s := newStore(t, t.TempDir(), insecure(host))
+	_, err := s.Pull(context.Background(), host+"/a/b:c")
 	if !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("Pull(503 registry) = %v, want ErrUnavailable", err)
 	}

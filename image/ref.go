@@ -1,7 +1,6 @@
 package image
 
 import (
-	"net"
 	"regexp"
 	"strings"
 
@@ -69,32 +68,4 @@ func repository(repo name.Repository) string {
 		reg = dockerHub
 	}
 	return reg + "/" + repo.RepositoryStr()
-}
-
-// remoteRef parses a canonical reference for talking to its registry.
-// Registries on loopback addresses are reached over plain HTTP, as Docker
-// does; everything else over HTTPS (see httpsOnly).
-func remoteRef(canon string) (name.Reference, error) {
-	r, err := parse(canon)
-	if err != nil {
-		return nil, err
-	}
-	if isLoopback(r.Context().RegistryStr()) {
-		return name.ParseReference(canon, name.Insecure)
-	}
-	return r, nil
-}
-
-// isLoopback reports whether host (with an optional port) names this machine:
-// localhost, 127.0.0.0/8 or ::1.
-func isLoopback(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -2,7 +2,6 @@ package image
 
 import (
 	"errors"
-	"net/http"
 	"testing"
 
 	"github.com/berthd/berth/errdefs"
@@ -49,59 +48,6 @@ func TestRefRepository(t *testing.T) {
 	} {
 		if got := refRepository(in); got != want {
 			t.Errorf("refRepository(%q) = %q, want %q", in, got, want)
-		}
-	}
-}
-
-func TestIsLoopback(t *testing.T) {
-	for host, want := range map[string]bool{
-		"localhost":          true,
-		"localhost:5000":     true,
-		"LOCALHOST:5000":     true,
-		"127.0.0.1":          true,
-		"127.1.2.3:443":      true,
-		"[::1]:5000":         true,
-		"::1":                true,
-		"10.0.0.5:5000":      false,
-		"192.168.1.10":       false,
-		"registry.local":     false,
-		"localhost.evil.com": false,
-		"docker.io":          false,
-	} {
-		if got := isLoopback(host); got != want {
-			t.Errorf("isLoopback(%q) = %v, want %v", host, got, want)
-		}
-	}
-}
-
-// roundTripFunc records the URL a request would go to.
-type roundTripFunc func(*http.Request) (*http.Response, error)
-
-func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
-
-func TestHTTPSOnly(t *testing.T) {
-	for in, want := range map[string]string{
-		"http://127.0.0.1:5000/v2/": "http://127.0.0.1:5000/v2/",
-		"http://localhost:5000/v2/": "http://localhost:5000/v2/",
-		"http://10.0.0.5:5000/v2/":  "https://10.0.0.5:5000/v2/",
-		"http://registry.local/v2/": "https://registry.local/v2/",
-		"https://ghcr.io/v2/":       "https://ghcr.io/v2/",
-	} {
-		var got string
-		rt := httpsOnly{next: roundTripFunc(func(r *http.Request) (*http.Response, error) {
-			got = r.URL.String()
-			return nil, errors.New("stop")
-		})}
-		req, err := http.NewRequest(http.MethodGet, in, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rt.RoundTrip(req)
-		if got != want {
-			t.Errorf("%s went to %s, want %s", in, got, want)
-		}
-		if req.URL.String() != in {
-			t.Errorf("the caller's request was modified to %s", req.URL)
 		}
 	}
 }

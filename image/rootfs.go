@@ -37,6 +37,12 @@ func (s *Store) Rootfs(ctx context.Context, img *Image) (string, error) {
 	if err != nil || digest.Algorithm != "sha256" {
 		return "", errdefs.Invalid("digest", "%q is not a valid sha256 image digest", img.Digest)
 	}
+	return s.rootfs(ctx, digest, img.Ref)
+}
+
+// rootfs returns the unpacked tree of the image with manifest digest,
+// unpacking it first if needed; ref names the image in errors.
+func (s *Store) rootfs(ctx context.Context, digest v1.Hash, ref string) (string, error) {
 	// The lease keeps a concurrent Remove from collecting the tree or the
 	// blobs while we look at them.
 	release := s.lease(digest.String())
@@ -48,7 +54,7 @@ func (s *Store) Rootfs(ctx context.Context, img *Image) (string, error) {
 
 	unlock, err := s.unpackLocks.lock(ctx, digest.Hex)
 	if err != nil {
-		return "", fmt.Errorf("unpack image %s: %w", img.Ref, err)
+		return "", fmt.Errorf("unpack image %s: %w", ref, err)
 	}
 	defer unlock()
 	// Whoever held the lock before us may have unpacked it.
@@ -56,10 +62,13 @@ func (s *Store) Rootfs(ctx context.Context, img *Image) (string, error) {
 		return dir, nil
 	}
 	if !s.hasBlob(digest) {
-		return "", fmt.Errorf("image %s (%s): %w; it was removed, pull or import it again", img.Ref, img.Digest, errdefs.ErrNotFound)
+		return "", fmt.Errorf("image %s (%s): %w; it was removed, pull or import it again", ref, digest, errdefs.ErrNotFound)
+	}
+	if err := s.DiskPressure(); err != nil {
+		return "", fmt.Errorf("unpack image %s: %w", ref, err)
 	}
 	if err := s.unpack(ctx, digest, dir); err != nil {
-		return "", fmt.Errorf("unpack image %s (%s): %w", img.Ref, img.Digest, err)
+		return "", fmt.Errorf("unpack image %s (%s): %w", ref, digest, err)
 	}
 	return dir, nil
 }
@@ -94,11 +103,13 @@ func (s *Store) unpack(ctx context.Context, digest v1.Hash, dir string) error {
 		}
 	}()
 	// MkdirTemp makes 0700; a root filesystem must be traversable by any
-	// user. The image's own "./" entry, if any, overrides this.
+	// user of the workload. The image's own "./" entry, if any, overrides
+	// this. Host users other than root cannot reach it: tmp/ and rootfs/
+	// are 0700.
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return err
 	}
-	if err := extract(ctx, img, tmp); err != nil {
+	if err := extract(ctx, img, tmp, &budget{s: s}); err != nil {
 		return err
 	}
 	if err := syncFS(tmp); err != nil {

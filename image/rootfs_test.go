@@ -209,10 +209,15 @@ func TestRootfsConcurrentCallsUnpackOnce(t *testing.T) {
 	}
 }
 
+// TestRootfsFailuresLeaveNothing unpacks an image whose tree is gone (an
+// image stored by an older berth, which unpacked at first use).
 func TestRootfsFailuresLeaveNothing(t *testing.T) {
 	requireRoot(t)
 	s := newStore(t, t.TempDir())
 	img := importImage(t, s, busybox(t), "berth.local/test/busybox:1")
+	if err := os.RemoveAll(filepath.Join(s.Root(), "rootfs", mustHex(t, img.Digest))); err != nil {
+		t.Fatal(err)
+	}
 
 	t.Run("cancelled", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())

@@ -88,6 +88,15 @@ type Store struct {
 	retry remote.Backoff
 	// maxImport bounds an import archive; tests lower it.
 	maxImport int64
+
+	limits     Limits
+	registries Registries
+	policy     *registryPolicy
+	// diskGroup may read whole-disk images (QEMU's group); -1: root only.
+	diskGroup     int
+	diskGroupName string
+	// statfs reports the free bytes of a filesystem; nil: statfs(2).
+	statfs func(path string) (int64, error)
 }
 
 // Option configures a Store.
@@ -113,37 +122,32 @@ func New(root string, opts ...Option) (*Store, error) {
 		return nil, fmt.Errorf("image store root %q: %w", root, err)
 	}
 	s := &Store{
-		root:      root,
-		log:       slog.Default().With("component", "image"),
-		refs:      map[string]record{},
-		leases:    map[string]int{},
-		retry:     remote.Backoff{Duration: time.Second, Factor: 3, Jitter: 0.1, Steps: 3},
-		maxImport: MaxImportSize,
+		root:       root,
+		log:        slog.Default().With("component", "image"),
+		refs:       map[string]record{},
+		leases:     map[string]int{},
+		retry:      remote.Backoff{Duration: time.Second, Factor: 3, Jitter: 0.1, Steps: 3},
+		maxImport:  MaxImportSize,
+		limits:     DefaultLimits,
+		registries: DefaultRegistries,
+		diskGroup:  -1,
 	}
 	for _, opt := range opts {
 		opt(s)
+	}
+	if s.policy, err = newRegistryPolicy(s.registries); err != nil {
+		return nil, err
+	}
+	if err := s.resolveDiskGroup(); err != nil {
+		return nil, err
 	}
 	// Leftovers of a crash: half-written blobs, unpacks and imports. Nothing
 	// else uses tmp/, so it can go wholesale.
 	if err := os.RemoveAll(s.tmpDir()); err != nil {
 		return nil, fmt.Errorf("clean %s: %w", s.tmpDir(), err)
 	}
-	// Blobs may hold private images: root only. The root and rootfs/ are
-	// traversable but not listable, so a driver helper running as another
-	// user (qemu) can reach a rootfs whose path it was given.
-	// In this order, and set explicitly: MkdirAll gives parents the mode of
-	// the child it makes, so a map's random order could leave the root
-	// 0700 and QEMU unable to reach a disk image under it.
-	for _, d := range []struct {
-		dir  string
-		perm os.FileMode
-	}{{s.root, 0o711}, {s.blobDir(), 0o700}, {s.rootfsDir(), 0o711}, {s.tmpDir(), 0o700}, {s.diskDir(), 0o711}} {
-		if err := os.MkdirAll(d.dir, d.perm); err != nil {
-			return nil, fmt.Errorf("create image store directory: %w", err)
-		}
-		if err := os.Chmod(d.dir, d.perm); err != nil {
-			return nil, fmt.Errorf("image store directory: %w", err)
-		}
+	if err := s.secureDirs(); err != nil {
+		return nil, err
 	}
 	if err := s.load(); err != nil {
 		return nil, err

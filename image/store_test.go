@@ -33,7 +33,7 @@ func TestPullGetReload(t *testing.T) {
 		if ref, err = testimage.Push(context.Background(), host, "test/busybox", img); err != nil {
 			t.Fatal(err)
 		}
-		s := newStore(t, root)
+		s := newStore(t, root, insecure(host))
 		got, err := s.Pull(context.Background(), host+"/test/busybox") // tag defaults to latest
 		if err != nil {
 			t.Fatal(err)
@@ -112,7 +112,7 @@ func TestPullErrors(t *testing.T) {
 	dead := l.Addr().String()
 	l.Close()
 
-	s := newStore(t, t.TempDir())
+	s := newStore(t, t.TempDir(), insecure(host, dead))
 	cancelled, cancel := context.WithCancel(context.Background())
 	cancel()
 	for _, tc := range []struct {
@@ -166,7 +166,7 @@ func TestPullIndexPicksPlatform(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s := newStore(t, t.TempDir())
+	s := newStore(t, t.TempDir(), insecure(host))
 	got, err := s.Pull(context.Background(), host+"/test/multi")
 	if err != nil {
 		t.Fatal(err)

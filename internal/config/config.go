@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/berthd/berth/configs"
+	"github.com/berthd/berth/image"
 )
 
 // Config is the agent's configuration.
@@ -35,10 +36,12 @@ type Config struct {
 	VM               VM               `mapstructure:"vm"`
 	API              API              `mapstructure:"api"`
 	// ListenUnix is the API's unix socket; empty for none.
-	ListenUnix string `mapstructure:"listen_unix"`
-	Auth       Auth   `mapstructure:"auth"`
-	TLS        TLS    `mapstructure:"tls"`
-	Audit      Audit  `mapstructure:"audit"`
+	ListenUnix string  `mapstructure:"listen_unix"`
+	Auth       Auth    `mapstructure:"auth"`
+	TLS        TLS     `mapstructure:"tls"`
+	Audit      Audit   `mapstructure:"audit"`
+	Images     Images  `mapstructure:"images"`
+	Storage    Storage `mapstructure:"storage"`
 }
 
 type Log struct {
@@ -128,6 +131,32 @@ type TLS struct {
 	// ClientCAFile enables client certificates signed by these CAs; the
 	// tokens file maps them to roles.
 	ClientCAFile string `mapstructure:"client_ca_file"`
+}
+
+// Images is what the image store may pull and keep.
+type Images struct {
+	// AllowedRegistries are host[:port] patterns of the registries pulls
+	// may use over HTTPS ("*" any name); empty: none.
+	AllowedRegistries []string `mapstructure:"allowed_registries"`
+	// InsecureRegistries are patterns of registries reached over plain
+	// HTTP, loopback ones included; empty: none.
+	InsecureRegistries []string `mapstructure:"insecure_registries"`
+	// MaxUnpackedBytes bounds the apparent size of one image's unpacked
+	// root filesystem; 0: no limit.
+	MaxUnpackedBytes int64 `mapstructure:"max_unpacked_bytes"`
+	// MaxEntries bounds the files, directories and links of one image's
+	// unpacked root filesystem; 0: no limit.
+	MaxEntries int64 `mapstructure:"max_entries"`
+	// DiskGroup alone may read whole-disk VM images: QEMU's group under
+	// libvirt. Empty: root only.
+	DiskGroup string `mapstructure:"disk_group"`
+}
+
+// Storage is how the data directory's disk is kept usable.
+type Storage struct {
+	// MinFreeBytes is the free space below which pulls, imports and
+	// submits are refused; 0: no floor.
+	MinFreeBytes int64 `mapstructure:"min_free_bytes"`
 }
 
 // Audit is where the audit log goes.
@@ -332,10 +361,33 @@ func (c *Config) Validate() error {
 	if c.API.MaxBodyBytes < 1024 {
 		bad("api.max_body_bytes", "%d is too small for a workload spec", c.API.MaxBodyBytes)
 	}
+	c.validateImages(bad)
 	if !c.Container.Enabled && !c.VM.Enabled {
 		errs = append(errs, errors.New("container.enabled and vm.enabled are both false: the agent could run nothing"))
 	}
 	return errors.Join(errs...)
+}
+
+// validateImages checks the image and storage keys.
+func (c *Config) validateImages(bad func(key, format string, args ...any)) {
+	for _, l := range []struct {
+		key  string
+		list []string
+	}{{"images.allowed_registries", c.Images.AllowedRegistries}, {"images.insecure_registries", c.Images.InsecureRegistries}} {
+		for i, p := range l.list {
+			if err := image.ValidateRegistryPattern(p); err != nil {
+				bad(fmt.Sprintf("%s[%d]", l.key, i), "%v", err)
+			}
+		}
+	}
+	for _, n := range []struct {
+		key string
+		n   int64
+	}{{"images.max_unpacked_bytes", c.Images.MaxUnpackedBytes}, {"images.max_entries", c.Images.MaxEntries}, {"storage.min_free_bytes", c.Storage.MinFreeBytes}} {
+		if n.n < 0 {
+			bad(n.key, "%d must not be negative (0: no limit)", n.n)
+		}
+	}
 }
 
 // validateSecurity checks the listeners, auth, TLS and audit keys: no

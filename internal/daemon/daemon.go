@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -75,7 +76,12 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	// exists, everything counts as in use, so nothing is collected early.
 	var ag *agent.Agent
 	inUse := func(digest string) bool { return ag == nil || ag.UsesImage(digest) }
-	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse))
+	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse),
+		image.WithRegistries(imageRegistries(cfg)),
+		image.WithLimits(image.Limits{
+			MaxUnpackedBytes: cfg.Images.MaxUnpackedBytes, MaxEntries: cfg.Images.MaxEntries, MinFreeBytes: cfg.Storage.MinFreeBytes,
+		}),
+		image.WithDiskGroup(diskGroup(cfg)))
 	if err != nil {
 		return nil, err
 	}
@@ -142,6 +148,24 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	d.api = server.New(ag, apiOpts)
 	d.http = d.httpServer(d.api)
 	return d, nil
+}
+
+// imageRegistries is the operator's choice of registries; the workload
+// network's addresses count as the node's own (other tenants' workloads).
+func imageRegistries(cfg *config.Config) image.Registries {
+	r := image.Registries{Allowed: cfg.Images.AllowedRegistries, Insecure: cfg.Images.InsecureRegistries}
+	if p, err := netip.ParsePrefix(cfg.Network.Subnet); err == nil && cfg.Network.Enabled {
+		r.NodeNetworks = []netip.Prefix{p.Masked()}
+	}
+	return r
+}
+
+// diskGroup may read whole-disk images: QEMU's group, when VMs run here.
+func diskGroup(cfg *config.Config) string {
+	if !cfg.VM.Enabled {
+		return ""
+	}
+	return cfg.Images.DiskGroup
 }
 
 func (d *Daemon) buildDrivers() ([]driver.Driver, error) {

@@ -16,8 +16,9 @@ import (
 )
 
 // StartRegistry serves an empty in-memory OCI registry on 127.0.0.1 for the
-// duration of the test and returns its host:port. Loopback registries are
-// reached over plain HTTP, so no TLS setup is needed.
+// duration of the test and returns its host:port. It speaks plain HTTP, so
+// no TLS setup is needed, and berth reaches it only when the test lists the
+// host:port it returns in images.insecure_registries (image.Registries).
 func StartRegistry(t testing.TB) string {
 	t.Helper()
 	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
