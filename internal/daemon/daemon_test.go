@@ -402,6 +402,11 @@ func TestContainerWorkloads(t *testing.T) {
 
 	t.Run("PullFromRegistry", func(t *testing.T) {
 		host := testimage.StartRegistry(t)
+		// A loopback registry over plain HTTP is reached only when the
+		// configuration lists it (images.insecure_registries).
+		cfg := testConfig(t, t.TempDir(), "127.0.0.1:0")
+		cfg.Images.InsecureRegistries = []string{host}
+		c, _ := serve(t, cfg)
 		img, err := testimage.Busybox()
 		if err != nil {
 			t.Fatal(err)
