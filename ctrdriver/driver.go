@@ -61,6 +61,9 @@ type Options struct {
 	// BootID is the node's boot id (default: the kernel's); tests set
 	// another one to simulate a reboot.
 	BootID string
+	// UserNS configures the containers' user namespaces (userns.go); the
+	// default is on where the kernel supports them.
+	UserNS UserNSOptions
 	Logger *slog.Logger
 }
 
@@ -71,6 +74,7 @@ type Driver struct {
 	tasksDir string
 	log      *slog.Logger
 	sup      *supervisor.Supervisor[struct{}]
+	userns   *userns
 }
 
 type task = supervisor.Task[struct{}]
@@ -113,6 +117,7 @@ func New(opts Options) (*Driver, error) {
 		tasksDir: filepath.Join(opts.Root, "tasks"),
 		log:      log,
 		sup:      sup,
+		userns:   newUserNS(opts.UserNS, opts.Root, filepath.Join(opts.Root, "tasks"), log),
 	}
 	for _, dir := range []string{d.tasksDir, d.runc.root} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -135,6 +140,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 		Capabilities: driver.Capabilities{HostNetwork: true},
 		Details:      map[string]string{"cgroup_mode": cgroupMode(), "runc_path": d.runc.path},
 	}
+	d.userns.describe(fp.Details)
 	v, err := d.runc.version(ctx)
 	if err != nil {
 		fp.Reason = fmt.Sprintf("runc is not usable: %v", err)

@@ -1,24 +1,164 @@
 package ctrdriver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/driver"
 )
 
-// mountOverlay gives a task its own writable view of the image's shared,
-// read-only root filesystem: nothing is copied until the task writes.
+// mountRootfs gives a task its own writable view of the image's shared,
+// read-only root filesystem and returns where it is mounted. With user
+// namespaces on, the task first gets its range of host ids, and the image
+// is shown to it through an id-mapped mount (nothing is chowned, the image
+// stays shared): ids returns the range.
+func (d *Driver) mountRootfs(ctx context.Context, cfg *driver.TaskConfig, dir string) (rootfs string, ids *idMap, err error) {
+	upper, work := filepath.Join(dir, "upper"), filepath.Join(dir, "work")
+	if err := os.MkdirAll(filepath.Join(dir, "bundle"), 0o755); err != nil {
+		return "", nil, fmt.Errorf("create bundle dir: %w", err)
+	}
+	if on, _ := d.userns.enabled(); !on {
+		rootfs = filepath.Join(dir, "bundle", "rootfs")
+		return rootfs, nil, mountOverlay(cfg.Image.RootfsDir, upper, work, rootfs)
+	}
+	m, err := d.userns.allocate(ctx, dir)
+	if err != nil {
+		return "", nil, err
+	}
+	rdir := d.userns.rangeDir(m)
+	// The range was free, so a directory of it is a crash's leftover.
+	if err := removeRangeDir(rdir); err != nil {
+		return "", nil, err
+	}
+	if err := os.Mkdir(rdir, 0o710); err != nil {
+		return "", nil, fmt.Errorf("create the range directory: %w", err)
+	}
+	if err := os.Chown(rdir, int(m.UID), int(m.GID)); err != nil {
+		return "", nil, fmt.Errorf("create the range directory: %w", err)
+	}
+	if err := os.Chmod(rdir, 0o710); err != nil { // past the umask
+		return "", nil, fmt.Errorf("create the range directory: %w", err)
+	}
+	rootfs = filepath.Join(rdir, "rootfs")
+	if err := os.Mkdir(rootfs, 0o755); err != nil {
+		return "", nil, fmt.Errorf("create the root filesystem's mount point: %w", err)
+	}
+	if err := mountIDMappedOverlay(cfg.Image.RootfsDir, filepath.Join(dir, "lower"), upper, work, rootfs, m); err != nil {
+		return "", nil, err
+	}
+	return rootfs, &m, nil
+}
+
+func overlayOptions(lower, upper, work string) string {
+	return fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
+}
+
+// mountOverlay mounts an overlay of lower with a writable upper layer:
+// nothing is copied until the task writes.
 func mountOverlay(lower, upper, work, target string) error {
 	for _, d := range []string{upper, work, target} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("create overlay dir: %w", err)
 		}
 	}
-	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
-	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV, opts); err != nil {
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV, overlayOptions(lower, upper, work)); err != nil {
 		return fmt.Errorf("mount overlay on %s: %w", target, err)
+	}
+	return nil
+}
+
+// mountIDMappedOverlay mounts an overlay on target whose lower layer is
+// lower id-mapped into m, through a mount at stage that is gone again once
+// the overlay holds its own. Files the container makes or copies up are
+// owned by its mapped ids in upper, as the host sees them: a setuid
+// binary its root writes is no host root's.
+func mountIDMappedOverlay(lower, stage, upper, work, target string, m idMap) error {
+	ns, err := usernsFile(m)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	if err := os.Mkdir(stage, 0o700); err != nil {
+		return fmt.Errorf("create overlay dir: %w", err)
+	}
+	if err := mountIDMapped(lower, stage, ns); err != nil {
+		return err
+	}
+	defer func() {
+		_ = unmountAll(stage)
+		_ = os.Remove(stage)
+	}()
+	for _, d := range []string{upper, work} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			return fmt.Errorf("create overlay dir: %w", err)
+		}
+	}
+	// The root directory shows the upper layer's owner and mode: the
+	// image's root directory's, as the container sees it.
+	var st unix.Stat_t
+	if err := unix.Stat(stage, &st); err != nil {
+		return fmt.Errorf("stat the image root: %w", err)
+	}
+	if err := os.Chown(upper, int(st.Uid), int(st.Gid)); err != nil {
+		return fmt.Errorf("own the upper layer: %w", err)
+	}
+	if err := unix.Chmod(upper, st.Mode&0o7777); err != nil {
+		return fmt.Errorf("set the upper layer's mode: %w", err)
+	}
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV, overlayOptions(stage, upper, work)); err != nil {
+		return fmt.Errorf("mount overlay on %s: %w", target, err)
+	}
+	return nil
+}
+
+// unmountRootfs unmounts the task's root filesystem and whatever else
+// was mounted for it; the writable layer stays on disk.
+func (d *Driver) unmountRootfs(dir string) error {
+	errs := []error{unmountAll(filepath.Join(dir, "bundle", "rootfs"))}
+	m, err := readIDMap(dir)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if m != nil {
+		errs = append(errs,
+			unmountAll(filepath.Join(d.userns.rangeDir(*m), "rootfs")),
+			unmountAll(filepath.Join(dir, "lower")),
+			unmountAll(filepath.Join(dir, "sys")))
+	}
+	return errors.Join(errs...)
+}
+
+// releaseRootfs unmounts the task's root filesystem and removes its range
+// directory. The range itself is free once the task directory (and its
+// record) is gone.
+func (d *Driver) releaseRootfs(dir string) error {
+	if err := d.unmountRootfs(dir); err != nil {
+		return err
+	}
+	m, err := readIDMap(dir)
+	if err != nil || m == nil {
+		return err
+	}
+	return removeRangeDir(d.userns.rangeDir(*m))
+}
+
+// removeRangeDir removes a range directory and its mount point. It
+// removes only empty directories: a mount that did not go stays, with
+// what it shows.
+func removeRangeDir(rdir string) error {
+	rootfs := filepath.Join(rdir, "rootfs")
+	if err := unmountAll(rootfs); err != nil {
+		return err
+	}
+	for _, p := range []string{rootfs, rdir} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove the range directory: %w", err)
+		}
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/errdefs"
 )
 
 // defaultCapabilities is the set every container process gets. It is the
@@ -137,6 +138,29 @@ func buildSpec(cfg *driver.TaskConfig, uid, gid uint32, swapAccounting bool) *sp
 		}
 	}
 	return s
+}
+
+// userNSSpec runs the container in a user namespace of its own, its ids
+// 0 to m.Size-1 being m's host ids, on rootfs (an overlay on the id-mapped
+// image). sysfs, when set, is a sysfs mounted for the container's network
+// namespace, which the container cannot mount itself: the namespace
+// belongs to the host's user namespace (the agent made it).
+func userNSSpec(s *specs.Spec, m idMap, rootfs, sysfs string) error {
+	if u := s.Process.User; u.UID >= m.Size || u.GID >= m.Size {
+		return fmt.Errorf("the image's user %d:%d is outside the container's user namespace (ids 0-%d): %w", u.UID, u.GID, m.Size-1, errdefs.ErrInvalidArgument)
+	}
+	s.Root.Path = rootfs
+	s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.UserNamespace})
+	s.Linux.UIDMappings = []specs.LinuxIDMapping{{ContainerID: 0, HostID: m.UID, Size: m.Size}}
+	s.Linux.GIDMappings = []specs.LinuxIDMapping{{ContainerID: 0, HostID: m.GID, Size: m.Size}}
+	if sysfs != "" {
+		for i := range s.Mounts {
+			if s.Mounts[i].Destination == "/sys" {
+				s.Mounts[i] = specs.Mount{Destination: "/sys", Type: "bind", Source: sysfs, Options: []string{"bind", "ro", "nosuid", "nodev", "noexec"}}
+			}
+		}
+	}
+	return nil
 }
 
 // writeNetworkFiles gives a container with a network its /etc/resolv.conf

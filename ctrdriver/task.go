@@ -40,8 +40,8 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	}()
 
 	bundle := filepath.Join(dir, "bundle")
-	rootfs := filepath.Join(bundle, "rootfs")
-	if err := mountOverlay(cfg.Image.RootfsDir, filepath.Join(dir, "upper"), filepath.Join(dir, "work"), rootfs); err != nil {
+	rootfs, ids, err := d.mountRootfs(ctx, cfg, dir)
+	if err != nil {
 		return nil, err
 	}
 	uid, gid, err := driver.ResolveUser(rootfs, cfg.User)
@@ -49,6 +49,9 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, err
 	}
 	spec := buildSpec(cfg, uid, gid, hasSwapAccounting("/sys/fs/cgroup/memory"))
+	if err := setupUserNS(spec, cfg, dir, rootfs, ids); err != nil {
+		return nil, err
+	}
 	if err := writeNetworkFiles(dir, cfg, spec); err != nil {
 		return nil, err
 	}
@@ -119,7 +122,7 @@ func (d *Driver) finish(t *task) {
 	}
 	// The container is gone: its root filesystem need not stay mounted
 	// until the workload is deleted (the writable layer stays on disk).
-	if err := unmountAll(filepath.Join(t.Dir, "bundle", "rootfs")); err != nil {
+	if err := d.unmountRootfs(t.Dir); err != nil {
 		d.log.Warn("unmount the root filesystem of an ended container", "task_id", t.ID, "err", err)
 	}
 	t.Finish(res)
@@ -198,7 +201,7 @@ func (d *Driver) cleanup(ctx context.Context, id string) error {
 	}
 	cancel()
 	dir := d.taskDir(id)
-	if err := unmountAll(filepath.Join(dir, "bundle", "rootfs")); err != nil {
+	if err := d.releaseRootfs(dir); err != nil {
 		errs = append(errs, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {
