@@ -101,6 +101,8 @@ func (a *Agent) run(id string, s *supervisor) {
 		switch {
 		case r.Deleting:
 			a.deleteWork(id)
+		case r.Workload.State == api.StatePending && r.StopRequested:
+			a.endStopped(id, msgStoppedBeforeStart)
 		case r.Workload.State == api.StatePending:
 			if a.waitBackoff(id, s) {
 				a.start(id, s)
@@ -114,8 +116,19 @@ func (a *Agent) run(id string, s *supervisor) {
 			case <-s.kick:
 			case <-a.ctx.Done():
 			}
+			continue
 		default:
 			return // ended
+		}
+		if cur := a.record(id); cur != nil && cur.Workload.ModifyIndex == r.Workload.ModifyIndex {
+			// Nothing moved (the store refused a write?): do not spin.
+			timer := time.NewTimer(time.Second)
+			select {
+			case <-s.kick:
+			case <-timer.C:
+			case <-a.ctx.Done():
+			}
+			timer.Stop()
 		}
 	}
 }

@@ -59,8 +59,8 @@ type dbRecord struct {
 	ModifyIndex  uint64       `json:"modify_index"`
 	// Handle is the driver's own persisted state, versioned by the driver.
 	Handle *dbHandle `json:"handle,omitempty"`
-	// StopRequested without Stop: a stop of a workload that had ended
-	// (nothing to enforce; it only never restarts).
+	// StopRequested: a stop was asked (the workload never starts again);
+	// Stop is its deadline, absent when there was nothing to enforce.
 	StopRequested bool       `json:"stop_requested,omitempty"`
 	Stop          *dbStop    `json:"stop,omitempty"`
 	Delete        *dbDelete  `json:"delete,omitempty"`
