@@ -8,13 +8,20 @@
 // Everything lives under one root directory (by default
 // /var/lib/berth/images), on one filesystem so that renames are atomic:
 //
-//	<root>/
+//	<root>/                  0700; 0710 to the disk group (WithDiskGroup)
 //	  refs.json              index: normalized ref -> manifest digest, config, blob list
 //	  blobs/sha256/<hex>     content-addressed blobs: manifests, configs and layers
 //	                         exactly as fetched (compressed), mode 0444, dir 0700
 //	  rootfs/<hex>/          unpacked, flattened filesystem of the image whose
-//	                         manifest digest is sha256:<hex> (rootfs/ is 0711)
-//	  tmp/                   in-flight writes; emptied by New
+//	                         manifest digest is sha256:<hex> (rootfs/ is 0700)
+//	  disks/<hex>            whole-disk VM images: 0400, or 0440 to the disk
+//	                         group (disks/ 0700, or 0710 to it)
+//	  tmp/                   in-flight writes, 0700; emptied by New
+//
+// No host user but root reaches an unpacked tree: it keeps its image's
+// setuid binaries, file capabilities and private files, which a local
+// user must neither run nor read (perms.go). Only QEMU's group, when set,
+// may search its way to the whole-disk images it boots.
 //
 // Blobs are written to tmp/, checked against their digest (and size, when
 // known), fsynced and renamed into blobs/; a blob file that exists is
@@ -62,6 +69,27 @@
 // symlinks and hardlinks whose target climbs above the root. Absolute symlink
 // targets are kept as they are: they resolve inside the container.
 //
+// # Budgets
+//
+// Pull and Import unpack the image before they store its ref, within the
+// budgets of WithLimits: the apparent size of its files (sparse files
+// count whole; runs of zeros are written as holes) and the number of its
+// entries. An image over a budget, or a pull, import or unpack while the
+// filesystem has less free space than the floor, is an
+// ErrResourceExhausted that names the config key, and leaves nothing.
+// DiskPressure reports the floor to the agent.
+//
+// # Registries
+//
+// Pulls use only registries the operator allows (WithRegistries, see
+// Registries), over HTTPS unless listed as insecure; the node's own,
+// loopback, link-local and workload-network addresses are reached only
+// when named explicitly, whatever a name resolves to, for redirects and
+// token services too. Errors of a pull carry berth's words, the
+// registry's HTTP status and known error codes, never a response body; a
+// registry's 401 and 403 are problems of their own (reasons
+// registry_unauthorized and registry_forbidden), not the agent's.
+//
 // Callers must treat a rootfs as read-only: it is shared by every workload of
 // the image. Drivers put a writable layer on top (overlayfs upperdir, a
 // copy-on-write disk) rather than writing into it.
@@ -70,7 +98,10 @@
 //
 // Errors carry the classes of package errdefs: ErrNotFound for an unknown
 // image, ErrInvalidArgument for a bad reference or a bad archive or layer,
-// ErrUnavailable when a registry cannot be reached, ErrUnauthenticated and
-// ErrPermissionDenied when it refuses us, ErrFailedPrecondition when Remove
+// ErrUnavailable when a registry cannot be reached or fails, ErrDenied when
+// the operator's registry configuration refuses it, ErrFailedPrecondition
+// (with an *api.Problem of reason registry_unauthorized or
+// registry_forbidden) when the registry refuses us, ErrResourceExhausted
+// for a budget or the free-space floor, ErrFailedPrecondition when Remove
 // would pull an image from under its workloads.
 package image

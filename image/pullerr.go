@@ -71,6 +71,9 @@ func (s *Store) remoteError(ctx context.Context, canon string, g *guard, err err
 		return fmt.Errorf("pull %s: %w", canon, refusal)
 	}
 	s.logFailure(canon, err)
+	if ggcrRefusal(err) {
+		return fmt.Errorf("pull %s: %w", canon, &refusedError{msg: "the registry sent berth on to another host (a redirect or a token service) on a loopback, private or link-local address, or over plain HTTP; berth does not follow it"})
+	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
 		return registryAnswer(canon, terr)
@@ -250,4 +253,13 @@ func quoteShort(s string) string {
 		s = s[:80] + "..."
 	}
 	return fmt.Sprintf("%q", s)
+}
+
+// ggcrRefusal recognizes go-containerregistry's own refusals to follow a
+// registry elsewhere (literal private addresses in redirects and token
+// realms, plain-HTTP realms of HTTPS registries), which it reports as
+// plain errors.
+func ggcrRefusal(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "SSRF protection:") || strings.Contains(msg, "is a private or link-local address") || strings.Contains(msg, "realm scheme")
 }
