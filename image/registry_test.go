@@ -77,9 +77,9 @@ func TestSpecialAddresses(t *testing.T) {
 		refused        bool
 	}{
 		{"ghcr.io", "140.82.112.33", "443", false},
-		{"evil.example", "127.0.0.1", "443", true},  // a name resolving to loopback
+		{"evil.example", "127.0.0.1", "443", true},   // a name resolving to loopback
 		{"evil.example", "127.0.0.1", "5000", false}, // the name counts as the address, which is listed
-		{"127.0.0.1", "127.0.0.1", "5000", false},   // listed by address
+		{"127.0.0.1", "127.0.0.1", "5000", false},    // listed by address
 		{"localhost", "::1", "5000", true},
 		{"x", "::ffff:127.0.0.1", "443", true}, // IPv4-mapped loopback
 		{"metadata", "169.254.169.254", "80", false},
