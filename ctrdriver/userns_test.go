@@ -2,15 +2,20 @@ package ctrdriver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
+	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/supervisor/monitortest"
 )
 
@@ -148,5 +153,389 @@ func assertNoRanges(t *testing.T, root string) {
 		if e.Name() != ".lock" {
 			t.Errorf("left in %s: %s", filepath.Join(root, "userns"), e.Name())
 		}
+	}
+}
+
+// runToEnd starts cfg, waits for its end and returns its stdout; the
+// task is destroyed when the test ends.
+func runToEnd(t *testing.T, d *Driver, cfg *driver.TaskConfig) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() { d.Destroy(context.Background(), cfg.ID) })
+	res, err := d.Wait(ctx, cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := drivertest.ReadLog(t, cfg, driver.StdoutLog)
+	if res.ExitCode != 0 {
+		t.Fatalf("exit %d: stdout %q stderr %q", res.ExitCode, out, drivertest.ReadLog(t, cfg, driver.StderrLog))
+	}
+	return out
+}
+
+// testNetns makes a network namespace the way the agent's network does
+// (in the host's user namespace), with loopback up.
+func testNetns(t *testing.T) string {
+	t.Helper()
+	name := drivertest.NewID("berth-uns")
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("ip link set lo up: %v: %s", err, out)
+	}
+	return "/run/netns/" + name
+}
+
+// Root in the container binds port 80 in a network namespace the host's
+// user namespace owns (where its CAP_NET_BIND_SERVICE does not count), and
+// its /sys shows that namespace's interfaces, not the host's.
+func TestUserNSJoinedNetwork(t *testing.T) {
+	d := newUserNSDriver(t, searchableTempDir(t), Options{})
+	hostIfaces, _ := os.ReadDir("/sys/class/net")
+	script := "nc -l -p 80 </dev/null >/dev/null & sleep 0.5; netstat -ltn; echo start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); echo net: $(ls /sys/class/net); kill $!"
+
+	t.Run("Bridge", func(t *testing.T) {
+		cfg := userNSTask(t, "dt-uns-br", "sh", "-c", script)
+		cfg.Network = &driver.Network{Mode: driver.NetworkBridge, Netns: testNetns(t)}
+		out := runToEnd(t, d, cfg)
+		if !strings.Contains(out, ":80 ") || !strings.Contains(out, "start=0") {
+			t.Errorf("root did not bind port 80: %q (stderr %q)", out, drivertest.ReadLog(t, cfg, driver.StderrLog))
+		}
+		if !strings.Contains(out, "net: lo\n") {
+			t.Errorf("/sys/class/net is not the container's namespace's (only lo): %q", out)
+		}
+	})
+	t.Run("None", func(t *testing.T) {
+		cfg := userNSTask(t, "dt-uns-none", "sh", "-c", script)
+		out := runToEnd(t, d, cfg)
+		if !strings.Contains(out, ":80 ") || !strings.Contains(out, "net: lo\n") {
+			t.Errorf("network none: %q (stderr %q)", out, drivertest.ReadLog(t, cfg, driver.StderrLog))
+		}
+	})
+	t.Run("Host", func(t *testing.T) {
+		cfg := userNSTask(t, "dt-uns-host", "sh", "-c", "echo net: $(ls /sys/class/net); echo start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)")
+		cfg.Network = &driver.Network{Mode: driver.NetworkHost}
+		out := runToEnd(t, d, cfg)
+		for _, e := range hostIfaces {
+			if !strings.Contains(out, " "+e.Name()) {
+				t.Errorf("host network: /sys/class/net lacks the host's %s: %q", e.Name(), out)
+			}
+		}
+		host, _ := os.ReadFile(unprivilegedPortStart)
+		if !strings.Contains(out, "start="+strings.TrimSpace(string(host))) {
+			t.Errorf("host network: the host's ip_unprivileged_port_start was changed: %q, host %q", out, host)
+		}
+	})
+}
+
+// A file the container's root writes, and one it copies up from the
+// image, are owned by its mapped ids in the upper layer; the shared image
+// is untouched.
+func TestUserNSUpperLayerOwnedByMappedIDs(t *testing.T) {
+	d := newUserNSDriver(t, searchableTempDir(t), Options{})
+	cfg := userNSTask(t, "dt-uns-up", "sh", "-c", "echo x > /written; chown 1000:1000 /written2 2>/dev/null; touch /written2 && chown 1000:1000 /written2; echo '# more' >> /etc/group; cp /bin/busybox /suid && chmod 4755 /suid")
+	runToEnd(t, d, cfg)
+	m, err := readIDMap(d.taskDir(cfg.ID))
+	if err != nil || m == nil {
+		t.Fatalf("no range: %v", err)
+	}
+	upper := filepath.Join(d.taskDir(cfg.ID), "upper")
+	for name, want := range map[string]uint32{"written": m.UID, "written2": m.UID + 1000, "etc/group": m.UID, "suid": m.UID, ".": m.UID} {
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(upper, name), &st); err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if st.Uid != want || st.Gid != want-m.UID+m.GID {
+			t.Errorf("upper/%s is owned by %d:%d on the host, want %d:%d", name, st.Uid, st.Gid, want, want-m.UID+m.GID)
+		}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(sharedRootfs(t), "etc/group"), &st); err != nil || st.Uid != 0 {
+		t.Errorf("the image's etc/group: owner %d, %v; want root, unchanged", st.Uid, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(sharedRootfs(t), "etc/group")); strings.Contains(string(b), "# more") {
+		t.Error("the container wrote into the shared image")
+	}
+}
+
+// Containers started at once, by two drivers on one root (as two agent
+// processes would), get disjoint ranges, and their roots distinct host uids.
+func TestUserNSDisjointRanges(t *testing.T) {
+	root := searchableTempDir(t)
+	drivers := []*Driver{newUserNSDriver(t, root, Options{}), newUserNSDriver(t, root, Options{})}
+	const n = 8
+	cfgs := make([]*driver.TaskConfig, n)
+	errs := make(chan error, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for i := range cfgs {
+		cfgs[i] = userNSTask(t, "dt-uns-dis", "sleep", "30")
+		go func(d *Driver, cfg *driver.TaskConfig) {
+			_, err := d.Start(ctx, cfg)
+			errs <- err
+		}(drivers[i%2], cfgs[i])
+	}
+	for range cfgs {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	defer func() {
+		for i, cfg := range cfgs {
+			drivers[i%2].Destroy(context.Background(), cfg.ID)
+		}
+		assertNoRanges(t, root)
+	}()
+	seen := map[uint32]string{}
+	hostUIDs := map[string]bool{}
+	for i, cfg := range cfgs {
+		m, err := readIDMap(drivers[i%2].taskDir(cfg.ID))
+		if err != nil || m == nil {
+			t.Fatalf("%s: no range: %v", cfg.ID, err)
+		}
+		for base, id := range seen {
+			if overlaps(base, DefaultUserNSRangeSize, m.UID, m.Size) {
+				t.Errorf("%s and %s share host uids from %d", id, cfg.ID, m.UID)
+			}
+		}
+		seen[m.UID] = cfg.ID
+		st, err := drivers[i%2].Inspect(ctx, cfg.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uids, _ := procIDs(t, st.Pid)
+		if hostUIDs[uids[1]] || uids[1] != fmt.Sprint(m.UID) {
+			t.Errorf("%s runs as host uid %s (range %d)", cfg.ID, uids[1], m.UID)
+		}
+		hostUIDs[uids[1]] = true
+	}
+}
+
+// Destroy releases the range; so does Recover of a task of an earlier
+// boot, and of a task whose start died right after its range was taken.
+func TestUserNSRangeReleased(t *testing.T) {
+	root := searchableTempDir(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	held := func(d *Driver) int {
+		used, err := d.userns.used()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(used)
+	}
+
+	d := newUserNSDriver(t, root, Options{BootID: "boot-1"})
+	cfg := userNSTask(t, "dt-uns-rel", "sleep", "30")
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if held(d) != 1 {
+		t.Fatalf("%d ranges held with one container", held(d))
+	}
+	if err := d.Destroy(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	if n := held(d); n != 0 {
+		t.Errorf("%d ranges held after Destroy", n)
+	}
+	assertNoRanges(t, root)
+
+	// A reboot: the container and its mounts are gone (simulated by
+	// killing it and unmounting), its task directory and record are not.
+	cfg = userNSTask(t, "dt-uns-boot", "sleep", "30")
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := readIDMap(d.taskDir(cfg.ID))
+	if err := d.runc.kill(ctx, cfg.ID, "KILL"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Wait(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.unmountRootfs(d.taskDir(cfg.ID)); err != nil {
+		t.Fatal(err)
+	}
+	// A start that died after taking its range, before anything else.
+	crashed := drivertest.NewID("dt-uns-crash")
+	if err := os.Mkdir(d.taskDir(crashed), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.userns.allocate(ctx, d.taskDir(crashed)); err != nil {
+		t.Fatal(err)
+	}
+	after := newUserNSDriver(t, root, Options{BootID: "boot-2"})
+	if n := held(after); n != 2 {
+		t.Fatalf("%d ranges held by the tasks of the earlier boot, want 2 until they are recovered", n)
+	}
+	if err := after.Recover(ctx, &driver.Handle{ID: cfg.ID, Driver: Name}); !errors.Is(err, driver.ErrRebooted) {
+		t.Errorf("Recover of a task of an earlier boot = %v, want ErrRebooted", err)
+	}
+	if err := after.Recover(ctx, &driver.Handle{ID: crashed, Driver: Name}); err == nil {
+		t.Errorf("Recover of a task that never started = nil, want an error")
+	}
+	if n := held(after); n != 0 {
+		t.Errorf("%d ranges held after Recover of the rebooted tasks", n)
+	}
+	if _, err := os.Stat(after.userns.rangeDir(*m)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("range directory of the rebooted task: %v, want it gone", err)
+	}
+	assertNoLeaks(t, root)
+	assertNoRanges(t, root)
+}
+
+// The host ids come from the configured base and size, or from a user's
+// subordinate ids; ids that belong to someone else turn user namespaces
+// off with a reason that names them.
+func TestUserNSIDs(t *testing.T) {
+	etc := t.TempDir()
+	write := func(name, content string) {
+		if err := os.WriteFile(filepath.Join(etc, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("passwd", "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\nodd:x:3000000000:100::/:/bin/sh\n")
+	write("group", "root:x:0:\nalice:x:1000:\n")
+	write("subuid", "alice:100000:65536\nberth:200000:196608\n")
+	write("subgid", "alice:100000:65536\nberth:300000:131072\n")
+	for _, tc := range []struct {
+		name   string
+		opts   UserNSOptions
+		reason string // empty: on
+		uid    uint32
+		gid    uint32
+		slots  uint32
+	}{
+		{name: "defaults", uid: DefaultUserNSBase, gid: DefaultUserNSBase, slots: 16384},
+		{name: "base and size", opts: UserNSOptions{Base: 500000, Size: 200000}, uid: 500000, gid: 500000, slots: 3},
+		{name: "subid user", opts: UserNSOptions{SubIDUser: "berth"}, uid: 200000, gid: 300000, slots: 2},
+		{name: "subid user unknown", opts: UserNSOptions{SubIDUser: "bob"}, reason: `container.userns.subid_user "bob" has no entry in ` + filepath.Join(etc, "subuid")},
+		{name: "overlaps a user's subuids", opts: UserNSOptions{Base: 150000, Size: 65536}, reason: "container.userns.base and size overlap alice's subordinate uids 100000-165535"},
+		{name: "holds a host user", opts: UserNSOptions{Base: 65536 * 40000, Size: 65536 * 10000}, reason: "container.userns.base and size include host user odd (uid 3000000000)"},
+		{name: "past the last id", opts: UserNSOptions{Base: 1 << 31, Size: 1<<31 + 10}, reason: "reach past the last host id"},
+		{name: "smaller than a range", opts: UserNSOptions{Base: 500000, Size: 1000}, reason: "hold fewer than container.userns.range_size (65536) ids"},
+		{name: "off", opts: UserNSOptions{Mode: UserNSOff}, reason: "turned off by container.userns.mode: off"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.opts.etc = etc
+			u := newUserNS(tc.opts, t.TempDir(), t.TempDir(), slog.Default())
+			var err error
+			if tc.opts.Mode == UserNSOff {
+				err = u.probe()
+			} else {
+				err = u.resolveIDs()
+			}
+			if tc.reason != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.reason) {
+					t.Fatalf("got %v, want an error containing %q", err, tc.reason)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if u.uid != tc.uid || u.gid != tc.gid || u.slots != tc.slots {
+				t.Errorf("uids from %d, gids from %d, %d ranges; want %d, %d, %d", u.uid, u.gid, u.slots, tc.uid, tc.gid, tc.slots)
+			}
+		})
+	}
+}
+
+// Fingerprint says whether user namespaces are on, and why not.
+func TestUserNSFingerprint(t *testing.T) {
+	requireRunc(t)
+	on := newUserNSDriver(t, searchableTempDir(t), Options{}).Fingerprint(context.Background())
+	if on.Details["userns"] != "on" || on.Details["userns_reason"] != "" || !strings.Contains(on.Details["userns_ids"], "16384 ranges of 65536") {
+		t.Errorf("on: details %v", on.Details)
+	}
+	for name, opts := range map[string]Options{
+		"off":                   {Root: searchableTempDir(t), UserNS: UserNSOptions{Mode: UserNSOff}},
+		"closed path":           {Root: t.TempDir()}, // t.TempDir's parent is 0700
+		"no ranges in the size": {Root: searchableTempDir(t), UserNS: UserNSOptions{Size: 100}},
+	} {
+		d, err := New(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fp := d.Fingerprint(context.Background())
+		if fp.Details["userns"] != "off" || fp.Details["userns_reason"] == "" {
+			t.Errorf("%s: details %v, want userns off with a reason", name, fp.Details)
+		}
+		if name == "closed path" && !strings.Contains(fp.Details["userns_reason"], "does not let other users through") {
+			t.Errorf("closed path: reason %q", fp.Details["userns_reason"])
+		}
+	}
+}
+
+// Allocation is exhausted with a reason, and a range is given again
+// only after its task directory is gone.
+func TestUserNSAllocation(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	root := searchableTempDir(t)
+	tasks := filepath.Join(root, "tasks")
+	os.MkdirAll(filepath.Join(root, "userns"), 0o711)
+	opts := UserNSOptions{Base: 1 << 30, Size: 3 * 65536, etc: t.TempDir()}
+	// Two allocators on one root: two agent processes.
+	a, b := newUserNS(opts, root, tasks, slog.Default()), newUserNS(opts, root, tasks, slog.Default())
+	for _, u := range []*userns{a, b} {
+		if err := u.resolveIDs(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	got := make(chan idMap, 3)
+	errc := make(chan error, 4)
+	for i := range 4 {
+		go func() {
+			dir := filepath.Join(tasks, fmt.Sprint("t", i))
+			os.MkdirAll(dir, 0o700)
+			m, err := []*userns{a, b}[i%2].allocate(ctx, dir)
+			if err == nil {
+				got <- m
+			}
+			errc <- err
+		}()
+	}
+	var exhausted error
+	for range 4 {
+		if err := <-errc; err != nil {
+			exhausted = err
+		}
+	}
+	if !errors.Is(exhausted, errdefs.ErrResourceExhausted) || !strings.Contains(exhausted.Error(), "all 3 user namespace id ranges are in use") {
+		t.Errorf("fourth allocation of three ranges: %v", exhausted)
+	}
+	close(got)
+	seen := map[uint32]bool{}
+	for m := range got {
+		if seen[m.UID] || m.UID != m.GID || (m.UID-opts.Base)%65536 != 0 {
+			t.Errorf("range %+v given twice or misaligned", m)
+		}
+		seen[m.UID] = true
+	}
+	if len(seen) != 3 {
+		t.Fatalf("%d distinct ranges, want 3", len(seen))
+	}
+	entries, _ := os.ReadDir(tasks)
+	for _, e := range entries {
+		if m, _ := readIDMap(filepath.Join(tasks, e.Name())); m != nil && m.UID == opts.Base+65536 {
+			os.RemoveAll(filepath.Join(tasks, e.Name()))
+		}
+	}
+	dir := filepath.Join(tasks, "again")
+	os.MkdirAll(dir, 0o700)
+	m, err := a.allocate(ctx, dir)
+	if err != nil || m.UID != opts.Base+65536 {
+		t.Errorf("allocation after a task went: %+v %v, want the range it held", m, err)
 	}
 }

@@ -91,6 +91,23 @@ type Container struct {
 	// StartTimeout bounds runc create and start: a runc that hangs fails
 	// the start instead of wedging the workload.
 	StartTimeout time.Duration `mapstructure:"start_timeout"`
+	UserNS       UserNS        `mapstructure:"userns"`
+}
+
+// UserNS puts each container in a user namespace of its own: its root is
+// an unprivileged host id range of its own.
+type UserNS struct {
+	// Mode is auto (on where the kernel supports id-mapped mounts on
+	// overlayfs) or off.
+	Mode string `mapstructure:"mode"`
+	// SubIDUser, when set, takes the ranges from this user's entries in
+	// /etc/subuid and /etc/subgid instead of Base and Size.
+	SubIDUser string `mapstructure:"subid_user"`
+	// Base and Size are the host ids (uids and gids alike) the ranges are
+	// carved from, RangeSize ids per container.
+	Base      int64 `mapstructure:"base"`
+	Size      int64 `mapstructure:"size"`
+	RangeSize int64 `mapstructure:"range_size"`
 }
 
 type VM struct {
@@ -350,6 +367,7 @@ func (c *Config) Validate() error {
 	if c.Container.StartTimeout < time.Second {
 		bad("container.start_timeout", "must be at least 1s")
 	}
+	c.validateUserNS(bad)
 	switch c.VM.Accel {
 	case "auto", "kvm", "tcg":
 	default:
@@ -387,6 +405,34 @@ func (c *Config) validateImages(bad func(key, format string, args ...any)) {
 		if n.n < 0 {
 			bad(n.key, "%d must not be negative (0: no limit)", n.n)
 		}
+	}
+}
+
+// validateUserNS checks the container.userns keys.
+func (c *Config) validateUserNS(bad func(key, format string, args ...any)) {
+	u := c.Container.UserNS
+	switch u.Mode {
+	case "auto", "off":
+	default:
+		bad("container.userns.mode", "%q is not auto or off", u.Mode)
+	}
+	if u.SubIDUser != "" && (strings.ContainsAny(u.SubIDUser, ": \t\n") || len(u.SubIDUser) > 32) {
+		bad("container.userns.subid_user", "%q is not a user name", u.SubIDUser)
+	}
+	if u.RangeSize < 65536 || u.RangeSize > 1<<31 {
+		bad("container.userns.range_size", "%d must be between 65536 (images use ids up to 65534, nobody) and 2147483648", u.RangeSize)
+	}
+	if u.SubIDUser != "" {
+		return // the subordinate ids file gives base and size; the driver checks them
+	}
+	const lastID = 1<<32 - 2 // 4294967295 is (uid_t)-1
+	if u.Base < 65536 || u.Base > lastID {
+		bad("container.userns.base", "%d must be between 65536 (above the host's own users and groups) and %d", u.Base, lastID)
+	}
+	if u.Size < u.RangeSize {
+		bad("container.userns.size", "%d must hold at least one range of container.userns.range_size (%d) ids", u.Size, u.RangeSize)
+	} else if u.Base+u.Size-1 > lastID {
+		bad("container.userns.size", "base %d + size %d reaches past the last host id %d", u.Base, u.Size, lastID)
 	}
 }
 

@@ -184,9 +184,16 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			Runc:         d.cfg.Container.Runc,
 			LogMaxBytes:  d.cfg.Container.LogMaxBytes,
 			StartTimeout: d.cfg.Container.StartTimeout,
-			MonitorCmd:   monitorCmd,
-			BootID:       bootID,
-			Logger:       d.log,
+			UserNS: ctrdriver.UserNSOptions{
+				Mode:      ctrdriver.UserNSMode(d.cfg.Container.UserNS.Mode),
+				SubIDUser: d.cfg.Container.UserNS.SubIDUser,
+				Base:      uint32(d.cfg.Container.UserNS.Base),
+				Size:      uint32(d.cfg.Container.UserNS.Size),
+				RangeSize: uint32(d.cfg.Container.UserNS.RangeSize),
+			},
+			MonitorCmd: monitorCmd,
+			BootID:     bootID,
+			Logger:     d.log,
 		})
 		if err != nil {
 			return nil, err
