@@ -58,6 +58,12 @@ type UserNSOptions struct {
 	Base      uint32
 	Size      uint32
 	RangeSize uint32
+	// Dir holds the range directories: it and the directories above it
+	// must let other users through (o+x), as the mapped ids pass there.
+	// Default: <Root>/userns (the driver's root is then made 0711); the
+	// agent puts it at the top of its data directory, so the driver's
+	// root stays closed to everyone else.
+	Dir string
 
 	// etc is where passwd, group, subuid and subgid are read; tests set it.
 	etc string
@@ -96,8 +102,8 @@ const usernsRecord = "userns.json"
 // container's ids and by no other unprivileged user.
 type userns struct {
 	opts     UserNSOptions
-	root     string // the driver's root (0711 while user namespaces are on)
-	dir      string // root/userns (0711)
+	root     string // the driver's root
+	dir      string // UserNSOptions.Dir (0711)
 	tasksDir string
 	log      *slog.Logger
 
@@ -113,7 +119,12 @@ type userns struct {
 }
 
 func newUserNS(opts UserNSOptions, root, tasksDir string, log *slog.Logger) *userns {
-	return &userns{opts: opts.withDefaults(), root: root, dir: filepath.Join(root, "userns"), tasksDir: tasksDir, log: log}
+	opts = opts.withDefaults()
+	dir := opts.Dir
+	if dir == "" {
+		dir = filepath.Join(root, "userns")
+	}
+	return &userns{opts: opts, root: root, dir: dir, tasksDir: tasksDir, log: log}
 }
 
 // enabled reports whether containers get user namespaces, and why not.
@@ -161,16 +172,19 @@ func (u *userns) probe() error {
 	if err := u.resolveIDs(); err != nil {
 		return err
 	}
-	if err := searchable(u.root); err != nil {
+	if filepath.Dir(u.dir) == filepath.Clean(u.root) {
+		if err := os.Chmod(u.root, 0o711); err != nil {
+			return fmt.Errorf("make %s searchable: %w", u.root, err)
+		}
+	}
+	if err := searchable(u.dir); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(u.dir, 0o711); err != nil {
 		return fmt.Errorf("create %s: %w", u.dir, err)
 	}
-	for _, dir := range []string{u.root, u.dir} {
-		if err := os.Chmod(dir, 0o711); err != nil {
-			return fmt.Errorf("make %s searchable: %w", dir, err)
-		}
+	if err := os.Chmod(u.dir, 0o711); err != nil {
+		return fmt.Errorf("make %s searchable: %w", u.dir, err)
 	}
 	if err := probeIDMappedOverlay(u.dir, idMap{UID: u.uid, GID: u.gid, Size: u.opts.RangeSize}); err != nil {
 		return fmt.Errorf("the kernel cannot run containers on id-mapped image layers: %w", err)

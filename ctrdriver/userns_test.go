@@ -89,7 +89,14 @@ func procIDs(t *testing.T, pid int) (uids, gids []string) {
 // The container's root is an unprivileged host uid: the first of its
 // range, in every one of real, effective, saved and file system ids.
 func TestUserNSRootIsUnprivilegedOnHost(t *testing.T) {
-	d := newUserNSDriver(t, searchableTempDir(t), Options{})
+	// The range directories next to the driver's root, as the agent has
+	// them: the root itself stays closed.
+	top := searchableTempDir(t)
+	root := filepath.Join(top, "containers")
+	d := newUserNSDriver(t, root, Options{UserNS: UserNSOptions{Dir: filepath.Join(top, "userns")}})
+	if fi, err := os.Stat(root); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("driver root: %v %v, want mode 0700", fi.Mode(), err)
+	}
 	cfg := userNSTask(t, "dt-uns", "sh", "-c", "id; cat /proc/self/uid_map; sleep 30")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -107,6 +114,22 @@ func TestUserNSRootIsUnprivilegedOnHost(t *testing.T) {
 	}
 	if m.UID < DefaultUserNSBase || m.GID < DefaultUserNSBase || m.Size != DefaultUserNSRangeSize {
 		t.Fatalf("range %+v is not from the default ids", m)
+	}
+	fi, err := os.Stat(d.userns.rangeDir(*m))
+	if sys, ok := fi.Sys().(*syscall.Stat_t); err != nil || !ok || fi.Mode().Perm() != 0o710 || sys.Uid != m.UID || sys.Gid != m.GID {
+		t.Errorf("range directory %s: %v %v, want mode 0710 owned by %d:%d", d.userns.rangeDir(*m), fi.Mode(), err, m.UID, m.GID)
+	}
+	// The range's root reaches the root filesystem through the data
+	// directory; nobody else does, another container's root included.
+	busybox := filepath.Join(d.userns.rangeDir(*m), "rootfs", "bin", "busybox")
+	for _, who := range []struct {
+		uid, gid uint32
+		reach    bool
+	}{{m.UID, m.GID, true}, {65534, 65534, false}, {m.UID + m.Size, m.GID + m.Size, false}} {
+		out, err := exec.Command("setpriv", fmt.Sprintf("--reuid=%d", who.uid), fmt.Sprintf("--regid=%d", who.gid), "--clear-groups", "/bin/busybox", "stat", "-c", "%u", busybox).CombinedOutput()
+		if reached := err == nil; reached != who.reach {
+			t.Errorf("host uid %d reaches %s: %v (%v: %s), want %v", who.uid, busybox, reached, err, out, who.reach)
+		}
 	}
 	uids, gids := procIDs(t, st.Pid)
 	want := []string{fmt.Sprint(m.UID), fmt.Sprint(m.UID), fmt.Sprint(m.UID), fmt.Sprint(m.UID)}

@@ -76,7 +76,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	// exists, everything counts as in use, so nothing is collected early.
 	var ag *agent.Agent
 	inUse := func(digest string) bool { return ag == nil || ag.UsesImage(digest) }
-	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse),
+	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse), image.WithLogger(log),
 		image.WithRegistries(imageRegistries(cfg)),
 		image.WithLimits(image.Limits{
 			MaxUnpackedBytes: cfg.Images.MaxUnpackedBytes, MaxEntries: cfg.Images.MaxEntries, MinFreeBytes: cfg.Storage.MinFreeBytes,
@@ -190,6 +190,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 				Base:      uint32(d.cfg.Container.UserNS.Base),
 				Size:      uint32(d.cfg.Container.UserNS.Size),
 				RangeSize: uint32(d.cfg.Container.UserNS.RangeSize),
+				Dir:       filepath.Join(d.cfg.DataDir, "userns"),
 			},
 			MonitorCmd: monitorCmd,
 			BootID:     bootID,
