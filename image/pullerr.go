@@ -107,8 +107,8 @@ func (s *Store) remoteError(ctx context.Context, canon string, g *guard, err err
 // what a registry sent is cut short.
 func (s *Store) logFailure(canon string, err error) {
 	msg := err.Error()
-	if len(msg) > 2048 {
-		msg = msg[:2048] + "..."
+	if len(msg) > 512 {
+		msg = msg[:512] + "..."
 	}
 	s.log.Warn("pull failed", "ref", canon, "err", msg)
 }

@@ -102,6 +102,12 @@ type Store struct {
 // Option configures a Store.
 type Option func(*Store)
 
+// WithLogger sets where the store logs (failed pulls with what the
+// registry said, cleanup trouble).
+func WithLogger(l *slog.Logger) Option {
+	return func(s *Store) { s.log = l.With("component", "image") }
+}
+
 // WithInUse tells the store which images workloads still run from, by
 // manifest digest. Their content (blobs and rootfs) is kept even when no ref
 // names them any more (the tag moved, or the agent restarted), and Remove

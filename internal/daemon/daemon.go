@@ -76,7 +76,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	// exists, everything counts as in use, so nothing is collected early.
 	var ag *agent.Agent
 	inUse := func(digest string) bool { return ag == nil || ag.UsesImage(digest) }
-	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse),
+	imgs, err := image.New(filepath.Join(cfg.DataDir, "images"), image.WithInUse(inUse), image.WithLogger(log),
 		image.WithRegistries(imageRegistries(cfg)),
 		image.WithLimits(image.Limits{
 			MaxUnpackedBytes: cfg.Images.MaxUnpackedBytes, MaxEntries: cfg.Images.MaxEntries, MinFreeBytes: cfg.Storage.MinFreeBytes,
