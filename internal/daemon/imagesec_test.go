@@ -478,10 +478,10 @@ func TestImageBudgetsThroughTheAPI(t *testing.T) {
 func TestImageConfigValidation(t *testing.T) {
 	for body, key := range map[string]string{
 		"images:\n  insecure_registries: [\"http://127.0.0.1:5000\"]\n": "images.insecure_registries[0]",
-		"images:\n  allowed_registries: [\"ok.io\", \"a.*.io\"]\n":        "images.allowed_registries[1]",
-		"images:\n  max_unpacked_bytes: -1\n":                             "images.max_unpacked_bytes",
-		"images:\n  max_entries: -5\n":                                    "images.max_entries",
-		"storage:\n  min_free_bytes: -1\n":                                "storage.min_free_bytes",
+		"images:\n  allowed_registries: [\"ok.io\", \"a.*.io\"]\n":      "images.allowed_registries[1]",
+		"images:\n  max_unpacked_bytes: -1\n":                           "images.max_unpacked_bytes",
+		"images:\n  max_entries: -5\n":                                  "images.max_entries",
+		"storage:\n  min_free_bytes: -1\n":                              "storage.min_free_bytes",
 	} {
 		file := filepath.Join(t.TempDir(), "berth.yaml")
 		if err := os.WriteFile(file, []byte(body), 0o600); err != nil {
