@@ -405,6 +405,7 @@ func TestContainerWorkloads(t *testing.T) {
 		// A loopback registry over plain HTTP is reached only when the
 		// configuration lists it (images.insecure_registries).
 		cfg := testConfig(t, t.TempDir(), "127.0.0.1:0")
+		cfg.ListenUnix = filepath.Join(t.TempDir(), "berth.sock") // the outer agent holds the default
 		cfg.Images.InsecureRegistries = []string{host}
 		c, _ := serve(t, cfg)
 		img, err := testimage.Busybox()
