@@ -46,7 +46,7 @@ func importSecretImages(t *testing.T, c *client.Client) {
 		t.Fatal(err)
 	}
 	layer, err := testimage.Layer(
-		testimage.File{Name: "suid", Mode: 0o4755, Body: string(bin)},
+		testimage.File{Name: "busybox-suid", Mode: 0o4755, Body: string(bin)}, // busybox runs as busybox when its name starts so
 		testimage.File{Name: "secret", Mode: 0o644, Body: secretText},
 	)
 	if err != nil {
@@ -191,13 +191,13 @@ func walk(t *testing.T, dir string) (paths, overlays []string) {
 			case "lowerdir", "upperdir", "workdir":
 				for _, d := range strings.Split(val, ":") {
 					overlays = append(overlays, d)
-					paths = append(paths, d, filepath.Join(d, "suid"), filepath.Join(d, "secret"), filepath.Join(d, "bin", "busybox"))
+					paths = append(paths, d, filepath.Join(d, "busybox-suid"), filepath.Join(d, "secret"), filepath.Join(d, "bin", "busybox"))
 				}
 			}
 		}
 		// The merged tree: what the workload sees.
 		overlays = append(overlays, fields[4])
-		paths = append(paths, filepath.Join(fields[4], "suid"), filepath.Join(fields[4], "secret"))
+		paths = append(paths, filepath.Join(fields[4], "busybox-suid"), filepath.Join(fields[4], "secret"))
 	}
 	return paths, overlays
 }
@@ -268,7 +268,7 @@ func checkSetuidNotRunnable(t *testing.T, dataDir string) {
 	var suids []string
 	paths, _ := walk(t, dataDir)
 	for _, p := range paths {
-		if filepath.Base(p) == "suid" {
+		if filepath.Base(p) == "busybox-suid" {
 			if fi, err := os.Stat(p); err == nil && fi.Mode()&fs.ModeSetuid != 0 {
 				suids = append(suids, p)
 			}
@@ -281,7 +281,9 @@ func checkSetuidNotRunnable(t *testing.T, dataDir string) {
 		out, err := asNobody(t, nil, `exec "$1" id -u`, p)
 		if err == nil || strings.TrimSpace(out) == "0" {
 			t.Errorf("nobody ran the image's setuid-root %s: %q, %v", p, out, err)
+			continue
 		}
+		t.Logf("nobody runs %s: %s", p, strings.TrimSpace(out))
 	}
 }
 
