@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
@@ -17,23 +19,180 @@ import (
 	"github.com/berthd/berth/vmdriver/rootdisk"
 )
 
-// bootAssets finds the kernel and builds (or finds cached) the initramfs.
-func (d *Driver) bootAssets(ctx context.Context) (*bootAssets, error) {
-	d.bootMu.Lock()
-	defer d.bootMu.Unlock()
-	if d.boot != nil {
-		return d.boot, nil
+// BootMode is how guests boot the node's kernel.
+type BootMode string
+
+const (
+	// BootAuto boots the kernel through its PVH entry point where it can
+	// (BootPVH), else its bzImage (BootBzImage), and says why in the
+	// fingerprint.
+	BootAuto BootMode = "auto"
+	// BootPVH boots the vmlinux extracted once from the node's bzImage
+	// straight into the kernel's 32-bit PVH entry point: no firmware, no
+	// real-mode setup and no decompression in the guest, which under TCG
+	// are most of a boot (issue 17). A kernel without the PVH note makes
+	// the driver unhealthy.
+	BootPVH BootMode = "pvh"
+	// BootBzImage boots the node's bzImage as shipped, through the
+	// firmware and the kernel's own decompressor.
+	BootBzImage BootMode = "bzimage"
+)
+
+func checkBootMode(m BootMode) (BootMode, error) {
+	switch m {
+	case "":
+		return BootAuto, nil
+	case BootAuto, BootPVH, BootBzImage:
+		return m, nil
 	}
+	return "", fmt.Errorf("boot %q: want auto, pvh or bzimage: %w", m, errdefs.ErrInvalidArgument)
+}
+
+// bootAssets are the kernel and initramfs every guest boots, prepared for
+// one node kernel.
+type bootAssets struct {
+	// kernel is what guests boot: its Path is the extracted vmlinux in PVH
+	// mode and the node's bzImage otherwise; its release and modules are
+	// the node kernel's.
+	kernel initramfs.Kernel
+	// node is the node's kernel, and nodeID the identity of its file when
+	// these assets were prepared: a replaced file is prepared again.
+	node   initramfs.Kernel
+	nodeID fileID
+	initrd string
+	mode   BootMode // pvh or bzimage
+	reason string   // why mode
+	// err is why no guest can boot this kernel as configured (vm.boot pvh
+	// and a kernel without the PVH entry point); kept, so that a Start
+	// and the fingerprint say it without extracting again.
+	err error
+}
+
+// fileID tells one file from another at the same path.
+type fileID struct {
+	dev, ino uint64
+	size     int64
+	mtime    int64
+}
+
+func statID(path string) (fileID, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{}, err
+	}
+	id := fileID{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.dev, id.ino = uint64(st.Dev), st.Ino
+	}
+	return id, nil
+}
+
+// current tells whether b was prepared for the node kernel k as it is now.
+func (b *bootAssets) current(k initramfs.Kernel, id fileID) bool {
+	return b != nil && b.node == k && b.nodeID == id
+}
+
+// bootAssets finds the node's kernel, builds (or finds cached) the
+// initramfs and decides how guests boot the kernel: through its PVH entry
+// point, from the vmlinux extracted (or found cached) for it, or as its
+// bzImage. The result is kept until the node's kernel changes.
+func (d *Driver) bootAssets(ctx context.Context) (*bootAssets, error) {
 	k, err := initramfs.FindKernel(d.opts.BootDir, d.opts.ModulesDir)
 	if err != nil {
 		return nil, fmt.Errorf("guest kernel: %w: %w", err, errdefs.ErrUnavailable)
+	}
+	id, err := statID(k.Path)
+	if err != nil {
+		return nil, fmt.Errorf("guest kernel: %w: %w", err, errdefs.ErrUnavailable)
+	}
+	d.bootMu.Lock()
+	defer d.bootMu.Unlock()
+	if b := d.boot; b.current(k, id) {
+		if b.err != nil {
+			return nil, b.err
+		}
+		return b, nil
 	}
 	initrd, err := initramfs.Build(ctx, initramfs.Options{Kernel: k, InitPath: d.opts.InitPath, CacheDir: d.cacheDir})
 	if err != nil {
 		return nil, err
 	}
-	d.boot = &bootAssets{kernel: k, initrd: initrd}
-	return d.boot, nil
+	b := &bootAssets{kernel: k, node: k, nodeID: id, initrd: initrd, mode: BootBzImage}
+	keep := true
+	if d.opts.Boot == BootBzImage {
+		b.reason = "vm.boot is bzimage: the kernel boots as shipped, through the firmware"
+	} else {
+		v, err := initramfs.ExtractVmlinux(ctx, k.Path, d.cacheDir)
+		switch {
+		case err == nil:
+			b.kernel.Path, b.mode = v.Path, BootPVH
+			b.reason = fmt.Sprintf("the %s-compressed kernel is booted uncompressed through its PVH entry point (extracted once to %s)", v.Compression, v.Path)
+		case ctx.Err() != nil:
+			return nil, err
+		case d.opts.Boot == BootPVH:
+			b.err = fmt.Errorf("vm.boot is pvh, but the guest kernel %s cannot boot through PVH: %w: %w", k.Path, err, errdefs.ErrUnavailable)
+			keep = errors.Is(err, initramfs.ErrNoPVH)
+		default:
+			b.reason = fmt.Sprintf("the kernel boots as its bzImage: %v", err)
+			// A verdict on the kernel is kept; a failure to extract
+			// (a full disk) is tried again at the next boot.
+			keep = errors.Is(err, initramfs.ErrNoPVH)
+			d.log.Warn("guest kernel: booting the bzImage instead of its PVH entry point", "kernel", k.Path, "err", err)
+		}
+	}
+	if keep {
+		d.boot = b
+	}
+	if b.err != nil {
+		return nil, b.err
+	}
+	return b, nil
+}
+
+// bootDetails reports how guests boot the node kernel k into a
+// fingerprint's details, without waiting: while the boot assets are not
+// prepared for k it says so and prepares them in the background (extracting
+// a kernel takes seconds), so that node status shows the boot mode soon
+// and the first VM does not wait for it. It returns why no guest can boot,
+// or nil.
+func (d *Driver) bootDetails(details map[string]string, k initramfs.Kernel) error {
+	id, _ := statID(k.Path)
+	var b *bootAssets
+	if d.bootMu.TryLock() { // held only while assets are prepared
+		b = d.boot
+		d.bootMu.Unlock()
+	}
+	details["boot_config"] = string(d.opts.Boot)
+	if !b.current(k, id) {
+		details["boot"] = "pending"
+		details["boot_reason"] = "the guest kernel is being prepared (extracted from the bzImage once and checked for its PVH entry point)"
+		d.warmBoot()
+		return nil
+	}
+	if b.err != nil {
+		details["boot"] = string(BootPVH)
+		details["boot_reason"] = b.err.Error()
+		return b.err
+	}
+	details["boot"] = string(b.mode)
+	details["boot_reason"] = b.reason
+	return nil
+}
+
+// warmBoot prepares the boot assets in the background, once at a time,
+// until Close (which waits for it as for the KVM probe).
+func (d *Driver) warmBoot() {
+	if d.ctx.Err() != nil || !d.bootWarming.CompareAndSwap(false, true) {
+		return
+	}
+	d.probeWG.Add(1)
+	go func() {
+		defer d.probeWG.Done()
+		defer d.bootWarming.Store(false)
+		if _, err := d.bootAssets(d.ctx); err != nil && d.ctx.Err() == nil {
+			d.log.Warn("prepare the guest kernel", "err", err)
+		}
+	}()
 }
 
 // checkWholeDisk checks that a whole-disk image is an absolute path to a

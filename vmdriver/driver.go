@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/berthd/berth/driver"
@@ -16,7 +17,6 @@ import (
 	"github.com/berthd/berth/internal/proc"
 	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/supervisor/monitor"
-	"github.com/berthd/berth/vmdriver/initramfs"
 	"github.com/berthd/berth/vmdriver/rootdisk"
 )
 
@@ -84,6 +84,10 @@ type Options struct {
 	// KVM once, in the background, and uses KVM only if it reaches user
 	// space within ProbeTimeout.
 	Accel Accel
+	// Boot is how guests boot the node's kernel: auto (default: through
+	// its PVH entry point where the kernel allows, else its bzImage), pvh
+	// or bzimage. See BootMode.
+	Boot BootMode
 	// ProbeTimeout bounds auto's KVM probe guest; default DefaultProbeTimeout.
 	ProbeTimeout time.Duration
 	// DomainPrefix starts the name of every domain of this driver; default
@@ -122,8 +126,10 @@ type Driver struct {
 	cacheDir string
 	log      *slog.Logger
 
-	bootMu sync.Mutex
-	boot   *bootAssets
+	// The boot assets, prepared once per node kernel (see bootAssets).
+	bootMu      sync.Mutex
+	boot        *bootAssets
+	bootWarming atomic.Bool // a preparation runs in the background
 
 	// The acceleration, decided once (see resolveAccel).
 	accelMu    sync.Mutex
@@ -147,12 +153,6 @@ type Driver struct {
 }
 
 var _ driver.Driver = (*Driver)(nil)
-
-// bootAssets are the kernel and initramfs every guest boots.
-type bootAssets struct {
-	kernel initramfs.Kernel
-	initrd string
-}
 
 // taskState is task.json: what the driver knows of a task beyond its
 // files, written at Start.
@@ -198,6 +198,9 @@ func New(opts Options) (*Driver, error) {
 	case AccelAuto, AccelKVM, AccelTCG:
 	default:
 		return nil, fmt.Errorf("vmdriver: accel %q: want auto, kvm or tcg: %w", opts.Accel, errdefs.ErrInvalidArgument)
+	}
+	if opts.Boot, err = checkBootMode(opts.Boot); err != nil {
+		return nil, fmt.Errorf("vmdriver: %w", err)
 	}
 	if opts.ProbeTimeout <= 0 {
 		opts.ProbeTimeout = DefaultProbeTimeout

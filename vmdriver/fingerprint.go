@@ -76,6 +76,9 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	if dir := untraversable(d.opts.Root); dir != "" {
 		return unhealthy("%s is not traversable by others (mode o-x): QEMU runs unprivileged and cannot reach the task disks under %s; chmod o+x %s", dir, d.opts.Root, dir)
 	}
+	if err := d.bootDetails(fp.Details, k); err != nil {
+		return unhealthy("%v", err)
+	}
 	fp.Healthy = true
 	return fp
 }

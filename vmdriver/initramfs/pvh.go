@@ -47,7 +47,7 @@ func PVHEntry(r io.ReaderAt) (uint64, error) {
 			return entry, nil
 		}
 	}
-	return 0, fmt.Errorf("no PVH entry note (Xen, XEN_ELFNOTE_PHYS32_ENTRY) in the kernel's ELF: it was built without CONFIG_PVH: %w", ErrNoPVH)
+	return 0, fmt.Errorf("its ELF has no PVH entry note (Xen, XEN_ELFNOTE_PHYS32_ENTRY): the kernel was built without CONFIG_PVH: %w", ErrNoPVH)
 }
 
 // findPVHNote walks the notes of one segment: each is namesz, descsz and

@@ -179,7 +179,7 @@ func extractTo(ctx context.Context, kernelPath, final string) (v Vmlinux, err er
 	}
 	entry, err := PVHEntry(tmp)
 	if err != nil {
-		return Vmlinux{}, fmt.Errorf("the %s-compressed kernel's ELF: %w", comp, err)
+		return Vmlinux{}, fmt.Errorf("%s (%s): %w", kernelPath, comp, err)
 	}
 	if err := tmp.Chmod(0o644); err != nil {
 		return Vmlinux{}, fmt.Errorf("write: %w", err)

@@ -17,103 +17,16 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
 	"github.com/ulikunitz/xz/lzma"
+
+	"github.com/berthd/berth/vmdriver/initramfs/initramfstest"
 )
 
-const testEntry = 0x1000850
+const testEntry = initramfstest.PVHEntry
 
-// testELF builds a small x86-64 ELF kernel: a PT_LOAD segment of code-like
-// bytes (CALLs and JMPs, so the x86 BCJ filter has work) and a PT_NOTE
-// segment with Xen notes, the PVH entry among them when pvh is set.
-func testELF(pvh bool, seed uint64) []byte {
-	note := func(name string, typ uint32, desc []byte) []byte {
-		var b []byte
-		b = binary.LittleEndian.AppendUint32(b, uint32(len(name)+1))
-		b = binary.LittleEndian.AppendUint32(b, uint32(len(desc)))
-		b = binary.LittleEndian.AppendUint32(b, typ)
-		b = append(b, name...)
-		b = append(b, 0)
-		for len(b)%4 != 0 {
-			b = append(b, 0)
-		}
-		b = append(b, desc...)
-		for len(b)%4 != 0 {
-			b = append(b, 0)
-		}
-		return b
-	}
-	var notes []byte
-	notes = append(notes, note("GNU", 3, bytes.Repeat([]byte{0xab}, 20))...)
-	notes = append(notes, note("Xen", 6, []byte("linux\x00"))...)
-	if pvh {
-		notes = append(notes, note("Xen", xenElfnotePhys32Entry, binary.LittleEndian.AppendUint64(nil, testEntry))...)
-	}
-	notes = append(notes, note("Xen", 9, []byte("yes\x00"))...)
+func testELF(pvh bool, seed uint64) []byte { return initramfstest.ELF(pvh, seed) }
 
-	// Code-like bytes: CALL/JMP rel32 with small positive and negative
-	// displacements among filler from a small alphabet.
-	r := rand.New(rand.NewPCG(seed, 1))
-	var body []byte
-	for len(body) < 40<<10 {
-		switch r.IntN(4) {
-		case 0:
-			body = append(body, 0xe8)
-			body = binary.LittleEndian.AppendUint32(body, uint32(int32(r.IntN(1<<16)-1<<15)))
-		case 1:
-			body = append(body, 0xe9)
-			body = binary.LittleEndian.AppendUint32(body, uint32(r.IntN(1<<20)))
-		default:
-			body = append(body, []byte{0x48, 0x89, 0xe5, 0x55, 0xc3, 0x90, 0x0f, 0x1f}[r.IntN(8)])
-		}
-	}
-	const codeOff = 0x1000
-	noteOff := codeOff + len(body)
-	b := make([]byte, 64+2*56)
-	copy(b, "\x7fELF\x02\x01\x01")
-	le := binary.LittleEndian
-	le.PutUint16(b[16:], 2)  // ET_EXEC
-	le.PutUint16(b[18:], 62) // EM_X86_64
-	le.PutUint32(b[20:], 1)
-	le.PutUint64(b[24:], 0x1000000)
-	le.PutUint64(b[32:], 64) // e_phoff
-	le.PutUint16(b[52:], 64)
-	le.PutUint16(b[54:], 56)
-	le.PutUint16(b[56:], 2)
-	le.PutUint16(b[58:], 64)
-	ph := func(i int, typ, flags uint32, off, size, align uint64) {
-		p := b[64+56*i:]
-		le.PutUint32(p, typ)
-		le.PutUint32(p[4:], flags)
-		le.PutUint64(p[8:], off)
-		le.PutUint64(p[16:], 0xffffffff81000000+off)
-		le.PutUint64(p[24:], 0x1000000+off)
-		le.PutUint64(p[32:], size)
-		le.PutUint64(p[40:], size)
-		le.PutUint64(p[48:], align)
-	}
-	ph(0, 1, 5, codeOff, uint64(len(body)), 0x1000) // PT_LOAD, R+X
-	ph(1, 4, 4, uint64(noteOff), uint64(len(notes)), 4)
-	b = append(b, make([]byte, codeOff-len(b))...)
-	b = append(b, body...)
-	return append(b, notes...)
-}
-
-// testBzImage wraps a compressed payload in a bzImage: a setup header of
-// boot protocol 2.15 giving the payload's place, one setup sector, and the
-// payload after some protected-mode bytes. sizeTrailer appends the
-// uncompressed size as the kernel build does for every format but gzip.
 func testBzImage(payload []byte, size int, sizeTrailer bool) []byte {
-	if sizeTrailer {
-		payload = binary.LittleEndian.AppendUint32(append([]byte(nil), payload...), uint32(size))
-	}
-	const sects, pmOff = 1, 0x200
-	b := make([]byte, (sects+1)*512+pmOff)
-	b[hdrSetupSects] = sects
-	copy(b[hdrMagic:], "HdrS")
-	binary.LittleEndian.PutUint16(b[hdrVersion:], 0x020f)
-	binary.LittleEndian.PutUint32(b[hdrPayloadOffset:], pmOff)
-	binary.LittleEndian.PutUint32(b[hdrPayloadLength:], uint32(len(payload)))
-	b = append(b, payload...)
-	return append(b, make([]byte, 100)...) // the image's tail (e.g. its signature)
+	return initramfstest.BzImage(payload, size, sizeTrailer)
 }
 
 func compressGzip(t *testing.T, data []byte) []byte {
