@@ -114,6 +114,7 @@ type VM struct {
 	Enabled  bool   `mapstructure:"enabled"`
 	URI      string `mapstructure:"uri"`
 	Accel    string `mapstructure:"accel"`
+	Boot     string `mapstructure:"boot"` // how guests boot the node's kernel: auto, pvh or bzimage
 	InitPath string `mapstructure:"init_path"`
 }
 
@@ -372,6 +373,11 @@ func (c *Config) Validate() error {
 	case "auto", "kvm", "tcg":
 	default:
 		bad("vm.accel", "%q is not auto, kvm or tcg", c.VM.Accel)
+	}
+	switch c.VM.Boot {
+	case "auto", "pvh", "bzimage":
+	default:
+		bad("vm.boot", "%q is not auto, pvh or bzimage", c.VM.Boot)
 	}
 	if c.VM.Enabled && c.VM.URI == "" {
 		bad("vm.uri", "must be a libvirt URI such as qemu:///system")

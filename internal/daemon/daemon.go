@@ -206,6 +206,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			Root:        filepath.Join(d.cfg.DataDir, "vms"),
 			URI:         d.cfg.VM.URI,
 			Accel:       vmdriver.Accel(d.cfg.VM.Accel),
+			Boot:        vmdriver.BootMode(d.cfg.VM.Boot),
 			InitPath:    d.cfg.VM.InitPath,
 			LogMaxBytes: d.cfg.Container.LogMaxBytes,
 			MonitorCmd:  monitorCmd,
