@@ -16,15 +16,17 @@ import (
 // its logs and its record. A workload that still runs is refused unless
 // force, which kills it. The delete is the agent's once asked: Delete
 // waits for it while ctx lives, and it goes on when the caller leaves. A
-// failed attempt is retried by the agent; Delete then returns its error
-// (ErrUnavailable) while the workload shows it.
+// failed attempt is retried by the agent (a driver's passing trouble is
+// then not the caller's); after deleteWaitAttempts failed ones Delete
+// returns the last error (ErrUnavailable), which the workload shows while
+// the agent keeps trying.
 func (a *Agent) Delete(ctx context.Context, ref string, force bool) error {
 	r, err := a.requestDelete(ref, force)
 	if err != nil {
 		return err
 	}
 	id, failed := r.Workload.ID, r.DeleteAttempts
-	r, err = a.waitRecord(ctx, id, func(r *record) bool { return r.DeleteAttempts > failed })
+	r, err = a.waitRecord(ctx, id, func(r *record) bool { return r.DeleteAttempts >= failed+deleteWaitAttempts })
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil // gone: done
 	}
@@ -33,6 +35,10 @@ func (a *Agent) Delete(ctx context.Context, ref string, force bool) error {
 	}
 	return fmt.Errorf("delete workload %s: %s; the agent retries it: %w", id, r.DeleteError, errdefs.ErrUnavailable)
 }
+
+// deleteWaitAttempts is how many failed attempts of a delete Delete waits
+// through before it reports the failure.
+const deleteWaitAttempts = 3
 
 // RequestDelete is Delete without the wait: it returns the workload, now
 // deleting, as soon as the delete is recorded.

@@ -278,8 +278,12 @@ func (a *Agent) start(id string, s *supervisor) {
 }
 
 // endStopped ends a workload that a stop caught before it ran: exited,
-// with no exit code and msg as the reason.
+// with no exit code and msg as the reason. What its start attached to the
+// network is released first.
 func (a *Agent) endStopped(id, msg string) {
+	if err := a.detachNetwork(context.WithoutCancel(a.ctx), id); err != nil {
+		a.log.Warn("release the network of a start that was called off", "workload_id", id, "err", err)
+	}
 	_, err := a.mutate(id, func(r *record) error {
 		if r.Deleting || r.Workload.State.Terminal() {
 			return errSkip
@@ -370,6 +374,14 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 				}
 				a.finish(id, run, nil, fmt.Errorf("lost track of the workload: %w", w.err))
 				return
+			}
+			if w.res.Err != "" && r.StopRequested {
+				if st, err := d.Inspect(a.ctx, id); err == nil && st.StartedAt.IsZero() {
+					// It never ran: the stop called its start off (the
+					// driver had made the task when the agent restarted).
+					a.endStopped(id, msgStoppedStarting)
+					return
+				}
 			}
 			a.finish(id, run, w.res, nil)
 			return

@@ -38,6 +38,10 @@ type faults struct {
 	recoverErr error
 	// starts counts Start calls by task id, hanging ones included.
 	starts map[string]int
+	// neverRan makes the tasks it names look made but never run: ended
+	// with this error before they started, as a driver reports a start
+	// called off or failed after the agent died.
+	neverRan map[string]string
 }
 
 func (f *faults) set(fn func(f *faults)) {
@@ -76,12 +80,26 @@ func (c *ctl) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Handle
 func (c *ctl) Wait(ctx context.Context, id string) (*driver.ExitResult, error) {
 	c.f.mu.Lock()
 	hang := c.f.hangWait
+	why, never := c.f.neverRan[id]
 	c.f.mu.Unlock()
+	if never {
+		return &driver.ExitResult{ExitCode: -1, Err: why}, nil
+	}
 	if hang {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
 	return c.Driver.Wait(ctx, id)
+}
+
+func (c *ctl) Inspect(ctx context.Context, id string) (*driver.TaskStatus, error) {
+	c.f.mu.Lock()
+	why, never := c.f.neverRan[id]
+	c.f.mu.Unlock()
+	if never {
+		return &driver.TaskStatus{ID: id, State: driver.TaskExited, Exit: &driver.ExitResult{ExitCode: -1, Err: why}}, nil
+	}
+	return c.Driver.Inspect(ctx, id)
 }
 
 func (c *ctl) Destroy(ctx context.Context, id string) error {
@@ -126,7 +144,7 @@ type lifeEnv struct {
 
 func newLifeEnv(t *testing.T) *lifeEnv {
 	t.Helper()
-	e := &lifeEnv{env: newEnv(t), f: &faults{starts: map[string]int{}}}
+	e := &lifeEnv{env: newEnv(t), f: &faults{starts: map[string]int{}, neverRan: map[string]string{}}}
 	e.change = func(o *Options) {
 		e.vm = fake.New("vm", e.node)
 		o.Drivers = []driver.Driver{&ctl{e.ctr, e.f}, &ctl{e.vm, e.f}}
@@ -596,5 +614,61 @@ func TestTasksOfAnEarlierBoot(t *testing.T) {
 	e.waitFor(again.ID, func(w *api.Workload) bool { return running(w) && w.RestartCount == 1 })
 	if err := e.agent.Delete(context.Background(), once.ID, false); err != nil {
 		t.Errorf("delete after the reboot: %v", err)
+	}
+}
+
+// A start interrupted by the agent's death whose task the driver made but
+// never ran: the stop asked meanwhile ends it stopped (not failed); without
+// a stop, it is a start that failed by itself, with its reason, and it is
+// not started again.
+func TestInterruptedStartThatNeverRan(t *testing.T) {
+	for _, stopped := range []bool{true, false} {
+		t.Run(fmt.Sprintf("stop_asked=%v", stopped), func(t *testing.T) {
+			e := newLifeEnv(t)
+			e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
+			w := e.submit(sh("sleep 1000"))
+			<-e.f.starting
+			if err := e.agent.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// What the agent had persisted when it died: the record left
+			// starting (and the stop, when one was asked).
+			st, err := openStore(e.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			recs, index, err := st.loadAll()
+			if err != nil || len(recs) != 1 || recs[0].Workload.State != api.StateStarting {
+				t.Fatalf("persisted: %v, %v; want the workload starting", recs, err)
+			}
+			if stopped {
+				now := time.Now().UTC()
+				recs[0].StopRequested, recs[0].StopAt, recs[0].StopGrace = true, &now, time.Second
+				if err := st.put(recs[0], index+1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			st.close()
+			// The task the driver made: it never ran.
+			cfg := &driver.TaskConfig{ID: w.ID, Args: []string{"true"}, LogDir: filepath.Join(e.dir, "logs", w.ID)}
+			if _, err := fake.New("container", e.node).Start(context.Background(), cfg); err != nil {
+				t.Fatal(err)
+			}
+			e.f.set(func(f *faults) {
+				f.hangStart = false
+				f.neverRan[w.ID] = "runc create: stopped before it started"
+			})
+			e.start()
+			got := e.waitFor(w.ID, terminal)
+			switch {
+			case stopped && (got.State != api.StateExited || got.Error != msgStoppedStarting):
+				t.Errorf("stopped while starting: %s %q, want exited %q", got.State, got.Error, msgStoppedStarting)
+			case !stopped && (got.State != api.StateFailed || got.Error != "runc create: stopped before it started"):
+				t.Errorf("start that failed: %s %q, want failed with the driver's reason", got.State, got.Error)
+			}
+			if n := e.f.startsOf(w.ID); n != 1 {
+				t.Errorf("%d starts, want only the interrupted one", n)
+			}
+		})
 	}
 }

@@ -87,6 +87,21 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 	case err == nil:
 		a.log.Info("workload re-attached", "workload_id", id, "state", r.Workload.State)
 		if r.Workload.State == api.StateStarting {
+			if st, err := d.Inspect(ctx, id); err == nil && st.State == driver.TaskExited && st.StartedAt.IsZero() {
+				// The driver made the task, and it ended without ever
+				// running: its start was called off by the stop (or the
+				// delete) asked meanwhile, or it failed by itself.
+				if r.StopRequested {
+					a.endStopped(id, msgStoppedStarting)
+					return
+				}
+				reason := "the start failed"
+				if st.Exit != nil && st.Exit.Err != "" {
+					reason = st.Exit.Err
+				}
+				a.finish(id, run, nil, errors.New(reason))
+				return
+			}
 			a.settleStarted(ctx, r)
 		}
 		a.supervise(id)
