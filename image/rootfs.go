@@ -19,8 +19,9 @@ import (
 	"github.com/berthd/berth/internal/fileutil"
 )
 
-// Rootfs returns the directory holding img's flattened root filesystem,
-// unpacking it from the stored layers on first use. Every later call, and
+// Rootfs returns the directory holding img's flattened root filesystem.
+// Pull and Import unpack it already; an image stored by an older berth is
+// unpacked here on first use, within the same budgets. Every later call, and
 // every concurrent one, for the same manifest digest gets the same directory
 // without copying anything. The tree is shared: treat it as read-only.
 //
