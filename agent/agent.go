@@ -111,8 +111,8 @@ type Agent struct {
 	nodeID    string
 	capacity  api.NodeResources
 	conds     conditions
-	// recovered is closed when the start-up work that runs in the
-	// background (interrupted deletes, the first reconciliation) is done.
+	// recovered is closed when the first reconciliation, which runs in the
+	// background after recovery, is done.
 	recovered chan struct{}
 }
 
