@@ -186,6 +186,13 @@ func (u *userns) probe() error {
 	if err := os.Chmod(u.dir, 0o711); err != nil {
 		return fmt.Errorf("make %s searchable: %w", u.dir, err)
 	}
+	// Under the allocation lock: a probe removes what an interrupted one
+	// left, never one another driver runs.
+	unlock, err := fileutil.Lock(context.Background(), filepath.Join(u.dir, ".lock"))
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	if err := probeIDMappedOverlay(u.dir, idMap{UID: u.uid, GID: u.gid, Size: u.opts.RangeSize}); err != nil {
 		return fmt.Errorf("the kernel cannot run containers on id-mapped image layers: %w", err)
 	}
@@ -343,6 +350,13 @@ func searchable(dir string) error {
 // scratch directory under dir and checks the lower's root owner shows as
 // the namespace's root.
 func probeIDMappedOverlay(dir string, m idMap) (err error) {
+	// A probe an agent crash interrupted left its mounts.
+	stale, _ := filepath.Glob(filepath.Join(dir, ".probe-*"))
+	for _, s := range stale {
+		_ = unmountAll(filepath.Join(s, "merged"))
+		_ = unmountAll(filepath.Join(s, "stage"))
+		_ = os.RemoveAll(s)
+	}
 	scratch, err := os.MkdirTemp(dir, ".probe-")
 	if err != nil {
 		return err

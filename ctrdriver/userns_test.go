@@ -16,6 +16,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/testrootfs"
 	"github.com/berthd/berth/supervisor/monitortest"
 )
 
@@ -560,5 +561,53 @@ func TestUserNSAllocation(t *testing.T) {
 	m, err := a.allocate(ctx, dir)
 	if err != nil || m.UID != opts.Base+65536 {
 		t.Errorf("allocation after a task went: %+v %v, want the range it held", m, err)
+	}
+}
+
+// BenchmarkStartUserNS times Start (to running) of /bin/true with user
+// namespaces on and off; Wait and Destroy are not timed.
+func BenchmarkStartUserNS(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	top, err := os.MkdirTemp("", "berth-userns-bench-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(top)
+	os.Chmod(top, 0o711)
+	rootfs, err := os.MkdirTemp("", "berth-userns-bench-rootfs-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(rootfs)
+	if err := testrootfs.Build(rootfs); err != nil {
+		b.Fatal(err)
+	}
+	for _, mode := range []UserNSMode{UserNSAuto, UserNSOff} {
+		b.Run("userns="+string(mode), func(b *testing.B) {
+			d, err := New(Options{Root: filepath.Join(top, string(mode)), MonitorCmd: []string{monitortest.Path(b)}, UserNS: UserNSOptions{Mode: mode}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if on, reason := d.userns.enabled(); on != (mode == UserNSAuto) {
+				b.Fatalf("user namespaces on=%v: %s", on, reason)
+			}
+			ctx := context.Background()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				cfg := &driver.TaskConfig{ID: drivertest.NewID("dt-bench"), Image: driver.Image{RootfsDir: rootfs},
+					Args: []string{"true"}, Env: []string{"PATH=/bin"}, LogDir: b.TempDir()}
+				if _, err := d.Start(ctx, cfg); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				d.Wait(ctx, cfg.ID)
+				if err := d.Destroy(ctx, cfg.ID); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
 	}
 }

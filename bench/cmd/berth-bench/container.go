@@ -38,17 +38,21 @@ var idleCommand = []string{"sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"}
 
 // captured is what the harness learns from a berth container to build
 // the baseline bundle: berth's own runtime spec and the image's unpacked
-// root filesystem.
+// root filesystem. userns says berth ran it in a user namespace, which
+// the baseline does without (berth's id-mapped root filesystem is its own).
 type captured struct {
 	spec   *specs.Spec
 	rootfs string
+	userns bool
 }
 
 // captureBundle reads the runtime spec berth wrote for workload id and the
-// lower directory of its overlay root (the image's unpacked rootfs). Files
-// berth bind-mounts from the task's directory (resolv.conf, hosts) are
-// copied into keep, since the task's directory goes with the workload.
-func captureBundle(dataDir, id, keep string) (*captured, error) {
+// lower directory of its overlay root (the image's unpacked rootfs; with
+// user namespaces, the image's tree in the store: the id-mapped lower is
+// gone once the overlay is mounted). Files berth bind-mounts from the
+// task's directory (resolv.conf, hosts) are copied into keep, since the
+// task's directory goes with the workload.
+func captureBundle(dataDir, id, imageDigest, keep string) (*captured, error) {
 	taskDir := filepath.Join(dataDir, "containers", "tasks", id)
 	bundle := filepath.Join(taskDir, "bundle")
 	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
@@ -59,9 +63,21 @@ func captureBundle(dataDir, id, keep string) (*captured, error) {
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, err
 	}
-	lower, err := overlayLower(filepath.Join(bundle, "rootfs"))
+	root := s.Root.Path
+	if !filepath.IsAbs(root) {
+		root = filepath.Join(bundle, root)
+	}
+	lower, err := overlayLower(root)
 	if err != nil {
 		return nil, err
+	}
+	userns := withoutUserNS(&s)
+	if _, err := os.Stat(lower); err != nil && userns {
+		_, hex, _ := strings.Cut(imageDigest, ":")
+		lower = filepath.Join(dataDir, "images", "rootfs", hex)
+		if _, err := os.Stat(lower); err != nil {
+			return nil, fmt.Errorf("find the image's tree of %s: %w", imageDigest, err)
+		}
 	}
 	if err := os.MkdirAll(keep, 0o700); err != nil {
 		return nil, err
@@ -81,6 +97,36 @@ func captureBundle(dataDir, id, keep string) (*captured, error) {
 		s.Mounts[i].Source = dst
 	}
 	return &captured{spec: &s, rootfs: lower}, nil
+}
+
+// withoutUserNS turns a spec of a container in a user namespace into the
+// same container without one, for the baselines, and reports whether it
+// was in one: no user namespace nor id mappings, and its own sysfs
+// instead of the one berth mounted for it (a network namespace of the
+// host's user namespace).
+func withoutUserNS(s *specs.Spec) bool {
+	if s.Linux == nil {
+		return false
+	}
+	var nss []specs.LinuxNamespace
+	userns := false
+	for _, ns := range s.Linux.Namespaces {
+		if ns.Type == specs.UserNamespace {
+			userns = true
+			continue
+		}
+		nss = append(nss, ns)
+	}
+	if !userns {
+		return false
+	}
+	s.Linux.Namespaces, s.Linux.UIDMappings, s.Linux.GIDMappings = nss, nil, nil
+	for i, m := range s.Mounts {
+		if m.Destination == "/sys" {
+			s.Mounts[i] = specs.Mount{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}}
+		}
+	}
+	return true
 }
 
 // overlayLower finds the lowerdir of the overlay mounted at target.
@@ -283,14 +329,85 @@ func berthTrue(ctx context.Context, a *agentProc, network string) (running, exit
 	return fin.StartedAt.Sub(t0.Round(0)), exit, nil
 }
 
+// usernsState is what node status says of the agent's user namespaces:
+// "on", or "off: why".
+func usernsState(ctx context.Context, a *agentProc) string {
+	n, _, err := a.c.Node(ctx, nil)
+	if err != nil {
+		return "unknown: " + err.Error()
+	}
+	d := n.Drivers[string(api.IsolationContainer)].Details
+	if d["userns"] == "on" {
+		return "on"
+	}
+	return "off: " + d["userns_reason"]
+}
+
+// startUsernsOffAgent starts a second agent like a but with user
+// namespaces off, for the user namespace row; it runs network-none
+// containers only (no node network, no VMs, a unix socket of its own).
+// startAgent configures an agent from the bench's file and the
+// environment, so the differences are BERTH_* variables set around it.
+func startUsernsOffAgent(ctx context.Context, a *agentProc) (*agentProc, error) {
+	dir := filepath.Join(filepath.Dir(a.dataDir), "agent-userns-off")
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return nil, err
+	}
+	for k, v := range map[string]string{
+		"BERTH_CONTAINER_USERNS_MODE": "off", "BERTH_NETWORK_ENABLED": "false",
+		"BERTH_VM_ENABLED": "false", "BERTH_LISTEN_UNIX": filepath.Join(dir, "berth.sock"),
+	} {
+		old, had := os.LookupEnv(k)
+		os.Setenv(k, v)
+		if had {
+			defer os.Setenv(k, old)
+		} else {
+			defer os.Unsetenv(k)
+		}
+	}
+	off, err := startAgent(ctx, a.cmd.Path, dir, "tcg")
+	if err != nil {
+		return nil, err
+	}
+	if err := off.importImage(ctx); err != nil {
+		off.stop()
+		return nil, err
+	}
+	return off, nil
+}
+
+// stopAgent deletes what is left of an agent's workloads and stops it.
+func stopAgent(a *agentProc) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if ws, _, err := a.c.List(ctx, api.ListFilter{}, nil); err == nil {
+		ids := make([]string, len(ws))
+		for i, w := range ws {
+			ids[i] = w.ID
+		}
+		deleteAll(ctx, a, ids, 16)
+	}
+	a.stop()
+}
+
 // containerStart is measurement 1: N sequential /bin/true workloads
 // through the API, interleaved with the runc baselines so drift and noise
-// hit all three alike.
+// hit all three alike. A second agent with user namespaces off runs the
+// network-none workload too, for what user namespaces cost.
 func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *Report) error {
-	var bRun, bExit, nRun, rRun, cRun, cTotal []float64
+	var bRun, bExit, nRun, oRun, rRun, cRun, cTotal []float64
+	userns := usernsState(ctx, a)
+	off, err := startUsernsOffAgent(ctx, a)
+	if err != nil {
+		return fmt.Errorf("agent with user namespaces off: %w", err)
+	}
+	defer stopAgent(off)
 	// One unmeasured round of each warms page cache and runc.
 	if _, _, err := berthTrue(ctx, a, ""); err != nil {
 		return err
+	}
+	if _, _, err := berthTrue(ctx, off, "none"); err != nil {
+		return fmt.Errorf("berth /bin/true, user namespaces off: %w", err)
 	}
 	if _, err := rr.run(ctx); err != nil {
 		return err
@@ -311,6 +428,11 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 			return fmt.Errorf("berth /bin/true network none #%d: %w", i, err)
 		}
 		nRun = append(nRun, ms(run))
+		run, _, err = berthTrue(ctx, off, "none")
+		if err != nil {
+			return fmt.Errorf("berth /bin/true network none, user namespaces off #%d: %w", i, err)
+		}
+		oRun = append(oRun, ms(run))
 		d, err := rr.run(ctx)
 		if err != nil {
 			return err
@@ -338,7 +460,15 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 	bn := summarize(nRun)
 	rep.add(Result{Section: sec, Name: "berth submit→running, network none (no CNI)", Unit: "ms", Summary: &bn,
 		Baseline: "runc run", Ratio: ratio(bn.Median, runcRun.Median),
-		Note: fmt.Sprintf("overhead %+.1f ms over runc run; the bridge network costs %+.1f ms", bn.Median-runcRun.Median, br.Median-bn.Median)})
+		Note: fmt.Sprintf("overhead %+.1f ms over runc run; the bridge network costs %+.1f ms; user namespaces %s", bn.Median-runcRun.Median, br.Median-bn.Median, userns)})
+	bo := summarize(oRun)
+	cost := fmt.Sprintf("user namespaces (on in the row above) cost %+.1f ms a start", bn.Median-bo.Median)
+	if userns != "on" {
+		cost = "user namespaces are " + userns + " on the bench agent too: nothing to compare"
+	}
+	rep.add(Result{Section: sec, Name: "berth submit→running, network none, user namespaces off", Unit: "ms", Summary: &bo,
+		Baseline: "berth submit→running, network none (no CNI)", Ratio: ratio(bo.Median, bn.Median),
+		Note: cost + " (a second agent with container.userns.mode off, interleaved)"})
 	rep.add(Result{Section: sec, Name: "berth submit→exit (client sees exited)", Unit: "ms", Summary: &be,
 		Baseline: "runc run", Ratio: ratio(be.Median, runcRun.Median),
 		Note: fmt.Sprintf("overhead %+.1f ms over runc run, %+.1f ms over runc create+start+wait+delete",
@@ -351,6 +481,7 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, n int, rep *
 	})
 	rep.raw["container_start"] = map[string]any{
 		"berth_submit_to_running_ms": bRun, "berth_submit_to_exit_ms": bExit, "berth_network_none_submit_to_running_ms": nRun,
+		"berth_network_none_userns_off_submit_to_running_ms": oRun,
 		"runc_run_ms": rRun, "runc_create_start_ms": cRun, "runc_create_start_wait_delete_ms": cTotal,
 	}
 	return nil
@@ -557,7 +688,11 @@ func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, 
 		return nil, err
 	}
 	up := time.Since(t0)
-	cap, err := captureBundle(a.dataDir, ids[0], keep)
+	first, _, err := a.c.Get(ctx, ids[0], nil)
+	if err != nil {
+		return nil, err
+	}
+	cap, err := captureBundle(a.dataDir, ids[0], first.ImageDigest, keep)
 	if err != nil {
 		return nil, err
 	}
