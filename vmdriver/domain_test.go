@@ -96,6 +96,59 @@ func TestDomainXML(t *testing.T) {
 	}
 }
 
+// Every device sits on the root bus (no PCIe root ports), each in a slot
+// of its own, and the command line skips the crypto self-tests.
+func TestDomainXMLFlatPCI(t *testing.T) {
+	spec := testSpec(AccelTCG)
+	spec.Interfaces = []libvirtxml.DomainInterface{bridgeInterface("berth0", "52:54:00:00:00:01"), bridgeInterface("berth0", "52:54:00:00:00:02")}
+	doc, err := domainXML(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(doc); err != nil {
+		t.Fatal(err)
+	}
+	slots := map[uint]string{}
+	check := func(what string, a *libvirtxml.DomainAddress) {
+		if a == nil || a.PCI == nil || a.PCI.Bus == nil || *a.PCI.Bus != 0 || a.PCI.Slot == nil || a.PCI.Function == nil || *a.PCI.Function != 0 {
+			t.Errorf("%s: address %+v, want a slot on bus 0", what, a)
+			return
+		}
+		if other, dup := slots[*a.PCI.Slot]; dup {
+			t.Errorf("%s and %s share slot %#x", what, other, *a.PCI.Slot)
+		}
+		if *a.PCI.Slot == 0 || *a.PCI.Slot >= 0x1f {
+			t.Errorf("%s in reserved slot %#x", what, *a.PCI.Slot)
+		}
+		slots[*a.PCI.Slot] = what
+	}
+	for _, d := range dom.Devices.Disks {
+		check("disk "+d.Serial, d.Address)
+	}
+	for _, i := range dom.Devices.Interfaces {
+		check("interface "+i.MAC.Address, i.Address)
+	}
+	for _, c := range dom.Devices.Controllers {
+		switch c.Type {
+		case "virtio-serial":
+			check("virtio-serial", c.Address)
+		case "pci":
+			t.Errorf("PCI controller %s: berth's guests need no root ports", c.Model)
+		}
+	}
+	if len(slots) != 5 {
+		t.Errorf("%d devices placed, want 5", len(slots))
+	}
+	if !strings.Contains(dom.OS.Cmdline, "cryptomgr.notests") {
+		t.Errorf("cmdline %q", dom.OS.Cmdline)
+	}
+	spec.Interfaces = make([]libvirtxml.DomainInterface, 40)
+	if _, err := domainXML(spec); err == nil {
+		t.Error("40 interfaces fit on the root bus")
+	}
+}
+
 func TestDomainXMLKVM(t *testing.T) {
 	doc, err := domainXML(testSpec(AccelKVM))
 	if err != nil {
