@@ -672,3 +672,30 @@ func TestInterruptedStartThatNeverRan(t *testing.T) {
 		})
 	}
 }
+
+// Admission counts a workload being deleted until it is gone: what it
+// holds (its cpu, memory, its task) is the node's again only then.
+func TestAdmissionCountsDeletingWorkloads(t *testing.T) {
+	e := newLifeEnv(t)
+	e.change = func(o *Options) {
+		e.vm = fake.New("vm", e.node)
+		o.Drivers = []driver.Driver{&ctl{e.ctr, e.f}, &ctl{e.vm, e.f}}
+		o.Capacity = &api.NodeResources{CPU: 1, MemoryMB: 1 << 20}
+	}
+	e.restart()
+	gate := make(chan struct{})
+	e.f.set(func(f *faults) { f.destroyGate = gate })
+	w := e.submit(sh("sleep 1000"))
+	e.waitFor(w.ID, running)
+	if _, err := e.agent.RequestDelete(context.Background(), w.ID, true); err != nil {
+		t.Fatal(err)
+	}
+	spec := sh("sleep 1000")
+	spec.Image = testImage
+	if _, _, err := e.agent.Submit(context.Background(), spec); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("submit while the only cpu is held by a workload being deleted: %v, want ErrResourceExhausted", err)
+	}
+	close(gate)
+	e.waitGone(w.ID)
+	e.submit(sh("sleep 1000"))
+}

@@ -29,7 +29,7 @@ func (a *Agent) checkPortsLocked(w *api.Workload) error {
 	taken := map[string]string{}
 	a.mu.Lock()
 	for _, r := range a.recs {
-		if r.Deleting || !holdsResources(r) {
+		if !holdsResources(r) {
 			continue
 		}
 		for _, p := range r.Workload.Spec.Ports {

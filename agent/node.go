@@ -60,7 +60,7 @@ func holdsResources(r *record) bool {
 func (a *Agent) allocatedLocked() api.NodeResources {
 	var al api.NodeResources
 	for _, r := range a.recs {
-		if r.Deleting || !holdsResources(r) {
+		if !holdsResources(r) {
 			continue
 		}
 		cpu, mem := a.request(&r.Workload)
@@ -164,9 +164,6 @@ func (a *Agent) Node(ctx context.Context) *api.Node {
 	n.Index = a.index
 	n.Allocated = a.allocatedLocked()
 	for _, r := range a.recs {
-		if r.Deleting {
-			continue
-		}
 		n.Workloads.Total++
 		n.Workloads.ByState[r.Workload.State]++
 		n.Workloads.ByIsolation[r.Workload.Isolation]++

@@ -129,13 +129,32 @@ func oomKilled(id string) bool {
 	return err == nil && st.MemoryOomControl != nil && st.MemoryOomControl.OomKill > 0
 }
 
+// cgroupControllers are the v1 hierarchies runc makes a container's
+// cgroup in.
+var cgroupControllers = []string{"memory", "pids", "cpu", "cpuacct", "devices", "freezer", "blkio", "cpuset"}
+
+// removeCgroup removes the task's cgroup where it is left empty: runc
+// delete does not remove it for a container whose create was cut short (a
+// hung runc killed, a start called off), and nothing else would. A cgroup
+// that still has processes stays (rmdir fails with EBUSY) and is reported
+// by cgroupExists.
+func removeCgroup(id string) {
+	if cgroups.Mode() == cgroups.Unified {
+		_ = os.Remove("/sys/fs/cgroup" + cgroupPath(id))
+		return
+	}
+	for _, c := range cgroupControllers {
+		_ = os.Remove("/sys/fs/cgroup/" + c + cgroupPath(id))
+	}
+}
+
 // cgroupExists reports whether any controller still holds the task's cgroup.
 func cgroupExists(id string) bool {
 	if cgroups.Mode() == cgroups.Unified {
 		_, err := os.Stat("/sys/fs/cgroup" + cgroupPath(id))
 		return err == nil
 	}
-	for _, c := range []string{"memory", "pids", "cpu", "cpuacct", "devices", "freezer", "blkio", "cpuset"} {
+	for _, c := range cgroupControllers {
 		if _, err := os.Stat("/sys/fs/cgroup/" + c + cgroupPath(id)); err == nil {
 			return true
 		}

@@ -207,8 +207,9 @@ func (d *Driver) cleanup(ctx context.Context, id string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove task dir: %w", err))
 	}
+	removeCgroup(id)
 	if cgroupExists(id) {
-		errs = append(errs, fmt.Errorf("cgroup %s still exists after runc delete", cgroupPath(id)))
+		errs = append(errs, fmt.Errorf("cgroup %s still exists after runc delete (it still has processes?)", cgroupPath(id)))
 	}
 	return errors.Join(errs...)
 }
