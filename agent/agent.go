@@ -33,6 +33,9 @@ type Images interface {
 	ImportDisk(ctx context.Context, r io.Reader, ref string) (*image.Image, error)
 	DiskPath(img *image.Image) (string, error)
 	Remove(ref string) error
+	// DiskPressure says why the data directory has too little free space
+	// to take more (nil when it has room).
+	DiskPressure() error
 }
 
 // Options configure an Agent.
@@ -75,6 +78,9 @@ type Options struct {
 	// ReconcileInterval is how often records and driver tasks are
 	// compared (Reconcile); default 30s.
 	ReconcileInterval time.Duration
+	// DiskInterval is how often the data directory's free space is
+	// checked against the floor; default 10s.
+	DiskInterval time.Duration
 }
 
 // Agent manages the node's workloads.
@@ -85,6 +91,10 @@ type Agent struct {
 	images  Images
 	drivers map[api.Isolation]driver.Driver
 	logsDir string
+
+	// diskErr is the last free-space verdict (disk.go).
+	diskMu  sync.Mutex
+	diskErr string
 
 	ctx    context.Context // the agent's lifetime; supervisors stop with it
 	cancel context.CancelFunc
@@ -188,9 +198,11 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		a.log.Warn("isolation policy hot reload is off: cannot watch the file", "source", opts.PolicyFile, "error", err)
 	}
 	a.log.Info("isolation policy loaded", "source", pol.current().source, "version", pol.current().policy.Version())
-	a.wg.Add(2)
+	a.checkDisk()
+	a.wg.Add(3)
 	go a.healthLoop()
 	go a.reconcileLoop()
+	go a.diskLoop()
 	return a, nil
 }
 

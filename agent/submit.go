@@ -41,6 +41,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	if w := a.existing(spec); w != nil {
 		return w, false, nil
 	}
+	// A node whose data directory is nearly full takes nothing more: the
+	// state database and every workload's logs live there.
+	if err := a.images.DiskPressure(); err != nil {
+		return nil, false, err
+	}
 	placement, err := a.place(ctx, spec)
 	if err != nil {
 		return nil, false, err

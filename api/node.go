@@ -86,6 +86,9 @@ const (
 	ConditionPolicyValid = "PolicyValid"
 	// ConditionMemoryPressure: allocated memory is above 90% of allocatable.
 	ConditionMemoryPressure = "MemoryPressure"
+	// ConditionDiskPressure: the data directory's filesystem has less free
+	// space than storage.min_free_bytes; submits and pulls are refused.
+	ConditionDiskPressure = "DiskPressure"
 )
 
 // Event is one entry of the node's event stream (GET /v1/events).
@@ -114,6 +117,9 @@ const (
 	EventPolicyRejected     = "policy.rejected"
 	EventDriverHealthy      = "driver.healthy"
 	EventDriverUnhealthy    = "driver.unhealthy"
+	// EventNodeDiskPressure: the data directory's free space fell below
+	// the floor (attrs status=false: it is back above it).
+	EventNodeDiskPressure = "node.disk_pressure"
 )
 
 // EventFilter selects events; empty fields match everything.
