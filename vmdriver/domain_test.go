@@ -48,6 +48,9 @@ func TestDomainXML(t *testing.T) {
 	if dom.CPU == nil || dom.CPU.Mode == "host-passthrough" || dom.CPU.Model == nil || dom.CPU.Model.Value != "qemu64" {
 		t.Errorf("cpu = %+v, want the qemu64 model under TCG", dom.CPU)
 	}
+	if tcg := dom.Features.TCG; tcg == nil || tcg.TBCache == nil || tcg.TBCache.Size != tcgTBCacheMiB || tcg.TBCache.Unit != "MiB" {
+		t.Errorf("tcg features = %+v, want a %d MiB translation cache", tcg, tcgTBCacheMiB)
+	}
 	if dom.VCPU.Value != 2 || dom.Memory.Value != (256<<10)+uint(GuestMemoryOverhead>>10) || dom.Memory.Unit != "KiB" {
 		t.Errorf("vcpu %d memory %d %s", dom.VCPU.Value, dom.Memory.Value, dom.Memory.Unit)
 	}
@@ -160,6 +163,9 @@ func TestDomainXMLKVM(t *testing.T) {
 	}
 	if dom.Type != "kvm" || dom.CPU == nil || dom.CPU.Mode != "host-model" {
 		t.Errorf("type %q cpu %+v, want kvm with host-model (never host-passthrough)", dom.Type, dom.CPU)
+	}
+	if dom.Features.TCG != nil {
+		t.Errorf("tcg features under KVM: %+v", dom.Features.TCG)
 	}
 	if _, err := domainXML(testSpec(AccelAuto)); err == nil {
 		t.Error("domainXML accepted an unresolved accel")

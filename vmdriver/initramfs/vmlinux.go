@@ -7,6 +7,7 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -27,7 +28,7 @@ import (
 // vmlinuxVersion is part of the extracted kernel's cache key: bump it when
 // extraction changes, so a kernel extracted (or refused) by older code is
 // extracted again.
-const vmlinuxVersion = "berth-vmlinux/1"
+const vmlinuxVersion = "berth-vmlinux/2"
 
 // ErrNoPVH says that a kernel cannot be booted through its PVH entry point:
 // its payload could not be extracted, or the ELF it holds has no PVH note.
@@ -181,6 +182,9 @@ func extractTo(ctx context.Context, kernelPath, final string) (v Vmlinux, err er
 	if err != nil {
 		return Vmlinux{}, fmt.Errorf("%s (%s): %w", kernelPath, comp, err)
 	}
+	if err := trimZeroTails(tmp); err != nil {
+		return Vmlinux{}, fmt.Errorf("%s (%s): %w", kernelPath, comp, err)
+	}
 	if err := tmp.Chmod(0o644); err != nil {
 		return Vmlinux{}, fmt.Errorf("write: %w", err)
 	}
@@ -194,6 +198,65 @@ func extractTo(ctx context.Context, kernelPath, final string) (v Vmlinux, err er
 		return Vmlinux{}, fmt.Errorf("install: %w", err)
 	}
 	return Vmlinux{Path: final, Compression: comp, Entry: entry}, nil
+}
+
+// trimZeroTails makes the zeros that end each loadable segment of the
+// ELF64 kernel f part of the segment's zero-filled remainder (p_filesz
+// short of p_memsz), which a loader writes as zeros without reading them:
+// the guest's memory is the same, but QEMU, which maps the kernel file and
+// keeps what it read resident for the VM's life, no longer reads the
+// kernel's bss (some 23 MiB of Debian's 66 MiB vmlinux, issue 17).
+func trimZeroTails(f *os.File) error {
+	ef, err := elf.NewFile(f)
+	if err != nil {
+		return fmt.Errorf("read ELF: %w", err)
+	}
+	if ef.Class != elf.ELFCLASS64 {
+		return nil
+	}
+	var phoff [8]byte
+	if _, err := f.ReadAt(phoff[:], 32); err != nil {
+		return fmt.Errorf("read ELF header: %w", err)
+	}
+	const phentsize, fileszAt = 56, 32 // Elf64_Phdr and its p_filesz
+	for i, p := range ef.Progs {
+		if p.Type != elf.PT_LOAD || p.Filesz == 0 {
+			continue
+		}
+		zeros, err := trailingZeros(f, int64(p.Off), int64(p.Filesz))
+		if err != nil {
+			return err
+		}
+		if zeros == 0 {
+			continue
+		}
+		var b [8]byte
+		ef.ByteOrder.PutUint64(b[:], p.Filesz-uint64(zeros))
+		at := int64(ef.ByteOrder.Uint64(phoff[:])) + int64(i)*phentsize + fileszAt
+		if _, err := f.WriteAt(b[:], at); err != nil {
+			return fmt.Errorf("write program header: %w", err)
+		}
+	}
+	return nil
+}
+
+// trailingZeros counts the zero bytes that end f[off:off+n].
+func trailingZeros(f io.ReaderAt, off, n int64) (int64, error) {
+	buf := make([]byte, 1<<20)
+	var zeros int64
+	for end := off + n; end > off; {
+		k := min(int64(len(buf)), end-off)
+		if _, err := f.ReadAt(buf[:k], end-k); err != nil {
+			return 0, fmt.Errorf("read segment: %w", err)
+		}
+		nz := len(bytes.TrimRight(buf[:k], "\x00"))
+		zeros += k - int64(nz)
+		if nz > 0 {
+			break
+		}
+		end -= k
+	}
+	return zeros, nil
 }
 
 // Extract writes the uncompressed kernel (vmlinux, an ELF) carried by the

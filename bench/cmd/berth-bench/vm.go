@@ -204,6 +204,8 @@ func qemuDirect(ctx context.Context, c *vmCapture, kernel, dir, cgroup string) (
 	accel, cpu := "tcg", "qemu64"
 	if d.Type == "kvm" {
 		accel, cpu = "kvm", "host"
+	} else if f := d.Features; f != nil && f.TCG != nil && f.TCG.TBCache != nil && strings.EqualFold(f.TCG.TBCache.Unit, "MiB") {
+		accel += fmt.Sprintf(",tb-size=%d", f.TCG.TBCache.Size) // berth's translation cache
 	}
 	if kernel == "" {
 		kernel = d.OS.Kernel
@@ -674,8 +676,11 @@ func measureVMs(a *agentProc, ids []string, before procMem, rep *Report) error {
 		Note: "few VMs: within the Go heap's noise"})
 	rep.add(Result{Section: sec, Name: "VM monitor process RSS", Unit: "KiB", Summary: &mr})
 	rep.add(Result{Section: sec, Name: "VM monitor process PSS", Unit: "KiB", Summary: &mp})
+	qp := summarize(qemuPSS)
 	rep.add(Result{Section: sec, Name: "QEMU process RSS per VM (guest RAM touched + QEMU)", Unit: "MiB", Summary: scaleSummary(qr, 1.0/1024),
 		Note: "not berth's overhead: the VM itself"})
+	rep.add(Result{Section: sec, Name: "QEMU process PSS per VM", Unit: "MiB", Summary: scaleSummary(qp, 1.0/1024),
+		Note: "the kernel file QEMU maps (PVH) is page cache shared by every VM; PSS splits it among them"})
 	rep.add(Result{Section: sec, Name: "per-VM overhead (monitor PSS + agent delta)", Unit: "KiB", Value: mp.Median + delta})
 	if len(qemuRSS) > 0 {
 		mib := qr.Median / 1024

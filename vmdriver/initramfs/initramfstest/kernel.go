@@ -6,6 +6,7 @@ package initramfstest
 import (
 	"bytes"
 	"compress/gzip"
+	"debug/elf"
 	"encoding/binary"
 	"math/rand/v2"
 	"os"
@@ -62,6 +63,8 @@ func ELF(pvh bool, seed uint64) []byte {
 			body = append(body, []byte{0x48, 0x89, 0xe5, 0x55, 0xc3, 0x90, 0x0f, 0x1f}[r.IntN(8)])
 		}
 	}
+	// The segment ends with zeros, as the kernel's ends with its bss.
+	body = append(body, make([]byte, 8<<10)...)
 	const codeOff = 0x1000
 	noteOff := codeOff + len(body)
 	b := make([]byte, 64+2*56)
@@ -120,6 +123,28 @@ func GzipBzImage(pvh bool, seed uint64) []byte {
 	zw.Write(e)
 	zw.Close()
 	return BzImage(buf.Bytes(), len(e), false)
+}
+
+// Loaded is what a loader puts in memory for the ELF e: each PT_LOAD
+// segment's file bytes and zeros up to its memory size, by physical
+// address. Two kernels that load the same are the same kernel.
+func Loaded(e []byte) (map[uint64][]byte, error) {
+	f, err := elf.NewFile(bytes.NewReader(e))
+	if err != nil {
+		return nil, err
+	}
+	m := map[uint64][]byte{}
+	for _, p := range f.Progs {
+		if p.Type != elf.PT_LOAD {
+			continue
+		}
+		b := make([]byte, p.Memsz)
+		if _, err := p.ReadAt(b[:p.Filesz], 0); err != nil && p.Filesz > 0 {
+			return nil, err
+		}
+		m[p.Paddr] = b
+	}
+	return m, nil
 }
 
 // Node writes a fake node kernel: bootDir/vmlinuz-release holding image,
