@@ -19,7 +19,7 @@ import (
 	"github.com/berthd/berth/supervisor/monitortest"
 )
 
-// hangingRunc writes a runc wrapper that hangs in `create` (the way a
+// hangingRunc writes a runc wrapper that hangs creating the container (`create`, or `run`) (the way a
 // wedged runc or a stuck cgroup write does) while marker exists, and runs
 // the real runc otherwise.
 func hangingRunc(t *testing.T) (path, marker string) {
@@ -30,7 +30,7 @@ func hangingRunc(t *testing.T) (path, marker string) {
 	path = filepath.Join(dir, "runc")
 	script := fmt.Sprintf(`#!/bin/sh
 for a in "$@"; do
-	if [ "$a" = create ] && [ -e %q ]; then
+	if { [ "$a" = create ] || [ "$a" = run ]; } && [ -e %q ]; then
 		sleep 3600 &
 		wait
 	fi

@@ -55,7 +55,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err := writeNetworkFiles(dir, cfg, spec); err != nil {
 		return nil, err
 	}
-	if err := fileutil.WriteJSON(filepath.Join(bundle, "config.json"), spec); err != nil {
+	if err := fileutil.ReplaceJSON(filepath.Join(bundle, "config.json"), spec); err != nil {
 		return nil, err
 	}
 	t := d.sup.NewTask(cfg.ID, dir, struct{}{})

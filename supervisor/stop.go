@@ -90,7 +90,7 @@ func (s *Supervisor[T]) requestStop(t *Task[T], grace time.Duration) error {
 		req.RequestedAt = prev.RequestedAt // when it was first asked
 		req.Grace = time.Now().UTC().Add(grace).Sub(prev.RequestedAt)
 	}
-	err := fileutil.WriteJSON(filepath.Join(t.Dir, monitor.StopFile), req)
+	err := fileutil.ReplaceJSON(filepath.Join(t.Dir, monitor.StopFile), req)
 	t.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("%s %s: record the stop request: %w", s.opts.Noun, t.ID, err)
@@ -186,6 +186,20 @@ func (s *Supervisor[T]) Kill(ctx context.Context, t *Task[T], e Ender) error {
 			return ctx.Err()
 		case <-time.After(killWait):
 			s.log.Warn("task did not end after a forced stop; killing its monitor's session", "task_id", t.ID)
+			s.killSession(t)
+			return nil
+		}
+	}
+	// The end is recorded; the monitor may still be releasing runc's
+	// state. Let it, within a bound.
+	if rec := t.Monitor(); rec.Pid != 0 {
+		if gone, err := proc.Watch(rec.Ident); err == nil {
+			select {
+			case <-gone:
+			case <-time.After(killWait):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
 	}
 	s.killSession(t)

@@ -285,12 +285,13 @@ func (s *Supervisor[T]) Running() []*Task[T] {
 // stamped with the protocol version and the boot id.
 func (s *Supervisor[T]) WriteConfig(t *Task[T], cfg monitor.Config) error {
 	cfg.Version, cfg.Kind, cfg.ID, cfg.BootID = monitor.Version, s.opts.Kind, t.ID, s.opts.BootID
-	return fileutil.WriteJSON(filepath.Join(t.Dir, monitor.ConfigFile), cfg)
+	return fileutil.ReplaceJSON(filepath.Join(t.Dir, monitor.ConfigFile), cfg)
 }
 
 // Spawn starts the task's monitor (its config already written) and waits
 // until it reports the task running or failed (read its status). The
-// returned channel closes when the monitor exits. When ctx ends first, the
+// returned channel closes when the monitor says the task's end is recorded,
+// or exits. When ctx ends first, the
 // start is called off: the monitor is told to stop at once, then its
 // session is killed, and ctx's error is returned.
 func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{}, error) {
@@ -304,6 +305,11 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 		return nil, err
 	}
 	defer readyR.Close()
+	endedR, endedW, err := os.Pipe()
+	if err != nil {
+		readyW.Close()
+		return nil, err
+	}
 	// A previous monitor's record (a respawn) must not be mistaken for
 	// this one's.
 	_ = os.Remove(filepath.Join(t.Dir, monitor.PidFile))
@@ -314,15 +320,18 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 	cmd.Env = append(append([]string(nil), s.opts.Env...), "GOMAXPROCS=1")
 	cmd.Dir = t.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{readyW} // fd 3 = monitor.ReadyFD
+	cmd.ExtraFiles = []*os.File{readyW, endedW} // fds 3 and 4: monitor.ReadyFD, EndedFD
 	// Its own session: the agent's death or its terminal's signals must not
 	// reach the monitor, and Kill can end everything it started at once.
 	cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		readyW.Close()
+		endedR.Close()
+		endedW.Close()
 		return nil, fmt.Errorf("start monitor %s: %w", s.opts.Monitor[0], err)
 	}
 	readyW.Close()
+	endedW.Close()
 	ident, _ := proc.Identify(cmd.Process.Pid)
 	if ident.Pid == 0 {
 		ident = proc.Ident{Pid: cmd.Process.Pid}
@@ -330,11 +339,16 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 	t.mu.Lock()
 	t.monitor = monitor.PidRecord{Ident: ident}
 	t.mu.Unlock()
+	// The task has ended once the monitor says its end is recorded (or
+	// has exited): the monitor itself may still be cleaning up.
 	exited := make(chan struct{})
 	go func() {
-		_ = cmd.Wait() // our child while this agent lives: reap it
+		var b [1]byte
+		_, _ = endedR.Read(b[:])
+		endedR.Close()
 		close(exited)
 	}()
+	go func() { _ = cmd.Wait() }() // our child while this agent lives: reap it
 	readCh := make(chan struct{})
 	go func() {
 		var b [1]byte

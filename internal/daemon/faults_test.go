@@ -399,7 +399,7 @@ func TestHungRunc(t *testing.T) {
 	if err != nil {
 		real = "/usr/sbin/runc"
 	}
-	script := fmt.Sprintf("#!/bin/sh\nfor a in \"$@\"; do\n\tif [ \"$a\" = create ] && [ -e %q ]; then sleep 3599 & wait; fi\ndone\nexec %q \"$@\"\n", marker, real)
+	script := fmt.Sprintf("#!/bin/sh\nfor a in \"$@\"; do\n\tif { [ \"$a\" = create ] || [ \"$a\" = run ]; } && [ -e %q ]; then sleep 3599 & wait; fi\ndone\nexec %q \"$@\"\n", marker, real)
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -46,7 +46,7 @@ func run(dir string, ready *os.File) error {
 	// Only we write it: its version says we hear stop requests.
 	ident, err := proc.Identify(os.Getpid())
 	if err == nil {
-		err = fileutil.WriteJSON(filepath.Join(dir, PidFile), PidRecord{Ident: ident, BootID: cfg.BootID, Version: Version})
+		err = fileutil.ReplaceJSON(filepath.Join(dir, PidFile), PidRecord{Ident: ident, BootID: cfg.BootID, Version: Version})
 	}
 	m := &mon{dir: dir, cfg: cfg, ready: ready, stops: stops}
 	if err != nil {
@@ -73,7 +73,7 @@ type mon struct {
 
 func (m *mon) writeStatus(st Status) error {
 	st.Version = Version
-	return fileutil.WriteJSON(filepath.Join(m.dir, StatusFile), st)
+	return fileutil.ReplaceJSON(filepath.Join(m.dir, StatusFile), st)
 }
 
 // fail records that the task could not run and releases the agent waiting
@@ -94,6 +94,18 @@ func (m *mon) readStop() (StopRequest, bool) {
 		return r, false
 	}
 	return r, true
+}
+
+// signalEnded tells the agent the task's end is recorded, when it handed
+// us the pipe for it.
+func signalEnded() {
+	var st unix.Stat_t
+	if unix.Fstat(EndedFD, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		return
+	}
+	f := os.NewFile(EndedFD, "ended")
+	_, _ = f.Write([]byte{1})
+	f.Close()
 }
 
 func signalReady(ready *os.File) {

@@ -20,7 +20,11 @@
 //	status.json   Status      written by the monitor at each step of the task
 //	stop.json     StopRequest written by the agent; SIGUSR1 tells the monitor
 //
-// plus one control message: SIGUSR1, "read stop.json now". Every record
+// plus one control message: SIGUSR1, "read stop.json now". The files are
+// replaced atomically but not synced: they mean nothing after a power loss
+// (the node's next boot finds them stamped with another boot id and
+// releases what they name), and a process crash loses nothing of them.
+// Every record
 // carries the protocol version, so an agent adopts monitors an older agent
 // started (records without a version are version 1: the layout before the
 // supervisor was shared, which a new agent still reads).
@@ -47,6 +51,12 @@ const (
 // ReadyFD is the pipe (the monitor's fd 3) on which the monitor tells the
 // agent that its task runs, or that it failed to start.
 const ReadyFD = 3
+
+// EndedFD is the pipe (fd 4) on which the monitor tells the agent that the
+// task's end is recorded, before it releases runc's state and the cgroup:
+// the agent reports the exit without waiting for that clean-up. Its EOF,
+// when the monitor exits, says the same.
+const EndedFD = 4
 
 // Kind says what a monitor supervises.
 type Kind string
@@ -116,7 +126,7 @@ type PidRecord struct {
 
 // Task states in Status.
 const (
-	StateCreated = "created" // runc create done, not started
+	StateCreated = "created" // created, not yet started (protocol 1 monitors)
 	StateRunning = "running"
 	StateExited  = "exited"
 	StateFailed  = "failed" // the task could not start, or the monitor gave up

@@ -93,14 +93,20 @@ func (m *mon) runContainer() error {
 		case <-startDone:
 		}
 	}()
+	// One runc process creates and starts the container (run --detach):
+	// the start a separate `runc start` would add is a second runc
+	// process's whole start-up. The container's init is re-parented to
+	// us, the subreaper, when runc exits.
 	runcLog := filepath.Join(m.dir, runcLogFile)
 	err = m.runc(startCtx, outW, errW, "--log", runcLog, "--log-format", "json",
-		"create", "--bundle", rc.Bundle, "--pid-file", filepath.Join(m.dir, containerPidFile), m.cfg.ID)
+		"run", "--detach", "--bundle", rc.Bundle, "--pid-file", filepath.Join(m.dir, containerPidFile), m.cfg.ID)
 	outW.Close()
 	errW.Close()
 	if err != nil {
+		// runc delete --force kills whatever of the container was made.
 		m.cleanupRunc()
-		return m.fail(fmt.Errorf("runc create: %s", m.startError(startCtx, runcLog, err)))
+		reapAll()
+		return m.fail(fmt.Errorf("runc run: %s", m.startError(startCtx, runcLog, err)))
 	}
 	pidBytes, err := os.ReadFile(filepath.Join(m.dir, containerPidFile))
 	if err != nil {
@@ -112,24 +118,15 @@ func (m *mon) runContainer() error {
 		m.cleanupRunc()
 		return m.fail(fmt.Errorf("parse container pid %q: %w", pidBytes, err))
 	}
-	// The init is our child now (runc create has exited): until we reap
-	// it its pid cannot be reused, and a pidfd signals exactly it.
+	// The init is our child now (runc has exited; it may have exited
+	// too, and waits for us as a zombie): until we reap it its pid cannot
+	// be reused, and a pidfd signals exactly it.
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		m.cleanupRunc()
 		return m.fail(fmt.Errorf("open the container init %d: %w", pid, err))
 	}
 	defer unix.Close(pidfd)
-	if err := m.writeStatus(Status{State: StateCreated, Pid: pid}); err != nil {
-		m.cleanupRunc()
-		return m.fail(err)
-	}
-	if err := m.runc(startCtx, nil, nil, "--log", runcLog, "--log-format", "json", "start", m.cfg.ID); err != nil {
-		_ = unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
-		reapPid(pid)
-		m.cleanupRunc()
-		return m.fail(fmt.Errorf("runc start: %s", m.startError(startCtx, runcLog, err)))
-	}
 	started := time.Now().UTC()
 	if err := m.writeStatus(Status{State: StateRunning, Pid: pid, StartedAt: started}); err != nil {
 		_ = unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
@@ -155,6 +152,7 @@ func (m *mon) runContainer() error {
 	if err := m.writeStatus(st); err != nil {
 		return err
 	}
+	signalEnded()
 	// The exit status is safe on disk; now release the cgroup and runc's
 	// state so nothing of the container lingers while nobody asks.
 	m.cleanupRunc()
@@ -313,6 +311,18 @@ func reapPid(pid int) {
 	for {
 		_, err := unix.Wait4(pid, &ws, 0, nil)
 		if !errors.Is(err, unix.EINTR) {
+			return
+		}
+	}
+}
+
+// reapAll reaps the children that have already exited (what a killed
+// start left re-parented to us), without waiting for others.
+func reapAll() {
+	var ws unix.WaitStatus
+	for {
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if pid <= 0 && !errors.Is(err, unix.EINTR) {
 			return
 		}
 	}
