@@ -22,6 +22,9 @@ func (a *Agent) diskPressure() string {
 // checkDisk reads the free space now and moves the state index when the
 // verdict flips, so node-status pollers see DiskPressure at once.
 func (a *Agent) checkDisk() {
+	if a.images == nil {
+		return // an agent without an image store (policy tools) stores nothing
+	}
 	msg := ""
 	if err := a.images.DiskPressure(); err != nil {
 		msg = err.Error()
