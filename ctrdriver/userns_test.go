@@ -246,8 +246,18 @@ func TestUserNSJoinedNetwork(t *testing.T) {
 		cfg := userNSTask(t, "dt-uns-host", "sh", "-c", "echo net: $(ls /sys/class/net); echo start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)")
 		cfg.Network = &driver.Network{Mode: driver.NetworkHost}
 		out := runToEnd(t, d, cfg)
+		// Other tests make and remove interfaces meanwhile: only those
+		// there before and after must show.
+		after, _ := os.ReadDir("/sys/class/net")
+		still := map[string]bool{}
+		for _, e := range after {
+			still[e.Name()] = true
+		}
 		for _, e := range hostIfaces {
-			if !strings.Contains(out, " "+e.Name()) {
+			if !still[e.Name()] {
+				continue
+			}
+			if !strings.Contains(out+" ", " "+e.Name()+" ") && !strings.Contains(out, " "+e.Name()+"\n") {
 				t.Errorf("host network: /sys/class/net lacks the host's %s: %q", e.Name(), out)
 			}
 		}
