@@ -4,6 +4,9 @@
 //
 //	tasks/<id>/bundle/config.json   OCI runtime spec (runtime-spec types)
 //	tasks/<id>/bundle/rootfs        overlay mount: image rootfs + upper
+//	                                (with user namespaces on, the overlay is
+//	                                at <data_dir>/userns/<uid>.<gid>/rootfs,
+//	                                reachable only by the range's root)
 //	tasks/<id>/upper, work          the task's copy-on-write layer
 //	tasks/<id>/monitor.json, monitor.pid, status.json, stop.json
 //	                                the monitor protocol (supervisor/monitor)
@@ -141,6 +144,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 		Details:      map[string]string{"cgroup_mode": cgroupMode(), "runc_path": d.runc.path},
 	}
 	d.userns.describe(fp.Details)
+	fp.Capabilities.UserNS = fp.Details["userns"] == "on"
 	v, err := d.runc.version(ctx)
 	if err != nil {
 		fp.Reason = fmt.Sprintf("runc is not usable: %v", err)

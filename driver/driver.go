@@ -208,6 +208,8 @@ type Capabilities struct {
 	WholeDisk bool
 	// HostNetwork: the driver can run tasks in the host's network.
 	HostNetwork bool
+	// UserNS: each task's root is an unprivileged host uid of its own.
+	UserNS bool
 	// Accel is a VM driver's accelerator; empty for other drivers.
 	Accel Accel
 }

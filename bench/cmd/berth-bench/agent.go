@@ -37,7 +37,9 @@ type agentProc struct {
 // of them in on a 2-core node through cpu_overcommit. VMs run under TCG
 // unless the caller says KVM works here.
 func agentConfig(addr, dataDir, accel string) string {
+	// No unix socket: the node's own agent may hold the default one.
 	return fmt.Sprintf(`listen: %s
+listen_unix: ""
 data_dir: %s
 log:
   level: warn
