@@ -292,7 +292,7 @@ func (d *Driver) bootProbeGuest(ctx context.Context, accel Accel, timeout time.D
 	if err := cleanup(); err != nil {
 		return probeOutcome{}, err
 	}
-	if err := os.Mkdir(dir, 0o711); err != nil {
+	if err := d.qemuDir(dir, os.Mkdir); err != nil {
 		return probeOutcome{}, fmt.Errorf("create probe dir: %w", err)
 	}
 	defer func() {

@@ -106,6 +106,10 @@ type Options struct {
 	MonitorEnv []string
 	// LogMaxBytes caps each of a task's stdout and stderr logs; 0 means 64 MiB.
 	LogMaxBytes int64
+	// QEMUGroup is the group QEMU runs in (name or number, e.g. Debian's
+	// libvirt-qemu): the only one that may pass through the driver's
+	// directories. Empty: anyone may pass through (0711), nobody may list.
+	QEMUGroup string
 	// StatusMaxBytes caps the guest's status channel: a guest that writes
 	// more is misbehaving, and its VM is ended. 0 means 1 MiB.
 	StatusMaxBytes int64
@@ -150,6 +154,8 @@ type Driver struct {
 	cancel context.CancelFunc
 
 	sup *supervisor.Supervisor[taskState]
+	// qemuGID is QEMU's group (Options.QEMUGroup); -1 for none.
+	qemuGID int
 }
 
 var _ driver.Driver = (*Driver)(nil)
@@ -256,13 +262,13 @@ func New(opts Options) (*Driver, error) {
 	d.probeGuest = func(ctx context.Context) (probeOutcome, error) {
 		return d.bootProbeGuest(ctx, AccelKVM, d.opts.ProbeTimeout)
 	}
-	// 0711: QEMU (libvirt's unprivileged user) may pass through to the
-	// disks libvirt hands it, and list nothing.
+	if d.qemuGID, err = resolveGroup(opts.QEMUGroup); err != nil {
+		return nil, err
+	}
+	// QEMU (libvirt's unprivileged user) may pass through to the disks
+	// libvirt hands it, and list nothing (perms.go).
 	for _, dir := range []string{opts.Root, d.tasksDir, d.cacheDir} {
-		if err := os.MkdirAll(dir, 0o711); err != nil {
-			return nil, fmt.Errorf("vmdriver: %w", err)
-		}
-		if err := os.Chmod(dir, 0o711); err != nil {
+		if err := d.qemuDir(dir, os.MkdirAll); err != nil {
 			return nil, fmt.Errorf("vmdriver: %w", err)
 		}
 	}

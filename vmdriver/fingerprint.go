@@ -73,7 +73,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 			return unhealthy("virtlogd is not running (%s is missing): libvirt needs it for the VM console; start it with `virtlogd -d`", virtlogdSocket)
 		}
 	}
-	if dir := untraversable(d.opts.Root); dir != "" {
+	if dir := untraversable(filepath.Dir(d.opts.Root)); dir != "" {
 		return unhealthy("%s is not traversable by others (mode o-x): QEMU runs unprivileged and cannot reach the task disks under %s; chmod o+x %s", dir, d.opts.Root, dir)
 	}
 	if err := d.bootDetails(fp.Details, k); err != nil {

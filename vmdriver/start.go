@@ -61,7 +61,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, fmt.Errorf("vm task %s: socket paths under %s would be %d bytes, more than unix sockets allow (%d); use a shorter driver root: %w",
 			cfg.ID, d.opts.Root, n, maxSocketPath, errdefs.ErrInvalidArgument)
 	}
-	if err := os.Mkdir(dir, 0o711); err != nil {
+	if err := d.qemuDir(dir, os.Mkdir); err != nil {
 		if errors.Is(err, os.ErrExist) {
 			return nil, fmt.Errorf("vm task %s: %w", cfg.ID, errdefs.ErrAlreadyExists)
 		}

@@ -14,7 +14,9 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/berthd/berth/agent"
@@ -160,6 +162,17 @@ func imageRegistries(cfg *config.Config) image.Registries {
 	return r
 }
 
+// qemuGroup is QEMU's group, when it exists: the only one that may pass
+// through the VM driver's directories.
+func qemuGroup(cfg *config.Config) string {
+	if _, err := user.LookupGroup(cfg.Images.DiskGroup); err != nil {
+		if _, nerr := strconv.Atoi(cfg.Images.DiskGroup); nerr != nil {
+			return ""
+		}
+	}
+	return cfg.Images.DiskGroup
+}
+
 // diskGroup may read whole-disk images: QEMU's group, when VMs run here.
 func diskGroup(cfg *config.Config) string {
 	if !cfg.VM.Enabled {
@@ -211,6 +224,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			LogMaxBytes: d.cfg.Container.LogMaxBytes,
 			MonitorCmd:  monitorCmd,
 			BootID:      bootID,
+			QEMUGroup:   qemuGroup(d.cfg),
 			Logger:      d.log,
 		})
 		if err != nil {
