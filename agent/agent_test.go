@@ -14,7 +14,7 @@ import (
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/image"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 const testImage = "berth.test/busybox:latest"
@@ -42,12 +42,12 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(testimage.WriteOCIArchive(pw, img, testImage)) }()
+	go func() { pw.CloseWithError(ociimage.WriteOCIArchive(pw, img, testImage)) }()
 	if _, err := imgs.Import(context.Background(), pr, ""); err != nil {
 		t.Fatal(err)
 	}

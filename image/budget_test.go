@@ -17,6 +17,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
 )
 
@@ -39,10 +40,10 @@ func assertEmptyStore(t *testing.T, s *Store) {
 // and at import, naming the key to change, and nothing of it is kept.
 func TestImageBudgets(t *testing.T) {
 	requireRoot(t)
-	bomb := mkImage(t, []testimage.File{{Name: "bomb", Body: string(make([]byte, 64<<20))}})
-	var many []testimage.File
+	bomb := mkImage(t, []ociimage.File{{Name: "bomb", Body: string(make([]byte, 64<<20))}})
+	var many []ociimage.File
 	for i := range 300 {
-		many = append(many, testimage.File{Name: fmt.Sprintf("f%03d", i), Body: "x"})
+		many = append(many, ociimage.File{Name: fmt.Sprintf("f%03d", i), Body: "x"})
 	}
 	crowd := mkImage(t, many)
 	host := testimage.StartRegistry(t)
@@ -73,7 +74,7 @@ func TestImageBudgets(t *testing.T) {
 		t.Run(tc.name+"/import", func(t *testing.T) {
 			s := newStore(t, t.TempDir(), WithLimits(tc.limits))
 			var buf bytes.Buffer
-			if err := testimage.WriteOCIArchive(&buf, tc.img, "berth.local/test/budget:1"); err != nil {
+			if err := ociimage.WriteOCIArchive(&buf, tc.img, "berth.local/test/budget:1"); err != nil {
 				t.Fatal(err)
 			}
 			_, err := s.Import(ctx, &buf, "")
@@ -177,9 +178,9 @@ func TestDiskPressure(t *testing.T) {
 		t.Fatalf("DiskPressure at 100 MiB free = %v, want ErrResourceExhausted naming storage.min_free_bytes", err)
 	}
 	t.Log(err)
-	img := mkImage(t, []testimage.File{{Name: "a", Body: "a"}})
+	img := mkImage(t, []ociimage.File{{Name: "a", Body: "a"}})
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, "berth.local/test/a:1"); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, "berth.local/test/a:1"); err != nil {
 		t.Fatal(err)
 	}
 	archive := buf.Bytes()

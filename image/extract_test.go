@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/errdefs"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 // sentinel is a directory outside every extraction target; no test entry
@@ -47,36 +47,36 @@ func checkSentinel(t *testing.T, dir string, before []string) {
 // may succeed as long as nothing escapes.
 func hostileCases(sentinel string) []struct {
 	name  string
-	files []testimage.File
+	files []ociimage.File
 } {
 	climb := strings.Repeat("../", 16) + strings.TrimPrefix(sentinel, "/")
 	return []struct {
 		name  string
-		files []testimage.File
+		files []ociimage.File
 	}{
-		{"dotdot name", []testimage.File{{Name: "../escape", Body: "x"}}},
-		{"dotdot inside name", []testimage.File{{Name: "a/../../escape", Body: "x"}}},
-		{"deep dotdot name", []testimage.File{{Name: climb + "/escape", Body: "x"}}},
-		{"absolute name", []testimage.File{{Name: sentinel + "/abs", Body: "x"}}},
-		{"file through absolute symlink", []testimage.File{
+		{"dotdot name", []ociimage.File{{Name: "../escape", Body: "x"}}},
+		{"dotdot inside name", []ociimage.File{{Name: "a/../../escape", Body: "x"}}},
+		{"deep dotdot name", []ociimage.File{{Name: climb + "/escape", Body: "x"}}},
+		{"absolute name", []ociimage.File{{Name: sentinel + "/abs", Body: "x"}}},
+		{"file through absolute symlink", []ociimage.File{
 			{Name: "evil", Type: tar.TypeSymlink, Linkname: sentinel},
 			{Name: "evil/pwned", Body: "x"},
 		}},
-		{"file through climbing symlink", []testimage.File{
+		{"file through climbing symlink", []ociimage.File{
 			{Name: "rel", Type: tar.TypeSymlink, Linkname: climb},
 			{Name: "rel/pwned", Body: "x"},
 		}},
-		{"dir through symlink", []testimage.File{
+		{"dir through symlink", []ociimage.File{
 			{Name: "evil", Type: tar.TypeSymlink, Linkname: sentinel},
 			{Name: "evil/newdir", Type: tar.TypeDir, Mode: 0o755},
 		}},
-		{"hardlink to climbing name", []testimage.File{{Name: "h", Type: tar.TypeLink, Linkname: climb + "/secret"}}},
-		{"hardlink to absolute name", []testimage.File{{Name: "h", Type: tar.TypeLink, Linkname: sentinel + "/secret"}}},
-		{"hardlink through symlink", []testimage.File{
+		{"hardlink to climbing name", []ociimage.File{{Name: "h", Type: tar.TypeLink, Linkname: climb + "/secret"}}},
+		{"hardlink to absolute name", []ociimage.File{{Name: "h", Type: tar.TypeLink, Linkname: sentinel + "/secret"}}},
+		{"hardlink through symlink", []ociimage.File{
 			{Name: "lnk", Type: tar.TypeSymlink, Linkname: sentinel},
 			{Name: "h", Type: tar.TypeLink, Linkname: "lnk/secret"},
 		}},
-		{"symlink replaced by file write", []testimage.File{
+		{"symlink replaced by file write", []ociimage.File{
 			{Name: "etc", Type: tar.TypeSymlink, Linkname: sentinel},
 			{Name: "etc/secret", Body: "overwritten"},
 		}},
@@ -122,7 +122,7 @@ func TestRootfsRefusesEscapes(t *testing.T) {
 			s := newStore(t, filepath.Join(t.TempDir(), "store"))
 			storeBefore := snapshot(t, s.Root())
 			var buf bytes.Buffer
-			if err := testimage.WriteOCIArchive(&buf, mkImage(t, tc.files), "berth.local/test/hostile:1"); err != nil {
+			if err := ociimage.WriteOCIArchive(&buf, mkImage(t, tc.files), "berth.local/test/hostile:1"); err != nil {
 				t.Fatal(err)
 			}
 			imgs, err := s.Import(context.Background(), &buf, "")
@@ -182,7 +182,7 @@ func TestExtractTarXattrs(t *testing.T) {
 	}
 }
 
-func rawTar(t *testing.T, files []testimage.File) *bytes.Buffer {
+func rawTar(t *testing.T, files []ociimage.File) *bytes.Buffer {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)

@@ -16,7 +16,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 func requireRoot(t *testing.T) {
@@ -40,10 +40,10 @@ func newStore(t *testing.T, root string, opts ...Option) *Store {
 
 func busybox(t *testing.T) v1.Image {
 	t.Helper()
-	if _, err := os.Stat(testimage.BusyboxPath); err != nil {
-		t.Skipf("%s missing (apt-get install -y busybox-static): %v", testimage.BusyboxPath, err)
+	if _, err := os.Stat(ociimage.BusyboxPath); err != nil {
+		t.Skipf("%s missing (apt-get install -y busybox-static): %v", ociimage.BusyboxPath, err)
 	}
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,17 +60,17 @@ func digestOf(t *testing.T, img v1.Image) string {
 }
 
 // mkImage builds an image from layers given as file lists.
-func mkImage(t *testing.T, layers ...[]testimage.File) v1.Image {
+func mkImage(t *testing.T, layers ...[]ociimage.File) v1.Image {
 	t.Helper()
 	var ls []v1.Layer
 	for _, files := range layers {
-		l, err := testimage.Layer(files...)
+		l, err := ociimage.Layer(files...)
 		if err != nil {
 			t.Fatal(err)
 		}
 		ls = append(ls, l)
 	}
-	img, err := testimage.Image(v1.Config{Cmd: []string{"sh"}}, ls...)
+	img, err := ociimage.Image(v1.Config{Cmd: []string{"sh"}}, ls...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +81,7 @@ func mkImage(t *testing.T, layers ...[]testimage.File) v1.Image {
 func importImage(t *testing.T, s *Store, img v1.Image, ref string) *Image {
 	t.Helper()
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, ref); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, ref); err != nil {
 		t.Fatal(err)
 	}
 	imgs, err := s.Import(context.Background(), &buf, "")

@@ -19,13 +19,13 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/berthd/berth/errdefs"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 func ociArchive(t *testing.T, img v1.Image, ref string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, ref); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, ref); err != nil {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
@@ -34,7 +34,7 @@ func ociArchive(t *testing.T, img v1.Image, ref string) []byte {
 func dockerArchive(t *testing.T, img v1.Image, ref string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	if err := testimage.WriteDockerArchive(&buf, img, ref); err != nil {
+	if err := ociimage.WriteDockerArchive(&buf, img, ref); err != nil {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
@@ -121,7 +121,7 @@ func TestImportDockerDigestIsStable(t *testing.T) {
 
 func TestImportMultiImage(t *testing.T) {
 	img := busybox(t)
-	small := mkImage(t, []testimage.File{{Name: "hello", Body: "world"}})
+	small := mkImage(t, []ociimage.File{{Name: "hello", Body: "world"}})
 	// An OCI layout naming two images the containerd way: full name in
 	// io.containerd.image.name, only the tag in the OCI annotation.
 	var buf bytes.Buffer
@@ -261,7 +261,7 @@ func TestImportRejectsBadArchives(t *testing.T) {
 		{"truncated docker", docker[:len(docker)/2], ""},
 		{"truncated at an entry boundary", oci[:512], "x/y:1"},
 		{"truncated gzip", gzipped(docker)[:len(gzipped(docker))/2], ""},
-		{"not an image archive", rawTar(t, []testimage.File{{Name: "hello", Body: "world"}}).Bytes(), "x/y:1"},
+		{"not an image archive", rawTar(t, []ociimage.File{{Name: "hello", Body: "world"}}).Bytes(), "x/y:1"},
 		{"corrupt blob", corrupt, ""},
 		{"missing layer", missing, ""},
 		{"unnamed image without ref", ociArchive(t, img, ""), ""},
@@ -274,7 +274,7 @@ func TestImportRejectsBadArchives(t *testing.T) {
 			s := newStore(t, root)
 			// One good image, so "nothing left behind" also means "nothing
 			// of the store's own content was touched".
-			importImage(t, s, mkImage(t, []testimage.File{{Name: "keep", Body: "me"}}), "berth.local/keep:1")
+			importImage(t, s, mkImage(t, []ociimage.File{{Name: "keep", Body: "me"}}), "berth.local/keep:1")
 			before := snapshot(t, root)
 
 			_, err := s.Import(context.Background(), bytes.NewReader(tc.archive), tc.ref)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
 )
 
@@ -149,7 +150,7 @@ func testRegistry(t *testing.T, h func(w http.ResponseWriter, r *http.Request) b
 		}
 		reg.ServeHTTP(w, r)
 	}))
-	img := mkImage(t, []testimage.File{{Name: "hello", Body: "hi"}})
+	img := mkImage(t, []ociimage.File{{Name: "hello", Body: "hi"}})
 	if _, err := testimage.Push(context.Background(), s.host(), "test/img", img); err != nil {
 		t.Fatal(err)
 	}

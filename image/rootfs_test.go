@@ -13,7 +13,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/berthd/berth/errdefs"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 func TestRootfsBusybox(t *testing.T) {
@@ -41,11 +41,11 @@ func TestRootfsBusybox(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !fi.ModTime().Equal(testimage.Epoch) {
-		t.Errorf("bin/busybox mtime = %v, want the layer's %v", fi.ModTime(), testimage.Epoch)
+	if !fi.ModTime().Equal(ociimage.Epoch) {
+		t.Errorf("bin/busybox mtime = %v, want the layer's %v", fi.ModTime(), ociimage.Epoch)
 	}
 	// The unpacked binary is the host's, byte for byte.
-	host, _ := os.ReadFile(testimage.BusyboxPath)
+	host, _ := os.ReadFile(ociimage.BusyboxPath)
 	got, _ := os.ReadFile(filepath.Join(dir, "bin", "busybox"))
 	if string(host) != string(got) {
 		t.Error("bin/busybox differs from the host's busybox")
@@ -56,7 +56,7 @@ func TestRootfsKeepsMetadata(t *testing.T) {
 	requireRoot(t)
 	s := newStore(t, t.TempDir())
 	img := importImage(t, s, mkImage(t,
-		[]testimage.File{
+		[]ociimage.File{
 			{Name: "srv", Type: tar.TypeDir, Mode: 0o2775, UID: 33, GID: 33},
 			{Name: "srv/suid", Mode: 0o4755, UID: 1000, GID: 2000, Body: "#!/bin/sh\n"},
 			{Name: "srv/data", Mode: 0o640, UID: 1000, GID: 2000, Body: "shared"},
@@ -64,7 +64,7 @@ func TestRootfsKeepsMetadata(t *testing.T) {
 			{Name: "dev/null", Type: tar.TypeChar},
 			{Name: "fifo", Type: tar.TypeFifo},
 		},
-		[]testimage.File{
+		[]ociimage.File{
 			// A hardlink in an upper layer to a file of a lower one.
 			{Name: "srv/hard", Type: tar.TypeLink, Linkname: "srv/data"},
 		},
@@ -93,14 +93,14 @@ func TestRootfsWhiteouts(t *testing.T) {
 	requireRoot(t)
 	s := newStore(t, t.TempDir())
 	img := importImage(t, s, mkImage(t,
-		[]testimage.File{
+		[]ociimage.File{
 			{Name: "etc/keep", Body: "kept"},
 			{Name: "etc/gone", Body: "deleted by the upper layer"},
 			{Name: "data/old1", Body: "hidden by the opaque dir"},
 			{Name: "data/sub/old2", Body: "hidden by the opaque dir"},
 			{Name: "tree/a/b", Body: "the whole tree goes"},
 		},
-		[]testimage.File{
+		[]ociimage.File{
 			{Name: "etc/.wh.gone", Body: ""},
 			{Name: "data", Type: tar.TypeDir, Mode: 0o755},
 			{Name: "data/.wh..wh..opq", Body: ""},

@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
 )
 
@@ -182,7 +183,7 @@ func TestPullIndexPicksPlatform(t *testing.T) {
 func TestRemoveCollectsUnusedContent(t *testing.T) {
 	requireRoot(t)
 	base := busybox(t)
-	extraLayer, err := testimage.Layer(testimage.File{Name: "extra", Body: "only in the derived image"})
+	extraLayer, err := ociimage.Layer(ociimage.File{Name: "extra", Body: "only in the derived image"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,11 +310,11 @@ func mustHex(t *testing.T, digest string) string {
 func TestRetagCollectsOldContent(t *testing.T) {
 	requireRoot(t)
 	s := newStore(t, t.TempDir())
-	old := importImage(t, s, mkImage(t, []testimage.File{{Name: "v", Body: "1"}}), "berth.local/app:latest")
+	old := importImage(t, s, mkImage(t, []ociimage.File{{Name: "v", Body: "1"}}), "berth.local/app:latest")
 	if _, err := s.Rootfs(context.Background(), old); err != nil {
 		t.Fatal(err)
 	}
-	cur := importImage(t, s, mkImage(t, []testimage.File{{Name: "v", Body: "2"}}), "berth.local/app:latest")
+	cur := importImage(t, s, mkImage(t, []ociimage.File{{Name: "v", Body: "2"}}), "berth.local/app:latest")
 	if cur.Digest == old.Digest {
 		t.Fatal("test images must differ")
 	}
@@ -337,7 +338,7 @@ func TestInUseKeepsContent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v1img := mkImage(t, []testimage.File{{Name: "v", Body: "1"}})
+	v1img := mkImage(t, []ociimage.File{{Name: "v", Body: "1"}})
 	old := importImage(t, s, v1img, "berth.local/app:latest")
 	dir, err := s.Rootfs(context.Background(), old)
 	if err != nil {
@@ -354,7 +355,7 @@ func TestInUseKeepsContent(t *testing.T) {
 	}
 
 	// The tag moves on; the workload's image stays, across a restart too.
-	importImage(t, s, mkImage(t, []testimage.File{{Name: "v", Body: "2"}}), "berth.local/app:latest")
+	importImage(t, s, mkImage(t, []ociimage.File{{Name: "v", Body: "2"}}), "berth.local/app:latest")
 	s, err = New(root, WithInUse(inUse))
 	if err != nil {
 		t.Fatal(err)

@@ -23,7 +23,7 @@ import (
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/auth"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 // syncBuffer is a log sink tests read while the server writes.
@@ -62,12 +62,12 @@ func newAuthEnv(t testing.TB) *authEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, testImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, testImage); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := imgs.Import(context.Background(), &buf, ""); err != nil {

@@ -19,7 +19,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/image"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 const testImage = "berth.test/busybox:latest"
@@ -41,12 +41,12 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, testImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, testImage); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := imgs.Import(context.Background(), &buf, ""); err != nil {

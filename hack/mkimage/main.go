@@ -14,14 +14,14 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 func main() {
 	out := flag.String("o", "bin/busybox.tar", "archive to write")
 	ref := flag.String("ref", "berth.local/demo/busybox:latest", "reference the archive names the image by")
 	format := flag.String("format", "oci", "archive format: oci (OCI image layout) or docker (docker save)")
-	busybox := flag.String("busybox", testimage.BusyboxPath, "static busybox binary to put in the image")
+	busybox := flag.String("busybox", ociimage.BusyboxPath, "static busybox binary to put in the image")
 	flag.Parse()
 
 	if err := run(*out, *ref, *format, *busybox); err != nil {
@@ -34,13 +34,13 @@ func run(out, ref, format, busybox string) error {
 	var write func(io.Writer, v1.Image, string) error
 	switch format {
 	case "oci":
-		write = testimage.WriteOCIArchive
+		write = ociimage.WriteOCIArchive
 	case "docker":
-		write = testimage.WriteDockerArchive
+		write = ociimage.WriteDockerArchive
 	default:
 		return fmt.Errorf("unknown -format %q: use oci or docker", format)
 	}
-	img, err := testimage.BusyboxFrom(busybox)
+	img, err := ociimage.BusyboxFrom(busybox)
 	if err != nil {
 		return err
 	}

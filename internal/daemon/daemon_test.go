@@ -24,6 +24,7 @@ import (
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
 	"github.com/berthd/berth/supervisor/monitortest"
 )
@@ -161,12 +162,12 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func importBusybox(t *testing.T, c *client.Client) {
 	t.Helper()
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, testImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, testImage); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.ImportImage(context.Background(), &buf, ""); err != nil {
@@ -408,7 +409,7 @@ func TestContainerWorkloads(t *testing.T) {
 		cfg.ListenUnix = filepath.Join(t.TempDir(), "berth.sock") // the outer agent holds the default
 		cfg.Images.InsecureRegistries = []string{host}
 		c, _ := serve(t, cfg)
-		img, err := testimage.Busybox()
+		img, err := ociimage.Busybox()
 		if err != nil {
 			t.Fatal(err)
 		}

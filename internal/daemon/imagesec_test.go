@@ -22,6 +22,7 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/config"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
 )
 
@@ -37,17 +38,17 @@ const (
 
 func importSecretImages(t *testing.T, c *client.Client) {
 	t.Helper()
-	base, err := testimage.Busybox()
+	base, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin, err := os.ReadFile(testimage.BusyboxPath)
+	bin, err := os.ReadFile(ociimage.BusyboxPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	layer, err := testimage.Layer(
-		testimage.File{Name: "busybox-suid", Mode: 0o4755, Body: string(bin)}, // busybox runs as busybox when its name starts so
-		testimage.File{Name: "secret", Mode: 0o644, Body: secretText},
+	layer, err := ociimage.Layer(
+		ociimage.File{Name: "busybox-suid", Mode: 0o4755, Body: string(bin)}, // busybox runs as busybox when its name starts so
+		ociimage.File{Name: "secret", Mode: 0o644, Body: secretText},
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -68,7 +69,7 @@ func importSecretImages(t *testing.T, c *client.Client) {
 	}
 	for ref, img := range map[string]v1.Image{secretImage: img, secretImageNobody: asNobody} {
 		var buf bytes.Buffer
-		if err := testimage.WriteOCIArchive(&buf, img, ref); err != nil {
+		if err := ociimage.WriteOCIArchive(&buf, img, ref); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := c.ImportImage(context.Background(), &buf, ""); err != nil {
@@ -361,7 +362,7 @@ func TestImageTreesUnreachableWithVMs(t *testing.T) {
 // byte of a registry's answer reaches the problem.
 func TestRegistriesThroughTheAPI(t *testing.T) {
 	requireRunc(t)
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -433,12 +434,12 @@ func TestRegistriesThroughTheAPI(t *testing.T) {
 // image behind.
 func TestImageBudgetsThroughTheAPI(t *testing.T) {
 	requireRunc(t)
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var archive bytes.Buffer
-	if err := testimage.WriteOCIArchive(&archive, img, testImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&archive, img, testImage); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {

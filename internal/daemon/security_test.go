@@ -20,7 +20,7 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/internal/config"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 const probeImage = "berth.test/probe:latest"
@@ -60,11 +60,11 @@ func importProbe(t *testing.T, c *client.Client) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base, err := testimage.Busybox()
+	base, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
-	layer, err := testimage.Layer(testimage.File{Name: "probe", Mode: 0o755, Body: string(data)})
+	layer, err := ociimage.Layer(ociimage.File{Name: "probe", Mode: 0o755, Body: string(data)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +73,7 @@ func importProbe(t *testing.T, c *client.Client) {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, probeImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, probeImage); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.ImportImage(context.Background(), &buf, ""); err != nil {

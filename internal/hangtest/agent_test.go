@@ -14,7 +14,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/image"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/vmdriver"
 )
 
@@ -83,13 +83,13 @@ func TestHungLibvirtdLeavesTheAgentAnswering(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	const ref = "berth.test/busybox:latest"
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(testimage.WriteOCIArchive(pw, img, ref)) }()
+	go func() { pw.CloseWithError(ociimage.WriteOCIArchive(pw, img, ref)) }()
 	if _, err := imgs.Import(context.Background(), pr, ""); err != nil {
 		t.Fatal(err)
 	}

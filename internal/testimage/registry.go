@@ -1,3 +1,6 @@
+// Package testimage is the in-memory OCI registry tests pull from. It is
+// for tests only: nothing that ships imports it (images themselves are
+// built by internal/ociimage).
 package testimage
 
 import (

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 // benchImage is the reference the harness imports its busybox image as.
@@ -141,12 +141,12 @@ func (a *agentProc) stop() {
 
 // importImage builds the deterministic busybox image and imports it.
 func (a *agentProc) importImage(ctx context.Context) error {
-	img, err := testimage.BusyboxFrom(testimage.BusyboxPath)
+	img, err := ociimage.BusyboxFrom(ociimage.BusyboxPath)
 	if err != nil {
 		return fmt.Errorf("build busybox image: %w", err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, benchImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, benchImage); err != nil {
 		return err
 	}
 	if _, err := a.c.ImportImage(ctx, &buf, benchImage); err != nil {

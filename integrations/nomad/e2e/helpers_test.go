@@ -22,7 +22,7 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/internal/testimage"
+	"github.com/berthd/berth/internal/ociimage"
 )
 
 const testImage = "berth.test/busybox:latest"
@@ -344,12 +344,12 @@ func linkOrCopy(t *testing.T, from, to string) {
 
 func busyboxArchive(t *testing.T) []byte {
 	t.Helper()
-	img, err := testimage.Busybox()
+	img, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := testimage.WriteOCIArchive(&buf, img, testImage); err != nil {
+	if err := ociimage.WriteOCIArchive(&buf, img, testImage); err != nil {
 		t.Fatal(err)
 	}
 	return buf.Bytes()

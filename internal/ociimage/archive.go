@@ -1,4 +1,4 @@
-package testimage
+package ociimage
 
 import (
 	"archive/tar"

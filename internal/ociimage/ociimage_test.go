@@ -1,9 +1,8 @@
-package testimage
+package ociimage
 
 import (
 	"archive/tar"
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -15,7 +14,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
@@ -173,29 +171,5 @@ func TestOCIArchiveIndex(t *testing.T) {
 	if len(idx.Manifests) != 1 || idx.Manifests[0].Digest != digest ||
 		idx.Manifests[0].Annotations[AnnotationRefName] != "berth.local/demo/busybox:latest" {
 		t.Fatalf("index.json = %s", entries["index.json"])
-	}
-}
-
-func TestRegistryPush(t *testing.T) {
-	img := busybox(t)
-	host := StartRegistry(t)
-	ref, err := Push(context.Background(), host, "test/busybox", img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ref != host+"/test/busybox:latest" {
-		t.Errorf("ref = %s", ref)
-	}
-	r, err := name.ParseReference(ref, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := remote.Image(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, _ := img.Digest()
-	if d, _ := got.Digest(); d != want {
-		t.Fatalf("pulled %s, pushed %s", d, want)
 	}
 }

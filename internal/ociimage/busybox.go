@@ -1,11 +1,13 @@
-// Package testimage builds OCI images for tests and demos from nothing
-// outside the machine: a single-layer busybox image made from the host's
-// busybox-static binary, small hand-written layers, archives in both import
-// formats, and an in-memory registry to pull from.
+// Package ociimage builds OCI images from nothing outside the machine: a
+// single-layer busybox image made from the host's busybox-static binary
+// (the quickstart's demo image, built by hack/mkimage, and the image of
+// the tests and the bench), small hand-written layers, and archives in
+// both import formats. The in-memory registry tests pull from is
+// internal/testimage, which ships in nothing.
 //
 // Everything it builds is deterministic (fixed timestamps, sorted entries),
 // so an image's digest only changes when its inputs change.
-package testimage
+package ociimage
 
 import (
 	"archive/tar"
