@@ -13,7 +13,7 @@ import (
 
 // Delete removes a workload and everything it left on the node: its task
 // (bundle, rootfs layer, cgroup, domain, disks), its network attachment,
-// its logs and its record. A workload that still runs is refused unless
+// its logs, its secrets and its record. A workload that still runs is refused unless
 // force, which kills it. The delete is the agent's once asked: Delete
 // waits for it while ctx lives, and it goes on when the caller leaves. A
 // failed attempt is retried by the agent (a driver's passing trouble is
@@ -123,6 +123,11 @@ func (a *Agent) release(id string) error {
 	}
 	if err := os.RemoveAll(a.logDir(id)); err != nil {
 		return fmt.Errorf("remove its logs: %w", err)
+	}
+	// The task that read them is gone: its secrets go before its record,
+	// so no file outlives the workload that names it.
+	if err := a.store.removeSecrets(id); err != nil {
+		return fmt.Errorf("remove its secrets: %w", err)
 	}
 	if err := a.removeRecord(id); err != nil {
 		return err

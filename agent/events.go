@@ -122,7 +122,11 @@ func (a *Agent) publishTransition(prev, cur *record) {
 		a.events.publish(api.Event{Type: typ, WorkloadID: w.ID, Message: msg, Attrs: attrs})
 	}
 	if prev == nil {
-		ev(api.EventWorkloadCreated, fmt.Sprintf("workload %s created from %s", w.ID, w.Spec.Image), map[string]string{"image": w.Spec.Image, "name": w.Name})
+		attrs := map[string]string{"image": w.Spec.Image, "name": w.Name}
+		if w.Tenant != "" {
+			attrs["tenant"] = w.Tenant
+		}
+		ev(api.EventWorkloadCreated, fmt.Sprintf("workload %s created from %s", w.ID, w.Spec.Image), attrs)
 		if p := w.Placement; p != nil {
 			ev(api.EventWorkloadPlaced, p.Explanation, map[string]string{"isolation": string(p.Isolation), "rule": p.DecidingRule, "policy_version": p.PolicyVersion})
 		}

@@ -84,6 +84,7 @@ func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
 	c.Command = slices.Clone(s.Command)
 	c.Args = slices.Clone(s.Args)
 	c.Env = maps.Clone(s.Env)
+	c.SecretEnv = maps.Clone(s.SecretEnv)
 	c.Labels = maps.Clone(s.Labels)
 	c.Ports = slices.Clone(s.Ports)
 	return c
@@ -103,7 +104,9 @@ func newID() string {
 	return hex.EncodeToString(b)
 }
 
-// lookup finds a workload by id or name; the caller holds a.mu.
+// lookupLocked finds a workload by id or by name: ref is an id, TENANT/NAME
+// or a bare NAME of the node's own namespace (api.Ref), never a name of
+// another namespace. The caller holds a.mu.
 func (a *Agent) lookupLocked(ref string) (*record, bool) {
 	if r, ok := a.recs[ref]; ok {
 		return r, true
@@ -114,8 +117,31 @@ func (a *Agent) lookupLocked(ref string) (*record, bool) {
 	return nil, false
 }
 
-// get finds a workload by id or name. A workload being deleted is found
-// until everything it held is released and its record is gone.
+// namedLocked finds the workload holding name in tenant's namespace (the
+// node's for ""), by name only: a name that happens to be some id is
+// still a name. The caller holds a.mu.
+func (a *Agent) namedLocked(tenant, name string) (*record, bool) {
+	id, ok := a.names[api.Ref(tenant, name)]
+	if !ok {
+		return nil, false
+	}
+	r, ok := a.recs[id]
+	return r, ok
+}
+
+// nameKey is r's key in a.names: its name in its tenant's namespace
+// (api.Ref), empty when it has no name. A name is unique per tenant, so
+// two tenants' workloads of one name are two keys.
+func nameKey(r *record) string {
+	if r.Workload.Name == "" {
+		return ""
+	}
+	return api.Ref(r.Workload.Tenant, r.Workload.Name)
+}
+
+// get finds a workload by id, TENANT/NAME or a bare NAME of the node's own
+// namespace. A workload being deleted is found until everything it held is
+// released and its record is gone.
 func (a *Agent) get(ref string) (*record, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -163,21 +189,21 @@ func (a *Agent) commitLocked(r *record) error {
 	return nil
 }
 
-// bindNameLocked makes r's name find r, unless the name is another
-// record's: a name is never taken from the workload that holds it (a
-// workload being deleted holds its name until it is gone, and Submit
-// refuses the name meanwhile). The caller holds a.mu.
+// bindNameLocked makes r's name find r in its tenant's namespace, unless
+// the name is another record's there: a name is never taken from the
+// workload that holds it (a workload being deleted holds its name until it
+// is gone, and Submit refuses the name meanwhile). The caller holds a.mu.
 func (a *Agent) bindNameLocked(r *record) {
-	name := r.Workload.Name
-	if name == "" {
+	key := nameKey(r)
+	if key == "" {
 		return
 	}
-	if id, ok := a.names[name]; ok && id != r.Workload.ID {
+	if id, ok := a.names[key]; ok && id != r.Workload.ID {
 		if _, live := a.recs[id]; live {
 			return
 		}
 	}
-	a.names[name] = r.Workload.ID
+	a.names[key] = r.Workload.ID
 }
 
 // errSkip aborts a mutation without an error to report.
@@ -217,8 +243,10 @@ func (a *Agent) removeRecord(id string) error {
 		return fmt.Errorf("delete workload %s: %w", id, err)
 	}
 	a.mu.Lock()
-	if r, ok := a.recs[id]; ok && r.Workload.Name != "" && a.names[r.Workload.Name] == id {
-		delete(a.names, r.Workload.Name)
+	if r, ok := a.recs[id]; ok {
+		if key := nameKey(r); key != "" && a.names[key] == id {
+			delete(a.names, key)
+		}
 	}
 	delete(a.recs, id)
 	a.index = idx

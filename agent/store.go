@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -28,7 +30,11 @@ import (
 //	  "handle":..., "stop_requested":..., "deleting":..., ...}
 //	2: a flat dbRecord; a requested stop and a delete in progress are
 //	  objects of their own ("stop", "delete").
-const schemaVersion = 2
+//	3: a record keeps its tenant ("tenant"), whose namespace holds its
+//	  name (converted from the tenant label); the spec's "secret_env" is
+//	  the names of its secret variables, whose values are never in the
+//	  database (secrets.go keeps them beside it).
+const schemaVersion = 3
 
 var (
 	bucketWorkloads = []byte("workloads")
@@ -38,10 +44,11 @@ var (
 	keySchema       = []byte("schema")
 )
 
-// dbRecord is a workload as the state database holds it (schema 2).
+// dbRecord is a workload as the state database holds it (schema 3).
 type dbRecord struct {
 	ID           string       `json:"id"`
 	Name         string       `json:"name,omitempty"`
+	Tenant       string       `json:"tenant,omitempty"`
 	Spec         dbSpec       `json:"spec"`
 	State        string       `json:"state"`
 	Isolation    string       `json:"isolation"`
@@ -68,11 +75,13 @@ type dbRecord struct {
 }
 
 type dbSpec struct {
-	Name       string            `json:"name,omitempty"`
-	Image      string            `json:"image"`
-	Command    []string          `json:"command,omitempty"`
-	Args       []string          `json:"args,omitempty"`
-	Env        map[string]string `json:"env,omitempty"`
+	Name    string            `json:"name,omitempty"`
+	Image   string            `json:"image"`
+	Command []string          `json:"command,omitempty"`
+	Args    []string          `json:"args,omitempty"`
+	Env     map[string]string `json:"env,omitempty"`
+	// SecretEnv names the secret variables, sorted; no value.
+	SecretEnv  []string          `json:"secret_env,omitempty"`
 	Workdir    string            `json:"workdir,omitempty"`
 	Labels     map[string]string `json:"labels,omitempty"`
 	Isolation  string            `json:"isolation,omitempty"`
@@ -144,7 +153,7 @@ type dbDelete struct {
 func toDB(r *record) dbRecord {
 	w := &r.Workload
 	d := dbRecord{
-		ID: w.ID, Name: w.Name, Spec: specToDB(w.Spec),
+		ID: w.ID, Name: w.Name, Tenant: w.Tenant, Spec: specToDB(w.Spec),
 		State: string(w.State), Isolation: string(w.Isolation),
 		ExitCode: clonePtr(w.ExitCode), OOMKilled: w.OOMKilled, Error: w.Error,
 		ImageDigest: w.ImageDigest, RestartCount: w.RestartCount, LastExitCode: clonePtr(w.LastExitCode),
@@ -175,12 +184,36 @@ func toDB(r *record) dbRecord {
 
 func specToDB(s api.WorkloadSpec) dbSpec {
 	return dbSpec{
-		Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, Workdir: s.Workdir,
+		Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: secretNames(s.SecretEnv), Workdir: s.Workdir,
 		Labels: s.Labels, Isolation: string(s.Isolation), Privileged: s.Privileged,
 		Resources: dbResources(s.Resources),
 		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 	}
+}
+
+// secretNames is what the database keeps of a secret environment: the
+// names, sorted; never a value (a record's values are api.Redacted
+// anyway).
+func secretNames(env map[string]string) []string {
+	if len(env) == 0 {
+		return nil
+	}
+	names := slices.Sorted(maps.Keys(env))
+	return names
+}
+
+// redactedEnv is the record's view of a secret environment: each name
+// with the value api.Redacted.
+func redactedEnv(names []string) map[string]string {
+	if len(names) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(names))
+	for _, k := range names {
+		m[k] = api.Redacted
+	}
+	return m
 }
 
 func portsToDB(ports []api.PortMapping) []dbPort {
@@ -210,9 +243,9 @@ func fromDB(d *dbRecord) *record {
 	s := &d.Spec
 	r := &record{
 		Workload: api.Workload{
-			ID: d.ID, Name: d.Name,
+			ID: d.ID, Name: d.Name, Tenant: d.Tenant,
 			Spec: api.WorkloadSpec{
-				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, Workdir: s.Workdir,
+				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: redactedEnv(s.SecretEnv), Workdir: s.Workdir,
 				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
 				Resources: api.Resources(s.Resources),
 				Restart:   api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
@@ -265,7 +298,8 @@ type v1Record struct {
 	NextStart      *time.Time `json:"next_start,omitempty"`
 }
 
-// fromV1 decodes a schema 1 record into one of schema 2.
+// fromV1 decodes a schema 1 record into one of schema 2 (which fromV2
+// takes on).
 func fromV1(data []byte) (*dbRecord, error) {
 	var v1 v1Record
 	if err := json.Unmarshal(data, &v1); err != nil {
@@ -283,14 +317,37 @@ func fromV1(data []byte) (*dbRecord, error) {
 	return &d, nil
 }
 
-// store persists workload records in bbolt. Every write is committed (and
-// fsynced by bbolt) before the API acknowledges the request it serves.
+// fromV2 decodes a schema 2 record into one of schema 3: its tenant is
+// its tenant label (labels never change after a submit). Names were
+// unique node-wide then, so they stay unique per tenant.
+func fromV2(data []byte) (*dbRecord, error) {
+	var d dbRecord
+	if err := json.Unmarshal(data, &d); err != nil {
+		return nil, err
+	}
+	return tenantFromLabel(&d), nil
+}
+
+func tenantFromLabel(d *dbRecord) *dbRecord {
+	d.Tenant = d.Spec.Labels[api.TenantLabel]
+	return d
+}
+
+// store persists workload records in bbolt, and their secret
+// environments beside it (secrets.go). Every write is committed (and
+// fsynced) before the API acknowledges the request it serves.
 type store struct {
 	db *bolt.DB
+	// secretsDir holds one root-only file per workload with secrets.
+	secretsDir string
 }
 
 func openStore(dir string) (*store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	secretsDir, err := makeSecretsDir(dir)
+	if err != nil {
 		return nil, err
 	}
 	path := filepath.Join(dir, "state.db")
@@ -305,7 +362,12 @@ func openStore(dir string) (*store, error) {
 		db.Close()
 		return nil, fmt.Errorf("init %s: %w", path, err)
 	}
-	return &store{db: db}, nil
+	s := &store{db: db, secretsDir: secretsDir}
+	if err := s.sweepSecrets(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
 }
 
 // migrate brings the database to schemaVersion in one transaction: a new
@@ -331,12 +393,22 @@ func migrate(tx *bolt.Tx) error {
 	switch {
 	case version > schemaVersion:
 		return fmt.Errorf("the state database has schema %d, newer than this agent's %d: run the agent that wrote it (downgrades are not supported)", version, schemaVersion)
-	case version == 1:
+	case version < schemaVersion:
+		convert := fromV2
+		if version == 1 {
+			convert = func(data []byte) (*dbRecord, error) {
+				d, err := fromV1(data)
+				if err != nil {
+					return nil, err
+				}
+				return tenantFromLabel(d), nil
+			}
+		}
 		converted := map[string][]byte{}
 		err := wls.ForEach(func(k, v []byte) error {
-			d, err := fromV1(v)
+			d, err := convert(v)
 			if err != nil {
-				return fmt.Errorf("convert workload %s from schema 1: %w", k, err)
+				return fmt.Errorf("convert workload %s from schema %d: %w", k, version, err)
 			}
 			data, err := json.Marshal(d)
 			if err != nil {

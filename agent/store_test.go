@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -74,6 +75,8 @@ func filledRecord(t *testing.T) *record {
 // record or to api.Workload fails here until the database schema has it.
 func TestRecordRoundTripsThroughTheDatabase(t *testing.T) {
 	r := filledRecord(t)
+	// A record holds the names of its secrets, never a value (secrets.go).
+	r.Workload.Spec.SecretEnv = redactedEnv(secretNames(r.Workload.Spec.SecretEnv))
 	data, err := json.Marshal(toDB(r))
 	if err != nil {
 		t.Fatal(err)
@@ -216,11 +219,12 @@ func TestOpenSchema1Database(t *testing.T) {
 			t.Errorf("workload %s: %+v (handle %+v, stop %v, deleting %v, next start %v)", w.id, r.Workload, r.Handle, r.StopRequested, r.Deleting, r.NextStart)
 		}
 	}
-	// Converted once: the database says schema 2, and reads the same.
+	// Converted once: the database says the current schema, and reads
+	// the same.
 	var schema string
 	_ = st.db.View(func(tx *bolt.Tx) error { schema = string(tx.Bucket(bucketMeta).Get(keySchema)); return nil })
-	if schema != "2" {
-		t.Errorf("schema %q after opening, want 2", schema)
+	if schema != strconv.Itoa(schemaVersion) {
+		t.Errorf("schema %q after opening, want %d", schema, schemaVersion)
 	}
 	st.close()
 	st, err = openStore(dir)
@@ -240,7 +244,7 @@ func TestOpenSchema1Database(t *testing.T) {
 }
 
 // An agent over the schema 1 database finds every workload (by id and by
-// name) and keeps its node id.
+// name, in the namespace of its tenant label) and keeps its node id.
 func TestAgentOpensSchema1Database(t *testing.T) {
 	e := newEnv(t)
 	e.agent.Close()
@@ -251,13 +255,13 @@ func TestAgentOpensSchema1Database(t *testing.T) {
 	}
 	e.start()
 	ctx := context.Background()
-	for _, ref := range []string{"00000000000000a1", "running-one", "00000000000000a3", "failed-one", "stopping-one", "backoff-one", "starting-one"} {
+	for _, ref := range []string{"00000000000000a1", "t1/running-one", "00000000000000a3", "t1/failed-one", "t1/stopping-one", "t1/backoff-one", "t1/starting-one"} {
 		if _, err := e.agent.Get(ctx, ref); err != nil {
 			t.Errorf("GET %s: %v", ref, err)
 		}
 	}
 	// The interrupted delete is carried out.
-	if w, err := e.agent.Get(ctx, "deleting-one"); err == nil && !w.Deleting {
+	if w, err := e.agent.Get(ctx, "t1/deleting-one"); err == nil && !w.Deleting {
 		t.Errorf("deleting-one is not deleting: %+v", w)
 	} else if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		t.Error(err)
@@ -275,9 +279,10 @@ func TestNewerSchemaIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = st.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keySchema, []byte("3")) })
+	newer := strconv.Itoa(schemaVersion + 1)
+	_ = st.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keySchema, []byte(newer)) })
 	st.close()
-	if _, err := openStore(dir); err == nil || !strings.Contains(err.Error(), "schema 3") {
-		t.Errorf("open a schema 3 database: %v, want a refusal naming it", err)
+	if _, err := openStore(dir); err == nil || !strings.Contains(err.Error(), "schema "+newer) {
+		t.Errorf("open a schema %s database: %v, want a refusal naming it", newer, err)
 	}
 }

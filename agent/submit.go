@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"reflect"
 	"time"
 
@@ -14,13 +15,22 @@ import (
 
 // Submit admits a workload: validates it, places it, persists it (before it
 // returns) and starts it in the background. A submit naming an existing
-// workload with the same spec returns that workload (created false), so
-// clients can retry safely; with a different spec it is a conflict.
+// workload of its tenant (the node's own namespace without one) with the
+// same spec, secret values included, returns that workload (created
+// false), so clients can retry safely; with a different spec it is a
+// conflict. Names are unique per tenant: another tenant's workload of the
+// same name is neither a conflict nor a retry.
+//
+// The secret environment is written to its own root-only file before the
+// record is committed; the record, and everything made from it (the
+// answer, events, the state database), holds only its names.
 func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, bool, error) {
+	secrets := maps.Clone(spec.SecretEnv)
 	spec, err := normalize(spec, a.opts.Defaults)
 	if err != nil {
 		return nil, false, err
 	}
+	tenant := spec.Labels[api.TenantLabel]
 	img, err := a.images.Get(spec.Image)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
@@ -38,8 +48,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	} else if _, err := resolveCommand(spec, img); err != nil {
 		return nil, false, err
 	}
-	if w := a.existing(spec); w != nil {
-		return w, false, nil
+	// A retry gets the workload already admitted even when the policy
+	// has changed since: its decision was made and recorded then. Checked
+	// again under the lock below.
+	if w, err := a.retryOf(tenant, spec, secrets); err != nil || w != nil {
+		return w, false, err
 	}
 	// A node whose data directory is nearly full takes nothing more: the
 	// state database and every workload's logs live there.
@@ -55,13 +68,17 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	defer a.writeMu.Unlock()
 	if spec.Name != "" {
 		a.mu.Lock()
-		existing, ok := a.lookupLocked(spec.Name)
+		existing, ok := a.namedLocked(tenant, spec.Name)
 		a.mu.Unlock()
 		if ok && existing.Deleting {
 			return nil, false, fmt.Errorf("a workload named %q (id %s) is being deleted; submit again once it is gone: %w", spec.Name, existing.Workload.ID, errdefs.ErrConflict)
 		}
 		if ok {
-			if reflect.DeepEqual(existing.Workload.Spec, spec) {
+			same, err := a.sameSpec(existing, spec, secrets)
+			if err != nil {
+				return nil, false, err
+			}
+			if same {
 				w := cloneWorkload(existing.Workload)
 				return &w, false, nil
 			}
@@ -72,6 +89,7 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	r := &record{Workload: api.Workload{
 		ID:          newID(),
 		Name:        spec.Name,
+		Tenant:      tenant,
 		Spec:        spec,
 		State:       api.StatePending,
 		Isolation:   placement.Isolation,
@@ -86,13 +104,65 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	if err := a.admitLocked(&r.Workload); err != nil {
 		return nil, false, err
 	}
+	// The secrets are on disk before the record that names them: a run
+	// (which may start as soon as the record is committed) finds them,
+	// and a crash in between leaves a file the next start sweeps away.
+	if len(secrets) > 0 {
+		if err := a.store.putSecrets(r.Workload.ID, secrets); err != nil {
+			return nil, false, fmt.Errorf("store the secret environment of workload %s: %w", r.Workload.ID, err)
+		}
+	}
 	if err := a.commitLocked(r); err != nil {
+		if len(secrets) > 0 {
+			if rerr := a.store.removeSecrets(r.Workload.ID); rerr != nil {
+				a.log.Warn("remove the secrets of a workload that was not admitted", "workload_id", r.Workload.ID, "err", rerr)
+			}
+		}
 		return nil, false, err
 	}
-	a.log.Info("workload admitted", "workload_id", r.Workload.ID, "name", spec.Name, "image", spec.Image,
+	a.log.Info("workload admitted", "workload_id", r.Workload.ID, "name", spec.Name, "tenant", tenant, "image", spec.Image,
 		"isolation", placement.Isolation, "rule", placement.DecidingRule)
 	w := cloneWorkload(r.Workload)
 	return &w, true, nil
+}
+
+// retryOf returns the workload a submit of spec (normalized) is a retry
+// of: one of the same name in the same tenant's namespace, not being
+// deleted, with the same spec and the same secret values.
+func (a *Agent) retryOf(tenant string, spec api.WorkloadSpec, secrets map[string]string) (*api.Workload, error) {
+	if spec.Name == "" {
+		return nil, nil
+	}
+	a.mu.Lock()
+	r, ok := a.namedLocked(tenant, spec.Name)
+	a.mu.Unlock()
+	if !ok || r.Deleting {
+		return nil, nil
+	}
+	same, err := a.sameSpec(r, spec, secrets)
+	if err != nil || !same {
+		return nil, err
+	}
+	w := cloneWorkload(r.Workload)
+	return &w, nil
+}
+
+// sameSpec reports whether r was submitted with spec (normalized, so its
+// secret values are redacted) and secrets: the record keeps only the
+// secrets' names, so their values are compared with its secrets file, by
+// digest.
+func (a *Agent) sameSpec(r *record, spec api.WorkloadSpec, secrets map[string]string) (bool, error) {
+	if !reflect.DeepEqual(r.Workload.Spec, spec) {
+		return false, nil
+	}
+	if len(secrets) == 0 {
+		return true, nil // and so has r: the names are part of the spec
+	}
+	stored, err := a.store.secrets(r.Workload.ID)
+	if err != nil {
+		return false, fmt.Errorf("compare with workload %s: read its secret environment: %w", r.Workload.ID, err)
+	}
+	return sameSecrets(stored, secrets), nil
 }
 
 // diskSpec checks a spec that boots a whole-disk image: it runs in a VM
@@ -112,6 +182,9 @@ func diskSpec(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
 	}
 	if len(spec.Env) > 0 {
 		v.Add("env", "a whole-disk image boots its own OS; it takes no environment")
+	}
+	if len(spec.SecretEnv) > 0 {
+		v.Add("secret_env", "a whole-disk image boots its own OS; it takes no environment")
 	}
 	if spec.Workdir != "" {
 		v.Add("workdir", "a whole-disk image boots its own OS; it takes no workdir")

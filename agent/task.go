@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sort"
@@ -47,7 +48,11 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 	if err != nil {
 		return nil, err
 	}
-	env := mergeEnv(img.Config.Env, w.Spec.Env)
+	specEnv, err := a.runEnv(w)
+	if err != nil {
+		return nil, err
+	}
+	env := mergeEnv(img.Config.Env, specEnv)
 	workdir := w.Spec.Workdir
 	if workdir == "" {
 		workdir = img.Config.WorkingDir
@@ -74,6 +79,29 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 }
 
 func (a *Agent) logDir(id string) string { return filepath.Join(a.logsDir, id) }
+
+// runEnv is the spec's environment with its secret values, read from the
+// workload's secrets file: they go into the task and nowhere else. Its
+// errors name variables, never values.
+func (a *Agent) runEnv(w *api.Workload) (map[string]string, error) {
+	if len(w.Spec.SecretEnv) == 0 {
+		return w.Spec.Env, nil
+	}
+	secrets, err := a.store.secrets(w.ID)
+	if err != nil {
+		return nil, fmt.Errorf("read the secret environment of workload %s: %w", w.ID, err)
+	}
+	env := make(map[string]string, len(w.Spec.Env)+len(w.Spec.SecretEnv))
+	maps.Copy(env, w.Spec.Env)
+	for k := range w.Spec.SecretEnv {
+		v, ok := secrets[k]
+		if !ok {
+			return nil, fmt.Errorf("the value of secret_env %s of workload %s is not on this node", k, w.ID)
+		}
+		env[k] = v
+	}
+	return env, nil
+}
 
 // mergeEnv overlays the spec's variables on the image's, keeping the
 // image's order and appending new ones sorted, so the result is stable.

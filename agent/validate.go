@@ -30,12 +30,20 @@ const (
 	maxPids       = 1 << 22
 	maxMaxRetries = 10000
 	maxNameLen    = 63
+	// A secret environment is a few keys and certificates, not a file
+	// system: its own, smaller budget.
+	maxSecretEnv      = 128
+	maxSecretEnvBytes = 64 << 10
+	maxTenantLen      = 63
 )
 
 var (
 	nameRE     = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
 	envKeyRE   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 	labelKeyRE = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$`)
+	// tenantRE is a tenant name as the tokens file spells it
+	// (internal/auth): no '/', so TENANT/NAME is unambiguous.
+	tenantRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$`)
 )
 
 // Defaults fill what a spec leaves out.
@@ -50,7 +58,10 @@ type Defaults struct {
 
 // normalize validates spec and returns it with defaults applied and the
 // image reference normalized, or an *errdefs.ValidationError naming every
-// offending field.
+// offending field. What it returns holds no secret: each secret_env value
+// is api.Redacted (Submit keeps the values it was given), so nothing
+// derived from a normalized spec (a record, a dry-run's answer, an event)
+// can carry one. Its errors name secret variables, never their values.
 func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	v := &errdefs.ValidationError{}
 	if spec.Name != "" && (len(spec.Name) > maxNameLen || !nameRE.MatchString(spec.Name)) {
@@ -90,6 +101,10 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	}
 	if envBytes > maxEnvBytes {
 		v.Add("env", "%d bytes; at most %d", envBytes, maxEnvBytes)
+	}
+	spec.SecretEnv = checkSecretEnv(v, spec.SecretEnv, spec.Env)
+	if tenant, ok := spec.Labels[api.TenantLabel]; ok && tenant != "" && (len(tenant) > maxTenantLen || !tenantRE.MatchString(tenant)) {
+		v.Add("labels."+api.TenantLabel, "%q is not a tenant name: lower-case letters, digits, '-', '_' and '.', at most %d characters, starting and ending with a letter or digit", tenant, maxTenantLen)
 	}
 	if spec.Workdir != "" {
 		switch {
@@ -160,6 +175,38 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 		return api.WorkloadSpec{}, err
 	}
 	return spec, nil
+}
+
+// checkSecretEnv validates a secret environment as env is validated, and
+// returns it redacted (nil when empty). Its messages name variables only.
+func checkSecretEnv(v *errdefs.ValidationError, secrets, env map[string]string) map[string]string {
+	if len(secrets) == 0 {
+		return nil
+	}
+	if len(secrets) > maxSecretEnv {
+		v.Add("secret_env", "%d variables; at most %d", len(secrets), maxSecretEnv)
+	}
+	size := 0
+	redacted := make(map[string]string, len(secrets))
+	for k, val := range secrets {
+		size += len(k) + len(val) + 1
+		redacted[k] = api.Redacted
+		switch {
+		case !envKeyRE.MatchString(k):
+			v.Add("secret_env."+k, "not a valid variable name: letters, digits and '_', not starting with a digit")
+		case strings.ContainsRune(val, 0):
+			v.Add("secret_env."+k, "contains a NUL byte")
+		case val == api.Redacted:
+			v.Add("secret_env."+k, "%s is what berth shows in place of a secret value; send the value itself", api.Redacted)
+		}
+		if _, dup := env[k]; dup {
+			v.Add("secret_env."+k, "also set in env; a variable is either env or secret_env")
+		}
+	}
+	if size > maxSecretEnvBytes {
+		v.Add("secret_env", "%d bytes; at most %d", size, maxSecretEnvBytes)
+	}
+	return redacted
 }
 
 func checkStrings(v *errdefs.ValidationError, field string, list []string) {

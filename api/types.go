@@ -41,10 +41,32 @@ const (
 	RestartAlways    RestartPolicy = "always"
 )
 
+// TenantLabel is the workload label that names its tenant. A workload's
+// name is unique within its tenant: the tenant's namespace, or the node's
+// own for a workload without one (see Ref).
+const TenantLabel = "tenant"
+
+// Redacted stands in for a secret value in every answer: a secret_env
+// value is written into the workload and nowhere a client, a log or an
+// event can read it.
+const Redacted = "<redacted>"
+
+// Ref is how a named workload is addressed: TENANT/NAME, or NAME alone in
+// the node's own namespace (a workload without a tenant). Names and tenant
+// names hold no '/', so the two never meet. In a URL path the '/' is
+// escaped (%2F), as url.PathEscape does.
+func Ref(tenant, name string) string {
+	if tenant == "" {
+		return name
+	}
+	return tenant + "/" + name
+}
+
 // WorkloadSpec is what a submitter asks for. The same spec runs as a
 // container or in a VM; the node's policy decides which.
 type WorkloadSpec struct {
-	// Name is optional and unique on the node (a DNS label).
+	// Name is optional and unique within the workload's tenant (a DNS
+	// label); see Ref.
 	Name string `json:"name,omitempty"`
 	// Image is an OCI image reference known to the node's image store.
 	Image string `json:"image"`
@@ -53,6 +75,12 @@ type WorkloadSpec struct {
 	Args    []string `json:"args,omitempty"`
 	// Env is added to (and overrides) the image's environment.
 	Env map[string]string `json:"env,omitempty"`
+	// SecretEnv is environment too, but its values are written only into
+	// the workload (its process environment, a VM's config disk) and a
+	// root-only file of the agent's: never into the state database, a log,
+	// an event or an answer. Answers show each name with the value
+	// Redacted. A name is in env or in secret_env, not both.
+	SecretEnv map[string]string `json:"secret_env,omitempty"`
 	// Workdir is an absolute path inside the image; default the image's.
 	Workdir string            `json:"workdir,omitempty"`
 	Labels  map[string]string `json:"labels,omitempty"`
@@ -83,8 +111,12 @@ type RestartSpec struct {
 
 // Workload is the record berth keeps for a submitted spec.
 type Workload struct {
-	ID        string       `json:"id"`
-	Name      string       `json:"name,omitempty"`
+	ID   string `json:"id"`
+	Name string `json:"name,omitempty"`
+	// Tenant is the workload's tenant (its tenant label when it was
+	// submitted), whose namespace holds its name; empty for the node's
+	// own namespace.
+	Tenant    string       `json:"tenant,omitempty"`
 	Spec      WorkloadSpec `json:"spec"`
 	State     State        `json:"state"`
 	Isolation Isolation    `json:"isolation"`

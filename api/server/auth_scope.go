@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"strings"
 	"time"
 
 	"github.com/berthd/berth/api"
@@ -17,6 +18,16 @@ import (
 // tenants' workloads: another tenant's is "not found" with the very error
 // a missing one gets, on every route. Every identity's requests record the
 // workload, tenant and placement they touched, for the audit log.
+//
+// Names are unique per tenant (api.Ref), and a reference means:
+//
+//   - for a submitter: an id of its tenants' workloads, TENANT/NAME for one
+//     of its tenants, or a bare NAME in its tenants' namespaces (with
+//     several tenants, the one that holds it; held by more than one, the
+//     reference is ambiguous and it must say TENANT/NAME);
+//   - for every other role: an id, TENANT/NAME, or a bare NAME in the
+//     node's own namespace (workloads without a tenant), as the agent
+//     reads references.
 //
 // scoped does not embed Backend (its Backend is a named field): it
 // implements every method itself, so a method added to Backend does not
@@ -33,7 +44,9 @@ var _ Backend = (*scoped)(nil)
 
 func notFound(ref string) error { return fmt.Errorf("workload %q: %w", ref, errdefs.ErrNotFound) }
 
-func tenantOf(w *api.Workload) string { return w.Spec.Labels[auth.TenantLabel] }
+// tenantOf is the tenant a workload belongs to: the one its record keeps
+// (its tenant label at submit), whose namespace holds its name.
+func tenantOf(w *api.Workload) string { return w.Tenant }
 
 // withTenant gives spec the tenant label the caller may set.
 func (b *scoped) withTenant(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
@@ -80,11 +93,57 @@ func (b *scoped) Place(ctx context.Context, spec api.WorkloadSpec) (*api.Placeme
 
 // Get resolves ref to a workload the caller may see.
 func (b *scoped) Get(ctx context.Context, ref string) (*api.Workload, error) {
-	w, err := b.Backend.Get(ctx, ref)
-	if err != nil {
+	if !b.id.Scoped() {
+		return b.Backend.Get(ctx, ref)
+	}
+	// Whatever hides a workload, the answer is the one a missing
+	// workload gets: notFound(ref), with the caller's own words.
+	if tenant, name, ok := strings.Cut(ref, "/"); ok {
+		if !b.id.CanSee(tenant) || name == "" {
+			return nil, notFound(ref)
+		}
+		return b.visible(ctx, ref, tenant)
+	}
+	// An id first, as the agent reads references: a bare NAME the agent
+	// resolves in the node's namespace is nothing a submitter sees.
+	if w, err := b.Backend.Get(ctx, ref); err == nil && w.ID == ref && b.id.CanSee(tenantOf(w)) {
+		return w, nil
+	} else if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		return nil, err
 	}
-	if !b.id.CanSee(tenantOf(w)) {
+	var found *api.Workload
+	var holders []string
+	for _, tenant := range b.id.Tenants {
+		w, err := b.visible(ctx, api.Ref(tenant, ref), tenant)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		found = w
+		holders = append(holders, tenant)
+	}
+	switch len(holders) {
+	case 0:
+		return nil, notFound(ref)
+	case 1:
+		return found, nil
+	}
+	// Only the caller's own tenants are named: it may see all of them.
+	return nil, errdefs.Invalid("ref", "%q names workloads of more than one of your tenants (%s); address one as TENANT/NAME, e.g. %s", ref, strings.Join(holders, ", "), api.Ref(holders[0], ref))
+}
+
+// visible gets a TENANT/NAME reference of the caller's tenant, or
+// notFound(ref).
+func (b *scoped) visible(ctx context.Context, ref, tenant string) (*api.Workload, error) {
+	w, err := b.Backend.Get(ctx, ref)
+	switch {
+	case errors.Is(err, errdefs.ErrNotFound):
+		return nil, notFound(ref)
+	case err != nil:
+		return nil, err
+	case tenantOf(w) != tenant || !b.id.CanSee(tenant):
 		return nil, notFound(ref)
 	}
 	return w, nil

@@ -202,7 +202,7 @@ func TestAuthMatrix(t *testing.T) {
 	for _, n := range []string{"wa-stop", "wa-del", "wb-stop", "wb-del"} {
 		e.submit(n, n[1:2])
 	}
-	e.waitRunning("wa")
+	e.waitRunning("a/wa")
 	spec := func(labels string) string {
 		return `{"image":"` + testImage + `","command":["true"]` + labels + `}`
 	}
@@ -245,9 +245,10 @@ func TestAuthMatrix(t *testing.T) {
 		{"sub-a", "DELETE", "/v1/images?ref=" + testImage, "", 403},
 		{"sub-a", "POST", "/v1/images", "", 403},
 		{"reader", "POST", "/v1/images/pull", `{"ref":"berth.test/x:y"}`, 403},
-		// Reading workloads.
-		{"admin", "GET", "/v1/workloads/wb", "", 200},
-		{"operator", "GET", "/v1/workloads/wb", "", 200},
+		// Reading workloads. Names are per tenant: other roles than
+		// submitters say TENANT/NAME (the '/' escaped in the path).
+		{"admin", "GET", "/v1/workloads/b%2Fwb", "", 200},
+		{"operator", "GET", "/v1/workloads/b%2Fwb", "", 200},
 		{"operator", "GET", "/v1/workloads/wn", "", 200},
 		{"reader", "GET", "/v1/workloads/wa", "", 403},
 		{"reader", "GET", "/v1/workloads", "", 403},
@@ -261,7 +262,7 @@ func TestAuthMatrix(t *testing.T) {
 		{"sub-a", "GET", "/v1/workloads/wa/logs", "", 200},
 		{"sub-a", "GET", "/v1/workloads/wb/logs", "", 404},
 		{"sub-a", "GET", "/v1/workloads/wb/logs?follow=true", "", 404},
-		{"operator", "GET", "/v1/workloads/wb/logs", "", 200},
+		{"operator", "GET", "/v1/workloads/b%2Fwb/logs", "", 200},
 		{"sub-a", "GET", "/v1/workloads?index=1&wait=1ms", "", 200},
 		// Creating workloads.
 		{"admin", "POST", "/v1/workloads", spec(""), 201},
@@ -280,7 +281,7 @@ func TestAuthMatrix(t *testing.T) {
 		{"sub-a", "POST", "/v1/workloads/wa-stop/stop?timeout=1s", "", 200},
 		{"sub-a", "DELETE", "/v1/workloads/wa-del?force=true", "", 204},
 		{"sub-ab", "POST", "/v1/workloads/wb-stop/stop?timeout=1s", "", 200},
-		{"admin", "DELETE", "/v1/workloads/wb-del?force=true", "", 204},
+		{"admin", "DELETE", "/v1/workloads/b%2Fwb-del?force=true", "", 204},
 		// Routes the table does not know: admins only; unknown paths 404.
 		{"admin", "GET", "/v1/no-such-route", "", 404},
 		{"sub-a", "GET", "/v1/no-such-route", "", 404},
@@ -300,7 +301,7 @@ func TestAuthMatrix(t *testing.T) {
 	}
 	// The wb-stop and wb-del the submitter of tenant a was refused are
 	// untouched by it.
-	if w, err := e.agent.Get(context.Background(), "wb-del"); err == nil {
+	if w, err := e.agent.Get(context.Background(), "b/wb-del"); err == nil {
 		t.Errorf("wb-del still exists after the admin deleted it: %s", w.State)
 	}
 }

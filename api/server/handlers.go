@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"mime"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -83,6 +84,22 @@ func jsonProblem(err error) *api.Problem {
 	default:
 		return badRequest(api.ReasonMalformedBody, err.Error())
 	}
+}
+
+// refParam is the {ref} of a workload route: an id, NAME or TENANT/NAME
+// (api.Ref), whose '/' arrives escaped (%2F) inside the one path segment.
+// chi then matches the escaped path (RawPath), so the segment is
+// unescaped here; one that does not unescape is taken as it is, and
+// matches no workload.
+func refParam(r *http.Request) string {
+	raw := chi.URLParam(r, "ref")
+	if r.URL.RawPath == "" {
+		return raw // chi matched the decoded path
+	}
+	if ref, err := url.PathUnescape(raw); err == nil {
+		return ref
+	}
+	return raw
 }
 
 func (s *Server) createWorkload(w http.ResponseWriter, r *http.Request) {
@@ -210,7 +227,7 @@ func (s *Server) listWorkloads(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getWorkload(w http.ResponseWriter, r *http.Request) {
-	ref := chi.URLParam(r, "ref")
+	ref := refParam(r)
 	index, wait, p := s.blockingParams(r)
 	if p != nil {
 		writeProblem(w, r, s.log, p)
@@ -247,7 +264,7 @@ func (s *Server) deleteWorkload(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	ref := chi.URLParam(r, "ref")
+	ref := refParam(r)
 	if !wait {
 		wl, err := s.be(r).RequestDelete(r.Context(), ref, force)
 		if err != nil {
@@ -296,7 +313,7 @@ func (s *Server) stopWorkload(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	ref := chi.URLParam(r, "ref")
+	ref := refParam(r)
 	if !wait {
 		wl, err := s.be(r).RequestStop(r.Context(), ref, timeout)
 		if err != nil {
@@ -316,7 +333,7 @@ func (s *Server) stopWorkload(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) workloadStats(w http.ResponseWriter, r *http.Request) {
-	st, err := s.be(r).Stats(r.Context(), chi.URLParam(r, "ref"))
+	st, err := s.be(r).Stats(r.Context(), refParam(r))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -354,7 +371,7 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad query parameter", api.FieldError{Field: "format", Detail: "must be text or ndjson"}))
 		return
 	}
-	ref := chi.URLParam(r, "ref")
+	ref := refParam(r)
 	if _, err := s.be(r).Get(r.Context(), ref); err != nil {
 		s.fail(w, r, err)
 		return

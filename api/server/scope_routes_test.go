@@ -160,8 +160,8 @@ func TestRouteTenancy(t *testing.T) {
 	e.submit("mine", "a")
 	e.submit("theirs", "b")
 	e.submit("nobodys", "")
-	e.waitRunning("mine")
-	e.waitRunning("theirs")
+	e.waitRunning("a/mine")
+	e.waitRunning("b/theirs")
 	for _, r := range routes(t, e) {
 		c, ok := routeTenancy[r]
 		if !ok {
@@ -199,7 +199,7 @@ func TestRouteTenancy(t *testing.T) {
 		})
 	}
 	// Refused and hidden requests touched nothing.
-	for _, ref := range []string{"theirs", "nobodys"} {
+	for _, ref := range []string{"b/theirs", "nobodys"} {
 		if w, err := e.agent.Get(t.Context(), ref); err != nil || w.State != api.StateRunning {
 			t.Errorf("%s after the submitter's requests: %v %v", ref, w, err)
 		}
