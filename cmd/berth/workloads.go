@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strconv"
@@ -23,6 +24,8 @@ func newRunCmd(g *globals) *cobra.Command {
 		restart string
 		wait    bool
 		ports   []string
+		secrets []string
+		secFile string
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
@@ -32,9 +35,17 @@ entrypoint and command. The node's isolation policy decides whether it runs
 as a container or in a VM; --isolation asks for at least that much.
 
 With --wait, berth streams the workload's output and exits with its exit
-code (125 when it could not be run at all).`,
+code (125 when it could not be run at all).
+
+--secret-env and --secret-env-file set environment variables whose values
+the agent writes only into the workload: every answer shows them as
+<redacted>, and berth never prints them. --secret-env KEY takes the value
+of KEY from berth's own environment; KEY=VALUE on the command line works
+too, but other users of this host may see a command line (ps).`,
 		Example: `  berth run --wait busybox:latest -- sh -c 'echo hello; exit 7'
-  berth run --name web --memory 512 --label team=infra nginx:1`,
+  berth run --name web --memory 512 --label team=infra nginx:1
+  DB_PASSWORD=... berth run --secret-env DB_PASSWORD app:1
+  berth run --secret-env-file - app:1 < secrets.env`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			spec.Image = args[0]
@@ -53,6 +64,9 @@ code (125 when it could not be run at all).`,
 				return err
 			}
 			if spec.Env, err = keyValues("-e", env); err != nil {
+				return err
+			}
+			if spec.SecretEnv, err = secretEnv(secrets, secFile, cmd.InOrStdin()); err != nil {
 				return err
 			}
 			if spec.Ports, err = parsePorts(ports); err != nil {
@@ -114,6 +128,8 @@ code (125 when it could not be run at all).`,
 	f.StringVar(&iso, "isolation", "", "auto, container or vm: the least isolation to accept")
 	f.StringArrayVarP(&labels, "label", "l", nil, "label KEY=VALUE (repeatable)")
 	f.StringArrayVarP(&env, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
+	f.StringArrayVar(&secrets, "secret-env", nil, "secret environment variable KEY (its value from berth's environment) or KEY=VALUE (repeatable); never shown")
+	f.StringVar(&secFile, "secret-env-file", "", "read secret environment variables from FILE (\"-\" for stdin): KEY=VALUE lines, '#' comments")
 	f.StringVarP(&spec.Workdir, "workdir", "w", "", "working directory inside the image")
 	f.Float64Var(&spec.Resources.CPU, "cpus", 0, "CPU cores (default from the agent's config)")
 	f.Int64Var(&spec.Resources.MemoryMB, "memory", 0, "memory in MiB (default from the agent's config)")
@@ -146,6 +162,67 @@ func parsePorts(specs []string) ([]api.PortMapping, error) {
 		out = append(out, m)
 	}
 	return out, nil
+}
+
+// secretEnv gathers the secret environment of --secret-env and
+// --secret-env-file. Its errors name a flag, a line or a variable, never
+// a value.
+func secretEnv(flags []string, file string, stdin io.Reader) (map[string]string, error) {
+	out := map[string]string{}
+	if file != "" {
+		var data []byte
+		var err error
+		if file == "-" {
+			data, err = io.ReadAll(io.LimitReader(stdin, maxSecretFile+1))
+		} else {
+			data, err = readLimited(file, maxSecretFile+1)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("--secret-env-file: %w", err)
+		}
+		if len(data) > maxSecretFile {
+			return nil, fmt.Errorf("--secret-env-file: more than %d bytes", maxSecretFile)
+		}
+		for i, line := range strings.Split(string(data), "\n") {
+			line = strings.TrimSuffix(line, "\r")
+			if t := strings.TrimSpace(line); t == "" || strings.HasPrefix(t, "#") {
+				continue
+			}
+			k, v, ok := strings.Cut(line, "=")
+			if k = strings.TrimSpace(k); !ok || k == "" {
+				return nil, fmt.Errorf("--secret-env-file line %d: want KEY=VALUE", i+1)
+			}
+			out[k] = v
+		}
+	}
+	for _, kv := range flags {
+		k, v, ok := strings.Cut(kv, "=")
+		if k == "" {
+			return nil, fmt.Errorf("--secret-env: a variable has no name; want KEY or KEY=VALUE")
+		}
+		if !ok {
+			if v, ok = os.LookupEnv(k); !ok {
+				return nil, fmt.Errorf("--secret-env %s: not set in berth's environment; export it, or give KEY=VALUE", k)
+			}
+		}
+		out[k] = v
+	}
+	if len(out) == 0 {
+		return nil, nil
+	}
+	return out, nil
+}
+
+// maxSecretFile bounds --secret-env-file (the agent takes 64 KiB).
+const maxSecretFile = 1 << 20
+
+func readLimited(path string, n int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, n))
 }
 
 func keyValues(flag string, kvs []string) (map[string]string, error) {
@@ -203,7 +280,7 @@ func newPsCmd(g *globals) *cobra.Command {
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tISOLATION\tSTATE\tEXIT\tADDRESS\tPORTS\tCREATED")
 			for _, w := range list {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(w.Name), w.Spec.Image, w.Isolation, stateText(&w), exitText(&w),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", w.ID, dash(nameRef(&w)), w.Spec.Image, w.Isolation, stateText(&w), exitText(&w),
 					dash(address(&w)), dash(portsText(w.Spec.Ports)), ago(w.CreatedAt))
 			}
 			return tw.Flush()
@@ -214,6 +291,15 @@ func newPsCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&state, "state", "", "only workloads in this state")
 	cmd.Flags().StringVar(&iso, "isolation", "", "only container or vm workloads")
 	return cmd
+}
+
+// nameRef is how a named workload is addressed: TENANT/NAME, or NAME in
+// the node's own namespace.
+func nameRef(w *api.Workload) string {
+	if w.Name == "" {
+		return ""
+	}
+	return api.Ref(w.Tenant, w.Name)
 }
 
 func dash(s string) string {
@@ -284,7 +370,10 @@ func printWorkload(w *api.Workload) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
 	row("ID", w.ID)
-	row("Name", dash(w.Name))
+	row("Name", dash(nameRef(w)))
+	if w.Tenant != "" {
+		row("Tenant", w.Tenant)
+	}
 	row("Image", w.Spec.Image+" ("+w.ImageDigest+")")
 	cmdline := append(append([]string{}, w.Spec.Command...), w.Spec.Args...)
 	row("Command", dash(strings.Join(cmdline, " ")))
@@ -305,6 +394,15 @@ func printWorkload(w *api.Workload) {
 			keys[i] = k + "=" + w.Spec.Labels[k]
 		}
 		row("Labels", strings.Join(keys, ", "))
+	}
+	if len(w.Spec.SecretEnv) > 0 {
+		// The agent answers with names only; print nothing else anyway.
+		names := make([]string, 0, len(w.Spec.SecretEnv))
+		for k := range w.Spec.SecretEnv {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		row("Secret env", strings.Join(names, ", ")+" (values not shown)")
 	}
 	if n := w.Network; n != nil {
 		net := n.Mode
