@@ -115,9 +115,16 @@ func (b *bearer) RoundTrip(req *http.Request) (*http.Response, error) {
 	return b.next.RoundTrip(req)
 }
 
+// url joins path, which is escaped (a workload reference goes through
+// url.PathEscape, so TENANT/NAME is one segment, with %2F), to the base.
 func (c *Client) url(path string, q url.Values) string {
 	u := *c.base
-	u.Path = strings.TrimSuffix(u.Path, "/") + path
+	raw := strings.TrimSuffix(u.EscapedPath(), "/") + path
+	if p, err := url.PathUnescape(raw); err == nil {
+		u.Path, u.RawPath = p, raw
+	} else {
+		u.Path, u.RawPath = strings.TrimSuffix(u.Path, "/")+path, ""
+	}
 	u.RawQuery = q.Encode()
 	return u.String()
 }
