@@ -249,7 +249,13 @@ func domainXML(s domainSpec) (string, error) {
 		VCPU:     &libvirtxml.DomainVCPU{Value: s.VCPUs},
 		OS:       osCfg,
 		// ACPI carries the power button berth-init turns into SIGTERM.
-		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}, TCG: tcg},
+		// The VMware I/O port and SMM (which only secure-boot firmware
+		// uses) are off: no berth guest uses them, and together they cost
+		// the firmware and the kernel 0.1-0.2 s of a TCG boot (issue 17).
+		Features: &libvirtxml.DomainFeatureList{
+			ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}, TCG: tcg,
+			VMPort: &libvirtxml.DomainFeatureState{State: "off"}, SMM: &libvirtxml.DomainFeatureSMM{State: "off"},
+		},
 		CPU:        cpu,
 		Clock:      &libvirtxml.DomainClock{Offset: "utc"},
 		OnPoweroff: "destroy",

@@ -48,6 +48,9 @@ func TestDomainXML(t *testing.T) {
 	if dom.CPU == nil || dom.CPU.Mode == "host-passthrough" || dom.CPU.Model == nil || dom.CPU.Model.Value != "qemu64" {
 		t.Errorf("cpu = %+v, want the qemu64 model under TCG", dom.CPU)
 	}
+	if f := dom.Features; f.SMM == nil || f.SMM.State != "off" || f.VMPort == nil || f.VMPort.State != "off" {
+		t.Errorf("features smm %+v vmport %+v, want both off", f.SMM, f.VMPort)
+	}
 	if tcg := dom.Features.TCG; tcg == nil || tcg.TBCache == nil || tcg.TBCache.Size != tcgTBCacheMiB || tcg.TBCache.Unit != "MiB" {
 		t.Errorf("tcg features = %+v, want a %d MiB translation cache", tcg, tcgTBCacheMiB)
 	}

@@ -210,7 +210,7 @@ func run(berth, out, repo, scratch, accel string, isQuick, vmOnly bool) int {
 	})
 	phase(fmt.Sprintf("VM start: %d × (berth, qemu PVH, qemu bzImage, qemu bzImage + busybox, virsh create)", sz.vmN), func() error {
 		err := vmStart(ctx, a, sz.vmN, sz.vmBudget, filepath.Join(dir, "vm-baseline"), runID, sz.vmFootprintK == 0, rep)
-		if mode, why := vmBoot(ctx, a); mode != "" {
+		if mode, why := vmBoot(ctx, a); mode == "pvh" || mode == "bzimage" {
 			rep.AccelNote = strings.Replace(rep.AccelNote, "decided at the first VM", mode+" — "+why, 1)
 		}
 		return err

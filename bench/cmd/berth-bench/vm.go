@@ -210,10 +210,19 @@ func qemuDirect(ctx context.Context, c *vmCapture, kernel, dir, cgroup string) (
 	if kernel == "" {
 		kernel = d.OS.Kernel
 	}
+	machine := "q35"
+	if f := d.Features; f != nil {
+		if f.SMM != nil && f.SMM.State == "off" {
+			machine += ",smm=off"
+		}
+		if f.VMPort != nil && f.VMPort.State == "off" {
+			machine += ",vmport=off"
+		}
+	}
 	// QEMU puts devices without an address on the root bus, as berth's
 	// domain does.
 	args := []string{
-		"-machine", "q35", "-accel", accel, "-cpu", cpu, "-smp", fmt.Sprint(vcpus), "-m", fmt.Sprintf("%dk", memKiB),
+		"-machine", machine, "-accel", accel, "-cpu", cpu, "-smp", fmt.Sprint(vcpus), "-m", fmt.Sprintf("%dk", memKiB),
 		"-nodefaults", "-nographic", "-no-reboot",
 		"-kernel", kernel, "-initrd", d.OS.Initrd, "-append", d.OS.Cmdline,
 		"-chardev", "file,id=console,path=" + opt(p("console.log")), "-serial", "chardev:console",
@@ -531,8 +540,10 @@ func vmStart(ctx context.Context, a *agentProc, n int, budget time.Duration, wor
 	if err := busyboxInitramfs(bbInitrd); err != nil {
 		return err
 	}
+	// Node status says how until the agent's next fingerprint after the
+	// kernel was first prepared; the domain says it at once.
 	berthBoot, _ := vmBoot(ctx, a)
-	if berthBoot == "" {
+	if berthBoot != "pvh" && berthBoot != "bzimage" {
 		berthBoot = "pvh"
 		if cap.dom.OS != nil && cap.dom.OS.Kernel == node.Path {
 			berthBoot = "bzimage"
