@@ -51,8 +51,8 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	// A retry gets the workload already admitted even when the policy
 	// has changed since: its decision was made and recorded then. Checked
 	// again under the lock below.
-	if w, err := a.retryOf(tenant, spec, secrets); err != nil || w != nil {
-		return w, false, err
+	if w := a.retryOf(tenant, spec, secrets); w != nil {
+		return w, false, nil
 	}
 	// A node whose data directory is nearly full takes nothing more: the
 	// state database and every workload's logs live there.
@@ -129,22 +129,23 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 // retryOf returns the workload a submit of spec (normalized) is a retry
 // of: one of the same name in the same tenant's namespace, not being
 // deleted, with the same spec and the same secret values.
-func (a *Agent) retryOf(tenant string, spec api.WorkloadSpec, secrets map[string]string) (*api.Workload, error) {
+func (a *Agent) retryOf(tenant string, spec api.WorkloadSpec, secrets map[string]string) *api.Workload {
 	if spec.Name == "" {
-		return nil, nil
+		return nil
 	}
 	a.mu.Lock()
 	r, ok := a.namedLocked(tenant, spec.Name)
 	a.mu.Unlock()
 	if !ok || r.Deleting {
-		return nil, nil
+		return nil
 	}
-	same, err := a.sameSpec(r, spec, secrets)
-	if err != nil || !same {
-		return nil, err
+	// A secrets file that cannot be read here (a delete may have begun
+	// since) is judged again under the lock, where a delete is seen.
+	if same, err := a.sameSpec(r, spec, secrets); err != nil || !same {
+		return nil
 	}
 	w := cloneWorkload(r.Workload)
-	return &w, nil
+	return &w
 }
 
 // sameSpec reports whether r was submitted with spec (normalized, so its
