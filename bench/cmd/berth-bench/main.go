@@ -292,11 +292,15 @@ var targetLimits = map[string]string{
 		"and a monitor process (the berth binary) that then runs `runc create` and `runc start`; the agent marks running only when the monitor reports it.",
 	"placement dry-runs over HTTP on 2 cores": "the HTTP stack, not Decide: even GET /healthz on the same server stays far below 20,000 req/s here, " +
 		"with the load generator sharing the 2 cores; Decide is ~1.4 µs of a several-ms request. JSON decoding, validation and encoding of the decision make the rest.",
-	"VM submit→first output within 1.1× raw QEMU PVH boot of the same guest (median)": "TCG boots on a machine other jobs load: single boots vary by a second or more from one to the next, " +
-		"so with few rounds the ratio is mostly noise. berth adds libvirt's domain set-up (cgroups, security labels, chardev sockets), the monitor's socket relay " +
-		"and the log follower's 100 ms poll on top of the same boot.",
+	"VM submit→first output within 1.1× raw QEMU PVH boot of the same guest (median)": "a fixed cost on a boot now under 3 s: libvirt's domain set-up " +
+		"(QEMU started paused, QMP negotiation, cgroups, security labels; the virsh create row, about +0.2 s over raw QEMU) and berth's own path " +
+		"(submit and its state commits, qemu-img overlay, monitor spawn and socket relay, the API log follower's 100 ms poll: about +0.4 s over virsh create). " +
+		"Single TCG boots on this shared machine also vary by a second or more.",
 	"VM submit→first output within 0.6× raw QEMU of the node's bzImage with a minimal busybox initramfs (median)": "the guest kernel's own boot to init (about 2 s under TCG: " +
 		"ACPI and PCI enumeration, alternatives patching) is the floor; on top of it berth-init loads its modules (virtio, ext4: about half a second under TCG), " +
 		"mounts the root disk and starts the workload, and berth adds libvirt's set-up and the log follower's poll.",
-	"QEMU RSS of an idle busybox VM": "guest RAM the guest touched (kernel, unpacked initramfs, page cache of the root disk) plus QEMU's own heap and TCG's translation buffer.",
+	"QEMU RSS of an idle busybox VM": "under TCG, of about 220 MiB: guest RAM the guest touched, some 105 MiB (the kernel image alone is 59 MiB, then slab, " +
+		"the unpacked initramfs, module memory and the root disk's page cache); the kernel file QEMU maps to load it through PVH, 36 MiB of page cache " +
+		"shared by every VM (PSS splits it); TCG's translation cache, capped at 32 MiB; QEMU's own binary, libraries and heap, some 45 MiB. " +
+		"Free page reporting (virtio-balloon) returned nothing measurable: what an idle guest has touched it still uses.",
 }
