@@ -106,7 +106,7 @@ type Agent struct {
 
 	mu      sync.Mutex // guards the fields below
 	recs    map[string]*record
-	names   map[string]string // name -> id
+	names   map[string]string // api.Ref(tenant, name) -> id
 	index   uint64
 	changed chan struct{}          // closed and replaced on every commit
 	sups    map[string]*supervisor // each workload's supervisor, while one runs

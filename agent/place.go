@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"reflect"
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/errdefs"
@@ -140,23 +139,4 @@ func toPlacement(d placement.Decision) *api.Placement {
 		p.Matched = append(p.Matched, api.RuleMatch{Rule: m.Rule, Outcome: string(m.Outcome), Reason: m.Reason})
 	}
 	return p
-}
-
-// existing returns the workload a submit of spec is a retry of: one of the
-// same name and the same spec. A retry gets the workload already admitted
-// even when the policy has changed since: its decision was made and
-// recorded then. Submit checks again under its lock; this check only keeps
-// a retry from being judged by a policy that did not admit it.
-func (a *Agent) existing(spec api.WorkloadSpec) *api.Workload {
-	if spec.Name == "" {
-		return nil
-	}
-	a.mu.Lock()
-	r, ok := a.lookupLocked(spec.Name)
-	a.mu.Unlock()
-	if !ok || r.Deleting || !reflect.DeepEqual(r.Workload.Spec, spec) {
-		return nil
-	}
-	w := cloneWorkload(r.Workload)
-	return &w
 }

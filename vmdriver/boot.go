@@ -235,7 +235,7 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(dir, configDisk), cfgData, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, configDisk), cfgData, 0o600); err != nil {
 		return fmt.Errorf("write config disk: %w", err)
 	}
 	spec.Kernel, spec.Initrd, spec.Cmdline = boot.kernel.Path, boot.initrd, kernelCmdline
