@@ -63,6 +63,8 @@ func TestErrorsNameTheKey(t *testing.T) {
 		"data_dir: relative/dir\n":                  "data_dir:",
 		"log:\n  level: loud\n":                     "log.level:",
 		"vm:\n  accel: warp\n":                      "vm.accel:",
+		"vm:\n  boot: uefi\n":                       "vm.boot:",
+		"container:\n  start_timeout: 10ms\n":       "container.start_timeout:",
 		"workload_defaults:\n  stop_timeout: -1s\n": "workload_defaults.stop_timeout:",
 		"lisen: 127.0.0.1:1\n":                      "lisen",
 		"container:\n  runc_path: /usr/bin/runc\n":  "container.runc_path",
