@@ -218,21 +218,9 @@ func (d *Driver) cleanup(ctx context.Context, id string) error {
 // its monitor's records say whether the container runs, ended, or belongs
 // to an earlier boot.
 func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
-	if h.Driver != "" && h.Driver != Name {
-		return fmt.Errorf("handle of driver %q given to %s: %w", h.Driver, Name, errdefs.ErrInvalidArgument)
-	}
-	if h.Version > handleVersion {
-		return fmt.Errorf("handle version %d is newer than this agent's %d: %w", h.Version, handleVersion, errdefs.ErrFailedPrecondition)
-	}
-	if err := driver.CheckID(h.ID); err != nil {
+	dir, known, err := d.sup.Adopt(h, Name, handleVersion, d.taskDir)
+	if known || err != nil {
 		return err
-	}
-	if d.sup.Known(h.ID) {
-		return nil
-	}
-	dir := d.taskDir(h.ID)
-	if _, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("container task %s: %w", h.ID, errdefs.ErrNotFound)
 	}
 	t := d.sup.NewTask(h.ID, dir, struct{}{})
 	exited, err := d.sup.Attach(ctx, t)

@@ -484,3 +484,27 @@ func bootTime() (time.Time, error) {
 	}
 	return time.Time{}, errors.New("no btime in /proc/stat")
 }
+
+// Adopt checks a handle given to Recover (its driver, version and id) and
+// finds the task's directory. It returns known when the task is already
+// registered (nothing to do), and errdefs.ErrNotFound when the driver has
+// nothing of it on disk.
+func (s *Supervisor[T]) Adopt(h *driver.Handle, driverName string, handleVersion int, dir func(id string) string) (taskDir string, known bool, err error) {
+	if h.Driver != "" && h.Driver != driverName {
+		return "", false, fmt.Errorf("handle of driver %q given to %s: %w", h.Driver, driverName, errdefs.ErrInvalidArgument)
+	}
+	if h.Version > handleVersion {
+		return "", false, fmt.Errorf("handle version %d is newer than this agent's %d: %w", h.Version, handleVersion, errdefs.ErrFailedPrecondition)
+	}
+	if err := driver.CheckID(h.ID); err != nil {
+		return "", false, err
+	}
+	if s.Known(h.ID) {
+		return "", true, nil
+	}
+	taskDir = dir(h.ID)
+	if _, err := os.Stat(taskDir); err != nil {
+		return "", false, fmt.Errorf("%s %s: %w", s.opts.Noun, h.ID, errdefs.ErrNotFound)
+	}
+	return taskDir, false, nil
+}

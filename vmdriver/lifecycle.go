@@ -180,21 +180,9 @@ func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 // task.json says which domain and logs are the task's, the monitor's
 // records whether it still runs.
 func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
-	if h.Driver != "" && h.Driver != Name {
-		return fmt.Errorf("handle of driver %q given to %s: %w", h.Driver, Name, errdefs.ErrInvalidArgument)
-	}
-	if h.Version > handleVersion {
-		return fmt.Errorf("handle version %d is newer than this agent's %d: %w", h.Version, handleVersion, errdefs.ErrFailedPrecondition)
-	}
-	if err := driver.CheckID(h.ID); err != nil {
+	dir, known, err := d.sup.Adopt(h, Name, handleVersion, d.taskDir)
+	if known || err != nil {
 		return err
-	}
-	if d.sup.Known(h.ID) {
-		return nil
-	}
-	dir := d.taskDir(h.ID)
-	if _, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("vm task %s: %w", h.ID, errdefs.ErrNotFound)
 	}
 	// gone removes what a task that does not run left, so it can be
 	// started afresh (or reported ended), and returns why.
