@@ -163,16 +163,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	if err := driver.CheckID(id); err != nil {
 		return err
 	}
-	t, err := d.sup.Get(id)
-	if err != nil {
-		// Not attached (the agent restarted and is cleaning up before or
-		// instead of recovering it): attach now, so a live container is
-		// killed and its monitor waited for before its files go.
-		if rerr := d.Recover(ctx, &driver.Handle{ID: id, Driver: Name}); rerr == nil {
-			t, err = d.sup.Get(id)
-		}
-	}
-	if err == nil {
+	if t, err := d.sup.Attached(ctx, id, d.Recover); err == nil {
 		if err := d.sup.Kill(ctx, t, ender{d: d, id: id}); err != nil {
 			return err
 		}

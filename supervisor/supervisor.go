@@ -508,3 +508,18 @@ func (s *Supervisor[T]) Adopt(h *driver.Handle, driverName string, handleVersion
 	}
 	return taskDir, false, nil
 }
+
+// Attached returns the task for id, re-attaching it through recover when
+// this agent has not (it restarted and is cleaning up before or instead of
+// recovering it), so a live task is ended and its end recorded before its
+// files go. An error means there is nothing to attach to.
+func (s *Supervisor[T]) Attached(ctx context.Context, id string, recover func(context.Context, *driver.Handle) error) (*Task[T], error) {
+	t, err := s.Get(id)
+	if err == nil {
+		return t, nil
+	}
+	if rerr := recover(ctx, &driver.Handle{ID: id}); rerr != nil {
+		return nil, err
+	}
+	return s.Get(id)
+}

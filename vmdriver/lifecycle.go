@@ -75,16 +75,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	if err := driver.CheckID(id); err != nil {
 		return err
 	}
-	t, err := d.sup.Get(id)
-	if err != nil {
-		// Not attached (the agent restarted and is cleaning up before or
-		// instead of recovering it): attach now, so a running VM is ended
-		// and its end recorded before its files go.
-		if rerr := d.Recover(ctx, &driver.Handle{ID: id, Driver: Name}); rerr == nil {
-			t, err = d.sup.Get(id)
-		}
-	}
-	if err == nil {
+	if t, err := d.sup.Attached(ctx, id, d.Recover); err == nil {
 		kctx, cancel := context.WithTimeout(ctx, destroyWait)
 		err := d.sup.Kill(kctx, t, ender{d: d, t: t})
 		cancel()
