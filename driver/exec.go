@@ -1,0 +1,80 @@
+package driver
+
+import (
+	"context"
+	"io"
+	"syscall"
+)
+
+// Execer is implemented by drivers that can start a further process in a
+// running task (exec). Both of berth's drivers implement it: a container
+// through `runc exec` with the container's own hardening, a VM through
+// berth-init, which serves exec sessions over a host-to-guest channel.
+//
+// The agent relays a session to its client (one relay for every driver),
+// checks who may exec and audits it; a driver only starts the process and
+// carries its streams.
+type Execer interface {
+	// Exec starts cfg in the running task id. ctx bounds the start only:
+	// the session lives until Close. An unknown task is errdefs.ErrNotFound;
+	// a task that does not run is errdefs.ErrConflict; an unknown user or
+	// a workdir that does not exist is errdefs.ErrInvalidArgument, and
+	// nothing is left behind.
+	Exec(ctx context.Context, id string, cfg *ExecConfig) (ExecSession, error)
+}
+
+// Signaler is implemented by drivers that can deliver a signal to a task's
+// main process (a container's init; inside a VM, berth-init forwards it to
+// the workload's process).
+type Signaler interface {
+	Signal(ctx context.Context, id string, sig syscall.Signal) error
+}
+
+// ExecConfig is the process an exec session runs.
+type ExecConfig struct {
+	Args []string
+	// Env is added to the task's own environment (KEY=VALUE; a key given
+	// here wins).
+	Env []string
+	// Workdir is an absolute path in the task; empty means the task's.
+	Workdir string
+	// User is "uid[:gid]", resolved by the agent; empty means the task's.
+	User string
+	// Stdin: the session's Stdin is connected to the process.
+	Stdin bool
+	// TTY: the process runs on a terminal of its own (stdout and stderr
+	// are the terminal's output, read from Stdout).
+	TTY bool
+	// Size is the terminal's initial size when TTY is set.
+	Size TermSize
+}
+
+// TermSize is a terminal's size in characters.
+type TermSize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// ExecSession is one running exec'd process.
+type ExecSession interface {
+	// Stdin is the process's standard input, nil unless ExecConfig.Stdin.
+	// Closing it gives the process end of file.
+	Stdin() io.WriteCloser
+	// Stdout is the process's standard output (with TTY, the terminal's
+	// output). It ends (io.EOF) once the process ended and every byte it
+	// wrote has been read.
+	Stdout() io.Reader
+	// Stderr is the process's standard error; nil with TTY.
+	Stderr() io.Reader
+	// Resize changes the terminal's size; without TTY it does nothing.
+	Resize(TermSize) error
+	// Signal delivers sig to the exec'd process.
+	Signal(sig syscall.Signal) error
+	// Wait blocks until the process ended and returns how: ExitCode, or
+	// Signal with ExitCode 128+signal, as for a task. ctx bounds the wait.
+	Wait(ctx context.Context) (*ExitResult, error)
+	// Close kills the process if it still runs (and everything it
+	// started in the session) and releases what the session holds. It is
+	// idempotent and safe after Wait.
+	Close() error
+}
