@@ -2,8 +2,14 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"path"
+	"strconv"
+	"strings"
 	"syscall"
+
+	"github.com/berthd/berth/errdefs"
 )
 
 // Execer is implemented by drivers that can start a further process in a
@@ -17,9 +23,11 @@ import (
 type Execer interface {
 	// Exec starts cfg in the running task id. ctx bounds the start only:
 	// the session lives until Close. An unknown task is errdefs.ErrNotFound;
-	// a task that does not run is errdefs.ErrConflict; an unknown user or
-	// a workdir that does not exist is errdefs.ErrInvalidArgument, and
-	// nothing is left behind.
+	// a task that does not run is errdefs.ErrConflict; an invalid
+	// ExecConfig (see CheckExecConfig), a workdir that does not exist in
+	// the task or a command that cannot be started (not found, not
+	// executable) is errdefs.ErrInvalidArgument, and nothing is left
+	// behind. The conformance cases are in driver/drivertest.
 	Exec(ctx context.Context, id string, cfg *ExecConfig) (ExecSession, error)
 }
 
@@ -27,6 +35,8 @@ type Execer interface {
 // main process (a container's init; inside a VM, berth-init forwards it to
 // the workload's process).
 type Signaler interface {
+	// Signal delivers sig to task id's main process. An unknown task is
+	// errdefs.ErrNotFound, a task that does not run errdefs.ErrConflict.
 	Signal(ctx context.Context, id string, sig syscall.Signal) error
 }
 
@@ -74,7 +84,56 @@ type ExecSession interface {
 	// Signal with ExitCode 128+signal, as for a task. ctx bounds the wait.
 	Wait(ctx context.Context) (*ExitResult, error)
 	// Close kills the process if it still runs (and everything it
-	// started in the session) and releases what the session holds. It is
-	// idempotent and safe after Wait.
+	// started in the session: its process group and session, short of
+	// what detached itself with setsid) and releases what the session
+	// holds. When it returns, none of those processes runs any more. It
+	// is idempotent and safe after Wait; Wait after Close reports the
+	// killed process's end.
 	Close() error
+}
+
+// CheckExecConfig is the validation every driver applies to an exec
+// before it starts anything: a command, an absolute workdir and a numeric
+// user. Each failure is errdefs.ErrInvalidArgument.
+func CheckExecConfig(cfg *ExecConfig) error {
+	if cfg == nil || len(cfg.Args) == 0 || cfg.Args[0] == "" {
+		return fmt.Errorf("exec needs a command: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Workdir != "" && !path.IsAbs(cfg.Workdir) {
+		return fmt.Errorf("exec workdir %q is not an absolute path: %w", cfg.Workdir, errdefs.ErrInvalidArgument)
+	}
+	if cfg.User != "" {
+		if _, _, err := ParseExecUser(cfg.User); err != nil {
+			return err
+		}
+	}
+	for _, kv := range cfg.Env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return fmt.Errorf("exec env %q is not KEY=VALUE: %w", kv, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+// ParseExecUser parses ExecConfig.User, "uid[:gid]" (gid 0 when absent):
+// names were resolved by the agent, so a driver never sees one.
+func ParseExecUser(user string) (uid, gid uint32, err error) {
+	u, g, hasGID := strings.Cut(user, ":")
+	uid64, err := strconv.ParseUint(u, 10, 32)
+	if err != nil {
+		return 0, 0, fmt.Errorf("exec user %q: want uid[:gid], numeric: %w", user, errdefs.ErrInvalidArgument)
+	}
+	var gid64 uint64
+	if hasGID {
+		if gid64, err = strconv.ParseUint(g, 10, 32); err != nil {
+			return 0, 0, fmt.Errorf("exec user %q: want uid[:gid], numeric: %w", user, errdefs.ErrInvalidArgument)
+		}
+	}
+	return uint32(uid64), uint32(gid64), nil
+}
+
+// SignalExit is the ExitResult of a process killed by sig, as a shell
+// reports it (128+sig).
+func SignalExit(sig syscall.Signal) *ExitResult {
+	return &ExitResult{ExitCode: 128 + int(sig), Signal: int(sig)}
 }

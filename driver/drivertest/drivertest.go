@@ -39,16 +39,10 @@ type Harness struct {
 }
 
 // Run runs every case.
+// The exec and signal cases run too when the driver implements
+// driver.Execer and driver.Signaler.
 func Run(t *testing.T, h Harness) {
-	if h.StopTimeout == 0 {
-		h.StopTimeout = 2 * time.Second
-	}
-	if h.Slack == 0 {
-		h.Slack = 20 * time.Second
-	}
-	if h.Parallel == 0 {
-		h.Parallel = 3
-	}
+	h = h.defaults()
 	d := h.New(t)
 	s := &suite{h: h, d: d}
 	t.Run("OutputAndExitCode", s.outputAndExitCode)
@@ -67,6 +61,20 @@ func Run(t *testing.T, h Harness) {
 	t.Run("StopResumedAfterRestart", s.stopResumed)
 	t.Run("InvalidIDs", s.invalidIDs)
 	t.Run("Close", s.close)
+	s.runExec(t)
+}
+
+func (h Harness) defaults() Harness {
+	if h.StopTimeout == 0 {
+		h.StopTimeout = 2 * time.Second
+	}
+	if h.Slack == 0 {
+		h.Slack = 20 * time.Second
+	}
+	if h.Parallel == 0 {
+		h.Parallel = 3
+	}
+	return h
 }
 
 type suite struct {

@@ -45,6 +45,7 @@ func (n *Node) Reboot() {
 	}
 	n.mu.Unlock()
 	for _, t := range tasks {
+		t.closeSessions()
 		if t.cmd != nil && t.cmd.Process != nil {
 			_ = syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
 			<-t.done
@@ -65,6 +66,7 @@ type task struct {
 	stopMu   sync.Mutex
 	deadline *time.Timer
 	killAt   time.Time
+	sessions map[*session]struct{} // exec sessions, guarded by stopMu
 }
 
 // Call is one recorded driver call.
@@ -342,6 +344,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		// Absent, or still being started by Start (which then fails).
 		return nil
 	}
+	t.closeSessions()
 	select {
 	case <-t.done:
 	default:
