@@ -121,6 +121,9 @@ type Agent struct {
 	nodeID    string
 	capacity  api.NodeResources
 	conds     conditions
+	// cordon is the operator's cordon (maintenance.go); nil means the
+	// node is schedulable. Guarded by mu, changed under writeMu.
+	cordon *api.NodeCordon
 	// recovered is closed when the first reconciliation, which runs in the
 	// background after recovery, is done.
 	recovered chan struct{}
@@ -186,6 +189,10 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		st.close()
 		return nil, fmt.Errorf("node id: %w", err)
 	}
+	if err := a.loadCordon(); err != nil {
+		st.close()
+		return nil, err
+	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	if err := a.recover(ctx); err != nil {
 		a.cancel()
@@ -199,6 +206,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	}
 	a.log.Info("isolation policy loaded", "source", pol.current().source, "version", pol.current().policy.Version())
 	a.checkDisk()
+	a.resumeDrain()
 	a.wg.Add(3)
 	go a.healthLoop()
 	go a.reconcileLoop()

@@ -207,7 +207,7 @@ func (a *Agent) Node(ctx context.Context) *api.Node {
 		mem.Status, mem.Reason = true, "MemoryAllocatedAbove90Percent"
 	}
 	mem.Message = fmt.Sprintf("%d of %d MiB allocated", n.Allocated.MemoryMB, n.Allocatable.MemoryMB)
-	for _, c := range []api.Condition{ready, vm, pol, mem, a.diskCondition()} {
+	for _, c := range []api.Condition{ready, vm, pol, mem, a.diskCondition(), a.schedulable(n)} {
 		n.Conditions = append(n.Conditions, a.conds.set(c, now))
 	}
 	return n

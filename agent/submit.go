@@ -54,6 +54,9 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	if w := a.retryOf(tenant, spec, secrets); w != nil {
 		return w, false, nil
 	}
+	if err := a.cordonErr(); err != nil {
+		return nil, false, err
+	}
 	// A node whose data directory is nearly full takes nothing more: the
 	// state database and every workload's logs live there.
 	if err := a.images.DiskPressure(); err != nil {
@@ -84,6 +87,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 			}
 			return nil, false, fmt.Errorf("a workload named %q already exists with a different spec (id %s): %w", spec.Name, existing.Workload.ID, errdefs.ErrAlreadyExists)
 		}
+	}
+	// Checked again under the lock a cordon is set under: nothing is
+	// admitted once Cordon has returned.
+	if err := a.cordonErr(); err != nil {
+		return nil, false, err
 	}
 	now := time.Now().UTC()
 	r := &record{Workload: api.Workload{

@@ -29,7 +29,36 @@ type Node struct {
 	Policy     NodePolicy              `json:"policy"`
 	Conditions []Condition             `json:"conditions"`
 	Index      uint64                  `json:"index"`
+	// Schedulable is false while the node is cordoned (or draining): it
+	// refuses new workloads. Cordon says since when and why.
+	Schedulable bool        `json:"schedulable"`
+	Cordon      *NodeCordon `json:"cordon,omitempty"`
 }
+
+// NodeCordon is an operator's cordon of the node (berth node cordon or
+// drain): new submits are refused until it is lifted (uncordon). It
+// survives an agent restart.
+type NodeCordon struct {
+	Since  time.Time `json:"since"`
+	Reason string    `json:"reason,omitempty"`
+	// Draining is true after a drain: every workload was asked to stop
+	// with its grace period, and a workload that survives an agent
+	// restart is asked again.
+	Draining bool `json:"draining,omitempty"`
+}
+
+// CordonRequest is the body of POST /v1/node/cordon and /v1/node/drain.
+type CordonRequest struct {
+	// Reason is shown to submitters the node refuses and in node status.
+	Reason string `json:"reason,omitempty"`
+	// TimeoutSeconds (drain only) is each workload's stop grace period;
+	// 0 means the agent's default.
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// ReasonNodeCordoned is the problem reason of a submit a cordoned (or
+// draining) node refuses; the detail says why.
+const ReasonNodeCordoned = "node_cordoned"
 
 // NodeResources is an amount of the node's resources.
 type NodeResources struct {
@@ -89,6 +118,9 @@ const (
 	// ConditionDiskPressure: the data directory's filesystem has less free
 	// space than storage.min_free_bytes; submits and pulls are refused.
 	ConditionDiskPressure = "DiskPressure"
+	// ConditionSchedulable: the node takes new workloads (false while it
+	// is cordoned or draining).
+	ConditionSchedulable = "Schedulable"
 )
 
 // Event is one entry of the node's event stream (GET /v1/events).
@@ -120,6 +152,11 @@ const (
 	// EventNodeDiskPressure: the data directory's free space fell below
 	// the floor (attrs status=false: it is back above it).
 	EventNodeDiskPressure = "node.disk_pressure"
+	// EventNodeCordoned, EventNodeDraining, EventNodeUncordoned: an
+	// operator's maintenance of the node.
+	EventNodeCordoned   = "node.cordoned"
+	EventNodeDraining   = "node.draining"
+	EventNodeUncordoned = "node.uncordoned"
 )
 
 // EventFilter selects events; empty fields match everything.

@@ -33,6 +33,10 @@ var (
 	ErrUnauthenticated = errors.New("unauthenticated")
 	// ErrPermissionDenied: credentials are fine but do not allow the operation.
 	ErrPermissionDenied = errors.New("permission denied")
+	// ErrCordoned: the node takes no new workloads (an operator cordoned
+	// or is draining it); submit elsewhere or later. It is an
+	// ErrUnavailable too.
+	ErrCordoned = fmt.Errorf("node cordoned: %w", ErrUnavailable)
 )
 
 // FieldError names one offending field of an invalid request, as a JSON path

@@ -293,3 +293,26 @@ func (s *Server) checkEventScope(ctx context.Context, st *request, workloadID st
 	_, err := st.backend.Get(ctx, workloadID)
 	return err
 }
+
+// A node's maintenance is no tenant's: a tenant-scoped role is refused
+// (none is granted node.write; should one be, it is refused here too).
+func (b *scoped) Cordon(ctx context.Context, reason string) (*api.Node, error) {
+	if b.id.Scoped() {
+		return nil, fmt.Errorf("cordon the node: %w", errdefs.ErrPermissionDenied)
+	}
+	return b.Backend.Cordon(ctx, reason)
+}
+
+func (b *scoped) Drain(ctx context.Context, reason string, timeout time.Duration) (*api.Node, error) {
+	if b.id.Scoped() {
+		return nil, fmt.Errorf("drain the node: %w", errdefs.ErrPermissionDenied)
+	}
+	return b.Backend.Drain(ctx, reason, timeout)
+}
+
+func (b *scoped) Uncordon(ctx context.Context) (*api.Node, error) {
+	if b.id.Scoped() {
+		return nil, fmt.Errorf("uncordon the node: %w", errdefs.ErrPermissionDenied)
+	}
+	return b.Backend.Uncordon(ctx)
+}

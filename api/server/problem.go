@@ -19,6 +19,8 @@ var errorClasses = []struct {
 	reason string
 	title  string
 }{
+	// Before ErrUnavailable, which it wraps: a cordon has its own reason.
+	{errdefs.ErrCordoned, http.StatusServiceUnavailable, api.ReasonNodeCordoned, "Node cordoned"},
 	{errdefs.ErrInvalidArgument, http.StatusBadRequest, api.ReasonInvalidArgument, "Invalid request"},
 	{errdefs.ErrNotFound, http.StatusNotFound, api.ReasonNotFound, "Not found"},
 	{errdefs.ErrAlreadyExists, http.StatusConflict, api.ReasonAlreadyExists, "Already exists"},

@@ -54,6 +54,8 @@ type Backend interface {
 	Place(ctx context.Context, spec api.WorkloadSpec) (*api.PlacementDecision, error)
 	// Policy describes the active isolation policy and its reloads.
 	Policy(ctx context.Context) api.PolicyStatus
+
+	Maintenance
 }
 
 // Options configure the server.
@@ -136,6 +138,9 @@ func New(b Backend, opts Options) *Server {
 	r.Get("/readyz", s.readyz)
 	r.Route("/v1", func(r chi.Router) {
 		r.Get("/node", s.getNode)
+		r.Post("/node/cordon", s.cordonNode(false))
+		r.Post("/node/drain", s.cordonNode(true))
+		r.Post("/node/uncordon", s.uncordonNode)
 		r.Get("/events", s.events)
 		r.Route("/workloads", func(r chi.Router) {
 			r.Post("/", s.createWorkload)

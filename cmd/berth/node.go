@@ -45,6 +45,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 	status.Flags().Uint64Var(&index, "index", 0, "block until the node's index passes this one")
 	status.Flags().DurationVar(&wait, "wait", time.Minute, "longest block with --index")
 	cmd.AddCommand(status)
+	cmd.AddCommand(maintenanceCmds(g)...)
 	return cmd
 }
 
@@ -53,6 +54,14 @@ func printNode(n *api.Node) {
 	fmt.Fprintf(tw, "Node:\t%s (%s)\n", n.ID, n.Hostname)
 	fmt.Fprintf(tw, "Version:\t%s, up %s\n", n.Version, (time.Duration(n.UptimeSeconds) * time.Second).String())
 	fmt.Fprintf(tw, "Index:\t%d\n", n.Index)
+	switch {
+	case n.Cordon != nil && n.Cordon.Draining:
+		fmt.Fprintf(tw, "Schedulable:\tno, draining since %s %s\n", n.Cordon.Since.Local().Format(time.DateTime), quoted(n.Cordon.Reason))
+	case n.Cordon != nil:
+		fmt.Fprintf(tw, "Schedulable:\tno, cordoned since %s %s\n", n.Cordon.Since.Local().Format(time.DateTime), quoted(n.Cordon.Reason))
+	default:
+		fmt.Fprintf(tw, "Schedulable:\tyes\n")
+	}
 	res := func(r api.NodeResources) string {
 		s := fmt.Sprintf("cpu %g, memory %d MiB", r.CPU, r.MemoryMB)
 		if r.Workloads > 0 {

@@ -55,6 +55,8 @@ const (
 	ActPlacement  Action = "placement.explain"
 	ActPolicyRead Action = "policy.read"
 	ActNodeRead   Action = "node.read"
+	// ActNodeWrite cordons, drains and uncordons the node.
+	ActNodeWrite  Action = "node.write"
 	ActEventsRead Action = "events.read"
 	ActMetrics    Action = "metrics.read"
 	// ActUnknown is a route the authorization table does not know: only
@@ -65,7 +67,7 @@ const (
 // grants is the whole authorization matrix. Admin is not listed: it may
 // do everything.
 var grants = map[Role][]Action{
-	RoleOperator: {ActWorkloadRead, ActImageRead, ActImagePull, ActImageWrite, ActPlacement, ActPolicyRead, ActNodeRead, ActEventsRead, ActMetrics},
+	RoleOperator: {ActWorkloadRead, ActImageRead, ActImagePull, ActImageWrite, ActPlacement, ActPolicyRead, ActNodeRead, ActNodeWrite, ActEventsRead, ActMetrics},
 	// Submitters see events too, but only those of their tenants'
 	// workloads (the API filters them).
 	RoleSubmitter: {ActWorkloadCreate, ActWorkloadRead, ActWorkloadStop, ActWorkloadDelete, ActImageRead, ActImagePull, ActPlacement, ActEventsRead},

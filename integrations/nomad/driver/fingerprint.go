@@ -130,6 +130,21 @@ func NodeFingerprint(n *api.Node) *drivers.Fingerprint {
 		attrs["driver.berth.accel"] = pstructs.NewStringAttribute(accel)
 	}
 	fp := &drivers.Fingerprint{Attributes: attrs, Health: drivers.HealthStateHealthy, HealthDescription: drivers.DriverHealthy}
+	// Cordon, not Schedulable: an agent older than cordons sends neither.
+	attrs["driver.berth.schedulable"] = pstructs.NewBoolAttribute(n.Cordon == nil)
+	if c := n.Cordon; c != nil {
+		// Nomad places nothing on a driver that is not healthy: that is
+		// what an operator's cordon of the berth node means to it.
+		fp.Health = drivers.HealthStateUnhealthy
+		fp.HealthDescription = "berth node cordoned"
+		if c.Draining {
+			fp.HealthDescription = "berth node draining"
+		}
+		if c.Reason != "" {
+			fp.HealthDescription += ": " + c.Reason
+		}
+		return fp
+	}
 	if !ctr.Healthy && !vm.Healthy {
 		fp.Health = drivers.HealthStateUnhealthy
 		fp.HealthDescription = "berth has no healthy driver"

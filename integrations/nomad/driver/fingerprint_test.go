@@ -71,3 +71,24 @@ func TestProbeNode(t *testing.T) {
 		t.Errorf("stopped agent: %s %q", fp.Health, fp.HealthDescription)
 	}
 }
+
+// A cordoned or draining berth node is an unhealthy driver to Nomad, which
+// then places nothing there; uncordoned, it is healthy again.
+func TestNodeFingerprintCordoned(t *testing.T) {
+	n := &api.Node{ID: "n1", Schedulable: true, Drivers: map[string]api.DriverStatus{"container": {Healthy: true}}}
+	if fp := NodeFingerprint(n); fp.Health != drivers.HealthStateHealthy {
+		t.Fatalf("schedulable node: %s %q", fp.Health, fp.HealthDescription)
+	}
+	n.Schedulable, n.Cordon = false, &api.NodeCordon{Since: time.Now(), Reason: "kernel update"}
+	fp := NodeFingerprint(n)
+	if fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, "cordoned: kernel update") {
+		t.Errorf("cordoned node: %s %q", fp.Health, fp.HealthDescription)
+	}
+	if v, ok := fp.Attributes["driver.berth.schedulable"].GetBool(); !ok || v {
+		t.Errorf("cordoned node: driver.berth.schedulable = %v", fp.Attributes["driver.berth.schedulable"])
+	}
+	n.Cordon.Draining = true
+	if fp := NodeFingerprint(n); fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, "draining") {
+		t.Errorf("draining node: %s %q", fp.Health, fp.HealthDescription)
+	}
+}
