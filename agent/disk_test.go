@@ -89,3 +89,22 @@ func TestDiskPressure(t *testing.T) {
 	}
 	e.submit(sh("true"))
 }
+
+// A spec without a disk budget gets the node's default, which is what its
+// driver enforces; one that names a budget keeps it.
+func TestDiskBudgetDefaultAndOwn(t *testing.T) {
+	e := newEnv(t)
+	e.change = func(o *Options) { o.Defaults.DiskMB = 1024 }
+	e.restart()
+	w := e.submit(api.WorkloadSpec{Command: []string{"true"}})
+	if got := w.Spec.Resources.DiskMB; got != 1024 {
+		t.Errorf("default disk budget = %d MiB, want the node's 1024", got)
+	}
+	w = e.submit(api.WorkloadSpec{Command: []string{"true"}, Resources: api.Resources{DiskMB: 64}})
+	if got := w.Spec.Resources.DiskMB; got != 64 {
+		t.Errorf("own disk budget = %d MiB, want 64", got)
+	}
+	if got := taskResources(w.Spec.Resources).DiskBytes; got != 64<<20 {
+		t.Errorf("the driver is given %d bytes, want 64 MiB", got)
+	}
+}

@@ -96,6 +96,9 @@ type dbResources struct {
 	CPU      float64 `json:"cpu,omitempty"`
 	MemoryMB int64   `json:"memory_mb,omitempty"`
 	Pids     int64   `json:"pids,omitempty"`
+	// DiskMB is absent from records of berth before disk budgets: their
+	// workloads keep running without one.
+	DiskMB int64 `json:"disk_mb,omitempty"`
 }
 
 type dbRestart struct {

@@ -31,11 +31,7 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		return &driver.TaskConfig{
 			ID: w.ID, Name: w.Name,
 			Image: driver.Image{Ref: img.Ref, Digest: img.Digest, DiskPath: disk},
-			Resources: driver.Resources{
-				CPU:         w.Spec.Resources.CPU,
-				MemoryBytes: w.Spec.Resources.MemoryMB << 20,
-				Pids:        w.Spec.Resources.Pids,
-			},
+			Resources: taskResources(w.Spec.Resources),
 			Labels: w.Spec.Labels,
 			LogDir: logDir,
 		}, nil
@@ -68,11 +64,7 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		Env:     env,
 		Workdir: workdir,
 		User:    img.Config.User,
-		Resources: driver.Resources{
-			CPU:         w.Spec.Resources.CPU,
-			MemoryBytes: w.Spec.Resources.MemoryMB << 20,
-			Pids:        w.Spec.Resources.Pids,
-		},
+		Resources: taskResources(w.Spec.Resources),
 		Labels: w.Spec.Labels,
 		LogDir: logDir,
 	}, nil
@@ -146,4 +138,14 @@ func cutEnv(kv string) (string, string, bool) {
 		}
 	}
 	return kv, "", false
+}
+
+// taskResources are a spec's resources as a driver enforces them.
+func taskResources(r api.Resources) driver.Resources {
+	return driver.Resources{
+		CPU:         r.CPU,
+		MemoryBytes: r.MemoryMB << 20,
+		Pids:        r.Pids,
+		DiskBytes:   r.DiskMB << 20,
+	}
 }

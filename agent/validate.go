@@ -28,6 +28,8 @@ const (
 	maxMemoryMB   = 4 << 20 // 4 TiB
 	minMemoryMB   = 8       // below this no runtime can even start a process
 	maxPids       = 1 << 22
+	maxDiskMB     = 16 << 20 // 16 TiB
+	minDiskMB     = 16       // an empty filesystem's own metadata takes some
 	maxMaxRetries = 10000
 	maxNameLen    = 63
 	// A secret environment is a few keys and certificates, not a file
@@ -51,6 +53,9 @@ type Defaults struct {
 	CPU      float64
 	MemoryMB int64
 	Pids     int64
+	// DiskMB is the ephemeral storage of a spec that names none; 0: none
+	// of its own (bounded by the node's disk alone).
+	DiskMB int64
 	// Network is the mode of a spec that names none: bridge where the node
 	// has a network, none where it has not.
 	Network string
@@ -156,6 +161,14 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 		v.Add("resources.pids", "must be between 1 and %d", maxPids)
 	case r.Pids == 0:
 		r.Pids = def.Pids
+	}
+	switch {
+	case r.DiskMB < 0 || r.DiskMB > maxDiskMB:
+		v.Add("resources.disk_mb", "must be between %d and %d", minDiskMB, maxDiskMB)
+	case r.DiskMB == 0:
+		r.DiskMB = def.DiskMB
+	case r.DiskMB < minDiskMB:
+		v.Add("resources.disk_mb", "%d MiB is too little for a filesystem; at least %d", r.DiskMB, minDiskMB)
 	}
 	switch spec.Restart.Policy {
 	case "":

@@ -101,6 +101,10 @@ type Resources struct {
 	CPU      float64 `json:"cpu,omitempty"`
 	MemoryMB int64   `json:"memory_mb,omitempty"`
 	Pids     int64   `json:"pids,omitempty"`
+	// DiskMB is the workload's ephemeral storage: what it may write to
+	// its root filesystem (a container's writable layer, a VM's root
+	// disk). Past it, writes fail with ENOSPC inside the workload.
+	DiskMB int64 `json:"disk_mb,omitempty"`
 }
 
 // RestartSpec is the restart policy and its retry budget.

@@ -98,6 +98,9 @@ func assertNoLeaks(t *testing.T, root string) {
 	if strings.Contains(string(mounts), root) {
 		t.Errorf("mounts under %s left behind:\n%s", root, mounts)
 	}
+	if loops := loopsUnder(root); len(loops) != 0 {
+		t.Errorf("loop devices of files under %s left behind: %v", root, loops)
+	}
 	for _, id := range cgroupChildren() {
 		if strings.HasPrefix(id, "dt") {
 			t.Errorf("cgroup %s left behind", cgroupPath(id))
@@ -201,4 +204,17 @@ func TestEndedContainerIsUnmounted(t *testing.T) {
 	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "gone\n" {
 		t.Errorf("stdout %q", got)
 	}
+}
+
+// loopsUnder lists the loop devices whose backing file is under root.
+func loopsUnder(root string) []string {
+	paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), root+"/") {
+			out = append(out, p)
+		}
+	}
+	return out
 }

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/internal/loopfs"
 )
 
 // mountRootfs gives a task its own writable view of the image's shared,
@@ -21,6 +22,13 @@ func (d *Driver) mountRootfs(ctx context.Context, cfg *driver.TaskConfig, dir st
 	upper, work := filepath.Join(dir, "upper"), filepath.Join(dir, "work")
 	if err := os.MkdirAll(filepath.Join(dir, "bundle"), 0o755); err != nil {
 		return "", nil, fmt.Errorf("create bundle dir: %w", err)
+	}
+	if size := cfg.Resources.DiskBytes; size > 0 {
+		scratch := filepath.Join(dir, scratchDir)
+		if err := mountScratch(scratch, size); err != nil {
+			return "", nil, err
+		}
+		upper, work = filepath.Join(scratch, "upper"), filepath.Join(scratch, "work")
 	}
 	if on, _ := d.userns.enabled(); !on {
 		rootfs = filepath.Join(dir, "bundle", "rootfs")
@@ -130,7 +138,40 @@ func (d *Driver) unmountRootfs(dir string) error {
 			unmountAll(filepath.Join(dir, "lower")),
 			unmountAll(filepath.Join(dir, "sys")))
 	}
+	// Last: the overlay above held it.
+	errs = append(errs, unmountAll(filepath.Join(dir, scratchDir)))
 	return errors.Join(errs...)
+}
+
+// scratchDir is where a task with a disk budget has the filesystem its
+// writable layer lives on; scratchImage is that filesystem's file.
+const (
+	scratchDir   = "scratch"
+	scratchImage = "scratch.img"
+)
+
+// mountScratch makes a filesystem of size bytes for the task's writable
+// layer and mounts it on dir: writes past the budget fail with ENOSPC in
+// the container and never reach the node's disk. Only root reaches it;
+// the overlay's upper and work directories are made inside it.
+func mountScratch(dir string, size int64) error {
+	img := filepath.Join(filepath.Dir(dir), scratchImage)
+	if size < loopfs.MinBytes {
+		size = loopfs.MinBytes
+	}
+	if err := loopfs.Create(img, size, 0, 0); err != nil {
+		return fmt.Errorf("the writable layer's filesystem: %w", err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("the writable layer's filesystem: %w", err)
+	}
+	if err := loopfs.Mount(img, dir, unix.MS_NODEV|unix.MS_NOSUID); err != nil {
+		return fmt.Errorf("the writable layer's filesystem: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("the writable layer's filesystem: %w", err)
+	}
+	return nil
 }
 
 // releaseRootfs unmounts the task's root filesystem and removes its range

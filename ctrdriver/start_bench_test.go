@@ -29,9 +29,10 @@ func BenchmarkStart(b *testing.B) {
 			Args: []string{"/bin/true"}, Env: []string{"PATH=/bin"}, LogDir: b.TempDir(),
 			Resources: driver.Resources{MemoryBytes: 32 << 20, Pids: 16}}
 	}
-	b.Run("berth", func(b *testing.B) {
+	startAll := func(b *testing.B, diskBytes int64) {
 		for b.Loop() {
 			c := cfg()
+			c.Resources.DiskBytes = diskBytes
 			if _, err := d.Start(ctx, c); err != nil {
 				b.Fatal(err)
 			}
@@ -40,7 +41,11 @@ func BenchmarkStart(b *testing.B) {
 			_ = d.Destroy(ctx, c.ID)
 			b.StartTimer()
 		}
-	})
+	}
+	b.Run("berth", func(b *testing.B) { startAll(b, 0) })
+	// The writable layer on a 1 GiB filesystem of its own (the default
+	// disk budget): what the budget costs a start.
+	b.Run("berth-disk-budget", func(b *testing.B) { startAll(b, 1<<30) })
 	b.Run("runc-create-start", func(b *testing.B) {
 		// berth's own bundle, as Start wrote it, over a plain bind of the rootfs.
 		c := cfg()

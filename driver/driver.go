@@ -137,6 +137,11 @@ type Resources struct {
 	CPU         float64 // cores
 	MemoryBytes int64
 	Pids        int64
+	// DiskBytes bounds what the task may write to its root filesystem
+	// (0: no bound of its own). A container's writable layer lives on a
+	// filesystem of this size; a VM's root disk has this much free space.
+	// Writing past it fails with ENOSPC inside the task, never on the node.
+	DiskBytes int64
 }
 
 // Names of the log files in TaskConfig.LogDir.

@@ -220,7 +220,13 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 	if err != nil {
 		return err
 	}
-	base, err := rootdisk.Base(ctx, cfg.Image.RootfsDir, baseKey(cfg.Image), d.cacheDir, rootdisk.WithHeadroom(d.opts.BaseHeadroom))
+	// The disk budget is the root disk's free space: past it the guest's
+	// writes fail with ENOSPC, and the overlay never outgrows the base.
+	headroom := d.opts.BaseHeadroom
+	if cfg.Resources.DiskBytes > 0 {
+		headroom = cfg.Resources.DiskBytes
+	}
+	base, err := rootdisk.Base(ctx, cfg.Image.RootfsDir, baseKey(cfg.Image), d.cacheDir, rootdisk.WithHeadroom(headroom))
 	if err != nil {
 		return err
 	}

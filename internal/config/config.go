@@ -54,9 +54,12 @@ type Policy struct {
 }
 
 type WorkloadDefaults struct {
-	CPU         float64       `mapstructure:"cpu"`
-	MemoryMB    int64         `mapstructure:"memory_mb"`
-	Pids        int64         `mapstructure:"pids"`
+	CPU      float64 `mapstructure:"cpu"`
+	MemoryMB int64   `mapstructure:"memory_mb"`
+	Pids     int64   `mapstructure:"pids"`
+	// DiskMB is a workload's ephemeral storage when its spec names none;
+	// 0: no budget of its own.
+	DiskMB      int64         `mapstructure:"disk_mb"`
 	StopTimeout time.Duration `mapstructure:"stop_timeout"`
 }
 
@@ -327,6 +330,9 @@ func (c *Config) Validate() error {
 	}
 	if d.Pids < 1 {
 		bad("workload_defaults.pids", "%d must be at least 1", d.Pids)
+	}
+	if d.DiskMB < 0 || d.DiskMB > 0 && d.DiskMB < 16 {
+		bad("workload_defaults.disk_mb", "%d must be 0 (no budget) or at least 16 MiB", d.DiskMB)
 	}
 	if d.StopTimeout <= 0 || d.StopTimeout > time.Hour {
 		bad("workload_defaults.stop_timeout", "%v must be between 0s and 1h", d.StopTimeout)

@@ -120,6 +120,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			CPU:      cfg.WorkloadDefaults.CPU,
 			MemoryMB: cfg.WorkloadDefaults.MemoryMB,
 			Pids:     cfg.WorkloadDefaults.Pids,
+			DiskMB:   cfg.WorkloadDefaults.DiskMB,
 		},
 		StopTimeout:  cfg.WorkloadDefaults.StopTimeout,
 		VMOverheadMB: vmdriver.GuestMemoryOverhead >> 20,

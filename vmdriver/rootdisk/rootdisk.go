@@ -11,6 +11,7 @@ package rootdisk
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -30,7 +31,7 @@ import (
 
 // formatVersion is part of every base image's cache name: bump it when the
 // mkfs invocation changes so old bases are not reused.
-const formatVersion = "berth-rootdisk/1"
+const formatVersion = "berth-rootdisk/2"
 
 // DefaultHeadroom is the free space added to a base image beyond what the
 // tree needs, so workloads can write to their root filesystem. It costs
@@ -216,6 +217,9 @@ func buildBase(ctx context.Context, rootfsDir, final string, o options) (err err
 		}
 		return fmt.Errorf("mkfs.ext4: %w: %s", err, strings.TrimSpace(string(out)))
 	}
+	if err := fitFree(ctx, tmp.Name(), o.headroom); err != nil {
+		return err
+	}
 	// Bases are shared by every workload of the image and written by none:
 	// read-only says so, and lets a non-root QEMU read them.
 	if err := tmp.Chmod(0o444); err != nil {
@@ -274,4 +278,66 @@ func OverlayOf(ctx context.Context, base, baseFormat, path string) (err error) {
 		return fmt.Errorf("rootdisk: overlay %s: %w", path, err)
 	}
 	return nil
+}
+
+// fitFree shrinks the ext4 filesystem in img until its free space is the
+// headroom, give or take a MiB. The size estimate that made it allows for
+// the most metadata an image can need; on small images mkfs needs less,
+// and what is left over would be room past the workload's disk budget.
+func fitFree(ctx context.Context, img string, headroom int64) error {
+	for range 4 {
+		sb, err := readSuperblock(img)
+		if err != nil {
+			return err
+		}
+		excess := sb.freeBlocks*sb.blockSize - headroom
+		if excess < 1<<20 {
+			return nil
+		}
+		blocks := sb.blocks - excess/sb.blockSize
+		cmd := exec.CommandContext(ctx, "resize2fs", "-f", img, strconv.FormatInt(blocks, 10))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			if errors.Is(err, exec.ErrNotFound) {
+				return fmt.Errorf("resize2fs not found (install e2fsprogs): %w", errdefs.ErrUnavailable)
+			}
+			return fmt.Errorf("resize2fs: %w: %s", err, strings.TrimSpace(string(out)))
+		}
+		if err := os.Truncate(img, blocks*sb.blockSize); err != nil {
+			return fmt.Errorf("size image: %w", err)
+		}
+	}
+	return nil
+}
+
+// superblock is what fitFree reads of an ext4 superblock.
+type superblock struct {
+	blocks, freeBlocks, blockSize int64
+}
+
+// readSuperblock reads the primary superblock of the ext4 filesystem in img.
+func readSuperblock(img string) (superblock, error) {
+	f, err := os.Open(img)
+	if err != nil {
+		return superblock{}, err
+	}
+	defer f.Close()
+	b := make([]byte, 1024)
+	if _, err := f.ReadAt(b, 1024); err != nil {
+		return superblock{}, fmt.Errorf("read superblock of %s: %w", img, err)
+	}
+	le := binary.LittleEndian
+	if le.Uint16(b[0x38:]) != 0xEF53 {
+		return superblock{}, fmt.Errorf("%s holds no ext4 filesystem", img)
+	}
+	sb := superblock{
+		blocks:     int64(le.Uint32(b[0x04:])),
+		freeBlocks: int64(le.Uint32(b[0x0C:])),
+		blockSize:  1024 << le.Uint32(b[0x18:]),
+	}
+	const incompat64bit = 0x80
+	if le.Uint32(b[0x60:])&incompat64bit != 0 {
+		sb.blocks |= int64(le.Uint32(b[0x150:])) << 32
+		sb.freeBlocks |= int64(le.Uint32(b[0x158:])) << 32
+	}
+	return sb, nil
 }

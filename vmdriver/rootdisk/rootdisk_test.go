@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,6 +98,18 @@ func TestBase(t *testing.T) {
 		if !strings.Contains(string(hdr), want) {
 			t.Errorf("dumpe2fs -h lacks %q", want)
 		}
+	}
+
+	// The free space is the headroom: a workload's disk budget, no more.
+	sb, err := readSuperblock(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if free := sb.freeBlocks * sb.blockSize; free < headroom || free > headroom+2<<20 {
+		t.Errorf("base has %d bytes free, want the headroom %d (+ at most 2 MiB)", free, int64(headroom))
+	}
+	if !strings.Contains(string(hdr), fmt.Sprintf("Free blocks:              %d\n", sb.freeBlocks)) {
+		t.Errorf("dumpe2fs -h disagrees on the free blocks (%d):\n%s", sb.freeBlocks, hdr)
 	}
 
 	if out := debugfs(t, p, "cat /bin/tool"); !strings.Contains(out, "echo tool") {
