@@ -81,6 +81,11 @@ type Options struct {
 	// DiskInterval is how often the data directory's free space is
 	// checked against the floor; default 10s.
 	DiskInterval time.Duration
+	// OnStart, when set, is told how long each start took that came to
+	// an end by itself (running, or failed with err); starts called off
+	// by a stop, a delete or the agent's shutdown are not reported. It
+	// must not block: metrics record it.
+	OnStart func(iso api.Isolation, took time.Duration, err error)
 }
 
 // Agent manages the node's workloads.

@@ -212,6 +212,7 @@ func (a *Agent) start(id string, s *supervisor) {
 		return
 	}
 	run := r.Workload.RestartCount
+	began := time.Now()
 	d, err := a.driverFor(r.Workload.Isolation)
 	if err == nil {
 		if r.Handle != nil {
@@ -249,6 +250,7 @@ func (a *Agent) start(id string, s *supervisor) {
 					a.log.Error("record started workload", "workload_id", id, "err", cerr)
 				}
 				a.log.Info("workload started", "workload_id", id, "isolation", r.Workload.Isolation)
+				a.observeStart(r.Workload.Isolation, time.Since(began), nil)
 				return
 			}
 			if sctx.Err() == nil {
@@ -274,7 +276,14 @@ func (a *Agent) start(id string, s *supervisor) {
 		return
 	}
 	a.log.Warn("workload failed to start", "workload_id", id, "err", err)
+	a.observeStart(r.Workload.Isolation, time.Since(began), err)
 	a.unlockedFinish(id, run, nil, err)
+}
+
+func (a *Agent) observeStart(iso api.Isolation, took time.Duration, err error) {
+	if a.opts.OnStart != nil {
+		a.opts.OnStart(iso, took, err)
+	}
 }
 
 // endStopped ends a workload that a stop caught before it ran: exited,

@@ -73,11 +73,12 @@ func (a *Agent) Stats(ctx context.Context, ref string) (*api.Stats, error) {
 		return nil, err
 	}
 	return &api.Stats{
-		Time:          time.Now().UTC(),
-		CPUUsageNanos: st.CPUUsageNanos,
-		MemoryBytes:   st.MemoryBytes,
-		MemoryLimit:   st.MemoryLimit,
-		Pids:          st.Pids,
-		PidsLimit:     st.PidsLimit,
+		Time:                  time.Now().UTC(),
+		CPUUsageNanos:         st.CPUUsageNanos,
+		MemoryBytes:           st.MemoryBytes,
+		MemoryWorkingSetBytes: st.MemoryWorkingSetBytes,
+		MemoryLimit:           st.MemoryLimit,
+		Pids:                  st.Pids,
+		PidsLimit:             st.PidsLimit,
 	}, nil
 }

@@ -180,9 +180,13 @@ type Stats struct {
 	Time          time.Time `json:"time"`
 	CPUUsageNanos uint64    `json:"cpu_usage_ns"`
 	MemoryBytes   uint64    `json:"memory_bytes"`
-	MemoryLimit   uint64    `json:"memory_limit_bytes,omitempty"`
-	Pids          uint64    `json:"pids"`
-	PidsLimit     uint64    `json:"pids_limit,omitempty"`
+	// MemoryWorkingSetBytes is the memory the workload would keep under
+	// pressure: usage less inactive file cache for a container, the QEMU
+	// process's resident memory for a VM.
+	MemoryWorkingSetBytes uint64 `json:"memory_working_set_bytes"`
+	MemoryLimit           uint64 `json:"memory_limit_bytes,omitempty"`
+	Pids                  uint64 `json:"pids"`
+	PidsLimit             uint64 `json:"pids_limit,omitempty"`
 }
 
 // Image is an image in the node's store.

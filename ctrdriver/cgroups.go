@@ -76,6 +76,7 @@ func readStats(id string) (*driver.Stats, error) {
 		if st.Memory != nil {
 			out.MemoryBytes = st.Memory.Usage
 			out.MemoryLimit = st.Memory.UsageLimit
+			out.MemoryWorkingSetBytes = workingSet(st.Memory.Usage, st.Memory.InactiveFile)
 		}
 		if st.Pids != nil {
 			out.Pids, out.PidsLimit = st.Pids.Current, st.Pids.Limit
@@ -99,6 +100,7 @@ func readStats(id string) (*driver.Stats, error) {
 	}
 	if st.Memory != nil && st.Memory.Usage != nil {
 		out.MemoryBytes = st.Memory.Usage.Usage
+		out.MemoryWorkingSetBytes = workingSet(st.Memory.Usage.Usage, st.Memory.TotalInactiveFile)
 		if st.Memory.Usage.Limit < 1<<62 { // "unlimited" is a page-rounded max int
 			out.MemoryLimit = st.Memory.Usage.Limit
 		}
@@ -160,4 +162,13 @@ func cgroupExists(id string) bool {
 		}
 	}
 	return false
+}
+
+// workingSet is cAdvisor's working set: usage less the inactive file
+// cache, which the kernel reclaims first.
+func workingSet(usage, inactiveFile uint64) uint64 {
+	if inactiveFile > usage {
+		return 0
+	}
+	return usage - inactiveFile
 }

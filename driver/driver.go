@@ -190,9 +190,14 @@ type ExitResult struct {
 type Stats struct {
 	CPUUsageNanos uint64
 	MemoryBytes   uint64
-	MemoryLimit   uint64
-	Pids          uint64
-	PidsLimit     uint64
+	// MemoryWorkingSetBytes is the memory the task would keep under
+	// pressure: for a container its usage less inactive file cache (what
+	// cAdvisor calls the working set), for a VM the resident memory of
+	// its QEMU process.
+	MemoryWorkingSetBytes uint64
+	MemoryLimit           uint64
+	Pids                  uint64
+	PidsLimit             uint64
 }
 
 // Fingerprint is a driver's self-report.

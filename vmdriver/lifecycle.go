@@ -154,6 +154,7 @@ func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 		for _, m := range mem {
 			if m.Tag == int32(libvirt.DOMAIN_MEMORY_STAT_RSS) {
 				st.MemoryBytes = m.Val * 1024
+				st.MemoryWorkingSetBytes = st.MemoryBytes
 			}
 		}
 		return st, nil

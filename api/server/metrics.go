@@ -1,208 +1,108 @@
 package server
 
 import (
-	"fmt"
-	"io"
-	"math"
 	"net/http"
-	"sort"
 	"strconv"
-	"strings"
-	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/berthd/berth/api"
 )
 
-// httpMetrics counts requests by route and status class, and their
-// latency, for /metrics. Routes are chi patterns, so the label set is
-// bounded whatever the paths.
-type httpMetrics struct {
-	mu   sync.Mutex
-	reqs map[reqKey]*reqStat
+// Metrics is what GET /metrics exposes: the agent's own registry (never
+// the process-global one, so two agents in one test binary do not share
+// counters), the API's request histogram, the workloads' start
+// durations, and collectors that read the node, the policy and the
+// running workloads at scrape time. docs/metrics.md lists every family.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	requests      *prometheus.CounterVec
+	requestTime   *prometheus.HistogramVec
+	startTime     *prometheus.HistogramVec
+	startFailures *prometheus.CounterVec
 }
 
-type reqKey struct{ method, route, code string }
-
-type reqStat struct {
-	count uint64
-	sum   float64 // seconds
+// NewMetrics returns an empty registry with berth's own families and the
+// Go runtime's and the process's. It is given to one Server (Options), and
+// its ObserveStart to the agent, which is made first.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "berth_http_requests_total",
+			Help: "API requests by method, route pattern and status code.",
+		}, []string{"method", "route", "code"}),
+		requestTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "berth_http_request_duration_seconds",
+			Help:    "Time to serve an API request, by method, route pattern and status code (streams and blocking queries count until they end).",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"method", "route", "code"}),
+		startTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "berth_workload_start_duration_seconds",
+			Help: "Time from starting to running of each workload start that succeeded, by isolation.",
+			// Containers start in tens of milliseconds to a second, VMs
+			// under TCG in several seconds.
+			Buckets: []float64{.05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120},
+		}, []string{"isolation"}),
+		startFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "berth_workload_start_failures_total",
+			Help: "Workload starts that failed, by isolation.",
+		}, []string{"isolation"}),
+	}
+	m.reg.MustRegister(m.requests, m.requestTime, m.startTime, m.startFailures,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
 }
 
-func (m *httpMetrics) observe(method, route string, status int, d time.Duration) {
+// Registry is the registry /metrics serves (tests gather and lint it).
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// ObserveStart records one start's outcome; it is agent.Options.OnStart.
+func (m *Metrics) ObserveStart(iso api.Isolation, took time.Duration, err error) {
+	if err != nil {
+		m.startFailures.WithLabelValues(string(iso)).Inc()
+		return
+	}
+	m.startTime.WithLabelValues(string(iso)).Observe(took.Seconds())
+}
+
+// knownMethods bound the method label: a client can send any token as a
+// method, and each would otherwise make new series.
+var knownMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true,
+	http.MethodPatch: true, http.MethodDelete: true, http.MethodOptions: true,
+}
+
+// observeRequest counts one request under its chi route pattern, so the
+// label set is bounded whatever the paths.
+func (m *Metrics) observeRequest(method, route string, status int, took time.Duration) {
 	if route == "" {
 		route = "unmatched"
 	}
-	k := reqKey{method, route, strconv.Itoa(status)}
-	m.mu.Lock()
-	if m.reqs == nil {
-		m.reqs = map[reqKey]*reqStat{}
+	if !knownMethods[method] {
+		method = "other"
 	}
-	st := m.reqs[k]
-	if st == nil {
-		st = &reqStat{}
-		m.reqs[k] = st
-	}
-	st.count++
-	st.sum += d.Seconds()
-	m.mu.Unlock()
+	code := strconv.Itoa(status)
+	m.requests.WithLabelValues(method, route, code).Inc()
+	m.requestTime.WithLabelValues(method, route, code).Observe(took.Seconds())
 }
 
-// promWriter writes the Prometheus text exposition format (version 0.0.4).
-type promWriter struct {
-	w    io.Writer
-	err  error
-	seen map[string]bool
-}
-
-func (p *promWriter) family(name, typ, help string) {
-	if p.seen[name] {
-		return
-	}
-	p.seen[name] = true
-	p.printf("# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
-}
-
-func (p *promWriter) sample(name string, value float64, labels ...string) {
-	var b strings.Builder
-	b.WriteString(name)
-	if len(labels) > 0 {
-		b.WriteByte('{')
-		for i := 0; i+1 < len(labels); i += 2 {
-			if i > 0 {
-				b.WriteByte(',')
-			}
-			b.WriteString(labels[i])
-			b.WriteString(`="`)
-			b.WriteString(escapeLabel(labels[i+1]))
-			b.WriteByte('"')
-		}
-		b.WriteByte('}')
-	}
-	p.printf("%s %s\n", b.String(), formatFloat(value))
-}
-
-func (p *promWriter) printf(format string, args ...any) {
-	if p.err == nil {
-		_, p.err = fmt.Fprintf(p.w, format, args...)
-	}
-}
-
-func escapeLabel(v string) string {
-	return strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`).Replace(v)
-}
-
-func formatFloat(v float64) string {
-	switch {
-	case math.IsInf(v, 1):
-		return "+Inf"
-	case math.IsInf(v, -1):
-		return "-Inf"
-	case math.IsNaN(v):
-		return "NaN"
-	}
-	return strconv.FormatFloat(v, 'g', -1, 64)
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-// metrics is GET /metrics: the node document and the policy status as
-// Prometheus metrics, plus the API's own request counters. It reads only
-// what the agent keeps in memory.
-func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
-	be := s.be(r)
-	n := be.Node(r.Context())
-	pol := be.Policy(r.Context())
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	p := &promWriter{w: w, seen: map[string]bool{}}
-
-	p.family("berth_info", "gauge", "Agent version and node id (always 1).")
-	p.sample("berth_info", 1, "version", n.Version, "node_id", n.ID)
-	p.family("berth_uptime_seconds", "gauge", "Seconds since the agent started.")
-	p.sample("berth_uptime_seconds", n.UptimeSeconds)
-	p.family("berth_state_index", "gauge", "The node's state index (moves on every change).")
-	p.sample("berth_state_index", float64(n.Index))
-
-	p.family("berth_workloads", "gauge", "Workloads on the node by state.")
-	states := make([]string, 0, len(n.Workloads.ByState))
-	for st := range n.Workloads.ByState {
-		states = append(states, string(st))
-	}
-	sort.Strings(states)
-	for _, st := range states {
-		p.sample("berth_workloads", float64(n.Workloads.ByState[api.State(st)]), "state", st)
-	}
-	p.family("berth_workloads_by_isolation", "gauge", "Workloads on the node by isolation.")
-	isos := make([]string, 0, len(n.Workloads.ByIsolation))
-	for iso := range n.Workloads.ByIsolation {
-		isos = append(isos, string(iso))
-	}
-	sort.Strings(isos)
-	for _, iso := range isos {
-		p.sample("berth_workloads_by_isolation", float64(n.Workloads.ByIsolation[api.Isolation(iso)]), "isolation", iso)
-	}
-
-	for _, res := range []struct {
-		name string
-		v    api.NodeResources
-	}{{"capacity", n.Capacity}, {"allocatable", n.Allocatable}, {"allocated", n.Allocated}} {
-		p.family("berth_node_cpu_cores", "gauge", "Node CPU cores: capacity, allocatable and allocated to workloads.")
-		p.sample("berth_node_cpu_cores", res.v.CPU, "kind", res.name)
-		p.family("berth_node_memory_bytes", "gauge", "Node memory: capacity, allocatable and allocated to workloads.")
-		p.sample("berth_node_memory_bytes", float64(res.v.MemoryMB<<20), "kind", res.name)
-	}
-
-	names := make([]string, 0, len(n.Drivers))
-	for name := range n.Drivers {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	p.family("berth_driver_healthy", "gauge", "1 when the driver can run workloads.")
-	for _, name := range names {
-		p.sample("berth_driver_healthy", b2f(n.Drivers[name].Healthy), "driver", name)
-	}
-	for _, c := range n.Conditions {
-		p.family("berth_node_condition", "gauge", "Node conditions (1 = true).")
-		p.sample("berth_node_condition", b2f(c.Status), "condition", c.Type, "reason", c.Reason)
-	}
-
-	p.family("berth_policy_info", "gauge", "The active isolation policy (always 1).")
-	p.sample("berth_policy_info", 1, "version", pol.Version, "source", pol.Source)
-	p.family("berth_policy_reloads_total", "counter", "Policy file changes applied.")
-	p.sample("berth_policy_reloads_total", float64(pol.Reloads))
-	p.family("berth_policy_reload_failures_total", "counter", "Policy file changes rejected (invalid or unreadable).")
-	p.sample("berth_policy_reload_failures_total", float64(pol.ReloadFailures))
-	p.family("berth_policy_reload_error", "gauge", "1 while the policy file on disk is not the active policy.")
-	p.sample("berth_policy_reload_error", b2f(pol.LastReloadError != nil))
-
-	s.httpm.mu.Lock()
-	rk := make([]reqKey, 0, len(s.httpm.reqs))
-	for k := range s.httpm.reqs {
-		rk = append(rk, k)
-	}
-	sort.Slice(rk, func(i, j int) bool {
-		a, b := rk[i], rk[j]
-		return a.route+a.method+a.code < b.route+b.method+b.code
+// metricsHandler serves the registry in the text format Prometheus
+// scrapes (or OpenMetrics / protobuf when the scraper asks for them).
+func (m *Metrics) handler(s *Server) http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
+		ErrorLog:      slogPrinter{s},
+		ErrorHandling: promhttp.ContinueOnError,
 	})
-	stats := make([]reqStat, len(rk))
-	for i, k := range rk {
-		stats[i] = *s.httpm.reqs[k]
-	}
-	s.httpm.mu.Unlock()
-	p.family("berth_http_requests_total", "counter", "API requests by method, route and status.")
-	for i, k := range rk {
-		p.sample("berth_http_requests_total", float64(stats[i].count), "method", k.method, "route", k.route, "code", k.code)
-	}
-	p.family("berth_http_request_duration_seconds_sum", "counter", "Total seconds spent serving API requests by method, route and status.")
-	for i, k := range rk {
-		p.sample("berth_http_request_duration_seconds_sum", stats[i].sum, "method", k.method, "route", k.route, "code", k.code)
-	}
-	if p.err != nil {
-		s.log.Debug("write metrics", "err", p.err)
-	}
 }
+
+// slogPrinter hands promhttp's errors (a collector that failed) to the
+// server's logger.
+type slogPrinter struct{ s *Server }
+
+func (p slogPrinter) Println(v ...any) { p.s.log.Warn("metrics", "err", v) }

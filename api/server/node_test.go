@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net/http"
 	"os"
 	"runtime"
@@ -294,64 +293,5 @@ func TestEventStreamReconnectsWithLastEventID(t *testing.T) {
 	n, _ := resp.Body.Read(buf)
 	if !strings.Contains(string(buf[:n]), "\nevent: workload.created\ndata: {") || !strings.HasPrefix(string(buf[:n]), "id: ") {
 		t.Errorf("wire format: %q", buf[:n])
-	}
-}
-
-func TestMetrics(t *testing.T) {
-	e := newEnv(t)
-	c := e.client()
-	w := e.submitSleep(c)
-	// A request that fails, to see it counted under its route and code.
-	if _, _, err := c.Get(context.Background(), "no-such-workload", nil); err == nil {
-		t.Fatal("get of a missing workload succeeded")
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		cur, _, _ := c.Get(context.Background(), w.ID, nil)
-		if cur.State == api.StateRunning {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("workload stuck in %s", cur.State)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	resp, err := http.Get(e.srv.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	text := string(body)
-	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain; version=0.0.4") {
-		t.Fatalf("%s %q", resp.Status, resp.Header.Get("Content-Type"))
-	}
-	for _, want := range []string{
-		"# TYPE berth_workloads gauge\n",
-		`berth_workloads{state="running"} 1` + "\n",
-		`berth_workloads_by_isolation{isolation="container"} 1` + "\n",
-		`berth_driver_healthy{driver="container"} 1` + "\n",
-		`berth_node_condition{condition="Ready",reason="DriversHealthy"} 1` + "\n",
-		"berth_policy_reload_failures_total 0\n",
-		`berth_http_requests_total{method="GET",route="/v1/workloads/{ref}",code="404"} 1` + "\n",
-		`berth_node_cpu_cores{kind="allocated"} 1` + "\n",
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("metrics lack %q in:\n%s", want, text)
-		}
-	}
-	// Every sample line is NAME{LABELS} VALUE or NAME VALUE.
-	for _, line := range strings.Split(strings.TrimSpace(text), "\n") {
-		if strings.HasPrefix(line, "#") {
-			continue
-		}
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			t.Errorf("malformed sample %q", line)
-			continue
-		}
-		if _, err := strconv.ParseFloat(f[len(f)-1], 64); err != nil {
-			t.Errorf("sample %q: value: %v", line, err)
-		}
 	}
 }

@@ -89,6 +89,10 @@ type Options struct {
 	// LongTimeout bounds a stop, a delete, an image upload or pull
 	// (default 65 minutes: the longest stop grace period and then some).
 	LongTimeout time.Duration
+	// Metrics is the registry GET /metrics serves; nil makes one. The
+	// server adds the node's and the workloads' collectors to it, so it
+	// serves one server only.
+	Metrics *Metrics
 }
 
 // Server is the HTTP API.
@@ -97,8 +101,8 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	mux  chi.Router
-	// httpm counts requests for /metrics.
-	httpm httpMetrics
+	// metrics is what /metrics serves.
+	metrics *Metrics
 }
 
 // New returns the API handler over b.
@@ -124,7 +128,11 @@ func New(b Backend, opts Options) *Server {
 	if opts.LongTimeout == 0 {
 		opts.LongTimeout = maxStopTimeout + 5*time.Minute
 	}
-	s := &Server{b: b, opts: opts, log: opts.Logger}
+	if opts.Metrics == nil {
+		opts.Metrics = NewMetrics()
+	}
+	s := &Server{b: b, opts: opts, log: opts.Logger, metrics: opts.Metrics}
+	s.metrics.reg.MustRegister(&nodeCollector{b: b}, newWorkloadCollector(b))
 	r := chi.NewRouter()
 	r.Use(s.recoverer, s.accessLog, s.guard)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
@@ -134,7 +142,7 @@ func New(b Backend, opts Options) *Server {
 		writeProblem(w, r, s.log, &api.Problem{Status: http.StatusMethodNotAllowed, Reason: api.ReasonMethodNotAllowed, Title: "Method not allowed", Detail: r.Method + " is not supported on " + r.URL.Path})
 	})
 	r.Get("/healthz", s.healthz)
-	r.Get("/metrics", s.metrics)
+	r.Method(http.MethodGet, "/metrics", s.metrics.handler(s))
 	r.Get("/readyz", s.readyz)
 	r.Route("/v1", func(r chi.Router) {
 		r.Get("/node", s.getNode)
@@ -193,7 +201,7 @@ func (s *Server) accessLog(next http.Handler) http.Handler {
 		start := time.Now()
 		next.ServeHTTP(ww, r)
 		route := chi.RouteContext(r.Context()).RoutePattern()
-		s.httpm.observe(r.Method, route, ww.Status(), time.Since(start))
+		s.metrics.observeRequest(r.Method, route, ww.Status(), time.Since(start))
 		s.log.Debug("request", "method", r.Method, "route", route, "path", r.URL.Path, "status", ww.Status(), "duration", time.Since(start))
 	})
 }

@@ -30,6 +30,9 @@ type env struct {
 	agent *agent.Agent
 	ctr   *fake.Driver
 	imgs  *image.Store
+	// metrics is the registry /metrics serves; the agent reports its
+	// starts to it.
+	metrics *server.Metrics
 }
 
 // newEnv serves the real agent (state in bbolt, a real image store holding
@@ -53,6 +56,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	ctr := fake.New("container", fake.NewNode())
+	m := server.NewMetrics()
 	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 1024, MemoryMB: 1 << 20},
 		DataDir:        dir,
 		Drivers:        []driver.Driver{ctr},
@@ -61,11 +65,12 @@ func newEnv(t *testing.T) *env {
 		StopTimeout:    2 * time.Second,
 		HealthInterval: 20 * time.Millisecond,
 		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OnStart:        m.ObserveStart,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := server.New(a, server.Options{MaxBodyBytes: 4096, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s := server.New(a, server.Options{MaxBodyBytes: 4096, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m})
 	hs := httptest.NewServer(s)
 	t.Cleanup(func() {
 		hs.Close()
@@ -74,7 +79,7 @@ func newEnv(t *testing.T) *env {
 		}
 		a.Close()
 	})
-	return &env{t: t, srv: hs, agent: a, ctr: ctr, imgs: imgs}
+	return &env{t: t, srv: hs, agent: a, ctr: ctr, imgs: imgs, metrics: m}
 }
 
 func (e *env) do(method, path, contentType string, body io.Reader) *http.Response {
@@ -377,10 +382,10 @@ func TestClientLeavingIsNotAServerError(t *testing.T) {
 		data, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		m := string(data)
-		if strings.Contains(m, `route="/v1/workloads/{ref}/stop",code="500"`) {
+		if strings.Contains(m, `code="500",method="POST",route="/v1/workloads/{ref}/stop"`) {
 			t.Fatalf("the stop was counted as a server error:\n%s", m)
 		}
-		if strings.Contains(m, `route="/v1/workloads/{ref}/stop",code="499"`) {
+		if strings.Contains(m, `code="499",method="POST",route="/v1/workloads/{ref}/stop"`) {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -303,6 +303,9 @@ func (s *suite) stats(t *testing.T) {
 	if st.MemoryBytes == 0 {
 		t.Errorf("Stats memory = 0, want the workload's usage")
 	}
+	if st.MemoryWorkingSetBytes == 0 || st.MemoryWorkingSetBytes > st.MemoryBytes {
+		t.Errorf("Stats working set = %d, want above 0 and at most the usage %d", st.MemoryWorkingSetBytes, st.MemoryBytes)
+	}
 	if st.MemoryLimit != 0 && st.MemoryLimit > uint64(cfg.Resources.MemoryBytes)*2 {
 		t.Errorf("Stats memory limit = %d, far above the %d requested", st.MemoryLimit, cfg.Resources.MemoryBytes)
 	}

@@ -390,6 +390,7 @@ func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {
 		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
 			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			st.MemoryBytes = kb << 10
+			st.MemoryWorkingSetBytes = st.MemoryBytes
 		}
 	}
 	return st, nil

@@ -111,7 +111,11 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			return nil, err
 		}
 	}
+	// The metrics registry is made first: the agent reports its starts
+	// to it, the API serves it.
+	metrics := server.NewMetrics()
 	ag, err = agent.New(ctx, agent.Options{
+		OnStart: metrics.ObserveStart,
 		Network: netw,
 		DataDir: cfg.DataDir,
 		Drivers: drivers,
@@ -148,6 +152,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		ag.Close()
 		return nil, err
 	}
+	apiOpts.Metrics = metrics
 	d.api = server.New(ag, apiOpts)
 	d.http = d.httpServer(d.api)
 	return d, nil
