@@ -137,3 +137,20 @@ func ParseExecUser(user string) (uid, gid uint32, err error) {
 func SignalExit(sig syscall.Signal) *ExitResult {
 	return &ExitResult{ExitCode: 128 + int(sig), Signal: int(sig)}
 }
+
+// MergeEnv returns base with extra's variables added, a key of extra
+// replacing base's (each key once: a C program's getenv sees the first).
+func MergeEnv(base, extra []string) []string {
+	out := make([]string, 0, len(base)+len(extra))
+	index := map[string]int{}
+	for _, kv := range append(append([]string(nil), base...), extra...) {
+		k, _, _ := strings.Cut(kv, "=")
+		if i, ok := index[k]; ok {
+			out[i] = kv
+			continue
+		}
+		index[k] = len(out)
+		out = append(out, kv)
+	}
+	return out
+}

@@ -11,5 +11,8 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "exec" {
+		os.Exit(monitor.ExecMain(os.Args[2:]))
+	}
 	os.Exit(monitor.Main(os.Args[1:]))
 }

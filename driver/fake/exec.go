@@ -16,6 +16,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/proc"
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 var (
@@ -109,9 +110,9 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (d
 			return nil, fmt.Errorf("size the terminal: %w", err)
 		}
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
-		s.stdout = ptyReader{master}
+		s.stdout = ptyio.Reader{F: master}
 		if cfg.Stdin {
-			s.stdin = &ptyStdin{f: master}
+			s.stdin = &ptyio.Stdin{F: master}
 		}
 	} else {
 		outR, outW, err := os.Pipe()
@@ -249,31 +250,6 @@ func (s *session) release() {
 	if s.pty != nil {
 		s.pty.Close()
 	}
-}
-
-// ptyReader reads a terminal's output; the EIO a master reads once the
-// terminal's last other end closed is its end of file.
-type ptyReader struct{ f *os.File }
-
-func (r ptyReader) Read(p []byte) (int, error) {
-	n, err := r.f.Read(p)
-	if err != nil && (errors.Is(err, syscall.EIO) || errors.Is(err, os.ErrClosed)) {
-		err = io.EOF
-	}
-	return n, err
-}
-
-// ptyStdin writes to a terminal; closing it types end of file (^D).
-type ptyStdin struct {
-	f    *os.File
-	once sync.Once
-}
-
-func (w *ptyStdin) Write(p []byte) (int, error) { return w.f.Write(p) }
-func (w *ptyStdin) Close() error {
-	var err error
-	w.once.Do(func() { _, err = w.f.Write([]byte{4}) })
-	return err
 }
 
 func (t *task) addSession(s *session) {

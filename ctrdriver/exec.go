@@ -1,0 +1,542 @@
+package ctrdriver
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/cgroups/v3"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/fileutil"
+	"github.com/berthd/berth/internal/proc"
+	"github.com/berthd/berth/internal/ptyio"
+	"github.com/berthd/berth/supervisor/monitor"
+)
+
+var (
+	_ driver.Execer   = (*Driver)(nil)
+	_ driver.Signaler = (*Driver)(nil)
+)
+
+// execKillTimeout bounds how long Close of a session kills and waits.
+const execKillTimeout = 10 * time.Second
+
+// runningTask returns task id when it runs.
+func (d *Driver) runningTask(id string) (*task, error) {
+	t, err := d.sup.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	if t.Exited() {
+		return nil, fmt.Errorf("container task %s has exited: %w", id, errdefs.ErrConflict)
+	}
+	return t, nil
+}
+
+// Signal implements driver.Signaler through `runc kill`, to the
+// container's init.
+func (d *Driver) Signal(ctx context.Context, id string, sig syscall.Signal) error {
+	t, err := d.runningTask(id)
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, runcTimeout)
+	defer cancel()
+	if err := d.runc.kill(rctx, id, strconv.Itoa(int(sig))); err != nil {
+		if t.Exited() || strings.Contains(err.Error(), "not running") || strings.Contains(err.Error(), "does not exist") {
+			return fmt.Errorf("container task %s does not run: %w", id, errdefs.ErrConflict)
+		}
+		return err
+	}
+	return nil
+}
+
+// Exec implements driver.Execer. The process is the container's own
+// process (config.json) with the exec's command, environment, workdir,
+// user and terminal: the same capabilities, rlimits, no_new_privileges and
+// AppArmor profile; runc puts it in the container's namespaces (its user
+// namespace included), cgroup (its pids limit counts it) and seccomp
+// filter. Its parent is a `berth-monitor exec` shim, which runs
+// `runc exec --detach` and reports its pid and exit status; a terminal's
+// master comes through runc's console socket.
+func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_ driver.ExecSession, err error) {
+	if err := driver.CheckID(id); err != nil {
+		return nil, err
+	}
+	if err := driver.CheckExecConfig(cfg); err != nil {
+		return nil, err
+	}
+	if _, err := d.runningTask(id); err != nil {
+		return nil, err
+	}
+	dir := d.taskDir(id)
+	p, err := d.execProcess(dir, cfg)
+	if err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp("", "berth-exec-")
+	if err != nil {
+		return nil, fmt.Errorf("exec session directory: %w", err)
+	}
+	s := &execSession{d: d, id: id, tmp: tmp, pidfd: -1, done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			s.abort()
+		}
+	}()
+	procPath := filepath.Join(tmp, "process.json")
+	if err := fileutil.ReplaceJSON(procPath, p); err != nil {
+		return nil, err
+	}
+	args := monitor.ExecArgs{
+		Runc: d.runc.path, RuncRoot: d.runc.root, RuncLog: filepath.Join(tmp, "runc.log"),
+		Process: procPath, PidFile: filepath.Join(tmp, "pid"), ID: id,
+	}
+	var consoles chan consoleResult
+	if cfg.TTY {
+		args.ConsoleSocket = filepath.Join(tmp, "console.sock")
+		if consoles, err = s.listenConsole(args.ConsoleSocket); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.startShim(cfg, args); err != nil {
+		return nil, err
+	}
+	startCtx, cancel := context.WithTimeout(ctx, d.opts.StartTimeout)
+	defer cancel()
+	var first monitor.ExecReport
+	select {
+	case r, ok := <-s.reports:
+		if !ok {
+			return nil, fmt.Errorf("exec into %s: the exec shim ended without a report", id)
+		}
+		first = r
+	case <-startCtx.Done():
+		return nil, fmt.Errorf("exec into %s: runc exec did not start the process: %w", id, startCtx.Err())
+	}
+	if first.Error != "" {
+		return nil, d.execError(id, first.Error)
+	}
+	if cfg.TTY {
+		select {
+		case c := <-consoles:
+			if c.err != nil {
+				return nil, fmt.Errorf("exec into %s: receive the terminal: %w", id, c.err)
+			}
+			s.pty = c.master
+		case <-startCtx.Done():
+			return nil, fmt.Errorf("exec into %s: runc never handed over the terminal: %w", id, startCtx.Err())
+		}
+		s.stdout = ptyio.Reader{F: s.pty}
+		if cfg.Stdin {
+			s.stdin = &ptyio.Stdin{F: s.pty}
+		}
+		if err := s.Resize(cfg.Size); err != nil {
+			return nil, err
+		}
+	}
+	s.track(first.Pid)
+	return s, nil
+}
+
+// execProcess builds the exec's process from the container's own.
+func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Process, error) {
+	var spec specs.Spec
+	if err := fileutil.ReadJSON(filepath.Join(dir, "bundle", "config.json"), &spec); err != nil {
+		return nil, fmt.Errorf("read the container's spec: %w", err)
+	}
+	if spec.Process == nil {
+		return nil, fmt.Errorf("the container's spec has no process")
+	}
+	p := *spec.Process
+	p.Args = cfg.Args
+	p.Env = driver.MergeEnv(p.Env, cfg.Env)
+	if cfg.Workdir != "" {
+		p.Cwd = cfg.Workdir
+	}
+	if cfg.User != "" {
+		uid, gid, err := driver.ParseExecUser(cfg.User)
+		if err != nil {
+			return nil, err
+		}
+		p.User = specs.User{UID: uid, GID: gid}
+	}
+	ids, err := readIDMap(dir)
+	if err != nil {
+		return nil, err
+	}
+	if ids != nil && (p.User.UID >= ids.Size || p.User.GID >= ids.Size) {
+		return nil, fmt.Errorf("exec user %d:%d is outside the container's user namespace (ids 0-%d): %w", p.User.UID, p.User.GID, ids.Size-1, errdefs.ErrInvalidArgument)
+	}
+	p.Terminal = cfg.TTY
+	p.ConsoleSize = nil
+	if cfg.TTY {
+		// runc 1.1 ignores it for exec (the size is set once the master
+		// arrives); later runcs size the terminal before the process runs.
+		p.ConsoleSize = &specs.Box{Height: uint(cfg.Size.Rows), Width: uint(cfg.Size.Cols)}
+	}
+	return &p, nil
+}
+
+// execError classifies runc's reason for not starting the process.
+func (d *Driver) execError(id, msg string) error {
+	if t, err := d.sup.Get(id); err == nil && t.Exited() {
+		return fmt.Errorf("container task %s has exited: %w", id, errdefs.ErrConflict)
+	}
+	for _, s := range []string{"no such file or directory", "executable file not found", "permission denied", "not a directory", "chdir"} {
+		if strings.Contains(msg, s) {
+			return fmt.Errorf("exec into %s: %s: %w", id, msg, errdefs.ErrInvalidArgument)
+		}
+	}
+	for _, s := range []string{"not running", "stopped container", "paused"} {
+		if strings.Contains(msg, s) {
+			return fmt.Errorf("exec into %s: %s: %w", id, msg, errdefs.ErrConflict)
+		}
+	}
+	return fmt.Errorf("exec into %s: %s", id, msg)
+}
+
+// execSession is one process run by runc exec under a shim.
+type execSession struct {
+	d   *Driver
+	id  string
+	tmp string
+
+	shim    *exec.Cmd
+	reports chan monitor.ExecReport
+	files   []*os.File // our ends of the stdio pipes
+	pty     *os.File
+	stdin   io.WriteCloser
+	stdout  io.Reader
+	stderr  io.Reader
+
+	pid   int
+	pidfd int
+
+	done chan struct{}
+	exit *driver.ExitResult
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+type consoleResult struct {
+	master *os.File
+	err    error
+}
+
+// listenConsole receives the terminal's master runc sends to path.
+func (s *execSession) listenConsole(path string) (chan consoleResult, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("console socket: %w", err)
+	}
+	ch := make(chan consoleResult, 1)
+	go func() {
+		defer ln.Close()
+		_ = ln.SetDeadline(time.Now().Add(s.d.opts.StartTimeout))
+		conn, err := ln.AcceptUnix()
+		if err != nil {
+			ch <- consoleResult{err: err}
+			return
+		}
+		defer conn.Close()
+		master, err := recvFd(conn)
+		ch <- consoleResult{master: master, err: err}
+	}()
+	return ch, nil
+}
+
+// recvFd reads one file descriptor sent with SCM_RIGHTS.
+func recvFd(conn *net.UnixConn) (*os.File, error) {
+	buf := make([]byte, 4096) // runc sends the terminal's name along
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil || len(fds) == 0 {
+			continue
+		}
+		for _, extra := range fds[1:] {
+			unix.Close(extra)
+		}
+		// Non-blocking, so a Close of the session ends a pending read.
+		if err := unix.SetNonblock(fds[0], true); err != nil {
+			unix.Close(fds[0])
+			return nil, err
+		}
+		return os.NewFile(uintptr(fds[0]), string(buf[:n])), nil
+	}
+	return nil, errors.New("no file descriptor in the console socket's message")
+}
+
+// startShim starts `berth-monitor exec` with the process's stdio.
+func (s *execSession) startShim(cfg *driver.ExecConfig, args monitor.ExecArgs) error {
+	var childEnds []*os.File
+	defer func() {
+		for _, f := range childEnds {
+			f.Close()
+		}
+	}()
+	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	childEnds = append(childEnds, null)
+	stdio := [3]*os.File{null, null, null}
+	if !cfg.TTY {
+		if cfg.Stdin {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return err
+			}
+			childEnds, s.files = append(childEnds, r), append(s.files, w)
+			stdio[0], s.stdin = r, w
+		}
+		for i := 1; i <= 2; i++ {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return err
+			}
+			childEnds, s.files = append(childEnds, w), append(s.files, r)
+			stdio[i] = w
+			if i == 1 {
+				s.stdout = r
+			} else {
+				s.stderr = r
+			}
+		}
+	}
+	repR, repW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	childEnds = append(childEnds, repW)
+	s.files = append(s.files, repR)
+	cmd := exec.Command(s.d.sup.MonitorPath(), append([]string{"exec"}, args.List()...)...)
+	cmd.Env = s.d.opts.MonitorEnv
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
+	cmd.ExtraFiles = []*os.File{repW} // monitor.ExecReportFD
+	// Its own session (so it and the process are killed as one), and
+	// SIGTERM when the agent dies: the shim then kills the session.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start the exec shim %s: %w", cmd.Path, err)
+	}
+	s.shim = cmd
+	s.reports = make(chan monitor.ExecReport, 2)
+	go func() {
+		defer close(s.reports)
+		sc := bufio.NewScanner(repR)
+		for sc.Scan() {
+			var r monitor.ExecReport
+			if json.Unmarshal(sc.Bytes(), &r) == nil {
+				s.reports <- r
+			}
+		}
+	}()
+	return nil
+}
+
+// track follows the running process to its end.
+func (s *execSession) track(pid int) {
+	s.pid = pid
+	ident, err := proc.Identify(pid)
+	var gone <-chan struct{}
+	if err == nil && inCgroup(pid, s.id) {
+		if fd, err := unix.PidfdOpen(pid, 0); err == nil {
+			// The pidfd pins the process we identified, not a successor.
+			if again, err := proc.Identify(pid); err == nil && again == ident {
+				s.pidfd = fd
+			} else {
+				unix.Close(fd)
+			}
+		}
+		gone, _ = proc.Watch(ident)
+	}
+	go func() {
+		var res *driver.ExitResult
+		for r := range s.reports {
+			if r.Exited {
+				res = &driver.ExitResult{ExitCode: r.ExitCode, Signal: r.Signal, FinishedAt: time.Now().UTC()}
+			}
+		}
+		_ = s.shim.Wait()
+		if res == nil {
+			// The shim was killed: the process's end is still ours to
+			// see, not its status.
+			if gone != nil {
+				<-gone
+			}
+			res = &driver.ExitResult{ExitCode: -1, Err: "the exec shim died before the process ended; its exit status is lost", FinishedAt: time.Now().UTC()}
+		}
+		s.exit = res
+		close(s.done)
+	}()
+}
+
+// inCgroup reports whether pid is in task id's cgroup.
+func inCgroup(pid int, id string) bool {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	return err == nil && strings.Contains(string(data), cgroupPath(id))
+}
+
+// cgroupProcs lists the processes in task id's cgroup (none when it is
+// gone: the container, and every process in it, ended).
+func cgroupProcs(id string) ([]int, error) {
+	path := "/sys/fs/cgroup/pids" + cgroupPath(id) + "/cgroup.procs"
+	if cgroups.Mode() == cgroups.Unified {
+		path = "/sys/fs/cgroup" + cgroupPath(id) + "/cgroup.procs"
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(data)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+func (s *execSession) Stdin() io.WriteCloser {
+	if s.stdin == nil {
+		return nil
+	}
+	return s.stdin
+}
+
+func (s *execSession) Stdout() io.Reader { return s.stdout }
+
+func (s *execSession) Stderr() io.Reader {
+	if s.stderr == nil {
+		return nil
+	}
+	return s.stderr
+}
+
+func (s *execSession) Resize(size driver.TermSize) error {
+	if s.pty == nil {
+		return nil
+	}
+	return unix.IoctlSetWinsize(int(s.pty.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: size.Rows, Col: size.Cols})
+}
+
+func (s *execSession) Signal(sig syscall.Signal) error {
+	select {
+	case <-s.done:
+		return fmt.Errorf("exec'd process has ended: %w", errdefs.ErrConflict)
+	default:
+	}
+	if s.pidfd < 0 {
+		return fmt.Errorf("exec'd process has ended: %w", errdefs.ErrConflict)
+	}
+	if err := unix.PidfdSendSignal(s.pidfd, sig, nil, 0); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("exec'd process has ended: %w", errdefs.ErrConflict)
+		}
+		return fmt.Errorf("signal the exec'd process: %w", err)
+	}
+	return nil
+}
+
+func (s *execSession) Wait(ctx context.Context) (*driver.ExitResult, error) {
+	select {
+	case <-s.done:
+		return s.exit, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Close kills the process, what it started in its session or process
+// group inside the container, and the shim, then releases the session.
+func (s *execSession) Close() error {
+	s.closeOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), execKillTimeout)
+		defer cancel()
+		s.closeErr = s.kill(ctx)
+		select {
+		case <-s.done:
+		case <-ctx.Done():
+			// A shim that does not report: end it and what it runs.
+			_ = unix.Kill(-s.shim.Process.Pid, unix.SIGKILL)
+			<-s.done
+		}
+		s.release()
+	})
+	return s.closeErr
+}
+
+func (s *execSession) kill(ctx context.Context) error {
+	select {
+	case <-s.done:
+		// Ended; what it left running in its session still goes.
+	default:
+		if s.pidfd >= 0 {
+			_ = unix.PidfdSendSignal(s.pidfd, unix.SIGKILL, nil, 0)
+		}
+	}
+	shim, pid := s.shim.Process.Pid, s.pid
+	return proc.KillAll(ctx, func() ([]int, error) { return cgroupProcs(s.id) }, func(p proc.Info) bool {
+		return p.Session == shim || p.Session == pid || p.Pgrp == pid
+	})
+}
+
+// abort ends a session whose start failed.
+func (s *execSession) abort() {
+	if s.shim != nil {
+		_ = unix.Kill(-s.shim.Process.Pid, unix.SIGKILL)
+		for range s.reports {
+		}
+		_ = s.shim.Wait()
+		if s.pid > 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), execKillTimeout)
+			_ = s.kill(ctx)
+			cancel()
+		}
+	}
+	s.release()
+}
+
+func (s *execSession) release() {
+	for _, f := range s.files {
+		f.Close()
+	}
+	if s.pty != nil {
+		s.pty.Close()
+	}
+	if s.pidfd >= 0 {
+		unix.Close(s.pidfd)
+		s.pidfd = -1
+	}
+	os.RemoveAll(s.tmp)
+}

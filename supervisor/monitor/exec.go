@@ -1,0 +1,133 @@
+package monitor
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/proc"
+)
+
+// ExecReportFD is the pipe (the exec shim's fd 3) on which `berth-monitor
+// exec` reports to the agent, one JSON ExecReport a line: first the
+// process's pid (or why it did not start), then its end.
+const ExecReportFD = 3
+
+// ExecReport is one line of an exec shim's report.
+type ExecReport struct {
+	// Pid is the exec'd process, as seen from the host, once it runs.
+	Pid int `json:"pid,omitempty"`
+	// Error says why the process did not start (runc's explanation).
+	Error string `json:"error,omitempty"`
+	// Exited is set on the last line, with ExitCode (128+Signal for a
+	// killed process) and Signal.
+	Exited   bool `json:"exited,omitempty"`
+	ExitCode int  `json:"exit_code"`
+	Signal   int  `json:"signal,omitempty"`
+}
+
+// ExecArgs are the arguments of `berth-monitor exec`, in order.
+type ExecArgs struct {
+	Runc, RuncRoot, RuncLog, Process, PidFile string
+	ConsoleSocket                             string // "-" without a terminal
+	ID                                        string
+}
+
+// List is the command line after "exec".
+func (a ExecArgs) List() []string {
+	cs := a.ConsoleSocket
+	if cs == "" {
+		cs = "-"
+	}
+	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, cs, a.ID}
+}
+
+// ExecMain is `berth-monitor exec`: the parent of one exec session's
+// process. It is started by the agent in a session of its own with its
+// stdio for the process, runs `runc exec --detach` so the process is
+// re-parented to it (a subreaper), and reports the process's pid and end
+// on ExecReportFD. When the agent dies (the parent-death signal, SIGTERM)
+// it kills the session's processes: an exec session never outlives the
+// agent that serves it.
+func ExecMain(args []string) int {
+	report := os.NewFile(ExecReportFD, "report")
+	send := func(r ExecReport) {
+		b, _ := json.Marshal(r)
+		_, _ = report.Write(append(b, '\n'))
+	}
+	if len(args) != 7 {
+		send(ExecReport{Error: "berth-monitor exec: wrong arguments; it is started by the berth agent"})
+		return 2
+	}
+	a := ExecArgs{Runc: args[0], RuncRoot: args[1], RuncLog: args[2], Process: args[3], PidFile: args[4], ConsoleSocket: args[5], ID: args[6]}
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		send(ExecReport{Error: fmt.Sprintf("become child subreaper: %v", err)})
+		return 1
+	}
+	var pid int
+	var shown atomic.Int64 // pid, for the death handler
+	deaths := make(chan os.Signal, 1)
+	signal.Notify(deaths, unix.SIGTERM, unix.SIGHUP)
+	signal.Ignore(unix.SIGPIPE, unix.SIGINT)
+	killSession := func() {
+		self := os.Getpid()
+		_ = proc.KillAll(context.Background(), proc.AllPids, func(p proc.Info) bool {
+			return p.Pid != self && (p.Session == self || (shown.Load() > 0 && (p.Session == int(shown.Load()) || p.Pgrp == int(shown.Load()))))
+		})
+	}
+	// exiting is held by whoever ends the shim: a main that saw the
+	// process end must not exit while the agent's death is being handled.
+	var exiting sync.Mutex
+	go func() {
+		<-deaths
+		exiting.Lock()
+		killSession()
+		os.Exit(1)
+	}()
+
+	runcArgs := []string{"--root", a.RuncRoot, "--log", a.RuncLog, "--log-format", "json", "exec", "--detach", "--pid-file", a.PidFile, "--process", a.Process}
+	if a.ConsoleSocket != "-" {
+		runcArgs = append(runcArgs, "--console-socket", a.ConsoleSocket)
+	}
+	cmd := exec.Command(a.Runc, append(runcArgs, a.ID)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		exiting.Lock()
+		reapAll()
+		send(ExecReport{Error: runcError(a.RuncLog, err)})
+		return 1
+	}
+	data, err := os.ReadFile(a.PidFile)
+	if err == nil {
+		pid, err = strconv.Atoi(strings.TrimSpace(string(data)))
+	}
+	shown.Store(int64(pid))
+	if err != nil {
+		exiting.Lock()
+		killSession()
+		send(ExecReport{Error: fmt.Sprintf("read the exec'd process's pid: %v", err)})
+		return 1
+	}
+	// The process holds its own copies of our stdio: its output ends when
+	// it (and what it started) closes them, not when we do.
+	if null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0); err == nil {
+		for fd := 0; fd <= 2; fd++ {
+			_ = unix.Dup2(int(null.Fd()), fd)
+		}
+		null.Close()
+	}
+	send(ExecReport{Pid: pid})
+	res := reap(pid)
+	exiting.Lock()
+	send(ExecReport{Exited: true, ExitCode: res.code, Signal: res.sig})
+	return 0
+}
