@@ -21,6 +21,7 @@ import (
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/network"
+	"github.com/berthd/berth/volume"
 )
 
 // Images is what the agent needs of the image store.
@@ -78,6 +79,8 @@ type Options struct {
 	// ReconcileInterval is how often records and driver tasks are
 	// compared (Reconcile); default 30s.
 	ReconcileInterval time.Duration
+	// Volumes is the node's volume store; nil refuses every volume.
+	Volumes *volume.Store
 	// DiskInterval is how often the data directory's free space is
 	// checked against the floor; default 10s.
 	DiskInterval time.Duration

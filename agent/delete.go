@@ -121,6 +121,9 @@ func (a *Agent) release(id string) error {
 	if err := a.detachNetwork(a.ctx, id); err != nil {
 		return fmt.Errorf("release its network: %w", err)
 	}
+	if err := a.releaseVolumes(id); err != nil {
+		return fmt.Errorf("release its volumes: %w", err)
+	}
 	if err := os.RemoveAll(a.logDir(id)); err != nil {
 		return fmt.Errorf("remove its logs: %w", err)
 	}

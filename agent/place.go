@@ -110,7 +110,14 @@ func (a *Agent) available(ctx context.Context, iso api.Isolation) (bool, string)
 
 // placementWorkload is what placement sees of a normalized spec.
 func placementWorkload(spec api.WorkloadSpec) placement.Workload {
+	var hostPaths []string
+	for _, m := range spec.Volumes {
+		if m.HostPath != "" {
+			hostPaths = append(hostPaths, m.HostPath)
+		}
+	}
 	return placement.Workload{
+		HostPaths:  hostPaths,
 		Name:       spec.Name,
 		Image:      spec.Image,
 		Labels:     spec.Labels,

@@ -94,6 +94,7 @@ func (a *Agent) Reconcile(ctx context.Context) ReconcileReport {
 		}
 	}
 	a.reconcileNetwork(ctx, &rep)
+	a.reconcileVolumes()
 	return rep
 }
 

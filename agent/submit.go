@@ -69,6 +69,11 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
+	// Under writeMu: a volume cannot be deleted between this check and
+	// the commit that makes this workload one of its users.
+	if err := a.checkVolumes(spec, tenant); err != nil {
+		return nil, false, err
+	}
 	if spec.Name != "" {
 		a.mu.Lock()
 		existing, ok := a.namedLocked(tenant, spec.Name)
@@ -200,6 +205,9 @@ func diskSpec(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
 	}
 	if spec.Network == api.NetworkHost {
 		v.Add("network", "host is for containers only")
+	}
+	if len(spec.Volumes) > 0 {
+		v.Add("volumes", "a whole-disk image boots its own OS, which berth cannot mount volumes in")
 	}
 	if err := v.Err(); err != nil {
 		return spec, err

@@ -56,7 +56,12 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 	if err := os.MkdirAll(logDir, 0o700); err != nil {
 		return nil, err
 	}
+	mounts, err := a.stageVolumes(w)
+	if err != nil {
+		return nil, err
+	}
 	return &driver.TaskConfig{
+		Mounts:  mounts,
 		ID:      w.ID,
 		Name:    w.Name,
 		Image:   driver.Image{Ref: img.Ref, Digest: img.Digest, RootfsDir: rootfs},

@@ -184,6 +184,7 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 		v.Add("restart.max_retries", "is meaningless with restart policy never")
 	}
 	validateNetwork(&spec, def.Network, v)
+	validateVolumes(&spec, v)
 	if err := v.Err(); err != nil {
 		return api.WorkloadSpec{}, err
 	}

@@ -93,6 +93,9 @@ type WorkloadSpec struct {
 	Network string `json:"network,omitempty"`
 	// Ports publishes workload ports on the node (bridge network only).
 	Ports []PortMapping `json:"ports,omitempty"`
+	// Volumes are named volumes and allowed host directories mounted into
+	// the workload (api/volumes.go).
+	Volumes []VolumeMount `json:"volumes,omitempty"`
 }
 
 // Resources are the workload's requests, which are also its limits.

@@ -135,6 +135,7 @@ func (d *Driver) unmountRootfs(dir string) error {
 	if m != nil {
 		errs = append(errs,
 			unmountAll(filepath.Join(d.userns.rangeDir(*m), "rootfs")),
+			unmountVolumes(d.userns.rangeDir(*m)),
 			unmountAll(filepath.Join(dir, "lower")),
 			unmountAll(filepath.Join(dir, "sys")))
 	}
@@ -194,6 +195,9 @@ func (d *Driver) releaseRootfs(dir string) error {
 func removeRangeDir(rdir string) error {
 	rootfs := filepath.Join(rdir, "rootfs")
 	if err := unmountAll(rootfs); err != nil {
+		return err
+	}
+	if err := unmountVolumes(rdir); err != nil {
 		return err
 	}
 	for _, p := range []string{rootfs, rdir} {

@@ -83,6 +83,18 @@ type TaskConfig struct {
 	// Network is the task's place on the node network; nil means loopback
 	// only (mode none).
 	Network *Network
+	// Mounts are the task's volumes, staged by the agent (see Mount).
+	Mounts []Mount
+}
+
+// Mount is a host directory a task sees at Target. The agent has staged
+// Source as a mount of its own (nosuid, nodev, and read-only when
+// ReadOnly), which the driver binds (a container) or shares (a VM) as it
+// is; it never resolves a path the workload could have changed.
+type Mount struct {
+	Source   string
+	Target   string
+	ReadOnly bool
 }
 
 // Network modes.

@@ -48,6 +48,7 @@
 //	tenants: [t, ...]       the "tenant" label is one of t
 //	images: [glob, ...]     the normalized image reference matches a glob
 //	privileged: true|false  the workload is (or is not) privileged
+//	host_paths: true|false  the workload mounts (or does not mount) a host directory
 //	cpu_gt: 4               requested cores > 4
 //	memory_mb_gt: 8192      requested memory in MiB > 8192
 //	pids_gt: 1024           requested pids limit > 1024

@@ -34,7 +34,7 @@ const (
 var (
 	policyKeys = []string{"apiVersion", "kind", "default", "rules"}
 	ruleKeys   = []string{"name", "description", "match", "when", "isolation", "action", "network"}
-	matchKeys  = []string{"labels", "labels_exist", "images", "tenants", "privileged", "cpu_gt", "memory_mb_gt", "pids_gt"}
+	matchKeys  = []string{"labels", "labels_exist", "images", "tenants", "privileged", "host_paths", "cpu_gt", "memory_mb_gt", "pids_gt"}
 
 	// ruleName is a DNS label: rule names end up in API fields, metrics
 	// labels and log lines, where anything looser needs quoting.
@@ -397,6 +397,14 @@ func (p *parser) match(n *yaml.Node, ctx string, r *rule) int {
 			}
 		} else {
 			p.errorf(pn, "%s: match.privileged must be true or false, got %s", ctx, describe(pn))
+		}
+	}
+	if hn := f["host_paths"]; hn != nil {
+		var b bool
+		if hn.Kind == yaml.ScalarNode && hn.ShortTag() == "!!bool" && hn.Decode(&b) == nil {
+			r.hostPaths = &b
+		} else {
+			p.errorf(hn, "%s: match.host_paths must be true or false, got %s", ctx, describe(hn))
 		}
 	}
 	if cn := f["cpu_gt"]; cn != nil {

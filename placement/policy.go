@@ -84,6 +84,7 @@ type rule struct {
 	images      []*glob
 	tenants     []string
 	privileged  *bool
+	hostPaths   *bool
 	cpuGt       *float64
 	memoryMBGt  *int64
 	pidsGt      *int64
@@ -103,6 +104,9 @@ type label struct{ key, value string }
 // first that fails. It does not look at `when`.
 func (r *rule) matchStatic(w *Workload) bool {
 	if r.privileged != nil && *r.privileged != w.Privileged {
+		return false
+	}
+	if r.hostPaths != nil && *r.hostPaths != (len(w.HostPaths) > 0) {
 		return false
 	}
 	if r.cpuGt != nil && !(w.Resources.CPU > *r.cpuGt) {
@@ -185,6 +189,13 @@ func (r *rule) reason(w *Workload, evalErr error) string {
 			parts = append(parts, "not privileged")
 		}
 	}
+	if r.hostPaths != nil {
+		if *r.hostPaths {
+			parts = append(parts, "host path "+value(w.HostPaths[0]))
+		} else {
+			parts = append(parts, "no host path")
+		}
+	}
 	if r.cpuGt != nil {
 		parts = append(parts, "cpu "+formatFloat(w.Resources.CPU)+" > "+formatFloat(*r.cpuGt))
 	}
@@ -232,6 +243,13 @@ func (r *rule) summary() string {
 			parts = append(parts, "privileged")
 		} else {
 			parts = append(parts, "not privileged")
+		}
+	}
+	if r.hostPaths != nil {
+		if *r.hostPaths {
+			parts = append(parts, "host paths")
+		} else {
+			parts = append(parts, "no host paths")
 		}
 	}
 	if r.cpuGt != nil {

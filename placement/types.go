@@ -72,6 +72,8 @@ type Workload struct {
 	Network string `json:"network,omitempty"`
 	// Ports counts the ports the workload publishes.
 	Ports int `json:"ports,omitempty"`
+	// HostPaths are the host directories the workload mounts.
+	HostPaths []string `json:"host_paths,omitempty"`
 }
 
 // Tenant is the workload's tenant: its "tenant" label.

@@ -59,6 +59,12 @@ var routeTable = map[string]routeInfo{
 	"POST /v1/images/pull":          {action: auth.ActImagePull, class: classLong, mutating: true},
 	"POST /v1/placements":           {action: auth.ActPlacement},
 	"GET /v1/policy":                {action: auth.ActPolicyRead},
+	// Volumes are a tenant's, as its workloads are: whoever may submit
+	// and delete workloads may create and delete volumes.
+	"POST /v1/volumes":         {action: auth.ActWorkloadCreate, mutating: true},
+	"GET /v1/volumes":          {action: auth.ActWorkloadRead},
+	"GET /v1/volumes/{ref}":    {action: auth.ActWorkloadRead},
+	"DELETE /v1/volumes/{ref}": {action: auth.ActWorkloadDelete, mutating: true},
 }
 
 // setDeadlines moves the connection's deadlines from the server-wide

@@ -24,6 +24,7 @@ import (
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/auth"
 	"github.com/berthd/berth/internal/ociimage"
+	"github.com/berthd/berth/volume"
 )
 
 // syncBuffer is a log sink tests read while the server writes.
@@ -73,8 +74,13 @@ func newAuthEnv(t testing.TB) *authEnv {
 	if _, err := imgs.Import(context.Background(), &buf, ""); err != nil {
 		t.Fatal(err)
 	}
+	vols, err := volume.Open(volume.Options{Root: filepath.Join(dir, "volumes"), DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
 	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 1024, MemoryMB: 1 << 20},
 		DataDir:        dir,
+		Volumes:        vols,
 		Drivers:        []driver.Driver{fake.New("container", fake.NewNode())},
 		Images:         imgs,
 		Defaults:       agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256},

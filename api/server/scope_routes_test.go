@@ -95,6 +95,33 @@ var routeTenancy = map[string]struct {
 			t.Errorf("tenant a's image list %s differs from the admin's %s", mine, all)
 		}
 	}},
+	"GET /v1/volumes/{ref}":    {t: scoped},
+	"DELETE /v1/volumes/{ref}": {t: scoped},
+	"GET /v1/volumes": {t: scoped, check: func(t *testing.T, e *authEnv) {
+		_, body := e.do("sub-a", "GET", "/v1/volumes", "")
+		var list api.VolumeList
+		if err := json.Unmarshal([]byte(body), &list); err != nil {
+			t.Fatalf("list: %v: %s", err, body)
+		}
+		for _, v := range list.Volumes {
+			if v.Tenant != "a" {
+				t.Errorf("tenant a lists volume %s of tenant %q", v.Name, v.Tenant)
+			}
+		}
+		if len(list.Volumes) == 0 {
+			t.Error("tenant a lists none of its volumes")
+		}
+	}},
+	"POST /v1/volumes": {t: scoped, check: func(t *testing.T, e *authEnv) {
+		if code, body := e.do("sub-a", "POST", "/v1/volumes", `{"name":"v","labels":{"tenant":"b"}}`); code != http.StatusForbidden {
+			t.Errorf("tenant a creates a volume as tenant b: %d %s", code, body)
+		}
+		code, body := e.do("sub-a", "POST", "/v1/volumes", `{"name":"fresh"}`)
+		var v api.Volume
+		if err := json.Unmarshal([]byte(body), &v); code != http.StatusCreated || err != nil || v.Tenant != "a" {
+			t.Errorf("tenant a creates a volume: %d %s, want 201 in tenant a", code, body)
+		}
+	}},
 	"POST /v1/images/pull": {t: scoped, check: func(t *testing.T, e *authEnv) {
 		// An empty reference: allowed, then refused as invalid.
 		if code, body := e.do("sub-a", "POST", "/v1/images/pull", `{}`); code != http.StatusBadRequest {
@@ -171,6 +198,14 @@ func TestRouteTenancy(t *testing.T) {
 	e.submit("nobodys", "")
 	e.waitRunning("a/mine")
 	e.waitRunning("b/theirs")
+	for _, v := range []api.VolumeSpec{
+		{Name: "mine", Labels: map[string]string{"tenant": "a"}},
+		{Name: "theirs", Labels: map[string]string{"tenant": "b"}},
+	} {
+		if _, _, err := e.agent.CreateVolume(t.Context(), v); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, r := range routes(t, e) {
 		c, ok := routeTenancy[r]
 		if !ok {
@@ -210,6 +245,9 @@ func TestRouteTenancy(t *testing.T) {
 		})
 	}
 	// Refused and hidden requests touched nothing.
+	if _, err := e.agent.GetVolume(t.Context(), "b/theirs"); err != nil {
+		t.Errorf("tenant b's volume after the submitter's requests: %v", err)
+	}
 	for _, ref := range []string{"b/theirs", "nobodys"} {
 		if w, err := e.agent.Get(t.Context(), ref); err != nil || w.State != api.StateRunning {
 			t.Errorf("%s after the submitter's requests: %v %v", ref, w, err)

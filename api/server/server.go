@@ -56,6 +56,8 @@ type Backend interface {
 	Policy(ctx context.Context) api.PolicyStatus
 
 	Maintenance
+	// Named volumes (volumes.go).
+	VolumeBackend
 }
 
 // Options configure the server.
@@ -167,6 +169,7 @@ func New(b Backend, opts Options) *Server {
 			r.Delete("/", s.removeImage)
 			r.Post("/pull", s.pullImage)
 		})
+		r.Route("/volumes", s.volumeRoutes)
 		r.Post("/placements", s.explainPlacement)
 		r.Get("/policy", s.getPolicy)
 	})

@@ -26,6 +26,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		ports   []string
 		secrets []string
 		secFile string
+		vols    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
@@ -70,6 +71,9 @@ too, but other users of this host may see a command line (ps).`,
 				return err
 			}
 			if spec.Ports, err = parsePorts(ports); err != nil {
+				return err
+			}
+			if spec.Volumes, err = parseVolumes(vols); err != nil {
 				return err
 			}
 			c, err := g.client()
@@ -140,6 +144,7 @@ too, but other users of this host may see a command line (ps).`,
 	f.BoolVar(&wait, "wait", false, "stream the output and exit with the workload's exit code")
 	f.StringVar(&spec.Network, "network", "", "bridge (default), none, or host (containers, where policy allows)")
 	f.StringArrayVarP(&ports, "publish", "p", nil, "publish a port: HOST_PORT:CONTAINER_PORT[/tcp|udp] (repeatable)")
+	f.StringArrayVarP(&vols, "volume", "v", nil, "mount a volume: NAME:/PATH[:ro] or an allowed host directory /HOST/DIR:/PATH[:ro] (repeatable)")
 	return cmd
 }
 

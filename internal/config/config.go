@@ -42,6 +42,15 @@ type Config struct {
 	Audit      Audit   `mapstructure:"audit"`
 	Images     Images  `mapstructure:"images"`
 	Storage    Storage `mapstructure:"storage"`
+	Volumes    Volumes `mapstructure:"volumes"`
+}
+
+// Volumes is what workloads may mount from the host.
+type Volumes struct {
+	// HostPaths are the host directories under which workloads may mount
+	// host paths; empty: none. /, /proc, /sys, /dev and the data
+	// directory are never allowed.
+	HostPaths []string `mapstructure:"host_paths"`
 }
 
 type Log struct {
@@ -392,6 +401,7 @@ func (c *Config) Validate() error {
 		bad("api.max_body_bytes", "%d is too small for a workload spec", c.API.MaxBodyBytes)
 	}
 	c.validateImages(bad)
+	c.validateVolumes(bad)
 	if !c.Container.Enabled && !c.VM.Enabled {
 		errs = append(errs, errors.New("container.enabled and vm.enabled are both false: the agent could run nothing"))
 	}
@@ -419,6 +429,27 @@ func (c *Config) validateImages(bad func(key, format string, args ...any)) {
 		}
 	}
 }
+
+// validateVolumes checks volumes.host_paths: clean absolute paths that
+// do not expose the whole host, the kernel's views or the data directory
+// (package volume checks them again, symlinks resolved, when it opens).
+func (c *Config) validateVolumes(bad func(key, format string, args ...any)) {
+	for i, p := range c.Volumes.HostPaths {
+		key := fmt.Sprintf("volumes.host_paths[%d]", i)
+		switch {
+		case !filepath.IsAbs(p) || filepath.Clean(p) != p:
+			bad(key, "%q is not a clean absolute path", p)
+		case p == "/":
+			bad(key, "/ is the whole host")
+		case within(p, "/proc") || within(p, "/sys") || within(p, "/dev"):
+			bad(key, "%q: /proc, /sys and /dev are never shared", p)
+		case within(p, c.DataDir) || within(c.DataDir, p):
+			bad(key, "%q holds or is inside the data directory %s", p, c.DataDir)
+		}
+	}
+}
+
+func within(p, dir string) bool { return p == dir || strings.HasPrefix(p, dir+"/") }
 
 // validateUserNS checks the container.userns keys.
 func (c *Config) validateUserNS(bad func(key, format string, args ...any)) {

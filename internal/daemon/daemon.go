@@ -29,6 +29,7 @@ import (
 	"github.com/berthd/berth/network"
 	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/vmdriver"
+	"github.com/berthd/berth/volume"
 )
 
 // driverCloseTimeout bounds how long shutdown waits for a driver to let go
@@ -111,10 +112,18 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			return nil, err
 		}
 	}
+	vols, err := volume.Open(volume.Options{
+		Root: filepath.Join(cfg.DataDir, "volumes"), DataDir: cfg.DataDir,
+		HostPaths: cfg.Volumes.HostPaths, MinFreeBytes: cfg.Storage.MinFreeBytes, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
 	// The metrics registry is made first: the agent reports its starts
 	// to it, the API serves it.
 	metrics := server.NewMetrics()
 	ag, err = agent.New(ctx, agent.Options{
+		Volumes: vols,
 		OnStart: metrics.ObserveStart,
 		Network: netw,
 		DataDir: cfg.DataDir,

@@ -1,0 +1,131 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/volume"
+)
+
+func volumeEnv(t *testing.T) (*env, *volume.Store, string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: a workload's volumes are staged as mounts")
+	}
+	e := newEnv(t)
+	allowed := filepath.Join(t.TempDir(), "allowed")
+	if err := os.MkdirAll(filepath.Join(allowed, "share"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vs, err := volume.Open(volume.Options{Root: filepath.Join(e.dir, "volumes"), DataDir: e.dir, HostPaths: []string{allowed}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.change = func(o *Options) { o.Volumes = vs }
+	e.restart()
+	return e, vs, allowed
+}
+
+func fields(err error) []string {
+	var v *errdefs.ValidationError
+	if !errors.As(err, &v) {
+		return nil
+	}
+	var out []string
+	for _, f := range v.Fields {
+		out = append(out, f.Field+": "+f.Detail)
+	}
+	return out
+}
+
+// Bad volume specs are refused with their field paths, and nothing is
+// admitted.
+func TestVolumeSpecRefused(t *testing.T) {
+	e, _, allowed := volumeEnv(t)
+	ctx := context.Background()
+	for _, c := range []struct {
+		vols  []api.VolumeMount
+		field string
+	}{
+		{[]api.VolumeMount{{Name: "x", Path: "data"}}, "volumes[0].path"},
+		{[]api.VolumeMount{{Name: "x", Path: "/"}}, "volumes[0].path"},
+		{[]api.VolumeMount{{Name: "x", Path: "/a/../b"}}, "volumes[0].path"},
+		{[]api.VolumeMount{{Path: "/a"}}, "volumes[0]"},
+		{[]api.VolumeMount{{Name: "x", HostPath: allowed, Path: "/a"}}, "volumes[0]"},
+		{[]api.VolumeMount{{Name: "Bad Name", Path: "/a"}}, "volumes[0].name"},
+		{[]api.VolumeMount{{Name: "x", Path: "/a"}, {Name: "y", Path: "/a/"}}, "volumes[1].path"},
+		{[]api.VolumeMount{{Name: "missing", Path: "/a"}}, "volumes[0].name"},
+		{[]api.VolumeMount{{HostPath: "/etc", Path: "/a"}}, "volumes[0].host_path"},
+		{[]api.VolumeMount{{HostPath: "/proc", Path: "/a"}}, "volumes[0].host_path"},
+		{[]api.VolumeMount{{HostPath: e.dir, Path: "/a"}}, "volumes[0].host_path"},
+	} {
+		_, _, err := e.agent.Submit(ctx, api.WorkloadSpec{Image: testImage, Command: []string{"true"}, Volumes: c.vols})
+		got := fields(err)
+		if !errors.Is(err, errdefs.ErrInvalidArgument) || !slices.ContainsFunc(got, func(f string) bool { return strings.HasPrefix(f, c.field+": ") }) {
+			t.Errorf("%+v: %v (fields %q), want invalid naming %s", c.vols, err, got, c.field)
+		}
+	}
+	if n := len(e.agent.List(ctx, api.ListFilter{})); n != 0 {
+		t.Errorf("%d workloads admitted", n)
+	}
+}
+
+// A volume in use cannot be deleted (409 naming the users); deleting
+// the workload keeps the volume and releases its staged mounts; another
+// tenant's volume is not there for a workload.
+func TestVolumeLifetime(t *testing.T) {
+	e, vs, allowed := volumeEnv(t)
+	ctx := context.Background()
+	if _, _, err := e.agent.CreateVolume(ctx, api.VolumeSpec{Name: "data", Labels: map[string]string{"tenant": "a"}}); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := e.agent.Submit(ctx, api.WorkloadSpec{Image: testImage, Command: []string{"true"},
+		Labels: map[string]string{"tenant": "b"}, Volumes: []api.VolumeMount{{Name: "data", Path: "/data"}}})
+	if f := fields(err); len(f) != 1 || !strings.Contains(f[0], "volumes[0].name") {
+		t.Errorf("tenant b mounts tenant a's volume: %v", err)
+	}
+	w := e.submit(api.WorkloadSpec{Command: []string{"sleep", "60"}, Labels: map[string]string{"tenant": "a"},
+		Volumes: []api.VolumeMount{{Name: "data", Path: "/data"}, {HostPath: filepath.Join(allowed, "share"), Path: "/share", ReadOnly: true}}})
+	e.waitFor(w.ID, func(w *api.Workload) bool { return w.State == api.StateRunning })
+	if ids, _ := vs.Staged(); !slices.Contains(ids, w.ID) {
+		t.Errorf("staged %v, want %s", ids, w.ID)
+	}
+	err = e.agent.DeleteVolume(ctx, "a/data")
+	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), w.ID) {
+		t.Errorf("delete of a volume in use: %v, want a conflict naming %s", err, w.ID)
+	}
+	if v, err := e.agent.GetVolume(ctx, "a/data"); err != nil || !slices.Equal(v.UsedBy, []string{w.ID}) {
+		t.Errorf("volume: %+v %v, want used by %s", v, err, w.ID)
+	}
+	if err := e.agent.Delete(ctx, w.ID, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.agent.GetVolume(ctx, "a/data"); err != nil {
+		t.Errorf("the volume after its workload's delete: %v", err)
+	}
+	if ids, _ := vs.Staged(); len(ids) != 0 {
+		t.Errorf("staged after the delete: %v", ids)
+	}
+	// A crash between a delete's steps leaves staged mounts without a
+	// record: reconciliation releases them.
+	if _, err := vs.Stage("gone0000", []volume.Source{{Tenant: "a", Name: "data", Target: "/d"}}); err != nil {
+		t.Fatal(err)
+	}
+	e.agent.Reconcile(ctx)
+	if ids, _ := vs.Staged(); len(ids) != 0 {
+		t.Errorf("staged after reconcile: %v", ids)
+	}
+	if err := e.agent.DeleteVolume(ctx, "a/data"); err != nil {
+		t.Errorf("delete of an unused volume: %v", err)
+	}
+	if _, err := e.agent.GetVolume(ctx, "a/data"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("after delete: %v", err)
+	}
+}

@@ -1,0 +1,32 @@
+package placement
+
+import "testing"
+
+// A rule matching host_paths sends a workload mounting a host directory
+// to a VM (or denies it), and leaves one without alone.
+func TestHostPathsMatch(t *testing.T) {
+	pol, err := Parse("test.yaml", []byte(`
+apiVersion: berth.dev/v1
+kind: IsolationPolicy
+default: container
+rules:
+  - name: host-paths-to-vm
+    match: {host_paths: true}
+    isolation: vm
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := NodeFacts{ContainerAvailable: true, VMAvailable: true}
+	d := Decide(Workload{Image: "x", HostPaths: []string{"/srv/shared"}}, pol, node)
+	if d.Isolation != IsolationVM || d.DecidingRule != "host-paths-to-vm" {
+		t.Errorf("with a host path: %s by %q, want vm by host-paths-to-vm", d.Isolation, d.DecidingRule)
+	}
+	d = Decide(Workload{Image: "x"}, pol, node)
+	if d.Isolation != IsolationContainer {
+		t.Errorf("without: %s, want container", d.Isolation)
+	}
+	if _, err := Parse("bad.yaml", []byte("apiVersion: berth.dev/v1\nkind: IsolationPolicy\ndefault: container\nrules:\n  - name: r\n    match: {host_paths: yes please}\n    isolation: vm\n")); err == nil {
+		t.Error("host_paths: a string parsed")
+	}
+}
