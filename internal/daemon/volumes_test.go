@@ -1,0 +1,151 @@
+package daemon_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/api/client"
+)
+
+// volumeAgent runs an agent (containers only, user namespaces as
+// configured by default) that allows host paths below the returned
+// directory.
+func volumeAgent(t *testing.T, vms bool) (*client.Client, string, string) {
+	t.Helper()
+	requireRunc(t)
+	allowed := t.TempDir()
+	// A data dir other users may pass through, as /var/lib/berth is, so
+	// containers get user namespaces.
+	dataDir := filepath.Join(vmDataDir(t), "data")
+	cfg := testConfig(t, dataDir, "127.0.0.1:0")
+	cfg.Volumes.HostPaths = []string{allowed}
+	if vms {
+		cfg = withVMs(t, cfg)
+	}
+	c, _ := serve(t, cfg)
+	importBusybox(t, c)
+	requireUserNS(t, c)
+	t.Cleanup(func() {
+		ctx := context.Background()
+		deleteAll(t, c)
+		vols, _ := c.Volumes(ctx)
+		for _, v := range vols {
+			if err := c.DeleteVolume(ctx, api.Ref(v.Tenant, v.Name)); err != nil {
+				t.Errorf("cleanup: delete volume %s: %v", v.Name, err)
+			}
+		}
+	})
+	return c, dataDir, allowed
+}
+
+func withVolumes(spec api.WorkloadSpec, vols ...api.VolumeMount) api.WorkloadSpec {
+	spec.Volumes = vols
+	spec.Isolation = api.IsolationContainer
+	return spec
+}
+
+// Containers share a named volume: what one writes (as its root, in its
+// own user namespace range) the next reads and can overwrite, though its
+// range differs; read-only is read-only; a sized volume is ENOSPC when
+// full; the volume outlives its workloads and cannot be deleted while one
+// holds it.
+func TestContainerVolumes(t *testing.T) {
+	c, dataDir, allowed := volumeAgent(t, false)
+	ctx := context.Background()
+	if _, err := c.CreateVolume(ctx, api.VolumeSpec{Name: "shared"}); err != nil {
+		t.Fatal(err)
+	}
+	w, out, errOut := run(t, c, withVolumes(sh("echo 42 > /data/answer && id -u && stat -c %u /data/answer"), api.VolumeMount{Name: "shared", Path: "/data"}))
+	if exitCode(w) != 0 || out != "0\n0\n" {
+		t.Fatalf("writer: exit %d, %q %q, want root writing as root", exitCode(w), out, errOut)
+	}
+	// On disk the file belongs to uid 0: the id-mapped mount stores the
+	// container's root as the host's, whatever its range.
+	var volDir string
+	matches, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "*", "data", "answer"))
+	if len(matches) != 1 {
+		t.Fatalf("the file on the host: %v", matches)
+	}
+	volDir = filepath.Dir(matches[0])
+	st, err := os.Stat(matches[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uid := ownerOf(st); uid != 0 {
+		t.Errorf("the file a container's root wrote is host uid %d on disk, want 0", uid)
+	}
+	w, out, errOut = run(t, c, withVolumes(sh("cat /data/answer; echo more >> /data/answer && exit $(head -1 /data/answer)"), api.VolumeMount{Name: "shared", Path: "/data"}))
+	if exitCode(w) != 42 || out != "42\n" {
+		t.Errorf("reader: exit %d, %q %q, want 42", exitCode(w), out, errOut)
+	}
+	w, _, errOut = run(t, c, withVolumes(sh("cat /data/answer >/dev/null && echo x > /data/other"), api.VolumeMount{Name: "shared", Path: "/data", ReadOnly: true}))
+	if exitCode(w) == 0 || !strings.Contains(errOut, "Read-only file system") {
+		t.Errorf("read-only: exit %d %q, want a read-only file system", exitCode(w), errOut)
+	}
+	if _, err := os.Stat(filepath.Join(volDir, "other")); !os.IsNotExist(err) {
+		t.Errorf("a read-only mount wrote: %v", err)
+	}
+
+	// Host paths: one the operator allows is mounted (read-only here);
+	// a symlink out of it and a path outside are refused at submit.
+	must(t, os.WriteFile(filepath.Join(allowed, "motd"), []byte("hello\n"), 0o644))
+	must(t, os.Symlink("/etc", filepath.Join(allowed, "etc")))
+	w, out, _ = run(t, c, withVolumes(sh("cat /host/motd; touch /host/x"), api.VolumeMount{HostPath: allowed, Path: "/host", ReadOnly: true}))
+	if out != "hello\n" || exitCode(w) == 0 {
+		t.Errorf("host path: exit %d %q, want hello and a failed touch", exitCode(w), out)
+	}
+	for _, hp := range []string{filepath.Join(allowed, "etc"), "/etc", "/", dataDir} {
+		_, err := c.Submit(ctx, withVolumes(sh("true"), api.VolumeMount{HostPath: hp, Path: "/host"}))
+		if !client.IsReason(err, api.ReasonInvalidArgument) || !strings.Contains(err.Error(), "volumes[0].host_path") {
+			t.Errorf("host path %s: %v, want refused naming volumes[0].host_path", hp, err)
+		}
+	}
+
+	// A sized volume: full is ENOSPC inside the container.
+	if _, err := c.CreateVolume(ctx, api.VolumeSpec{Name: "small", SizeBytes: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	w, _, errOut = run(t, c, withVolumes(sh("dd if=/dev/zero of=/small/fill bs=1M count=64"), api.VolumeMount{Name: "small", Path: "/small"}))
+	if exitCode(w) == 0 || !strings.Contains(errOut, "No space left on device") {
+		t.Errorf("filling a 16 MiB volume: exit %d %q, want ENOSPC", exitCode(w), errOut)
+	}
+
+	// In use: refused with its users; after the workloads go, removed.
+	sub, err := c.Submit(ctx, withVolumes(sh("sleep 60"), api.VolumeMount{Name: "shared", Path: "/data"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitRunning(t, c, sub.ID)
+	err = c.DeleteVolume(ctx, "shared")
+	if !client.IsReason(err, api.ReasonConflict) || !strings.Contains(err.Error(), sub.ID) {
+		t.Errorf("delete of a volume in use: %v, want 409 naming %s", err, sub.ID)
+	}
+	deleteAll(t, c)
+	if b, err := os.ReadFile(filepath.Join(volDir, "answer")); err != nil || string(b) != "42\nmore\n" {
+		t.Errorf("the volume after its workloads were deleted: %q %v", b, err)
+	}
+	if staged, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "mounts", "*")); len(staged) != 0 {
+		t.Errorf("staged mounts left after the workloads were deleted: %v", staged)
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mi), filepath.Join(dataDir, "volumes", "mounts")) || strings.Contains(string(mi), "/volumes/") && strings.Contains(string(mi), dataDir+"/userns") {
+		t.Errorf("volume mounts left after the workloads were deleted")
+	}
+	if err := c.DeleteVolume(ctx, "shared"); err != nil {
+		t.Errorf("delete an unused volume: %v", err)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func ownerOf(st os.FileInfo) uint32 { return st.Sys().(*syscall.Stat_t).Uid }
