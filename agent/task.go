@@ -30,10 +30,10 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		}
 		return &driver.TaskConfig{
 			ID: w.ID, Name: w.Name,
-			Image: driver.Image{Ref: img.Ref, Digest: img.Digest, DiskPath: disk},
+			Image:     driver.Image{Ref: img.Ref, Digest: img.Digest, DiskPath: disk},
 			Resources: taskResources(w.Spec.Resources),
-			Labels: w.Spec.Labels,
-			LogDir: logDir,
+			Labels:    w.Spec.Labels,
+			LogDir:    logDir,
 		}, nil
 	}
 	rootfs, err := a.images.Rootfs(ctx, img)
@@ -61,17 +61,17 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		return nil, err
 	}
 	return &driver.TaskConfig{
-		Mounts:  mounts,
-		ID:      w.ID,
-		Name:    w.Name,
-		Image:   driver.Image{Ref: img.Ref, Digest: img.Digest, RootfsDir: rootfs},
-		Args:    argv,
-		Env:     env,
-		Workdir: workdir,
-		User:    img.Config.User,
+		Mounts:    mounts,
+		ID:        w.ID,
+		Name:      w.Name,
+		Image:     driver.Image{Ref: img.Ref, Digest: img.Digest, RootfsDir: rootfs},
+		Args:      argv,
+		Env:       env,
+		Workdir:   workdir,
+		User:      img.Config.User,
 		Resources: taskResources(w.Spec.Resources),
-		Labels: w.Spec.Labels,
-		LogDir: logDir,
+		Labels:    w.Spec.Labels,
+		LogDir:    logDir,
 	}, nil
 }
 

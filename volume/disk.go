@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/loopfs"
 )
 
 // diskTimeout bounds mkfs and mount of a volume's filesystem.
@@ -54,14 +56,7 @@ func mountDisk(dir string) error {
 	if err != nil || mounted {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), diskTimeout)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime",
-		filepath.Join(dir, diskFile), data).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("mount the volume's filesystem: %w: %s", err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return loopfs.Mount(filepath.Join(dir, diskFile), data, unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOATIME)
 }
 
 // isMountPoint reports whether path is the root of a mount: its device

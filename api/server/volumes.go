@@ -30,7 +30,6 @@ func (s *Server) volumeRoutes(r chi.Router) {
 	r.Delete("/{ref}", s.deleteVolume)
 }
 
-
 func (s *Server) createVolume(w http.ResponseWriter, r *http.Request) {
 	var spec api.VolumeSpec
 	if p := s.decodeJSON(w, r, &spec); p != nil {
