@@ -87,6 +87,7 @@ func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
 	c.SecretEnv = maps.Clone(s.SecretEnv)
 	c.Labels = maps.Clone(s.Labels)
 	c.Ports = slices.Clone(s.Ports)
+	c.Volumes = slices.Clone(s.Volumes)
 	return c
 }
 

@@ -90,6 +90,14 @@ type dbSpec struct {
 	Restart    dbRestart         `json:"restart"`
 	Network    string            `json:"network,omitempty"`
 	Ports      []dbPort          `json:"ports,omitempty"`
+	Volumes    []dbVolumeMount   `json:"volumes,omitempty"`
+}
+
+type dbVolumeMount struct {
+	Name     string `json:"name,omitempty"`
+	HostPath string `json:"host_path,omitempty"`
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"read_only,omitempty"`
 }
 
 type dbResources struct {
@@ -192,7 +200,20 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 		Resources: dbResources(s.Resources),
 		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 		Network:   s.Network, Ports: portsToDB(s.Ports),
+		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
 	}
+}
+
+// convertSlice converts each element, keeping nil nil.
+func convertSlice[S, D any](in []S, f func(S) D) []D {
+	if in == nil {
+		return nil
+	}
+	out := make([]D, len(in))
+	for i, v := range in {
+		out[i] = f(v)
+	}
+	return out
 }
 
 // secretNames is what the database keeps of a secret environment: the
@@ -253,6 +274,7 @@ func fromDB(d *dbRecord) *record {
 				Resources: api.Resources(s.Resources),
 				Restart:   api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 				Network:   s.Network, Ports: portsFromDB(s.Ports),
+				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),
 			},
 			State: api.State(d.State), Isolation: api.Isolation(d.Isolation),
 			ExitCode: d.ExitCode, OOMKilled: d.OOMKilled, Error: d.Error,

@@ -101,8 +101,10 @@ func TestVolumeLifetime(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), w.ID) {
 		t.Errorf("delete of a volume in use: %v, want a conflict naming %s", err, w.ID)
 	}
+	// The record keeps its volumes across an agent restart.
+	e.restart()
 	if v, err := e.agent.GetVolume(ctx, "a/data"); err != nil || !slices.Equal(v.UsedBy, []string{w.ID}) {
-		t.Errorf("volume: %+v %v, want used by %s", v, err, w.ID)
+		t.Errorf("volume after a restart: %+v %v, want used by %s", v, err, w.ID)
 	}
 	if err := e.agent.Delete(ctx, w.ID, true); err != nil {
 		t.Fatal(err)
