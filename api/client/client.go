@@ -40,6 +40,7 @@ type Option func(*options)
 type options struct {
 	token string
 	tls   *tls.Config
+	wrap  func(http.RoundTripper) http.RoundTripper
 }
 
 // WithToken sends token as the bearer credential of every request.
@@ -49,6 +50,13 @@ func WithToken(token string) Option { return func(o *options) { o.token = token 
 // its Certificates for a client certificate). A HOST:PORT address then
 // means https://HOST:PORT.
 func WithTLS(cfg *tls.Config) Option { return func(o *options) { o.tls = cfg } }
+
+// WithRoundTripper wraps the client's transport (the innermost one, which
+// sees requests as they go out, credentials included): for tracing, or for
+// tests that check every exchange.
+func WithRoundTripper(wrap func(http.RoundTripper) http.RoundTripper) Option {
+	return func(o *options) { o.wrap = wrap }
+}
 
 // New returns a client for addr: "HOST:PORT", "http://HOST:PORT",
 // "https://HOST:PORT" or "unix:///path/to/berth.sock".
@@ -92,8 +100,11 @@ func New(addr string, opts ...Option) (*Client, error) {
 		}
 	}
 	var rt http.RoundTripper = tr
+	if o.wrap != nil {
+		rt = o.wrap(rt)
+	}
 	if o.token != "" {
-		rt = &bearer{token: o.token, host: base.Host, next: tr}
+		rt = &bearer{token: o.token, host: base.Host, next: rt}
 	}
 	return &Client{base: base, http: &http.Client{Transport: rt}}, nil
 }

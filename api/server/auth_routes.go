@@ -40,6 +40,7 @@ type routeInfo struct {
 var routeTable = map[string]routeInfo{
 	"GET /healthz":                  {action: auth.ActPublic},
 	"GET /readyz":                   {action: auth.ActPublic},
+	"GET /v1/openapi.json":          {action: auth.ActPublic},
 	"GET /v1/node":                  {action: auth.ActNodeRead, class: classBlocking},
 	"POST /v1/node/cordon":          {action: auth.ActNodeWrite, mutating: true},
 	"POST /v1/node/drain":           {action: auth.ActNodeWrite, mutating: true},

@@ -24,6 +24,7 @@ import (
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/auth"
 	"github.com/berthd/berth/internal/ociimage"
+	"github.com/berthd/berth/internal/openapitest"
 	"github.com/berthd/berth/volume"
 )
 
@@ -48,6 +49,7 @@ func (b *syncBuffer) String() string {
 type authEnv struct {
 	t      testing.TB
 	srv    *httptest.Server
+	api    *server.Server
 	agent  *agent.Agent
 	tokens map[string]string // caller name -> token
 	audit  *syncBuffer
@@ -122,7 +124,8 @@ func newAuthEnv(t testing.TB) *authEnv {
 		Auth:         tokens,
 		Audit:        slog.New(slog.NewJSONHandler(e.audit, nil)),
 	})
-	e.srv = httptest.NewServer(s)
+	e.api = s
+	e.srv = httptest.NewServer(openapitest.Handler(t, s))
 	t.Cleanup(func() {
 		e.srv.Close()
 		for _, w := range a.List(context.Background(), api.ListFilter{}) {

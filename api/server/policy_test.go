@@ -18,6 +18,7 @@ import (
 	"github.com/berthd/berth/api/server"
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/fake"
+	"github.com/berthd/berth/internal/openapitest"
 )
 
 const denyPolicy = `apiVersion: berth.dev/v1
@@ -54,7 +55,7 @@ func newPolicyEnv(t *testing.T, policy string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(server.New(a, server.Options{MaxBodyBytes: 4096, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}))
+	hs := httptest.NewServer(openapitest.Handler(t, server.New(a, server.Options{MaxBodyBytes: 4096, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})))
 	t.Cleanup(func() {
 		hs.Close()
 		for _, w := range a.List(context.Background(), api.ListFilter{}) {

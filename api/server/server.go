@@ -147,6 +147,7 @@ func New(b Backend, opts Options) *Server {
 	r.Method(http.MethodGet, "/metrics", s.metrics.handler(s))
 	r.Get("/readyz", s.readyz)
 	r.Route("/v1", func(r chi.Router) {
+		r.Get("/openapi.json", s.openAPI)
 		r.Get("/node", s.getNode)
 		r.Post("/node/cordon", s.cordonNode(false))
 		r.Post("/node/drain", s.cordonNode(true))

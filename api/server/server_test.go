@@ -20,6 +20,7 @@ import (
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/ociimage"
+	"github.com/berthd/berth/internal/openapitest"
 )
 
 const testImage = "berth.test/busybox:latest"
@@ -27,6 +28,7 @@ const testImage = "berth.test/busybox:latest"
 type env struct {
 	t     *testing.T
 	srv   *httptest.Server
+	api   *server.Server
 	agent *agent.Agent
 	ctr   *fake.Driver
 	imgs  *image.Store
@@ -71,7 +73,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	s := server.New(a, server.Options{MaxBodyBytes: 4096, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m})
-	hs := httptest.NewServer(s)
+	hs := httptest.NewServer(openapitest.Handler(t, s))
 	t.Cleanup(func() {
 		hs.Close()
 		for _, w := range a.List(context.Background(), api.ListFilter{}) {
@@ -79,7 +81,7 @@ func newEnv(t *testing.T) *env {
 		}
 		a.Close()
 	})
-	return &env{t: t, srv: hs, agent: a, ctr: ctr, imgs: imgs, metrics: m}
+	return &env{t: t, srv: hs, api: s, agent: a, ctr: ctr, imgs: imgs, metrics: m}
 }
 
 func (e *env) do(method, path, contentType string, body io.Reader) *http.Response {

@@ -40,11 +40,20 @@ func TestMonitorLinksNothingHeavy(t *testing.T) {
 	}
 }
 
+// testOnlyModules are what the tests use and nothing that ships may link:
+// the OpenAPI validator, the client generator, the browser driver.
+var testOnlyModules = []string{"github.com/getkin/kin-openapi/", "github.com/oapi-codegen/", "github.com/chromedp/"}
+
 // What ships (the agent and CLI, the monitor, the guest init, the demo
 // image builder, the bench) depends on no test-only package.
 func TestShippedBinariesLinkNoTestCode(t *testing.T) {
 	for _, pkg := range []string{"./cmd/berth", "./cmd/berth-monitor", "./cmd/berth-init", "./hack/mkimage", "./bench/cmd/berth-bench"} {
 		for _, d := range deps(t, "github.com/berthd/berth/"+strings.TrimPrefix(pkg, "./")) {
+			for _, m := range testOnlyModules {
+				if strings.HasPrefix(d, m) {
+					t.Errorf("%s links the test-only package %s", pkg, d)
+				}
+			}
 			if !strings.HasPrefix(d, "github.com/berthd/berth/") && d != "testing" {
 				continue // the standard library's own internals are its business
 			}

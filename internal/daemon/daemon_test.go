@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -25,6 +26,7 @@ import (
 	"github.com/berthd/berth/internal/config"
 	"github.com/berthd/berth/internal/daemon"
 	"github.com/berthd/berth/internal/ociimage"
+	"github.com/berthd/berth/internal/openapitest"
 	"github.com/berthd/berth/internal/testimage"
 	"github.com/berthd/berth/supervisor/monitortest"
 )
@@ -127,7 +129,7 @@ func serve(t *testing.T, cfg *config.Config) (*client.Client, string) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx) }()
-	c, err := client.New(d.Addr())
+	c, err := client.New(d.Addr(), checked(t))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -151,6 +153,12 @@ func startAgent(t *testing.T) (*client.Client, string) {
 	c, _ := serve(t, testConfig(t, dataDir, "127.0.0.1:0"))
 	importBusybox(t, c)
 	return c, dataDir
+}
+
+// checked makes a client's every request and answer be checked against
+// the API's OpenAPI document (api/openapi.yaml) for the rest of the test.
+func checked(t *testing.T) client.Option {
+	return client.WithRoundTripper(func(rt http.RoundTripper) http.RoundTripper { return openapitest.Transport(t, rt) })
 }
 
 type testWriter struct{ t *testing.T }
@@ -475,7 +483,7 @@ func (p *agentProcess) start(addr string) *client.Client {
 	if err := p.cmd.Start(); err != nil {
 		p.t.Fatal(err)
 	}
-	c, err := client.New(addr)
+	c, err := client.New(addr, checked(p.t))
 	if err != nil {
 		p.t.Fatal(err)
 	}

@@ -121,7 +121,7 @@ func TestSecretEnvOnRunc(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx) }()
-	c, err := client.New(d.Addr())
+	c, err := client.New(d.Addr(), checked(t))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
