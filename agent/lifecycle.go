@@ -524,7 +524,7 @@ func endRun(w *api.Workload, res *driver.ExitResult, runErr error, now time.Time
 	case res.Err != "":
 		w.State, w.Error = api.StateFailed, res.Err
 	case res.OOMKilled:
-		w.State, w.Error = api.StateExited, fmt.Sprintf("killed by the kernel's OOM killer: the workload exceeded its memory limit of %d MiB", w.Spec.Resources.MemoryMB)
+		w.State, w.Error = api.StateExited, fmt.Sprintf("killed by the kernel's OOM killer: the workload exceeded its memory limit of %d MiB", limits(w.Spec.Resources).MemoryMB)
 	default:
 		w.State, w.Error = api.StateExited, ""
 	}

@@ -58,17 +58,30 @@ func holdsResources(r *record) bool {
 }
 
 func (a *Agent) allocatedLocked() api.NodeResources {
-	var al api.NodeResources
+	al, _ := a.totalsLocked()
+	return al
+}
+
+// totalsLocked sums the requests (allocated) and the limits of every
+// workload that holds resources; a VM's guest overhead is in both.
+func (a *Agent) totalsLocked() (requested, limited api.NodeResources) {
 	for _, r := range a.recs {
 		if !holdsResources(r) {
 			continue
 		}
 		cpu, mem := a.request(&r.Workload)
-		al.CPU += cpu
-		al.MemoryMB += mem
-		al.Workloads++
+		requested.CPU += cpu
+		requested.MemoryMB += mem
+		requested.Workloads++
+		l := limits(r.Workload.Spec.Resources)
+		limited.CPU += l.CPU
+		limited.MemoryMB += l.MemoryMB
+		if r.Workload.Isolation == api.IsolationVM {
+			limited.MemoryMB += a.opts.VMOverheadMB
+		}
+		limited.Workloads++
 	}
-	return al
+	return requested, limited
 }
 
 func (a *Agent) allocatable() api.NodeResources {
@@ -162,7 +175,7 @@ func (a *Agent) Node(ctx context.Context) *api.Node {
 	}
 	a.mu.Lock()
 	n.Index = a.index
-	n.Allocated = a.allocatedLocked()
+	n.Allocated, n.Limited = a.totalsLocked()
 	for _, r := range a.recs {
 		n.Workloads.Total++
 		n.Workloads.ByState[r.Workload.State]++

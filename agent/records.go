@@ -88,6 +88,7 @@ func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
 	c.Labels = maps.Clone(s.Labels)
 	c.Ports = slices.Clone(s.Ports)
 	c.Volumes = slices.Clone(s.Volumes)
+	c.Resources.Limits = clonePtr(s.Resources.Limits)
 	return c
 }
 

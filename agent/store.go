@@ -107,6 +107,26 @@ type dbResources struct {
 	// DiskMB is absent from records of berth before disk budgets: their
 	// workloads keep running without one.
 	DiskMB int64 `json:"disk_mb,omitempty"`
+	// Limits are absent in records of agents before limits: their
+	// requests were their limits.
+	CPULimit      float64 `json:"cpu_limit,omitempty"`
+	MemoryLimitMB int64   `json:"memory_limit_mb,omitempty"`
+}
+
+func resourcesToDB(r api.Resources) dbResources {
+	l := limits(r)
+	return dbResources{CPU: r.CPU, MemoryMB: r.MemoryMB, Pids: r.Pids, DiskMB: r.DiskMB, CPULimit: l.CPU, MemoryLimitMB: l.MemoryMB}
+}
+
+func resourcesFromDB(d dbResources) api.Resources {
+	l := api.ResourceLimits{CPU: d.CPULimit, MemoryMB: d.MemoryLimitMB}
+	if l.CPU == 0 {
+		l.CPU = d.CPU
+	}
+	if l.MemoryMB == 0 {
+		l.MemoryMB = d.MemoryMB
+	}
+	return api.Resources{CPU: d.CPU, MemoryMB: d.MemoryMB, Pids: d.Pids, DiskMB: d.DiskMB, Limits: &l}
 }
 
 type dbRestart struct {
@@ -197,7 +217,7 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 	return dbSpec{
 		Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: secretNames(s.SecretEnv), Workdir: s.Workdir,
 		Labels: s.Labels, Isolation: string(s.Isolation), Privileged: s.Privileged,
-		Resources: dbResources(s.Resources),
+		Resources: resourcesToDB(s.Resources),
 		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
@@ -271,7 +291,7 @@ func fromDB(d *dbRecord) *record {
 			Spec: api.WorkloadSpec{
 				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: redactedEnv(s.SecretEnv), Workdir: s.Workdir,
 				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
-				Resources: api.Resources(s.Resources),
+				Resources: resourcesFromDB(s.Resources),
 				Restart:   api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 				Network:   s.Network, Ports: portsFromDB(s.Ports),
 				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),

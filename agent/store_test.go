@@ -181,7 +181,8 @@ func TestOpenSchema1Database(t *testing.T) {
 	}{
 		{"00000000000000a1", "pending-one", api.StatePending, api.IsolationContainer, func(r *record) bool {
 			s := r.Workload.Spec
-			return s.Resources == api.Resources{CPU: 0.5, MemoryMB: 64, Pids: 100} && s.Restart == api.RestartSpec{Policy: api.RestartOnFailure, MaxRetries: 3} &&
+			// Before limits, requests were limits.
+			return reflect.DeepEqual(s.Resources, api.Resources{CPU: 0.5, MemoryMB: 64, Pids: 100, Limits: &api.ResourceLimits{CPU: 0.5, MemoryMB: 64}}) && s.Restart == api.RestartSpec{Policy: api.RestartOnFailure, MaxRetries: 3} &&
 				reflect.DeepEqual(s.Command, []string{"sh", "-c", "true"}) && reflect.DeepEqual(s.Args, []string{"a1"}) && s.Env["K"] == "V" &&
 				s.Workdir == "/w" && s.Labels["tenant"] == "t1" && s.Network == "bridge" && s.Isolation == api.IsolationAuto &&
 				len(s.Ports) == 1 && s.Ports[0] == api.PortMapping{HostPort: 8080, ContainerPort: 80, Protocol: "tcp"} &&

@@ -145,11 +145,15 @@ func cutEnv(kv string) (string, string, bool) {
 	return kv, "", false
 }
 
-// taskResources are a spec's resources as a driver enforces them.
+// taskResources are a spec's resources as a driver enforces them: the
+// limits (a VM's vCPUs and guest RAM), with the CPU request as a
+// container's weight.
 func taskResources(r api.Resources) driver.Resources {
+	l := limits(r)
 	return driver.Resources{
-		CPU:         r.CPU,
-		MemoryBytes: r.MemoryMB << 20,
+		CPU:         l.CPU,
+		CPURequest:  r.CPU,
+		MemoryBytes: l.MemoryMB << 20,
 		Pids:        r.Pids,
 		DiskBytes:   r.DiskMB << 20,
 	}

@@ -50,9 +50,14 @@ var (
 
 // Defaults fill what a spec leaves out.
 type Defaults struct {
-	CPU      float64
-	MemoryMB int64
-	Pids     int64
+	// CPU and MemoryMB are the requests of a spec that names neither a
+	// request nor a limit; CPULimit and MemoryLimitMB its limits (0, or
+	// below the request, means the request).
+	CPU           float64
+	MemoryMB      int64
+	CPULimit      float64
+	MemoryLimitMB int64
+	Pids          int64
 	// DiskMB is the ephemeral storage of a spec that names none; 0: none
 	// of its own (bounded by the node's disk alone).
 	DiskMB int64
@@ -139,23 +144,8 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	default:
 		v.Add("isolation", "%q is not one of auto, container, vm", spec.Isolation)
 	}
+	normalizeResources(v, &spec.Resources, def)
 	r := &spec.Resources
-	switch {
-	case math.IsNaN(r.CPU) || math.IsInf(r.CPU, 0) || r.CPU < 0 || r.CPU > maxCPU:
-		v.Add("resources.cpu", "must be between 0 and %d cores", maxCPU)
-	case r.CPU == 0:
-		r.CPU = def.CPU
-	case r.CPU < 0.01:
-		v.Add("resources.cpu", "%g cores is below the smallest share, 0.01", r.CPU)
-	}
-	switch {
-	case r.MemoryMB < 0 || r.MemoryMB > maxMemoryMB:
-		v.Add("resources.memory_mb", "must be between %d and %d", minMemoryMB, maxMemoryMB)
-	case r.MemoryMB == 0:
-		r.MemoryMB = def.MemoryMB
-	case r.MemoryMB < minMemoryMB:
-		v.Add("resources.memory_mb", "%d MiB is too little to start a process; at least %d", r.MemoryMB, minMemoryMB)
-	}
 	switch {
 	case r.Pids < 0 || r.Pids > maxPids:
 		v.Add("resources.pids", "must be between 1 and %d", maxPids)
@@ -293,4 +283,70 @@ func validateNetwork(spec *api.WorkloadSpec, def string, v *errdefs.ValidationEr
 		}
 		seen[key] = i
 	}
+}
+
+// normalizeResources checks requests and limits and fills what is missing:
+// a request alone is also the limit, a limit alone also the request, and
+// neither gets the defaults. The result always has Limits.
+func normalizeResources(v *errdefs.ValidationError, r *api.Resources, def Defaults) {
+	lim := api.ResourceLimits{}
+	if r.Limits != nil {
+		lim = *r.Limits
+	}
+	checkCPU := func(field string, c float64) bool {
+		switch {
+		case math.IsNaN(c) || math.IsInf(c, 0) || c < 0 || c > maxCPU:
+			v.Add(field, "must be between 0 and %d cores", maxCPU)
+		case c > 0 && c < 0.01:
+			v.Add(field, "%g cores is below the smallest share, 0.01", c)
+		default:
+			return true
+		}
+		return false
+	}
+	checkMem := func(field string, m int64) bool {
+		switch {
+		case m < 0 || m > maxMemoryMB:
+			v.Add(field, "must be between %d and %d", minMemoryMB, maxMemoryMB)
+		case m > 0 && m < minMemoryMB:
+			v.Add(field, "%d MiB is too little to start a process; at least %d", m, minMemoryMB)
+		default:
+			return true
+		}
+		return false
+	}
+	if checkCPU("resources.cpu", r.CPU) && checkCPU("resources.limits.cpu", lim.CPU) {
+		switch {
+		case r.CPU == 0 && lim.CPU == 0:
+			r.CPU, lim.CPU = def.CPU, max(def.CPULimit, def.CPU)
+		case r.CPU == 0:
+			r.CPU = lim.CPU
+		case lim.CPU == 0:
+			lim.CPU = r.CPU
+		case lim.CPU < r.CPU:
+			v.Add("resources.limits.cpu", "%g cores is below the request, %g", lim.CPU, r.CPU)
+		}
+	}
+	if checkMem("resources.memory_mb", r.MemoryMB) && checkMem("resources.limits.memory_mb", lim.MemoryMB) {
+		switch {
+		case r.MemoryMB == 0 && lim.MemoryMB == 0:
+			r.MemoryMB, lim.MemoryMB = def.MemoryMB, max(def.MemoryLimitMB, def.MemoryMB)
+		case r.MemoryMB == 0:
+			r.MemoryMB = lim.MemoryMB
+		case lim.MemoryMB == 0:
+			lim.MemoryMB = r.MemoryMB
+		case lim.MemoryMB < r.MemoryMB:
+			v.Add("resources.limits.memory_mb", "%d MiB is below the request, %d MiB", lim.MemoryMB, r.MemoryMB)
+		}
+	}
+	r.Limits = &lim
+}
+
+// limits are a normalized spec's limits (a record of an agent before
+// limits has none: its requests were its limits).
+func limits(r api.Resources) api.ResourceLimits {
+	if r.Limits == nil {
+		return api.ResourceLimits{CPU: r.CPU, MemoryMB: r.MemoryMB}
+	}
+	return *r.Limits
 }

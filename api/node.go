@@ -23,6 +23,9 @@ type Node struct {
 	Reserved    NodeResources `json:"reserved"`
 	Allocatable NodeResources `json:"allocatable"`
 	Allocated   NodeResources `json:"allocated"`
+	// Limited is the sum of the same workloads' limits, which may exceed
+	// allocatable: limits are not reserved, requests are.
+	Limited NodeResources `json:"limited"`
 
 	Workloads  NodeWorkloads           `json:"workloads"`
 	Drivers    map[string]DriverStatus `json:"drivers"`

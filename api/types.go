@@ -98,7 +98,12 @@ type WorkloadSpec struct {
 	Volumes []VolumeMount `json:"volumes,omitempty"`
 }
 
-// Resources are the workload's requests, which are also its limits.
+// Resources are the workload's requests: what admission counts against
+// the node's allocatable. Limits are what the cgroup (or the VM: its vCPUs
+// and guest RAM) enforces. A request given without a limit is also the
+// limit; a limit given without a request is also the request (as in
+// Kubernetes); a spec that gives neither gets the node's defaults, a small
+// request under a larger limit (workload_defaults).
 type Resources struct {
 	// CPU in cores (0.5 is half a core).
 	CPU      float64 `json:"cpu,omitempty"`
@@ -108,6 +113,14 @@ type Resources struct {
 	// its root filesystem (a container's writable layer, a VM's root
 	// disk). Past it, writes fail with ENOSPC inside the workload.
 	DiskMB int64 `json:"disk_mb,omitempty"`
+	// Limits are at least the requests; the agent fills them in.
+	Limits *ResourceLimits `json:"limits,omitempty"`
+}
+
+// ResourceLimits are what a workload may use at most.
+type ResourceLimits struct {
+	CPU      float64 `json:"cpu,omitempty"`
+	MemoryMB int64   `json:"memory_mb,omitempty"`
 }
 
 // RestartSpec is the restart policy and its retry budget.

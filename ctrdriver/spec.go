@@ -229,6 +229,15 @@ func buildResources(r driver.Resources, swapAccounting bool) *specs.LinuxResourc
 		}
 		res.CPU = &specs.LinuxCPU{Period: &period, Quota: &quota}
 	}
+	if r.CPURequest > 0 {
+		// The request is the weight under contention, as the kubelet sets
+		// cpu.shares: 1024 per core, at least the kernel's minimum of 2.
+		if res.CPU == nil {
+			res.CPU = &specs.LinuxCPU{}
+		}
+		shares := max(uint64(r.CPURequest*1024), 2)
+		res.CPU.Shares = &shares
+	}
 	if r.Pids > 0 {
 		pids := r.Pids
 		res.Pids = &specs.LinuxPids{Limit: &pids}

@@ -154,6 +154,10 @@ type Resources struct {
 	// filesystem of this size; a VM's root disk has this much free space.
 	// Writing past it fails with ENOSPC inside the task, never on the node.
 	DiskBytes int64
+	// CPURequest (cores, at most CPU) is the share the task is promised
+	// when the node's CPUs are contended: a container's CPU weight. 0
+	// means the runtime's default weight.
+	CPURequest float64
 }
 
 // Names of the log files in TaskConfig.LogDir.

@@ -180,7 +180,7 @@ returns.`,
 				if err != nil {
 					return err
 				}
-				def := agent.Defaults{CPU: cfg.WorkloadDefaults.CPU, MemoryMB: cfg.WorkloadDefaults.MemoryMB, Pids: cfg.WorkloadDefaults.Pids, DiskMB: cfg.WorkloadDefaults.DiskMB}
+				def := agent.Defaults{CPU: cfg.WorkloadDefaults.CPU, MemoryMB: cfg.WorkloadDefaults.MemoryMB, CPULimit: cfg.WorkloadDefaults.CPULimit, MemoryLimitMB: cfg.WorkloadDefaults.MemoryLimitMB, Pids: cfg.WorkloadDefaults.Pids, DiskMB: cfg.WorkloadDefaults.DiskMB}
 				if !node.VMAvailable {
 					node.VMReason = "no VM driver (--vm=false)"
 				}

@@ -27,6 +27,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		secrets []string
 		secFile string
 		vols    []string
+		limits  api.ResourceLimits
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
@@ -59,6 +60,9 @@ too, but other users of this host may see a command line (ps).`,
 				spec.Command = args[1:]
 			}
 			spec.Isolation = api.Isolation(iso)
+			if limits != (api.ResourceLimits{}) {
+				spec.Resources.Limits = &limits
+			}
 			spec.Restart.Policy = api.RestartPolicy(restart)
 			var err error
 			if spec.Labels, err = keyValues("--label", labels); err != nil {
@@ -135,8 +139,10 @@ too, but other users of this host may see a command line (ps).`,
 	f.StringArrayVar(&secrets, "secret-env", nil, "secret environment variable KEY (its value from berth's environment) or KEY=VALUE (repeatable); never shown")
 	f.StringVar(&secFile, "secret-env-file", "", "read secret environment variables from FILE (\"-\" for stdin): KEY=VALUE lines, '#' comments")
 	f.StringVarP(&spec.Workdir, "workdir", "w", "", "working directory inside the image")
-	f.Float64Var(&spec.Resources.CPU, "cpus", 0, "CPU cores (default from the agent's config)")
-	f.Int64Var(&spec.Resources.MemoryMB, "memory", 0, "memory in MiB (default from the agent's config)")
+	f.Float64Var(&spec.Resources.CPU, "cpus", 0, "CPU cores requested, also the limit without --cpu-limit (default from the agent's config)")
+	f.Int64Var(&spec.Resources.MemoryMB, "memory", 0, "memory in MiB requested, also the limit without --memory-limit (default from the agent's config)")
+	f.Float64Var(&limits.CPU, "cpu-limit", 0, "CPU cores the workload may use at most (default: the request)")
+	f.Int64Var(&limits.MemoryMB, "memory-limit", 0, "memory in MiB the workload may use at most; a VM's guest RAM (default: the request)")
 	f.Int64Var(&spec.Resources.Pids, "pids", 0, "maximum number of processes")
 	f.BoolVar(&spec.Privileged, "privileged", false, "ask for privileges: policy places such workloads in VMs or refuses them")
 	f.StringVar(&restart, "restart", "", "restart policy: never, on-failure or always")

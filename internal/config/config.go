@@ -63,9 +63,14 @@ type Policy struct {
 }
 
 type WorkloadDefaults struct {
-	CPU      float64 `mapstructure:"cpu"`
-	MemoryMB int64   `mapstructure:"memory_mb"`
-	Pids     int64   `mapstructure:"pids"`
+	// CPU and MemoryMB are the requests of a spec that names no
+	// resources, CPULimit and MemoryLimitMB its limits (a limit below the
+	// request is the request).
+	CPU           float64 `mapstructure:"cpu"`
+	MemoryMB      int64   `mapstructure:"memory_mb"`
+	CPULimit      float64 `mapstructure:"cpu_limit"`
+	MemoryLimitMB int64   `mapstructure:"memory_limit_mb"`
+	Pids          int64   `mapstructure:"pids"`
 	// DiskMB is a workload's ephemeral storage when its spec names none;
 	// 0: no budget of its own.
 	DiskMB      int64         `mapstructure:"disk_mb"`
@@ -336,6 +341,12 @@ func (c *Config) Validate() error {
 	}
 	if d.MemoryMB < 8 {
 		bad("workload_defaults.memory_mb", "%d is below 8 MiB", d.MemoryMB)
+	}
+	if d.CPULimit < 0 || d.CPULimit > 1024 {
+		bad("workload_defaults.cpu_limit", "%g must be between 0 and 1024 cores", d.CPULimit)
+	}
+	if d.MemoryLimitMB < 0 {
+		bad("workload_defaults.memory_limit_mb", "must not be negative")
 	}
 	if d.Pids < 1 {
 		bad("workload_defaults.pids", "%d must be at least 1", d.Pids)

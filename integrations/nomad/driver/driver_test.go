@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"reflect"
 	"testing"
 	"time"
 
@@ -40,10 +41,10 @@ func TestResources(t *testing.T) {
 	}{
 		{"half a core in MHz", res(1000, nil, 128, 0), api.Resources{CPU: 0.5, MemoryMB: 128}},
 		{"reserved cores", res(4000, []uint16{0, 1}, 64, 0), api.Resources{CPU: 2, MemoryMB: 64}},
-		{"memory_max is the limit", res(100, nil, 128, 512), api.Resources{CPU: 0.05, MemoryMB: 512}},
+		{"memory_max is the limit", res(100, nil, 128, 512), api.Resources{CPU: 0.05, MemoryMB: 128, Limits: &api.ResourceLimits{CPU: 0.05, MemoryMB: 512}}},
 		{"none", nil, api.Resources{}},
 	} {
-		if got := Resources(tc.in, compute); got != tc.want {
+		if got := Resources(tc.in, compute); !reflect.DeepEqual(got, tc.want) {
 			t.Errorf("%s: got %+v, want %+v", tc.name, got, tc.want)
 		}
 	}

@@ -9,8 +9,9 @@ import (
 
 // Resources maps the task's Nomad resources to berth's requests. Nomad's
 // CPU is in MHz of the node's total compute; berth's is in cores. Reserved
-// cores (resources { cores = N }) count as whole cores. Memory is the
-// hard limit: memory_max when the job sets it, else memory.
+// cores (resources { cores = N }) count as whole cores. memory is the
+// request (what Nomad reserved for the task) and memory_max, when the job
+// sets one above it, the limit; without it memory is both.
 func Resources(r *drivers.Resources, compute cpustats.Compute) api.Resources {
 	var out api.Resources
 	if r == nil || r.NomadResources == nil {
@@ -26,7 +27,7 @@ func Resources(r *drivers.Resources, compute cpustats.Compute) api.Resources {
 	}
 	out.MemoryMB = nr.Memory.MemoryMB
 	if nr.Memory.MemoryMaxMB > out.MemoryMB {
-		out.MemoryMB = nr.Memory.MemoryMaxMB
+		out.Limits = &api.ResourceLimits{CPU: out.CPU, MemoryMB: nr.Memory.MemoryMaxMB}
 	}
 	return out
 }
