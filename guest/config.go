@@ -20,6 +20,8 @@ const (
 	StdoutPort = "org.berth.stdout"
 	StderrPort = "org.berth.stderr"
 	StatusPort = "org.berth.status"
+	// ExecPort carries exec sessions and signals (see exec.go).
+	ExecPort = "org.berth.exec"
 )
 
 // ConfigVersion is the Config layout this package writes and reads.
@@ -67,6 +69,9 @@ type Config struct {
 	// Network is the guest's place on the node's bridge; nil means
 	// loopback only.
 	Network *Network `json:"network,omitempty"`
+	// ExecChannel says the domain has the exec channel's port (ExecPort):
+	// berth-init waits for it and serves exec sessions and signals on it.
+	ExecChannel bool `json:"exec_channel,omitempty"`
 }
 
 // Network is a guest's network configuration: one virtio-net interface on

@@ -23,9 +23,6 @@ import (
 // (the tail of a previous connection) and answers with its own hello. See
 // docs/vm-exec.md for the whole protocol.
 
-// ExecPort is the virtio-serial port of the exec channel.
-const ExecPort = "org.berth.exec"
-
 // ExecProtocolVersion is the version the hello frames carry.
 const ExecProtocolVersion = 1
 

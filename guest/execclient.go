@@ -83,6 +83,13 @@ func (c *ExecClient) Err() error {
 	return c.err
 }
 
+// Sessions is how many sessions (and pending requests) are open.
+func (c *ExecClient) Sessions() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.sessions)
+}
+
 // Close ends the connection; berth-init kills every session's process.
 func (c *ExecClient) Close() error {
 	c.fail(ErrExecChannelClosed)

@@ -237,6 +237,7 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 	if err != nil {
 		return err
 	}
+	gcfg.ExecChannel = true
 	cfgData, err := guest.EncodeConfig(gcfg)
 	if err != nil {
 		return err
@@ -251,6 +252,7 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 	for port, sock := range portSockets {
 		spec.Ports[port] = filepath.Join(dir, sock)
 	}
+	spec.Ports[guest.ExecPort] = filepath.Join(dir, execSocket)
 	return nil
 }
 

@@ -67,8 +67,9 @@ type domainSpec struct {
 	ConfigDisk           string // raw, read-only; none when empty
 
 	// Sockets of the virtio-serial ports, by port name; QEMU listens on
-	// them (libvirt creates them and passes the fd) and the task's monitor
-	// connects.
+	// them (libvirt creates them and passes the fd). The task's monitor
+	// connects to the output and status ports, the driver to the exec
+	// port when a session needs it.
 	Ports   map[string]string
 	Console string // file the serial console is appended to
 
@@ -139,7 +140,7 @@ func pciSlot(slot uint) *libvirtxml.DomainAddress {
 
 // domainXML renders the domain definition: a transient, ACPI-capable q35
 // machine booted directly into berth's kernel and initramfs, with two
-// virtio-blk disks found by serial, three virtio-serial ports, a serial
+// virtio-blk disks found by serial, four virtio-serial ports, a serial
 // console into a file, a virtio-net NIC on the node bridge when the task
 // has a bridge network, and nothing else: no USB, no balloon, no graphics,
 // no host devices, no PCIe root ports (see pciSlot).
@@ -223,7 +224,7 @@ func domainXML(s domainSpec) (string, error) {
 		})
 	}
 	var channels []libvirtxml.DomainChannel
-	for _, port := range []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort} {
+	for _, port := range []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort, guest.ExecPort} {
 		path, ok := s.Ports[port]
 		if !ok {
 			continue

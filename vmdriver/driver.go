@@ -154,6 +154,11 @@ type Driver struct {
 	cancel context.CancelFunc
 
 	sup *supervisor.Supervisor[taskState]
+
+	// execChans are the VMs' exec channel connections, by task id.
+	execMu    sync.Mutex
+	execChans map[string]*execChannel
+
 	// qemuGID is QEMU's group (Options.QEMUGroup); -1 for none.
 	qemuGID int
 }
@@ -248,6 +253,8 @@ func New(opts Options) (*Driver, error) {
 		tasksDir: filepath.Join(opts.Root, "tasks"),
 		cacheDir: filepath.Join(opts.Root, "cache"),
 		log:      opts.Logger.With("driver", Name),
+
+		execChans: map[string]*execChannel{},
 	}
 	sup, err := supervisor.New[taskState](supervisor.Options{
 		Kind: monitor.KindPorts, Noun: "vm task",
@@ -276,9 +283,11 @@ func New(opts Options) (*Driver, error) {
 }
 
 // Close stops a running KVM probe (removing its guest) and drops the
-// libvirt connection. Tasks keep running.
+// libvirt connection and the exec channels (their sessions end). Tasks
+// keep running.
 func (d *Driver) Close(ctx context.Context) error {
 	d.cancel()
+	d.closeExec()
 	probed := make(chan struct{})
 	go func() {
 		d.probeWG.Wait()

@@ -55,6 +55,7 @@ func Main() {
 	// exit, and PID 1 exiting panics the kernel. Caught signals (unlike
 	// ignored ones) are reset to their defaults in the workload at exec.
 	signal.Notify(make(chan os.Signal, 1))
+	in.reaper = newReaper()
 	unix.Umask(0o022)
 
 	var result guest.Status
@@ -86,6 +87,10 @@ type initProc struct {
 	chrooted    bool
 	probe       bool     // probe mode (guest.ProbeParam): power off at once
 	mounts      []string // mounted inside the workload's root, in order
+
+	reaper *reaper
+	// execPort is the exec channel's port, nil when the host has none.
+	execPort *os.File
 
 	mu          sync.Mutex
 	pgid        int  // the workload's process group while its leader runs
@@ -145,6 +150,13 @@ func (in *initProc) run() guest.Status {
 	if err != nil {
 		return in.failure(err)
 	}
+	if cfg.ExecChannel {
+		// Before entering the root: the port's node is in the
+		// initramfs's /dev, not the workload's.
+		if err := in.openExecPort(devs); err != nil {
+			return in.failure(err)
+		}
+	}
 	if f, err := os.OpenFile(devs.disks[guest.ConfigDiskSerial], os.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0); err == nil {
 		in.barrier = f
 	}
@@ -181,6 +193,9 @@ func (in *initProc) run() guest.Status {
 		if err := configureNetwork(cfg.Network, "/", deviceTimeout); err != nil {
 			return in.failure(err)
 		}
+	}
+	if in.execPort != nil {
+		go in.serveExec(cfg)
 	}
 	return in.runWorkload(cfg)
 }
@@ -272,17 +287,25 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 	if err != nil {
 		return in.failure(fmt.Errorf("create stderr pipe: %w", err))
 	}
-	proc, err := os.StartProcess(path, cfg.Args, &os.ProcAttr{
-		Dir:   dir,
-		Env:   env,
-		Files: []*os.File{devNull, outW, errW},
-		Sys: &syscall.SysProcAttr{
-			// Its own session and so process group: SIGTERM on stop
-			// reaches the whole workload and not berth-init, and no
-			// terminal of berth-init's is inherited.
-			Setsid:     true,
-			Credential: &syscall.Credential{Uid: user.uid, Gid: user.gid, Groups: user.groups},
-		},
+	pid, exited, err := in.reaper.start(func() (int, error) {
+		proc, err := os.StartProcess(path, cfg.Args, &os.ProcAttr{
+			Dir:   dir,
+			Env:   env,
+			Files: []*os.File{devNull, outW, errW},
+			Sys: &syscall.SysProcAttr{
+				// Its own session and so process group: SIGTERM on stop
+				// reaches the whole workload and not berth-init, and no
+				// terminal of berth-init's is inherited.
+				Setsid:     true,
+				Credential: &syscall.Credential{Uid: user.uid, Gid: user.gid, Groups: user.groups},
+			},
+		})
+		if err != nil {
+			return 0, err
+		}
+		// The reaper collects it; the os.Process is not needed.
+		defer proc.Release()
+		return proc.Pid, nil
 	})
 	// Only the workload may hold the write ends, or EOF never comes.
 	outW.Close()
@@ -292,9 +315,6 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		errR.Close()
 		return in.failure(commandErrorFor(cfg.Args[0], err))
 	}
-	pid := proc.Pid
-	// berth-init reaps with wait4(-1) below; the os.Process is not needed.
-	proc.Release()
 
 	var drained sync.WaitGroup
 	for _, c := range []struct {
@@ -320,19 +340,16 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		_ = unix.Kill(-pid, unix.SIGTERM)
 	}
 
-	ws, err := reapUntil(pid)
+	ws := <-exited
 	in.mu.Lock()
 	in.pgid = 0
 	in.mu.Unlock()
-	if err != nil {
-		return in.failure(fmt.Errorf("wait for pid %d: %w", pid, err))
-	}
 	code, sig := exitStatus(ws)
 
 	// The main process is gone: end the rest of the workload, as the
 	// kernel does when a container's PID namespace loses its init. Then
 	// the pipes reach EOF and the output is complete.
-	killAll()
+	in.reaper.killAll()
 	if !waitTimeout(&drained, drainTimeout) {
 		in.logf("output not drained after %s; reporting anyway", drainTimeout)
 	}
@@ -403,7 +420,7 @@ func (in *initProc) finish(result guest.Status) {
 		powerOff(in)
 	}()
 	in.report(result)
-	killAll()
+	in.reaper.killAll()
 	if err := unmountAll(in.mounts); err != nil {
 		in.logf("%v", err)
 	}
@@ -452,50 +469,6 @@ func powerOff(in *initProc) {
 	// Exiting panics the kernel; with panic=-1 on the command line that
 	// resets the machine, which the host runs with no-reboot/on_reboot=destroy.
 	os.Exit(1)
-}
-
-// killAll sends SIGKILL to every process but berth-init and reaps them,
-// for at most reapTimeout.
-func killAll() {
-	if err := unix.Kill(-1, unix.SIGKILL); err != nil {
-		return // ESRCH: nothing left
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			var ws syscall.WaitStatus
-			_, err := syscall.Wait4(-1, &ws, 0, nil)
-			if errors.Is(err, syscall.EINTR) {
-				continue
-			}
-			if err != nil {
-				return // ECHILD: all reaped
-			}
-		}
-	}()
-	select {
-	case <-done:
-	case <-time.After(reapTimeout):
-	}
-}
-
-// reapUntil reaps every child that exits (PID 1 inherits all orphans) until
-// pid does, and returns its status.
-func reapUntil(pid int) (syscall.WaitStatus, error) {
-	for {
-		var ws syscall.WaitStatus
-		wpid, err := syscall.Wait4(-1, &ws, 0, nil)
-		if errors.Is(err, syscall.EINTR) {
-			continue
-		}
-		if err != nil {
-			return ws, err
-		}
-		if wpid == pid && (ws.Exited() || ws.Signaled()) {
-			return ws, nil
-		}
-	}
 }
 
 func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {

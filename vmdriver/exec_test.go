@@ -1,0 +1,411 @@
+package vmdriver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/driver/drivertest"
+	"github.com/berthd/berth/errdefs"
+)
+
+func execCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), slack)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// startRunning starts a VM that runs until destroyed.
+func startRunning(t *testing.T, d *Driver) *driver.TaskConfig {
+	t.Helper()
+	cfg := newTask(t, "sh", "-c", "echo ready; while true; do sleep 1; done")
+	cfg.Env = append(cfg.Env, "TASK_VAR=from-task")
+	if _, err := d.Start(execCtx(t), cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Destroy(context.Background(), cfg.ID); err != nil {
+			t.Errorf("Destroy: %v", err)
+		}
+	})
+	return cfg
+}
+
+func startExec(t *testing.T, d *Driver, id string, ec *driver.ExecConfig) driver.ExecSession {
+	t.Helper()
+	s, err := d.Exec(execCtx(t), id, ec)
+	if err != nil {
+		t.Fatalf("Exec(%q): %v", ec.Args, err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return s
+}
+
+// execResult is an exec session's output and end.
+type execResult struct {
+	Stdout, Stderr string
+	Exit           *driver.ExitResult
+}
+
+// collectExec reads a session's output to its end and waits for it.
+func collectExec(ctx context.Context, s driver.ExecSession) (*execResult, error) {
+	var out, errb bytes.Buffer
+	var wg sync.WaitGroup
+	wg.Go(func() { _, _ = io.Copy(&out, s.Stdout()) })
+	if r := s.Stderr(); r != nil {
+		wg.Go(func() { _, _ = io.Copy(&errb, r) })
+	}
+	res, err := s.Wait(ctx)
+	if err != nil {
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("output did not end after the process exited: %w", ctx.Err())
+	}
+	return &execResult{Stdout: out.String(), Stderr: errb.String(), Exit: res}, nil
+}
+
+func collect(t *testing.T, s driver.ExecSession) *execResult {
+	t.Helper()
+	res, err := collectExec(execCtx(t), s)
+	if err != nil {
+		t.Fatalf("exec session: %v", err)
+	}
+	return res
+}
+
+func execOut(t *testing.T, d *Driver, id string, args ...string) *execResult {
+	t.Helper()
+	s, err := d.Exec(execCtx(t), id, &driver.ExecConfig{Args: args})
+	if err != nil {
+		t.Fatalf("Exec(%q): %v", args, err)
+	}
+	defer s.Close()
+	return collect(t, s)
+}
+
+// guestProcs lists the guest's processes whose command line contains
+// marker, from an exec of its own.
+func guestProcs(t *testing.T, d *Driver, id, marker string) string {
+	t.Helper()
+	res := execOut(t, d, id, "sh", "-c", `for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done`)
+	var found []string
+	for _, line := range strings.Split(res.Stdout, "\n") {
+		if strings.Contains(line, marker) {
+			found = append(found, line)
+		}
+	}
+	return strings.Join(found, "; ")
+}
+
+// guestProcCount is how many processes run in the guest (berth-init, the
+// workload, the counting shell and whatever was left behind).
+func guestProcCount(t *testing.T, d *Driver, id string) int {
+	t.Helper()
+	res := execOut(t, d, id, "sh", "-c", "ls -d /proc/[0-9]* | wc -l")
+	n, err := strconv.Atoi(strings.TrimSpace(res.Stdout))
+	if err != nil {
+		t.Fatalf("process count %q: %v", res.Stdout, err)
+	}
+	return n
+}
+
+func readUntil(t *testing.T, r io.Reader, seen *bytes.Buffer, want string) {
+	t.Helper()
+	buf := make([]byte, 4096)
+	for !strings.Contains(seen.String(), want) {
+		n, err := r.Read(buf)
+		seen.Write(buf[:n])
+		if err != nil && !strings.Contains(seen.String(), want) {
+			t.Fatalf("output ended (%v) before %q; got %q", err, want, seen.String())
+		}
+	}
+}
+
+func marker() string { return strconv.Itoa(100000 + rand.IntN(800000)) }
+
+// TestExec runs the exec cases in one VM (each boot costs seconds under
+// TCG).
+func TestExec(t *testing.T) {
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := startRunning(t, d)
+
+	// The first exec comes while the guest still boots: the handshake
+	// waits for berth-init.
+	if res := execOut(t, d, cfg.ID, "echo", "early"); res.Stdout != "early\n" || res.Exit.ExitCode != 0 {
+		t.Fatalf("exec during boot = %+v", res)
+	}
+
+	t.Run("ExitCodes", func(t *testing.T) {
+		res := execOut(t, d, cfg.ID, "sh", "-c", "echo out; echo err >&2; exit 3")
+		if res.Exit.ExitCode != 3 || res.Exit.Signal != 0 || res.Stdout != "out\n" || res.Stderr != "err\n" {
+			t.Errorf("exit 3: %+v stdout %q stderr %q", res.Exit, res.Stdout, res.Stderr)
+		}
+		// Killed by TERM: 128+15 and the signal, as a container reports it.
+		res = execOut(t, d, cfg.ID, "sh", "-c", "kill -TERM $$")
+		if res.Exit.ExitCode != 143 || res.Exit.Signal != int(syscall.SIGTERM) {
+			t.Errorf("killed by TERM: %+v, want 143 and signal 15", res.Exit)
+		}
+	})
+
+	t.Run("EnvWorkdirUser", func(t *testing.T) {
+		s := startExec(t, d, cfg.ID, &driver.ExecConfig{
+			Args: []string{"sh", "-c", `echo "$TASK_VAR $EXEC_VAR"; pwd; id -u; id -g`},
+			Env:  []string{"EXEC_VAR=from-exec"}, Workdir: "/tmp", User: "1234:2345",
+		})
+		if res := collect(t, s); res.Stdout != "from-task from-exec\n/tmp\n1234\n2345\n" {
+			t.Errorf("stdout = %q (stderr %q)", res.Stdout, res.Stderr)
+		}
+		if res := execOut(t, d, cfg.ID, "id", "-u"); res.Stdout != "0\n" {
+			t.Errorf("id -u as the task's user = %q", res.Stdout)
+		}
+	})
+
+	t.Run("Stdin", func(t *testing.T) {
+		s := startExec(t, d, cfg.ID, &driver.ExecConfig{Args: []string{"sh", "-c", "wc -c; echo done"}, Stdin: true})
+		const size = 3<<20 + 17 // past several windows
+		go func() {
+			_, _ = s.Stdin().Write(bytes.Repeat([]byte("x"), size))
+			_ = s.Stdin().Close()
+		}()
+		if res := collect(t, s); res.Stdout != fmt.Sprintf("%d\ndone\n", size) || res.Exit.ExitCode != 0 {
+			t.Errorf("wc -c of %d bytes of stdin: %+v %q", size, res.Exit, res.Stdout)
+		}
+	})
+
+	t.Run("TTY", func(t *testing.T) {
+		s := startExec(t, d, cfg.ID, &driver.ExecConfig{
+			Args:  []string{"sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty; stty size; read x; stty size; echo err-through-tty >&2; exit 3"},
+			Stdin: true, TTY: true, Size: driver.TermSize{Rows: 31, Cols: 101},
+		})
+		if s.Stderr() != nil {
+			t.Errorf("Stderr() is not nil with a terminal")
+		}
+		var seen bytes.Buffer
+		readUntil(t, s.Stdout(), &seen, "31 101")
+		if !strings.Contains(seen.String(), "is-a-tty") {
+			t.Errorf("terminal output %q: not a terminal", seen.String())
+		}
+		if err := s.Resize(driver.TermSize{Rows: 42, Cols: 123}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(s.Stdin(), "go\n"); err != nil {
+			t.Fatal(err)
+		}
+		readUntil(t, s.Stdout(), &seen, "err-through-tty")
+		rest, _ := io.ReadAll(s.Stdout())
+		seen.Write(rest)
+		res, err := s.Wait(execCtx(t))
+		if err != nil || res.ExitCode != 3 {
+			t.Errorf("Wait = %+v, %v; want 3", res, err)
+		}
+		if out := seen.String(); !strings.Contains(out, "42 123") || !strings.Contains(out, "go\r\n") {
+			t.Errorf("terminal output %q: want the new size and the echo of the input", out)
+		}
+	})
+
+	t.Run("Signal", func(t *testing.T) {
+		s := startExec(t, d, cfg.ID, &driver.ExecConfig{Args: []string{"sh", "-c", `trap 'echo got-hup; exit 5' HUP; echo ready; while true; do sleep 0.1; done`}})
+		var seen bytes.Buffer
+		readUntil(t, s.Stdout(), &seen, "ready\n")
+		if err := s.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		readUntil(t, s.Stdout(), &seen, "got-hup\n")
+		if res, err := s.Wait(execCtx(t)); err != nil || res.ExitCode != 5 {
+			t.Errorf("after HUP: %+v, %v; want 5", res, err)
+		}
+		s = startExec(t, d, cfg.ID, &driver.ExecConfig{Args: []string{"sleep", "1000"}})
+		if err := s.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := s.Wait(execCtx(t)); err != nil || res.ExitCode != 137 || res.Signal != 9 {
+			t.Errorf("after KILL: %+v, %v; want 137 by signal 9", res, err)
+		}
+	})
+
+	t.Run("BadInput", func(t *testing.T) {
+		for name, ec := range map[string]*driver.ExecConfig{
+			"missing workdir":     {Args: []string{"true"}, Workdir: "/does/not/exist"},
+			"workdir a file":      {Args: []string{"true"}, Workdir: "/bin/busybox"},
+			"relative workdir":    {Args: []string{"true"}, Workdir: "tmp"},
+			"user name":           {Args: []string{"true"}, User: "nobody"},
+			"bad gid":             {Args: []string{"true"}, User: "1:x"},
+			"no command":          {},
+			"missing command":     {Args: []string{"/no/such/binary"}},
+			"command not in PATH": {Args: []string{"no-such-command"}},
+		} {
+			s, err := d.Exec(execCtx(t), cfg.ID, ec)
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				if s != nil {
+					s.Close()
+				}
+				t.Errorf("%s: %v, want ErrInvalidArgument", name, err)
+			}
+		}
+		if res := execOut(t, d, cfg.ID, "true"); res.Exit.ExitCode != 0 {
+			t.Errorf("exec after refusals: %+v", res.Exit)
+		}
+	})
+
+	t.Run("CloseKillsAll", func(t *testing.T) {
+		for _, tty := range []bool{false, true} {
+			m := marker()
+			s, err := d.Exec(execCtx(t), cfg.ID, &driver.ExecConfig{
+				Args:  []string{"sh", "-c", "sleep " + m + "1 & sleep " + m + "2 & echo started; wait"},
+				Stdin: tty, TTY: tty, Size: driver.TermSize{Rows: 24, Cols: 80},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var seen bytes.Buffer
+			readUntil(t, s.Stdout(), &seen, "started")
+			if guestProcs(t, d, cfg.ID, "sleep "+m) == "" {
+				t.Fatalf("tty=%v: the session's processes do not run", tty)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if got := guestProcs(t, d, cfg.ID, "sleep "+m); got != "" {
+				t.Errorf("tty=%v: left after Close: %s", tty, got)
+			}
+			if res, err := s.Wait(execCtx(t)); err != nil || res.ExitCode == 0 {
+				t.Errorf("tty=%v: Wait after Close = %+v, %v", tty, res, err)
+			}
+		}
+	})
+
+	t.Run("Concurrent", func(t *testing.T) {
+		before := guestProcCount(t, d, cfg.ID)
+		const n = 24
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				tty := i%3 == 0
+				s, err := d.Exec(execCtx(t), cfg.ID, &driver.ExecConfig{
+					Args: []string{"sh", "-c", fmt.Sprintf("echo exec-%d; exit %d", i, i)}, TTY: tty, Size: driver.TermSize{Rows: 24, Cols: 80},
+				})
+				if err != nil {
+					t.Errorf("session %d: %v", i, err)
+					return
+				}
+				defer s.Close()
+				res, err := collectExec(execCtx(t), s)
+				want := fmt.Sprintf("exec-%d\n", i)
+				if tty {
+					want = fmt.Sprintf("exec-%d\r\n", i)
+				}
+				if err != nil || res.Exit.ExitCode != i || res.Stdout != want {
+					t.Errorf("session %d: %+v, %v", i, res, err)
+				}
+			})
+		}
+		wg.Wait()
+		if after := guestProcCount(t, d, cfg.ID); after != before {
+			t.Errorf("%d processes in the guest after %d sessions, %d before", after, n, before)
+		}
+		d.execMu.Lock()
+		ch := d.execChans[cfg.ID]
+		d.execMu.Unlock()
+		if left := ch.client.Sessions(); left != 0 {
+			t.Errorf("%d sessions still registered on the host", left)
+		}
+	})
+
+	// The driver's connection going away (what the agent's death does to
+	// it) kills the sessions it carried; the next exec reconnects.
+	t.Run("ClientGone", func(t *testing.T) {
+		m := marker()
+		s, err := d.Exec(execCtx(t), cfg.ID, &driver.ExecConfig{Args: []string{"sh", "-c", "echo started; exec sleep " + m}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var seen bytes.Buffer
+		readUntil(t, s.Stdout(), &seen, "started")
+		d.closeExec()
+		if _, err := s.Wait(execCtx(t)); err == nil {
+			t.Errorf("Wait on a session whose channel closed returned no error")
+		}
+		s.Close()
+		// berth-init notices the host left within moments; poll a little.
+		deadline := time.Now().Add(30 * time.Second)
+		for guestProcs(t, d, cfg.ID, "sleep "+m) != "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("the session's process survives its channel")
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+
+	t.Run("OlderVM", func(t *testing.T) {
+		// A VM started by an older berth has no exec port: no socket.
+		sock := filepath.Join(d.taskDir(cfg.ID), execSocket)
+		if err := os.Rename(sock, sock+".hidden"); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Rename(sock+".hidden", sock)
+		d.closeExec()
+		_, err := d.Exec(execCtx(t), cfg.ID, &driver.ExecConfig{Args: []string{"true"}})
+		if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "older berth") {
+			t.Errorf("Exec into a VM without the port: %v, want ErrConflict naming the older berth", err)
+		}
+		if err := d.Signal(execCtx(t), cfg.ID, syscall.SIGHUP); !errors.Is(err, errdefs.ErrConflict) {
+			t.Errorf("Signal of a VM without the port: %v, want ErrConflict", err)
+		}
+	})
+}
+
+func TestExecSignalMain(t *testing.T) {
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := newTask(t, "sh", "-c", `trap 'echo got-hup; exit 9' HUP; echo ready; while true; do sleep 0.1; done`)
+	if _, err := d.Start(execCtx(t), cfg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Destroy(context.Background(), cfg.ID) })
+	waitLog(t, cfg, driver.StdoutLog, "ready\n", slack)
+	if err := d.Signal(execCtx(t), cfg.ID, syscall.SIGHUP); err != nil {
+		t.Fatalf("Signal(HUP): %v", err)
+	}
+	res, err := d.Wait(execCtx(t), cfg.ID)
+	if err != nil || res.ExitCode != 9 {
+		t.Errorf("exit after HUP = %+v, %v; want the trap's 9", res, err)
+	}
+	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "ready\ngot-hup\n" {
+		t.Errorf("stdout = %q", got)
+	}
+	// The task has ended: exec and signal are conflicts.
+	if _, err := d.Exec(execCtx(t), cfg.ID, &driver.ExecConfig{Args: []string{"true"}}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("Exec into an exited VM: %v, want ErrConflict", err)
+	}
+	if err := d.Signal(execCtx(t), cfg.ID, syscall.SIGHUP); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("Signal of an exited VM: %v, want ErrConflict", err)
+	}
+	if _, err := d.Exec(execCtx(t), drivertest.NewID("dt-missing"), &driver.ExecConfig{Args: []string{"true"}}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Exec into an unknown task: %v, want ErrNotFound", err)
+	}
+	if err := d.Signal(execCtx(t), drivertest.NewID("dt-missing"), syscall.SIGHUP); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Signal of an unknown task: %v, want ErrNotFound", err)
+	}
+}
