@@ -57,44 +57,16 @@ func startExec(t *testing.T, d *Driver, id string, ec *driver.ExecConfig) driver
 	return s
 }
 
-// execResult is an exec session's output and end.
-type execResult struct {
-	Stdout, Stderr string
-	Exit           *driver.ExitResult
-}
-
-// collectExec reads a session's output to its end and waits for it.
-func collectExec(ctx context.Context, s driver.ExecSession) (*execResult, error) {
-	var out, errb bytes.Buffer
-	var wg sync.WaitGroup
-	wg.Go(func() { _, _ = io.Copy(&out, s.Stdout()) })
-	if r := s.Stderr(); r != nil {
-		wg.Go(func() { _, _ = io.Copy(&errb, r) })
-	}
-	res, err := s.Wait(ctx)
-	if err != nil {
-		return nil, err
-	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("output did not end after the process exited: %w", ctx.Err())
-	}
-	return &execResult{Stdout: out.String(), Stderr: errb.String(), Exit: res}, nil
-}
-
-func collect(t *testing.T, s driver.ExecSession) *execResult {
+func collect(t *testing.T, s driver.ExecSession) *drivertest.ExecResult {
 	t.Helper()
-	res, err := collectExec(execCtx(t), s)
+	res, err := drivertest.Collect(execCtx(t), s)
 	if err != nil {
 		t.Fatalf("exec session: %v", err)
 	}
 	return res
 }
 
-func execOut(t *testing.T, d *Driver, id string, args ...string) *execResult {
+func execOut(t *testing.T, d *Driver, id string, args ...string) *drivertest.ExecResult {
 	t.Helper()
 	s, err := d.Exec(execCtx(t), id, &driver.ExecConfig{Args: args})
 	if err != nil {
@@ -311,7 +283,7 @@ func TestExec(t *testing.T) {
 					return
 				}
 				defer s.Close()
-				res, err := collectExec(execCtx(t), s)
+				res, err := drivertest.Collect(execCtx(t), s)
 				want := fmt.Sprintf("exec-%d\n", i)
 				if tty {
 					want = fmt.Sprintf("exec-%d\r\n", i)
