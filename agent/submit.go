@@ -34,9 +34,9 @@ func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	img, err := a.images.Get(spec.Image)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
-			return nil, false, &errdefs.ValidationError{Fields: []errdefs.FieldError{{
+			return nil, false, &errdefs.ValidationError{Class: errdefs.ErrImageNotFound, Fields: []errdefs.FieldError{{
 				Field:  "image",
-				Detail: fmt.Sprintf("image %s is not on this node; pull it (POST /v1/images/pull) or import it (POST /v1/images) first", spec.Image),
+				Detail: fmt.Sprintf("image %s is not on this node; pull or import it first", spec.Image),
 			}}}
 		}
 		return nil, false, err

@@ -27,6 +27,10 @@ type FieldError struct {
 // ProblemMediaType is the Content-Type of problem documents.
 const ProblemMediaType = "application/problem+json"
 
+// ReasonImageNotFound (400): a workload names an image the node does not
+// hold; pull or import it first. The problem's fields name "image".
+const ReasonImageNotFound = "image_not_found"
+
 // ProblemTypeBase prefixes the type URI of each reason.
 const ProblemTypeBase = "https://berth.dev/problems/"
 

@@ -37,6 +37,9 @@ var (
 	// or is draining it); submit elsewhere or later. It is an
 	// ErrUnavailable too.
 	ErrCordoned = fmt.Errorf("node cordoned: %w", ErrUnavailable)
+	// ErrImageNotFound: a workload names an image the node does not hold
+	// (pull or import it first). It is an ErrInvalidArgument too.
+	ErrImageNotFound = fmt.Errorf("image not on this node: %w", ErrInvalidArgument)
 )
 
 // FieldError names one offending field of an invalid request, as a JSON path
@@ -52,6 +55,9 @@ func (e FieldError) Error() string { return e.Field + ": " + e.Detail }
 // them all at once. It is an ErrInvalidArgument.
 type ValidationError struct {
 	Fields []FieldError
+	// Class, when set, is a narrower class than ErrInvalidArgument that
+	// wraps it (ErrImageNotFound): clients get its own reason.
+	Class error
 }
 
 // Add records a field problem.
@@ -75,7 +81,12 @@ func (v *ValidationError) Error() string {
 	return "invalid request: " + strings.Join(parts, "; ")
 }
 
-func (v *ValidationError) Unwrap() error { return ErrInvalidArgument }
+func (v *ValidationError) Unwrap() error {
+	if v.Class != nil {
+		return v.Class
+	}
+	return ErrInvalidArgument
+}
 
 // Invalid returns an ErrInvalidArgument naming a single field.
 func Invalid(field, format string, args ...any) error {

@@ -21,6 +21,8 @@ var errorClasses = []struct {
 }{
 	// Before ErrUnavailable, which it wraps: a cordon has its own reason.
 	{errdefs.ErrCordoned, http.StatusServiceUnavailable, api.ReasonNodeCordoned, "Node cordoned"},
+	// Before ErrInvalidArgument, which it wraps.
+	{errdefs.ErrImageNotFound, http.StatusBadRequest, api.ReasonImageNotFound, "Image not on this node"},
 	{errdefs.ErrInvalidArgument, http.StatusBadRequest, api.ReasonInvalidArgument, "Invalid request"},
 	{errdefs.ErrNotFound, http.StatusNotFound, api.ReasonNotFound, "Not found"},
 	{errdefs.ErrAlreadyExists, http.StatusConflict, api.ReasonAlreadyExists, "Already exists"},

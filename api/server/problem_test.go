@@ -31,6 +31,7 @@ func TestErrorMapping(t *testing.T) {
 		level  string // what writeProblem logs, "" for nothing
 	}{
 		{"invalid argument", live, errdefs.Invalid("name", "bad"), 400, api.ReasonInvalidArgument, ""},
+		{"image not found", live, &errdefs.ValidationError{Class: errdefs.ErrImageNotFound, Fields: []errdefs.FieldError{{Field: "image", Detail: "absent"}}}, 400, api.ReasonImageNotFound, ""},
 		{"not found", live, fmt.Errorf("workload x: %w", errdefs.ErrNotFound), 404, api.ReasonNotFound, ""},
 		{"already exists", live, fmt.Errorf("x: %w", errdefs.ErrAlreadyExists), 409, api.ReasonAlreadyExists, ""},
 		{"conflict", live, fmt.Errorf("x is being deleted: %w", errdefs.ErrConflict), 409, api.ReasonConflict, ""},

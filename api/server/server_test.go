@@ -179,7 +179,7 @@ func TestBadInputIsRejectedAndChangesNothing(t *testing.T) {
 		{"oversized body", "POST", "/v1/workloads", "application/json", spec(`,"labels":{"big":"` + strings.Repeat("x", 8000) + `"}`), 413, api.ReasonBodyTooLarge, ""},
 		{"no image", "POST", "/v1/workloads", "application/json", `{"command":["true"]}`, 400, api.ReasonInvalidArgument, "image"},
 		{"bad image reference", "POST", "/v1/workloads", "application/json", `{"image":"Not A/Ref::x","command":["true"]}`, 400, api.ReasonInvalidArgument, "image"},
-		{"image not on node", "POST", "/v1/workloads", "application/json", `{"image":"berth.test/absent:1","command":["true"]}`, 400, api.ReasonInvalidArgument, "image"},
+		{"image not on node", "POST", "/v1/workloads", "application/json", `{"image":"berth.test/absent:1","command":["true"]}`, 400, api.ReasonImageNotFound, "image"},
 		{"bad name", "POST", "/v1/workloads", "application/json", spec(`,"name":"Not_A_Label"`), 400, api.ReasonInvalidArgument, "name"},
 		{"negative memory", "POST", "/v1/workloads", "application/json", spec(`,"resources":{"memory_mb":-5}`), 400, api.ReasonInvalidArgument, "resources.memory_mb"},
 		{"negative disk", "POST", "/v1/workloads", "application/json", spec(`,"resources":{"disk_mb":-1}`), 400, api.ReasonInvalidArgument, "resources.disk_mb"},

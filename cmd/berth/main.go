@@ -35,7 +35,7 @@ func main() {
 	case errors.As(err, &ee):
 		os.Exit(ee.code)
 	default:
-		fmt.Fprintln(os.Stderr, "berth:", describe(err))
+		fmt.Fprintln(os.Stderr, "berth:", describeHinted(err))
 		os.Exit(1)
 	}
 }
@@ -98,5 +98,7 @@ func newRootCmd() *cobra.Command {
 		newPolicyCmd(g),
 		newTokenCmd(),
 	)
+	addExamples(root)
+	addHints(root, g)
 	return root
 }

@@ -254,6 +254,7 @@ func keyValues(flag string, kvs []string) (map[string]string, error) {
 func newPsCmd(g *globals) *cobra.Command {
 	var (
 		all    bool
+		quiet  bool
 		labels []string
 		state  string
 		iso    string
@@ -285,6 +286,12 @@ func newPsCmd(g *globals) *cobra.Command {
 				}
 				list = live
 			}
+			if quiet {
+				for _, w := range list {
+					fmt.Fprintln(cmd.OutOrStdout(), w.ID)
+				}
+				return nil
+			}
 			if g.output == "json" {
 				return printJSON(list)
 			}
@@ -298,6 +305,7 @@ func newPsCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&all, "all", "a", false, "include workloads that have ended")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only the workload ids, one a line")
 	cmd.Flags().StringArrayVarP(&labels, "label", "l", nil, "only workloads with label KEY=VALUE (KEY= for any value)")
 	cmd.Flags().StringVar(&state, "state", "", "only workloads in this state")
 	cmd.Flags().StringVar(&iso, "isolation", "", "only container or vm workloads")
