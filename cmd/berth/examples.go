@@ -61,7 +61,17 @@ var examples = map[string]string{
   berth policy explain -f job.json`,
 	"berth policy show": `  berth policy show
   berth -o json policy show`,
-	"berth token": `  berth token add --file /etc/berth/tokens --role reader --name prometheus`,
+	"berth volume": `  berth volume create --size 10G pgdata
+  berth run -v pgdata:/var/lib/postgresql/data postgres:16
+  berth volume ls`,
+	"berth volume create": `  berth volume create cache                 # a directory
+  berth volume create --size 10G pgdata     # a filesystem of its own, full at 10 GiB
+  berth volume create -l tenant=team-a --size 512M team-a-scratch`,
+	"berth volume ls": `  berth volume ls
+  berth volume ls -o json`,
+	"berth volume inspect": `  berth volume inspect pgdata`,
+	"berth volume rm":      `  berth volume rm cache pgdata`,
+	"berth token":          `  berth token add --file /etc/berth/tokens --role reader --name prometheus`,
 	"berth token add": `  berth token add --file /etc/berth/tokens --role admin
   berth token add --file /etc/berth/tokens --role submitter --tenant team-a --name ci-team-a
   berth token add --file /etc/berth/tokens --role reader --name prometheus > reader.token`,

@@ -58,6 +58,8 @@ func hintFor(path string, args []string, addr string, err error) string {
 			return "berth ps -a lists the workloads you can see on this node"
 		case path == "berth image rm":
 			return "berth image ls lists the node's images"
+		case path == "berth volume inspect" || path == "berth volume rm":
+			return "berth volume ls lists the node's volumes"
 		}
 	case api.ReasonAlreadyExists:
 		if path == "berth run" {

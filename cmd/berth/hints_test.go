@@ -37,6 +37,7 @@ func TestHintFor(t *testing.T) {
 		{"berth inspect", []string{"web"}, prob(api.ReasonNotFound), "berth ps -a"},
 		{"berth rm", []string{"web"}, prob(api.ReasonNotFound), "berth ps -a"},
 		{"berth image rm", []string{"busybox"}, prob(api.ReasonNotFound), "berth image ls"},
+		{"berth volume rm", []string{"pgdata"}, prob(api.ReasonNotFound), "berth volume ls"},
 		{"berth stats", []string{"web"}, prob(api.ReasonFailedPrecondition), "berth inspect web"},
 		{"berth run", nil, prob(api.ReasonAlreadyExists), "berth rm NAME"},
 		{"berth run", nil, prob(api.ReasonDenied), "berth policy explain"},
