@@ -283,11 +283,20 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			go func() { errc <- d.http.Serve(ln) }()
 		}
 	}
+	readyCtx, cancelReady := context.WithCancel(ctx)
+	readyDone := make(chan struct{})
+	go func() {
+		defer close(readyDone)
+		d.notifyReady(readyCtx)
+	}()
 	var serveErr error
 	select {
 	case serveErr = <-errc:
 	case <-ctx.Done():
 	}
+	cancelReady()
+	<-readyDone
+	d.notifyStopping()
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := d.http.Shutdown(shutCtx); err != nil {
