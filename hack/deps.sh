@@ -5,10 +5,11 @@
 set -eu
 
 # syslinux, syslinux-common, mtools and dosfstools build the bootable
-# whole-disk image vmdriver's tests boot.
+# whole-disk image vmdriver's tests boot. chromium is the headless browser
+# the node page's tests drive (api/server/ui_test.go).
 PACKAGES="runc qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config
 linux-image-amd64 busybox-static e2fsprogs iptables containernetworking-plugins
-syslinux syslinux-common mtools dosfstools"
+syslinux syslinux-common mtools dosfstools chromium"
 
 if [ "$(id -u)" != 0 ]; then
 	echo "deps: berth needs root to install packages and run containers; run make as root" >&2

@@ -38,9 +38,14 @@ type routeInfo struct {
 // gets from each route is decided in auth_scope.go and listed, route by
 // route, in scope_routes_test.go.
 var routeTable = map[string]routeInfo{
-	"GET /healthz":                  {action: auth.ActPublic},
-	"GET /readyz":                   {action: auth.ActPublic},
-	"GET /v1/openapi.json":          {action: auth.ActPublic},
+	"GET /healthz":         {action: auth.ActPublic},
+	"GET /readyz":          {action: auth.ActPublic},
+	"GET /v1/openapi.json": {action: auth.ActPublic},
+	// The node page holds no data: its script reads the API with the
+	// caller's credential.
+	"GET /":                         {action: auth.ActPublic},
+	"GET /workloads/{ref}":          {action: auth.ActPublic},
+	"GET /ui/{file}":                {action: auth.ActPublic},
 	"GET /v1/node":                  {action: auth.ActNodeRead, class: classBlocking},
 	"POST /v1/node/cordon":          {action: auth.ActNodeWrite, mutating: true},
 	"POST /v1/node/drain":           {action: auth.ActNodeWrite, mutating: true},

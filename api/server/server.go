@@ -146,6 +146,9 @@ func New(b Backend, opts Options) *Server {
 	r.Get("/healthz", s.healthz)
 	r.Method(http.MethodGet, "/metrics", s.metrics.handler(s))
 	r.Get("/readyz", s.readyz)
+	r.Get("/", s.nodePage)
+	r.Get("/workloads/{ref}", s.workloadPage)
+	r.Get("/ui/{file}", s.uiAsset)
 	r.Route("/v1", func(r chi.Router) {
 		r.Get("/openapi.json", s.openAPI)
 		r.Get("/node", s.getNode)

@@ -60,7 +60,11 @@ type pathTemplate struct {
 }
 
 var loadDoc = sync.OnceValues(func() (*Doc, error) {
-	openapi3filter.RegisterBodyDecoder("application/x-tar", openapi3filter.FileBodyDecoder)
+	// Bodies that are opaque strings to the document: archives, and the
+	// node page's files.
+	for _, mt := range []string{"application/x-tar", "text/html", "text/javascript", "text/css"} {
+		openapi3filter.RegisterBodyDecoder(mt, openapi3filter.FileBodyDecoder)
+	}
 	data, err := api.OpenAPI()
 	if err != nil {
 		return nil, err
