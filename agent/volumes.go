@@ -14,8 +14,9 @@ import (
 	"github.com/berthd/berth/volume"
 )
 
-// maxVolumes bounds the volumes one workload mounts.
-const maxVolumes = 32
+// maxVolumes bounds the volumes one workload mounts (a VM gives each a
+// PCI slot of its own).
+const maxVolumes = 16
 
 // validateVolumes checks the shape of spec.Volumes: each names a volume
 // or a host path (not both), at an absolute path other than /, no path

@@ -72,6 +72,8 @@ type Config struct {
 	// ExecChannel says the domain has the exec channel's port (ExecPort):
 	// berth-init waits for it and serves exec sessions and signals on it.
 	ExecChannel bool `json:"exec_channel,omitempty"`
+	// Volumes are host directories mounted in the workload (volumes.go).
+	Volumes []Volume `json:"volumes,omitempty"`
 }
 
 // Network is a guest's network configuration: one virtio-net interface on
@@ -138,6 +140,7 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
+	problems = append(problems, validateVolumes(c.Volumes)...)
 	if len(problems) > 0 {
 		return fmt.Errorf("guest config: %s: %w", strings.Join(problems, "; "), errdefs.ErrInvalidArgument)
 	}

@@ -6,8 +6,9 @@ set -eu
 
 # syslinux, syslinux-common, mtools and dosfstools build the bootable
 # whole-disk image vmdriver's tests boot. chromium is the headless browser
-# the node page's tests drive (api/server/ui_test.go).
-PACKAGES="runc qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config
+# the node page's tests drive (api/server/ui_test.go). qemu-system-common
+# ships virtiofsd (/usr/lib/qemu/virtiofsd), which shares volumes with VMs.
+PACKAGES="runc qemu-system-x86 qemu-system-common qemu-utils libvirt-daemon-system libvirt-dev pkg-config
 linux-image-amd64 busybox-static e2fsprogs iptables containernetworking-plugins
 syslinux syslinux-common mtools dosfstools chromium"
 

@@ -238,6 +238,9 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 		return err
 	}
 	gcfg.ExecChannel = true
+	if err := d.addVolumes(cfg.Mounts, spec, &gcfg); err != nil {
+		return err
+	}
 	cfgData, err := guest.EncodeConfig(gcfg)
 	if err != nil {
 		return err

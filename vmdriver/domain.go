@@ -84,6 +84,11 @@ type domainSpec struct {
 	// tap libvirt attaches to the node bridge (see bridgeInterface), or
 	// none for a guest with loopback only.
 	Interfaces []libvirtxml.DomainInterface
+
+	// Filesystems are the task's volumes, and SharedMemory backs the
+	// guest's memory with a shared memfd, as virtio-fs needs (volumes.go).
+	Filesystems  []libvirtxml.DomainFilesystem
+	SharedMemory bool
 }
 
 // kernelCmdline is the guest kernel's command line, as package guest
@@ -243,12 +248,13 @@ func domainXML(s domainSpec) (string, error) {
 		ifaces[i] = iface
 	}
 	dom := libvirtxml.Domain{
-		Type:     domType,
-		Name:     s.Name,
-		Metadata: &libvirtxml.DomainMetadata{XML: string(meta)},
-		Memory:   &libvirtxml.DomainMemory{Value: s.MemoryKi, Unit: "KiB"},
-		VCPU:     &libvirtxml.DomainVCPU{Value: s.VCPUs},
-		OS:       osCfg,
+		Type:          domType,
+		Name:          s.Name,
+		Metadata:      &libvirtxml.DomainMetadata{XML: string(meta)},
+		Memory:        &libvirtxml.DomainMemory{Value: s.MemoryKi, Unit: "KiB"},
+		MemoryBacking: memoryBacking(s.SharedMemory),
+		VCPU:          &libvirtxml.DomainVCPU{Value: s.VCPUs},
+		OS:            osCfg,
 		// ACPI carries the power button berth-init turns into SIGTERM.
 		// The VMware I/O port and SMM (which only secure-boot firmware
 		// uses) are off: no berth guest uses them, and together they cost
@@ -268,10 +274,11 @@ func domainXML(s domainSpec) (string, error) {
 				{Type: "usb", Model: "none"},
 				{Type: "virtio-serial", Index: &zero, Address: pciSlot(slotSerial)},
 			},
-			Channels:   channels,
-			Interfaces: ifaces,
-			Serials:    []libvirtxml.DomainSerial{console},
-			MemBalloon: &libvirtxml.DomainMemBalloon{Model: "none"},
+			Channels:    channels,
+			Interfaces:  ifaces,
+			Filesystems: s.Filesystems,
+			Serials:     []libvirtxml.DomainSerial{console},
+			MemBalloon:  &libvirtxml.DomainMemBalloon{Model: "none"},
 		},
 	}
 	return dom.Marshal()

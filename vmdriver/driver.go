@@ -119,7 +119,11 @@ type Options struct {
 	// BaseHeadroom is the free space of each image's root disk (default
 	// rootdisk.DefaultHeadroom).
 	BaseHeadroom int64
-	Logger       *slog.Logger
+	// VolumeTransport is auto (default), virtiofs or 9p (volumes.go);
+	// VirtiofsdPath overrides where virtiofsd is looked for.
+	VolumeTransport VolumeTransport
+	VirtiofsdPath   string
+	Logger          *slog.Logger
 }
 
 // Driver is the libvirt VM driver.

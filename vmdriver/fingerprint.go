@@ -50,6 +50,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 		return unhealthy("%v", err)
 	}
 	fp.Capabilities.Accel = driver.Accel(choice.Accel)
+	d.volumeDetails(fp.Details)
 	fp.Details["accel"] = string(choice.Accel)
 	fp.Details["accel_reason"] = choice.Reason
 	if choice.Probed {

@@ -175,6 +175,9 @@ func (in *initProc) run() guest.Status {
 		in.logf("no %q input device; graceful stop disabled", PowerButtonName)
 	}
 
+	if err := in.loadVolumeModules(cfg); err != nil {
+		return in.failure(err)
+	}
 	if err := in.enterRoot(devs.disks[guest.RootDiskSerial]); err != nil {
 		return in.failure(err)
 	}
@@ -193,6 +196,9 @@ func (in *initProc) run() guest.Status {
 		if err := configureNetwork(cfg.Network, "/", deviceTimeout); err != nil {
 			return in.failure(err)
 		}
+	}
+	if err := in.mountVolumes(cfg); err != nil {
+		return in.failure(err)
 	}
 	if in.execPort != nil {
 		go in.serveExec(cfg)

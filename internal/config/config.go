@@ -133,6 +133,8 @@ type VM struct {
 	Accel    string `mapstructure:"accel"`
 	Boot     string `mapstructure:"boot"` // how guests boot the node's kernel: auto, pvh or bzimage
 	InitPath string `mapstructure:"init_path"`
+	// VolumeTransport is how volumes reach guests: auto, virtiofs or 9p.
+	VolumeTransport string `mapstructure:"volume_transport"`
 }
 
 type API struct {
@@ -404,6 +406,11 @@ func (c *Config) Validate() error {
 	case "auto", "pvh", "bzimage":
 	default:
 		bad("vm.boot", "%q is not auto, pvh or bzimage", c.VM.Boot)
+	}
+	switch c.VM.VolumeTransport {
+	case "auto", "virtiofs", "9p":
+	default:
+		bad("vm.volume_transport", "%q is not auto, virtiofs or 9p", c.VM.VolumeTransport)
 	}
 	if c.VM.Enabled && c.VM.URI == "" {
 		bad("vm.uri", "must be a libvirt URI such as qemu:///system")

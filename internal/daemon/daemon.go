@@ -233,16 +233,17 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 	}
 	if d.cfg.VM.Enabled {
 		vd, err := vmdriver.New(vmdriver.Options{
-			Root:        filepath.Join(d.cfg.DataDir, "vms"),
-			URI:         d.cfg.VM.URI,
-			Accel:       vmdriver.Accel(d.cfg.VM.Accel),
-			Boot:        vmdriver.BootMode(d.cfg.VM.Boot),
-			InitPath:    d.cfg.VM.InitPath,
-			LogMaxBytes: d.cfg.Container.LogMaxBytes,
-			MonitorCmd:  monitorCmd,
-			BootID:      bootID,
-			QEMUGroup:   qemuGroup(d.cfg),
-			Logger:      d.log,
+			Root:            filepath.Join(d.cfg.DataDir, "vms"),
+			URI:             d.cfg.VM.URI,
+			Accel:           vmdriver.Accel(d.cfg.VM.Accel),
+			Boot:            vmdriver.BootMode(d.cfg.VM.Boot),
+			InitPath:        d.cfg.VM.InitPath,
+			LogMaxBytes:     d.cfg.Container.LogMaxBytes,
+			MonitorCmd:      monitorCmd,
+			BootID:          bootID,
+			QEMUGroup:       qemuGroup(d.cfg),
+			Logger:          d.log,
+			VolumeTransport: vmdriver.VolumeTransport(d.cfg.VM.VolumeTransport),
 		})
 		if err != nil {
 			return nil, err

@@ -18,6 +18,9 @@ import (
 func volumeAgent(t *testing.T, vms bool) (*client.Client, string, string) {
 	t.Helper()
 	requireRunc(t)
+	if vms {
+		requireLibvirt(t)
+	}
 	allowed := t.TempDir()
 	// A data dir other users may pass through, as /var/lib/berth is, so
 	// containers get user namespaces.
@@ -44,9 +47,93 @@ func volumeAgent(t *testing.T, vms bool) (*client.Client, string, string) {
 }
 
 func withVolumes(spec api.WorkloadSpec, vols ...api.VolumeMount) api.WorkloadSpec {
+	return in(api.IsolationContainer, spec, vols...)
+}
+
+func in(iso api.Isolation, spec api.WorkloadSpec, vols ...api.VolumeMount) api.WorkloadSpec {
 	spec.Volumes = vols
-	spec.Isolation = api.IsolationContainer
+	spec.Isolation = iso
 	return spec
+}
+
+// The same volume, a container's and a VM's: what the container writes
+// the VM reads (and exits with a code derived from it), and the other way
+// round; read-only is read-only in the VM too; node status says which
+// transport VMs use.
+func TestVMVolumes(t *testing.T) {
+	c, dataDir, allowed := volumeAgent(t, true)
+	ctx := context.Background()
+	n, _, err := c.Node(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	transport := n.Drivers[string(api.IsolationVM)].Details["volumes"]
+	if transport != "virtiofs" && transport != "9p" {
+		t.Fatalf("vm driver details: volumes %q (%s)", transport, n.Drivers[string(api.IsolationVM)].Details["volumes_reason"])
+	}
+	t.Logf("volumes reach VMs over %s", transport)
+	if _, err := c.CreateVolume(ctx, api.VolumeSpec{Name: "both"}); err != nil {
+		t.Fatal(err)
+	}
+	data := api.VolumeMount{Name: "both", Path: "/data"}
+	w, out, errOut := run(t, c, in(api.IsolationContainer, sh("echo 17 > /data/from-container"), data))
+	if exitCode(w) != 0 {
+		t.Fatalf("container writer: exit %d %q %q", exitCode(w), out, errOut)
+	}
+	w, out, errOut = run(t, c, in(api.IsolationVM, sh("n=$(cat /data/from-container) && echo $((n * 2)) > /data/from-vm && exit $((n + 3))"), data))
+	if w.Isolation != api.IsolationVM || exitCode(w) != 20 {
+		t.Errorf("vm reader: %s exit %d (%q) %q %q, want vm exit 20", w.Isolation, exitCode(w), w.Error, out, errOut)
+	}
+	w, out, errOut = run(t, c, in(api.IsolationContainer, sh("exit $(cat /data/from-vm)"), data))
+	if exitCode(w) != 34 {
+		t.Errorf("container reading what the vm wrote: exit %d %q %q, want 34", exitCode(w), out, errOut)
+	}
+	// Read-only in the VM: reads work, writes fail; nothing reaches the
+	// volume.
+	ro := api.VolumeMount{Name: "both", Path: "/data", ReadOnly: true}
+	w, out, errOut = run(t, c, in(api.IsolationVM, sh("cat /data/from-vm; echo x > /data/ro-write && exit 0; exit 9"), ro))
+	if exitCode(w) != 9 || out != "34\n" {
+		t.Errorf("vm read-only: exit %d %q %q, want 9 after reading 34", exitCode(w), out, errOut)
+	}
+	w, _, _ = run(t, c, in(api.IsolationContainer, sh("test -e /data/ro-write"), data))
+	if exitCode(w) == 0 {
+		t.Error("a read-only VM mount wrote into the volume")
+	}
+	// An allowed host path, read-only, reaches the VM as well.
+	must(t, os.WriteFile(filepath.Join(allowed, "n"), []byte("5\n"), 0o644))
+	w, _, errOut = run(t, c, in(api.IsolationVM, sh("exit $(cat /host/n)"), api.VolumeMount{HostPath: allowed, Path: "/host", ReadOnly: true}))
+	if exitCode(w) != 5 {
+		t.Errorf("vm host path: exit %d %q, want 5", exitCode(w), errOut)
+	}
+	// Deleting the workloads releases their file servers and mounts.
+	deleteAll(t, c)
+	if procs := processesWith(t, dataDir); len(procs) != 0 {
+		t.Errorf("processes left holding the data dir after the deletes: %v", procs)
+	}
+	if staged, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "mounts", "*")); len(staged) != 0 {
+		t.Errorf("staged mounts left: %v", staged)
+	}
+}
+
+// processesWith lists the processes (pid: command line) whose command
+// line mentions s: a virtiofsd or QEMU serving a task under the data dir.
+func processesWith(t *testing.T, s string) []string {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), s) {
+			out = append(out, e.Name()+": "+strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	return out
 }
 
 // Containers share a named volume: what one writes (as its root, in its

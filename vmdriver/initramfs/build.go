@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"os"
@@ -34,6 +35,9 @@ type Options struct {
 	// Modules are module names to include with their dependencies; nil
 	// means DefaultModules.
 	Modules []string
+	// VolumeModules are loaded by berth-init only for a task with volumes
+	// (guest.VolumeModuleListPath); nil means DefaultVolumeModules.
+	VolumeModules []string
 	// CacheDir holds built archives, named by the hash of their inputs.
 	CacheDir string
 }
@@ -58,6 +62,24 @@ func Build(ctx context.Context, o Options) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("initramfs: %w", err)
 	}
+	volNames := o.VolumeModules
+	if volNames == nil {
+		volNames = DefaultVolumeModules
+	}
+	// A kernel without one of them still boots workloads without
+	// volumes; a mount over the missing transport fails in the guest
+	// with the kernel's "unknown filesystem type".
+	var volMods []Module
+	for _, name := range volNames {
+		ms, err := Resolve(o.Kernel.ModulesDir, []string{name})
+		if errors.Is(err, errdefs.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("initramfs: volume modules: %w", err)
+		}
+		volMods = append(volMods, ms...)
+	}
 	initBin, err := os.ReadFile(o.InitPath)
 	if err != nil {
 		return "", fmt.Errorf("initramfs: read init: %w", err)
@@ -81,7 +103,32 @@ func Build(ctx context.Context, o Options) (string, error) {
 		name := path.Join("/lib/modules", o.Kernel.Release, uncompressedPath(m.Path))
 		hashField(h, []byte(name))
 		hashField(h, data)
-		files = append(files, archiveFile{name, data})
+		files = append(files, archiveFile{name: name, data: data})
+	}
+	// The volume modules' files (those not already in), and their list.
+	hashField(h, []byte(guest.VolumeModuleListPath))
+	have := map[string]bool{}
+	for _, f := range files {
+		have[f.name] = true
+	}
+	var volList []string
+	for _, m := range volMods {
+		name := path.Join("/lib/modules", o.Kernel.Release, uncompressedPath(m.Path))
+		if slices.Contains(volList, name) {
+			continue
+		}
+		volList = append(volList, name)
+		hashField(h, []byte(name))
+		if have[name] {
+			continue
+		}
+		data, err := readModule(o.Kernel.ModulesDir, m)
+		if err != nil {
+			return "", fmt.Errorf("initramfs: %w", err)
+		}
+		hashField(h, data)
+		files = append(files, archiveFile{name: name, data: data, onDemand: true})
+		have[name] = true
 	}
 	sum := hex.EncodeToString(h.Sum(nil))
 	final := filepath.Join(o.CacheDir, "initramfs-"+sum[:32]+".cpio.gz")
@@ -100,7 +147,7 @@ func Build(ctx context.Context, o Options) (string, error) {
 	if _, err := os.Stat(final); err == nil {
 		return final, nil // built by whoever held the lock before us
 	}
-	if err := writeArchive(final, initBin, files); err != nil {
+	if err := writeArchive(final, initBin, files, volList); err != nil {
 		return "", fmt.Errorf("initramfs: %w", err)
 	}
 	return final, nil
@@ -109,6 +156,9 @@ func Build(ctx context.Context, o Options) (string, error) {
 type archiveFile struct {
 	name string
 	data []byte
+	// onDemand: a volume module, listed in guest.VolumeModuleListPath
+	// only.
+	onDemand bool
 }
 
 // hashField hashes b with its length, so field boundaries cannot shift
@@ -126,7 +176,7 @@ func uncompressedPath(p string) string {
 
 // writeArchive writes the archive to a temporary file next to final and
 // renames it into place once complete and synced.
-func writeArchive(final string, initBin []byte, mods []archiveFile) (err error) {
+func writeArchive(final string, initBin []byte, mods []archiveFile, volList []string) (err error) {
 	tmp, err := os.CreateTemp(filepath.Dir(final), ".initramfs-*.tmp")
 	if err != nil {
 		return fmt.Errorf("create archive: %w", err)
@@ -167,9 +217,12 @@ func writeArchive(final string, initBin []byte, mods []archiveFile) (err error) 
 	var list strings.Builder
 	for _, m := range mods {
 		cw.File(m.name, 0o644, m.data)
-		list.WriteString(m.name + "\n")
+		if !m.onDemand {
+			list.WriteString(m.name + "\n")
+		}
 	}
 	cw.File(guest.ModuleListPath, 0o644, []byte(list.String()))
+	cw.File(guest.VolumeModuleListPath, 0o644, []byte(strings.Join(volList, "\n")+"\n"))
 	if err := cw.Close(); err != nil {
 		return err
 	}

@@ -28,6 +28,11 @@ var DefaultModules = []string{
 	"virtio_net",     // the NIC on the node bridge (net_failover and failover come along)
 }
 
+// DefaultVolumeModules are the volume transports' drivers: virtio-fs
+// (fuse comes along) and 9p over virtio. berth-init loads them only for a
+// task with volumes.
+var DefaultVolumeModules = []string{"virtiofs", "9p", "9pnet_virtio"}
+
 // Module is one kernel module to load.
 type Module struct {
 	// Name is the module's canonical name (underscores, no suffix).
