@@ -230,3 +230,42 @@ func TestNodePageAsksForAToken(t *testing.T) {
 	b.waitFor("the workload, as an admin", stateJS(w.ID)+` === "running"`, `document.body.innerText`)
 	b.noErrors()
 }
+
+// TestNodePageSurvivesALostStream breaks the page's connections to the
+// agent on purpose: the page reconnects to the event stream where it left
+// off and still shows the workload's end, without a reload.
+func TestNodePageSurvivesALostStream(t *testing.T) {
+	e := newEnv(t)
+	w := e.submitJSON(`{"name":"ui-cut","image":"` + testImage + `","command":["sleep","60"]}`)
+	// The cut streams are the point here; Chromium logs each as a failed
+	// load. Anything else is an error.
+	b := newBrowser(t, func(m chromedp.ConsoleMessage) bool {
+		return m.Source == "network" && strings.Contains(m.Text, "net::ERR_")
+	})
+	b.do(chromedp.Navigate(e.srv.URL + "/"))
+	b.waitFor("the workload running", stateJS(w.ID)+` === "running"`, `document.getElementById("workloads").innerText`)
+	eval[bool](b, `window.berthMark = "this load"; true`)
+
+	e.srv.CloseClientConnections()
+	b.waitFor("that the stream was lost", `document.getElementById("conn").textContent === "reconnecting"`, `document.getElementById("conn").textContent`)
+	resp := e.do("POST", "/v1/workloads/"+w.ID+"/stop?wait=false&timeout=1s", "", nil)
+	resp.Body.Close()
+	b.waitFor("the workload exited after the reconnect", stateJS(w.ID)+` === "exited" && document.getElementById("conn").textContent === "live"`,
+		`document.getElementById("conn").textContent + "\n" + document.getElementById("workloads").innerText`)
+	b.waitFor("the exit among the recent events",
+		`[...document.querySelectorAll("#events-list li")].some(li => li.textContent.includes("workload.exited") && li.textContent.includes("`+w.ID+`"))`,
+		`document.getElementById("events").innerText`)
+	if mark := eval[string](b, `window.berthMark || "reloaded"`); mark != "this load" {
+		t.Errorf("the page reloaded (mark %q)", mark)
+	}
+	// Resumed where it left off: no event twice.
+	ids := eval[[]string](b, `[...document.querySelectorAll("#events-list li")].map(li => li.dataset.eventId)`)
+	seen := map[string]bool{}
+	for _, id := range ids {
+		if seen[id] {
+			t.Errorf("event %s is shown twice after the reconnect", id)
+		}
+		seen[id] = true
+	}
+	b.noErrors()
+}
