@@ -16,6 +16,9 @@ type Problem struct {
 	Instance string       `json:"instance,omitempty"`
 	Reason   string       `json:"reason"`
 	Fields   []FieldError `json:"fields,omitempty"`
+	// State is the resource's state when it is what conflicts (409
+	// conflict: exec into a workload that is not running).
+	State string `json:"state,omitempty"`
 }
 
 // FieldError names one offending field of a request by its JSON path.

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/berthd/berth/errdefs"
 )
 
@@ -153,4 +155,25 @@ func MergeEnv(base, extra []string) []string {
 		out = append(out, kv)
 	}
 	return out
+}
+
+// ParseSignal reads a signal name (HUP, SIGHUP, hup) or number (1-64).
+func ParseSignal(s string) (syscall.Signal, error) {
+	if s == "" {
+		return 0, fmt.Errorf("no signal given: a name such as HUP or TERM, or a number: %w", errdefs.ErrInvalidArgument)
+	}
+	if n, err := strconv.Atoi(s); err == nil {
+		if n < 1 || n > 64 {
+			return 0, fmt.Errorf("signal number %d is not between 1 and 64: %w", n, errdefs.ErrInvalidArgument)
+		}
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if sig := unix.SignalNum(name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("%q is not a signal name (HUP, INT, TERM, KILL, USR1, ...) or number: %w", s, errdefs.ErrInvalidArgument)
 }

@@ -94,3 +94,15 @@ func Invalid(field, format string, args ...any) error {
 	v.Add(field, format, args...)
 	return v
 }
+
+// StateError is an ErrConflict about a resource's state: the operation
+// needs another one. State is named in the problem document (state).
+type StateError struct {
+	State string
+	Msg   string
+}
+
+func (e *StateError) Error() string { return e.Msg }
+
+// Unwrap makes a StateError an ErrConflict.
+func (e *StateError) Unwrap() error { return ErrConflict }

@@ -32,8 +32,8 @@ func Decide(w Workload, p *Policy, n NodeFacts) Decision {
 	)
 	for i := range p.rules {
 		r := &p.rules[i]
-		if !r.matchStatic(&w) {
-			continue
+		if r.outcome == "" || !r.matchStatic(&w) {
+			continue // a rule about exec alone places nothing
 		}
 		var evalErr error
 		if r.prg != nil {

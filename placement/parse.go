@@ -33,7 +33,7 @@ const (
 
 var (
 	policyKeys = []string{"apiVersion", "kind", "default", "rules"}
-	ruleKeys   = []string{"name", "description", "match", "when", "isolation", "action", "network"}
+	ruleKeys   = []string{"name", "description", "match", "when", "isolation", "action", "network", "exec"}
 	matchKeys  = []string{"labels", "labels_exist", "images", "tenants", "privileged", "host_paths", "cpu_gt", "memory_mb_gt", "pids_gt"}
 
 	// ruleName is a DNS label: rule names end up in API fields, metrics
@@ -277,8 +277,10 @@ func (p *parser) rule(n *yaml.Node, i int) (r rule, ok bool) {
 	switch {
 	case iso != nil && act != nil:
 		p.errorf(act, "%s: give either isolation (container or vm) or action (deny), not both", ctx)
+	case iso == nil && act == nil && f["exec"] != nil:
+		// A rule about exec alone: it places nothing.
 	case iso == nil && act == nil:
-		p.errorf(n, "%s: missing outcome: give isolation (container or vm) or action (deny)", ctx)
+		p.errorf(n, "%s: missing outcome: give isolation (container or vm) or action (deny), or exec: deny", ctx)
 	case iso != nil:
 		if v, ok := p.str(iso, ctx+": isolation"); ok {
 			switch o := Outcome(v); o {
@@ -313,6 +315,18 @@ func (p *parser) rule(n *yaml.Node, i int) (r rule, ok bool) {
 				}
 			default:
 				p.errorf(nn, "%s: network must be none (force loopback only) or host (allow the host network), got %q", ctx, v)
+			}
+		}
+	}
+
+	if en := f["exec"]; en != nil {
+		if v, ok := p.str(en, ctx+": exec"); ok {
+			switch v {
+			case ExecDeny:
+				r.execDeny = true
+			case ExecAllow:
+			default:
+				p.errorf(en, "%s: exec must be deny (no exec sessions into matched workloads) or allow, got %q", ctx, v)
 			}
 		}
 	}

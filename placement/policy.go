@@ -92,6 +92,8 @@ type rule struct {
 	// network is "none" (force loopback only) or "host" (allow the host
 	// network) or empty.
 	network string
+	// execDeny: no exec session into a matched workload.
+	execDeny bool
 
 	when     string
 	whenText string      // when on one line, for reasons

@@ -66,6 +66,8 @@ type request struct {
 	tenant    string
 	placement *api.Placement
 	image     string
+	exec      *execAudit // an exec session's command and end
+	signal    string     // a signal sent to the workload
 }
 
 func requestState(r *http.Request) *request {
@@ -198,6 +200,18 @@ func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Du
 	if p := st.placement; p != nil {
 		attrs = append(attrs, slog.String("isolation", string(p.Isolation)), slog.Bool("denied", p.Denied),
 			slog.String("deciding_rule", p.DecidingRule), slog.String("policy_version", p.PolicyVersion))
+	}
+	if e := st.exec; e != nil {
+		attrs = append(attrs, slog.Any("command", e.command), slog.Bool("tty", e.tty))
+		if e.user != "" {
+			attrs = append(attrs, slog.String("user", e.user))
+		}
+		if e.exitCode != nil {
+			attrs = append(attrs, slog.Int("exit_code", *e.exitCode))
+		}
+	}
+	if st.signal != "" {
+		attrs = append(attrs, slog.String("signal", st.signal))
 	}
 	msg := "api request"
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {

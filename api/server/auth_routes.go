@@ -20,6 +20,10 @@ const (
 	// classStream streams until the client or the workload ends: no
 	// overall deadline, but every write must finish within StreamIdle.
 	classStream
+	// classExec is an exec session: no deadline of the server's (a
+	// WebSocket session lasts as long as its process; the simple form
+	// sets its own from its timeout).
+	classExec
 	// classLong does slow work before it answers (a stop with its grace
 	// period, an image upload or pull): up to LongTimeout.
 	classLong
@@ -71,6 +75,10 @@ var routeTable = map[string]routeInfo{
 	"GET /v1/volumes":          {action: auth.ActWorkloadRead},
 	"GET /v1/volumes/{ref}":    {action: auth.ActWorkloadRead},
 	"DELETE /v1/volumes/{ref}": {action: auth.ActWorkloadDelete, mutating: true},
+	// exec and signals: whoever may stop the workload.
+	"POST /v1/workloads/{ref}/exec":   {action: auth.ActWorkloadStop, class: classExec, mutating: true},
+	"GET /v1/workloads/{ref}/exec":    {action: auth.ActWorkloadStop, class: classExec, mutating: true},
+	"POST /v1/workloads/{ref}/signal": {action: auth.ActWorkloadStop, mutating: true},
 }
 
 // setDeadlines moves the connection's deadlines from the server-wide
@@ -93,6 +101,9 @@ func (s *Server) setDeadlines(w http.ResponseWriter, r *http.Request, class rout
 		d := now.Add(s.opts.LongTimeout)
 		_ = rc.SetReadDeadline(d)
 		_ = rc.SetWriteDeadline(d)
+	case classExec:
+		_ = rc.SetReadDeadline(time.Time{})
+		_ = rc.SetWriteDeadline(time.Time{})
 	case classStream:
 		_ = rc.SetReadDeadline(time.Time{})
 		_ = rc.SetWriteDeadline(time.Time{})

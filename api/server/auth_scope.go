@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/auth"
 )
@@ -205,6 +206,25 @@ func (b *scoped) RequestDelete(ctx context.Context, ref string, force bool) (*ap
 		return nil, err
 	}
 	return b.Backend.RequestDelete(ctx, id, force)
+}
+
+// Exec and Signal: whoever may stop a workload may exec into it and
+// signal it, within the same scope.
+func (b *scoped) Exec(ctx context.Context, ref string, req api.ExecRequest) (driver.ExecSession, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.Exec(ctx, id, req)
+}
+
+func (b *scoped) Signal(ctx context.Context, ref, sig string) (*api.Workload, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	b.st.signal = sig
+	return b.Backend.Signal(ctx, id, sig)
 }
 
 func (b *scoped) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {

@@ -69,6 +69,10 @@ func problemFor(ctx context.Context, err error) *api.Problem {
 	if p == nil {
 		p = &api.Problem{Status: http.StatusInternalServerError, Reason: api.ReasonInternal, Title: "Internal error", Detail: err.Error()}
 	}
+	var se *errdefs.StateError
+	if errors.As(err, &se) {
+		p.State = se.State
+	}
 	var v *errdefs.ValidationError
 	if errors.As(err, &v) {
 		for _, f := range v.Fields {

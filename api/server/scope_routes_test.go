@@ -50,15 +50,18 @@ var routeTenancy = map[string]struct {
 			t.Errorf("admin's bad drain: %d %.200s, want 400", code, body)
 		}
 	}},
-	"POST /v1/node/uncordon":        {t: adminOnly},
-	"GET /v1/policy":                {t: adminOnly},
-	"POST /v1/images":               {t: adminOnly},
-	"DELETE /v1/images":             {t: adminOnly},
-	"GET /v1/workloads/{ref}":       {t: scoped},
-	"DELETE /v1/workloads/{ref}":    {t: scoped},
-	"POST /v1/workloads/{ref}/stop": {t: scoped},
-	"GET /v1/workloads/{ref}/logs":  {t: scoped},
-	"GET /v1/workloads/{ref}/stats": {t: scoped},
+	"POST /v1/node/uncordon":          {t: adminOnly},
+	"GET /v1/policy":                  {t: adminOnly},
+	"POST /v1/images":                 {t: adminOnly},
+	"DELETE /v1/images":               {t: adminOnly},
+	"GET /v1/workloads/{ref}":         {t: scoped},
+	"DELETE /v1/workloads/{ref}":      {t: scoped},
+	"POST /v1/workloads/{ref}/stop":   {t: scoped},
+	"GET /v1/workloads/{ref}/logs":    {t: scoped},
+	"GET /v1/workloads/{ref}/stats":   {t: scoped},
+	"POST /v1/workloads/{ref}/exec":   {t: scoped},
+	"GET /v1/workloads/{ref}/exec":    {t: scoped},
+	"POST /v1/workloads/{ref}/signal": {t: scoped},
 	"GET /v1/workloads": {t: scoped, check: func(t *testing.T, e *authEnv) {
 		_, body := e.do("sub-a", "GET", "/v1/workloads", "")
 		var list api.WorkloadList

@@ -14,6 +14,7 @@ import (
 	"github.com/go-chi/chi/v5/middleware"
 
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/driver"
 )
 
 // Backend is what the API needs of the agent.
@@ -58,6 +59,13 @@ type Backend interface {
 	Maintenance
 	// Named volumes (volumes.go).
 	VolumeBackend
+
+	// Exec starts a process in a running workload; the caller relays its
+	// session and closes it.
+	Exec(ctx context.Context, ref string, req api.ExecRequest) (driver.ExecSession, error)
+	// Signal delivers a signal (name or number) to a running workload's
+	// main process.
+	Signal(ctx context.Context, ref, sig string) (*api.Workload, error)
 }
 
 // Options configure the server.
@@ -163,6 +171,9 @@ func New(b Backend, opts Options) *Server {
 				r.Get("/", s.getWorkload)
 				r.Delete("/", s.deleteWorkload)
 				r.Post("/stop", s.stopWorkload)
+				r.Post("/exec", s.execWorkload)
+				r.Get("/exec", s.execWorkload)
+				r.Post("/signal", s.signalWorkload)
 				r.Get("/logs", s.workloadLogs)
 				r.Get("/stats", s.workloadStats)
 			})
