@@ -52,7 +52,9 @@ type recorder struct {
 }
 
 func (r *recorder) WriteHeader(code int) {
-	if r.status == 0 && code >= 200 {
+	// 1xx are informational, but for 101 (a WebSocket's handshake): the
+	// connection is handed over, and that is the answer.
+	if r.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		r.status = code
 		r.header = r.ResponseWriter.Header().Clone()
 	}
