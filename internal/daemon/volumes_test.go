@@ -2,11 +2,13 @@ package daemon_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
@@ -236,3 +238,92 @@ func must(t *testing.T, err error) {
 }
 
 func ownerOf(st os.FileInfo) uint32 { return st.Sys().(*syscall.Stat_t).Uid }
+
+// TestVMVolumeSurvivesAgentSIGKILL: the agent dies while a VM workload
+// uses a volume over virtio-fs; after the restart the workload still
+// runs and its volume still works both ways: a container writes a file
+// into it, and the VM reads it and exits with the code it holds. Deleting
+// it afterwards leaves no file server and no mount.
+func TestVMVolumeSurvivesAgentSIGKILL(t *testing.T) {
+	requireLibvirt(t)
+	dataDir := filepath.Join(vmDataDir(t), "data")
+	addr := freeAddr(t)
+	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nnetwork:\n  enabled: false\nvm:\n  accel: tcg\n  init_path: %s\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir, berthInit(t))
+	must(t, os.WriteFile(cfgFile, []byte(cfg), 0o600))
+	p := &agentProcess{t: t, config: cfgFile}
+	c := p.start(addr)
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		_ = c.DeleteVolume(context.Background(), "live")
+		p.kill()
+	})
+	importBusybox(t, c)
+	ctx := context.Background()
+	if _, err := c.CreateVolume(ctx, api.VolumeSpec{Name: "live", SizeBytes: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	vol := api.VolumeMount{Name: "live", Path: "/data"}
+	// Counts into the volume until a file "go" appears, then exits with
+	// the number in it (after at most 3 minutes: 99).
+	sub, err := c.Submit(ctx, in(api.IsolationVM, sh(`i=0; while [ ! -s /data/go ] && [ $i -lt 720 ]; do echo $i > /data/vm-ticks; i=$((i+1)); sleep 0.25; done; [ -s /data/go ] && exit $(cat /data/go); exit 99`), vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	matches, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "*", "data"))
+	if len(matches) != 1 {
+		t.Fatalf("volume data dirs: %v", matches)
+	}
+	ticks := func() string {
+		b, _ := os.ReadFile(filepath.Join(matches[0], "vm-ticks"))
+		return strings.TrimSpace(string(b))
+	}
+	deadline := time.Now().Add(4 * time.Minute)
+	for ticks() == "" {
+		if time.Now().After(deadline) {
+			w, _, _ := c.Get(ctx, sub.ID, nil)
+			t.Fatalf("the VM wrote nothing into its volume in 4 minutes: %+v\n%s", w, p.stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	p.kill()
+	time.Sleep(time.Second)
+	c = p.start(addr)
+	w, _, err := c.Get(ctx, sub.ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.State != api.StateRunning {
+		t.Fatalf("after the agent restart the VM workload is %s (%q), want running", w.State, w.Error)
+	}
+	before := ticks()
+	deadline = time.Now().Add(20 * time.Second)
+	for ticks() == before {
+		if time.Now().After(deadline) {
+			t.Fatalf("the VM stopped writing into its volume at %s after the agent restart", before)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if v, err := c.Volume(ctx, "live"); err != nil || len(v.UsedBy) != 1 || v.UsedBy[0] != sub.ID {
+		t.Errorf("volume after the restart: %+v %v, want used by %s", v, err, sub.ID)
+	}
+	wr, out, errOut := run(t, c, in(api.IsolationContainer, sh("echo 23 > /data/go"), vol))
+	if exitCode(wr) != 0 {
+		t.Fatalf("container writing into the VM's volume: exit %d %q %q", exitCode(wr), out, errOut)
+	}
+	end, err := c.WaitExit(ctx, sub.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.State != api.StateExited || exitCode(end) != 23 {
+		t.Errorf("VM workload ended %s exit %d (%q), want exited 23: it read what the container wrote", end.State, exitCode(end), end.Error)
+	}
+	deleteAll(t, c)
+	if procs := processesWith(t, dataDir); len(procs) != 0 {
+		t.Errorf("processes left holding the data dir after the deletes: %v", procs)
+	}
+	if staged, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "mounts", "*")); len(staged) != 0 {
+		t.Errorf("staged mounts left: %v", staged)
+	}
+}
