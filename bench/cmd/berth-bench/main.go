@@ -48,18 +48,21 @@ type sizes struct {
 	vmN          int           // VM boots of each kind
 	vmBudget     time.Duration // no new VM round starts after this (shared machines get slow)
 	vmFootprintK int           // extra VMs running for the footprint (0: the warm-up VM alone)
+	volumeN      int           // rounds of the volume measurements
 }
 
 var full = sizes{
 	startN: 50, throughputN: 200, throughputC: 16, runningN: 100,
 	decideTime: "1s", decideCount: 5, httpDur: 5 * time.Second, httpConc: 32,
 	pollers: 1000, pollerRounds: 3, vmN: 5, vmBudget: 4 * time.Minute, vmFootprintK: 3,
+	volumeN: 3,
 }
 
 var quick = sizes{
 	startN: 10, throughputN: 50, throughputC: 16, runningN: 30,
 	decideTime: "200ms", decideCount: 1, httpDur: 2 * time.Second, httpConc: 32,
 	pollers: 1000, pollerRounds: 1, vmN: 1, vmBudget: time.Minute, vmFootprintK: 0,
+	volumeN: 1,
 }
 
 func main() {
@@ -70,6 +73,7 @@ func main() {
 	accel := flag.String("accel", envOr("BENCH_ACCEL", "tcg"), "vm.accel of the bench agent: tcg, kvm or auto (also BENCH_ACCEL)")
 	scratch := flag.String("scratch", "/var/tmp", "where the scratch data directory is made (must be o+x all the way: QEMU runs as libvirt-qemu)")
 	vmOnly := flag.Bool("vm-only", os.Getenv("BENCH_VM_ONLY") == "1", "only the VM measurements (also BENCH_VM_ONLY=1); write them to another -out than the full run's")
+	only := flag.String("only", os.Getenv("BENCH_ONLY"), "run only the phases whose name contains this (also BENCH_ONLY), e.g. volumes; write them to another -out than the full run's")
 	render := flag.String("render", "", "only rewrite latest.md (and latest.json) in -out from this latest.json, with the current notes on what limits each target")
 	flag.Parse()
 	if *render != "" {
@@ -83,7 +87,7 @@ func main() {
 	if os.Geteuid() != 0 {
 		log.Fatal("needs root (runc, libvirt, /proc of the agent)")
 	}
-	os.Exit(run(*berth, *out, *repo, *scratch, *accel, *quickFlag, *vmOnly))
+	os.Exit(run(*berth, *out, *repo, *scratch, *accel, *only, *quickFlag, *vmOnly))
 }
 
 func envOr(k, def string) string {
@@ -93,7 +97,7 @@ func envOr(k, def string) string {
 	return def
 }
 
-func run(berth, out, repo, scratch, accel string, isQuick, vmOnly bool) int {
+func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) int {
 	started := time.Now()
 	sz := full
 	if isQuick {
@@ -154,7 +158,7 @@ func run(berth, out, repo, scratch, accel string, isQuick, vmOnly bool) int {
 
 	failed := false
 	phase := func(name string, fn func() error) {
-		if ctx.Err() != nil || vmOnly && !strings.Contains(name, "VM") {
+		if ctx.Err() != nil || vmOnly && !strings.Contains(name, "VM") || !strings.Contains(name, only) {
 			return
 		}
 		t := time.Now()
@@ -220,6 +224,9 @@ func run(berth, out, repo, scratch, accel string, isQuick, vmOnly bool) int {
 			return vmFootprint(ctx, a, sz.vmFootprintK, rep)
 		})
 	}
+	phase(fmt.Sprintf("VM volumes: %d × (host, container, VM): write and read 256 MiB, create 10,000 files", sz.volumeN), func() error {
+		return volumeBench(ctx, a, sz.volumeN, rep)
+	})
 	if ctx.Err() != nil {
 		rep.errorf("interrupted: %v", ctx.Err())
 		failed = true
