@@ -69,6 +69,9 @@ test-short:
 bench: deps build
 	$(GO) build -o bin/berth-bench ./bench/cmd/berth-bench
 	./bin/berth-bench -berth bin/berth -out bench/results
+	# exec round trip into a VM (TCG) next to a bare exec-channel round trip
+	$(GO) test -run '^$$' -bench 'VMExec' -benchtime 30x ./vmdriver/ > bench/results/vm-exec.txt; \
+		status=$$?; cat bench/results/vm-exec.txt; exit $$status
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -52,6 +52,10 @@
 //     bad config, missing device, mount failure). The host treats the last
 //     record as the result (ReadLastStatus); a domain that ends without a
 //     terminal record crashed.
+//   - "org.berth.exec" (ExecPort), only when Config.ExecChannel is set:
+//     the exec channel, read and written by berth-init. Exec sessions and
+//     signals for the workload travel over it as frames (exec.go,
+//     ExecServer and ExecClient; docs/vm-exec.md describes the protocol).
 //
 // # Lifecycle
 //

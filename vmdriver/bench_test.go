@@ -139,3 +139,54 @@ func BenchmarkQEMUDirectBoot(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// BenchmarkVMExec times exec round trips into one running VM under TCG:
+// "true" is Exec of `true` until its exit is reported, then Close (what
+// `berth exec ID -- true` costs below the API); "channel" is the baseline
+// in the same VM and run, a bare request and answer on the exec channel
+// (signal 0 to the workload), so the difference is berth-init's fork, exec
+// and reaping of the process.
+//
+//	go test -run '^$' -bench VMExec -benchtime 50x ./vmdriver/
+func BenchmarkVMExec(b *testing.B) {
+	setup(b)
+	d := newDriver(b, fixtures.root)
+	ctx := context.Background()
+	cfg := &driver.TaskConfig{
+		ID: drivertest.NewID("bench"), Image: testImage(), Args: []string{"sh", "-c", "echo ready; while true; do sleep 1; done"},
+		Resources: driver.Resources{CPU: 1, MemoryBytes: 128 << 20}, LogDir: b.TempDir(),
+	}
+	if _, err := d.Start(ctx, cfg); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = d.Destroy(context.Background(), cfg.ID) })
+	waitLog(b, cfg, driver.StdoutLog, "ready\n", slack)
+	t, err := d.sup.Get(cfg.ID)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("true", func(b *testing.B) {
+		for b.Loop() {
+			s, err := d.Exec(ctx, cfg.ID, &driver.ExecConfig{Args: []string{"true"}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			res, err := s.Wait(ctx)
+			if err != nil || res.ExitCode != 0 {
+				b.Fatalf("exec true: %+v, %v", res, err)
+			}
+			s.Close()
+		}
+	})
+	b.Run("channel", func(b *testing.B) {
+		c, err := d.execClient(ctx, t)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			if err := c.SignalMain(ctx, 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

@@ -13,6 +13,7 @@
 //	tasks/<id>/console.sock       a whole-disk task's serial console (QEMU listens)
 //	tasks/<id>/config.img         guest.EncodeConfig: args, env, workdir, user, hostname
 //	tasks/<id>/{stdout,stderr,status}.sock  the virtio-serial ports (QEMU listens)
+//	tasks/<id>/exec.sock          the exec channel's port (QEMU listens; the driver connects on demand, see exec.go)
 //	tasks/<id>/status.log         the guest's status records, as the monitor received them
 //	tasks/<id>/console.log        the serial console (kernel and berth-init diagnostics)
 //	tasks/<id>/monitor.json, monitor.pid, monitor.log, monitor-done.json

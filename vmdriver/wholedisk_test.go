@@ -28,7 +28,7 @@ func diskTask(t *testing.T, disk string) *driver.TaskConfig {
 }
 
 // waitLog waits until a task's log contains want.
-func waitLog(t *testing.T, cfg *driver.TaskConfig, name, want string, timeout time.Duration) {
+func waitLog(t testing.TB, cfg *driver.TaskConfig, name, want string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
