@@ -90,16 +90,22 @@ func guestProcs(t *testing.T, d *Driver, id, marker string) string {
 	return strings.Join(found, "; ")
 }
 
-// guestProcCount is how many processes run in the guest (berth-init, the
-// workload, the counting shell and whatever was left behind).
-func guestProcCount(t *testing.T, d *Driver, id string) int {
+// guestProcSet lists the guest's processes by pid with their command
+// lines, leaving out what comes and goes by itself: kernel threads
+// (kthreadd's children), the listing, and the workload's `sleep 1`.
+func guestProcSet(t *testing.T, d *Driver, id string) map[string]string {
 	t.Helper()
-	res := execOut(t, d, id, "sh", "-c", "ls -d /proc/[0-9]* | wc -l")
-	n, err := strconv.Atoi(strings.TrimSpace(res.Stdout))
-	if err != nil {
-		t.Fatalf("process count %q: %v", res.Stdout, err)
+	res := execOut(t, d, id, "sh", "-c", `for p in /proc/[0-9]*; do read -r pid comm state ppid rest < "$p/stat" || continue; if [ "$ppid" = 2 ] || [ "$pid" = 2 ]; then continue; fi; printf '%s ' "$pid"; tr '\0' ' ' < "$p/cmdline" 2>/dev/null; echo; done`)
+	procs := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(res.Stdout), "\n") {
+		pid, cmd, _ := strings.Cut(line, " ")
+		cmd = strings.TrimSpace(cmd)
+		if cmd == "sleep 1" || strings.HasPrefix(cmd, "tr ") || strings.Contains(cmd, "/proc/[0-9]*") {
+			continue
+		}
+		procs[pid] = cmd
 	}
-	return n
+	return procs
 }
 
 func readUntil(t *testing.T, r io.Reader, seen *bytes.Buffer, want string) {
@@ -269,7 +275,7 @@ func TestExec(t *testing.T) {
 	})
 
 	t.Run("Concurrent", func(t *testing.T) {
-		before := guestProcCount(t, d, cfg.ID)
+		before := guestProcSet(t, d, cfg.ID)
 		const n = 24
 		var wg sync.WaitGroup
 		for i := range n {
@@ -294,8 +300,10 @@ func TestExec(t *testing.T) {
 			})
 		}
 		wg.Wait()
-		if after := guestProcCount(t, d, cfg.ID); after != before {
-			t.Errorf("%d processes in the guest after %d sessions, %d before", after, n, before)
+		for pid, cmd := range guestProcSet(t, d, cfg.ID) {
+			if _, ok := before[pid]; !ok {
+				t.Errorf("left in the guest after %d sessions: pid %s %q", n, pid, cmd)
+			}
 		}
 		d.execMu.Lock()
 		ch := d.execChans[cfg.ID]
