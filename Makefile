@@ -11,7 +11,9 @@ DEMO_IMAGE := bin/busybox.tar
 # Tests that boot VMs and run containers take a while on 2 cores.
 TEST_TIMEOUT ?= 60m
 
-.PHONY: all deps build run test test-nomad test-short bench lint fmt clean demo-image nomad
+# `make deb` builds the Debian packages into bin/deb; `make test` builds and
+# checks them too (deploy/deb).
+.PHONY: all deps build deb run test test-nomad test-short bench lint fmt clean demo-image nomad
 
 all: build
 
@@ -35,6 +37,11 @@ bin/berth-monitor: FORCE
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $@ ./cmd/berth-monitor
 
 build: bin/berth bin/berth-init bin/berth-monitor
+
+# berth (the node: agent, monitor, guest init, systemd unit, /etc/berth)
+# and berth-client (the CLI alone), with nfpm (deploy/deb).
+deb: build
+	$(GO) run ./deploy/deb/mkdeb -bin bin -src . -out bin/deb -version $(VERSION)
 
 # A busybox image built on this machine from Debian's busybox-static: the
 # quickstart needs no registry and no internet.
