@@ -26,6 +26,7 @@ func (e *hintedError) Unwrap() error { return e.err }
 // workloadCmds take workload references as arguments.
 var workloadCmds = map[string]bool{
 	"berth inspect": true, "berth logs": true, "berth stop": true, "berth rm": true, "berth stats": true,
+	"berth exec": true, "berth kill": true,
 }
 
 // hintFor returns what to run after err ended command path with args, or

@@ -1,25 +1,14 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"net"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/berthd/berth/agent"
 	"github.com/berthd/berth/api"
-	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/api/server"
-	"github.com/berthd/berth/driver"
-	"github.com/berthd/berth/driver/fake"
-	"github.com/berthd/berth/image"
-	"github.com/berthd/berth/internal/ociimage"
 )
 
 func TestHintFor(t *testing.T) {
@@ -36,6 +25,7 @@ func TestHintFor(t *testing.T) {
 		{"berth run", []string{"example.com/app:1"}, prob(api.ReasonImageNotFound), "berth image import --ref example.com/app:1 FILE"},
 		{"berth inspect", []string{"web"}, prob(api.ReasonNotFound), "berth ps -a"},
 		{"berth rm", []string{"web"}, prob(api.ReasonNotFound), "berth ps -a"},
+		{"berth exec", []string{"web", "--", "sh"}, prob(api.ReasonFailedPrecondition), "berth inspect web"},
 		{"berth image rm", []string{"busybox"}, prob(api.ReasonNotFound), "berth image ls"},
 		{"berth volume rm", []string{"pgdata"}, prob(api.ReasonNotFound), "berth volume ls"},
 		{"berth stats", []string{"web"}, prob(api.ReasonFailedPrecondition), "berth inspect web"},
@@ -67,51 +57,10 @@ func TestHintFor(t *testing.T) {
 
 const cliImage = "berth.test/busybox:latest"
 
-// cliAgent serves a real agent over the fake driver, with the busybox
-// test image, for the CLI.
-func cliAgent(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	imgs, err := image.New(filepath.Join(dir, "images"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := ociimage.Busybox()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var buf bytes.Buffer
-	if err := ociimage.WriteOCIArchive(&buf, img, cliImage); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := imgs.Import(context.Background(), &buf, ""); err != nil {
-		t.Fatal(err)
-	}
-	a, err := agent.New(context.Background(), agent.Options{
-		DataDir:  dir,
-		Drivers:  []driver.Driver{fake.New("container", fake.NewNode())},
-		Images:   imgs,
-		Defaults: agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256},
-		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(server.New(a, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}))
-	t.Cleanup(func() {
-		hs.Close()
-		for _, w := range a.List(context.Background(), api.ListFilter{}) {
-			_ = a.Delete(context.Background(), w.ID, true)
-		}
-		a.Close()
-	})
-	return hs.URL
-}
-
 // TestErrorsNameTheCommand: what a CLI user reads for an agent's problem
 // names the berth command to run, not the API route.
 func TestErrorsNameTheCommand(t *testing.T) {
-	addr := cliAgent(t)
+	addr, _ := execAgent(t)
 	err, _, _ := berth(t, "", "--addr", addr, "run", "berth.test/absent:1", "--", "true")
 	msg := describeHinted(err)
 	if err == nil || !strings.Contains(msg, "hint: pull it: berth image pull berth.test/absent:1") || strings.Contains(msg, "/v1/") {
@@ -144,14 +93,10 @@ func TestErrorsNameTheCommand(t *testing.T) {
 
 // TestPsQuiet: ps -q prints the ids and nothing else, with the filters.
 func TestPsQuiet(t *testing.T) {
-	addr := cliAgent(t)
+	addr, c := execAgent(t)
 	// An empty node prints nothing, not a header.
 	if err, out, _ := berth(t, "", "--addr", addr, "ps", "-q"); err != nil || out != "" {
 		t.Fatalf("ps -q on an empty node: %v %q", err, out)
-	}
-	c, err := client.New(addr)
-	if err != nil {
-		t.Fatal(err)
 	}
 	var ids []string
 	for _, app := range []string{"web", "batch"} {
