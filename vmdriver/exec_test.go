@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -387,5 +388,95 @@ func TestExecSignalMain(t *testing.T) {
 	}
 	if err := d.Signal(execCtx(t), drivertest.NewID("dt-missing"), syscall.SIGHUP); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Signal of an unknown task: %v, want ErrNotFound", err)
+	}
+}
+
+// Environment of the agent stand-in TestExecAgentKilled starts.
+const (
+	helperEnvRoot    = "BERTH_TEST_EXEC_AGENT_ROOT"
+	helperEnvTask    = "BERTH_TEST_EXEC_AGENT_TASK"
+	helperEnvMarker  = "BERTH_TEST_EXEC_AGENT_MARKER"
+	helperEnvMonitor = "BERTH_TEST_EXEC_AGENT_MONITOR"
+	helperEnvPrefix  = "BERTH_TEST_EXEC_AGENT_PREFIX"
+)
+
+// TestExecAgentHelper is not a test: run by TestExecAgentKilled in a
+// process of its own, it is an agent that recovers the task, starts an
+// exec session and then is SIGKILLed.
+func TestExecAgentHelper(t *testing.T) {
+	root := os.Getenv(helperEnvRoot)
+	if root == "" {
+		t.Skip("the agent stand-in of TestExecAgentKilled; runs only when that test starts it")
+	}
+	d, err := New(Options{Root: root, Accel: AccelTCG, DomainPrefix: os.Getenv(helperEnvPrefix),
+		InitPath: "/nonexistent", MonitorCmd: []string{os.Getenv(helperEnvMonitor)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := os.Getenv(helperEnvTask)
+	if err := d.Recover(context.Background(), &driver.Handle{ID: id, Driver: Name, Version: handleVersion}); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	s, err := d.Exec(context.Background(), id, &driver.ExecConfig{
+		Args: []string{"sh", "-c", "echo started; exec sleep " + os.Getenv(helperEnvMarker)}, TTY: true, Stdin: true,
+	})
+	if err != nil {
+		t.Fatalf("Exec: %v", err)
+	}
+	var seen bytes.Buffer
+	readUntil(t, s.Stdout(), &seen, "started")
+	fmt.Println("helper: session started")
+	select {} // until killed
+}
+
+// An agent SIGKILLed with an exec session open: the guest kills the
+// session's processes, and a restarted agent (a new driver, Recover)
+// reconnects and execs as before.
+func TestExecAgentKilled(t *testing.T) {
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := startRunning(t, d)
+	waitLog(t, cfg, driver.StdoutLog, "ready\n", slack)
+
+	m := marker()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestExecAgentHelper$", "-test.v")
+	cmd.Env = append(os.Environ(),
+		helperEnvRoot+"="+fixtures.root, helperEnvTask+"="+cfg.ID, helperEnvMarker+"="+m,
+		helperEnvMonitor+"="+d.opts.MonitorCmd[0], helperEnvPrefix+"="+testPrefix)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var seen bytes.Buffer
+	readUntil(t, out, &seen, "helper: session started")
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+
+	// The restarted agent.
+	d2 := newDriver(t, fixtures.root)
+	if err := d2.Recover(execCtx(t), &driver.Handle{ID: cfg.ID, Driver: Name, Version: handleVersion}); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for guestProcs(t, d2, cfg.ID, "sleep "+m) != "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the session of the killed agent still runs in the guest")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if res := execOut(t, d2, cfg.ID, "echo", "after-restart"); res.Stdout != "after-restart\n" {
+		t.Errorf("exec after the restart = %+v", res)
+	}
+	if err := d2.Signal(execCtx(t), cfg.ID, syscall.SIGKILL); err != nil {
+		t.Errorf("Signal after the restart: %v", err)
+	}
+	if res, err := d2.Wait(execCtx(t), cfg.ID); err != nil || res.ExitCode != 137 {
+		t.Errorf("workload killed through the restarted agent: %+v, %v", res, err)
 	}
 }
