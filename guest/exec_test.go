@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -296,6 +297,7 @@ func TestExecStdinLarge(t *testing.T) {
 
 func TestExecManySessions(t *testing.T) {
 	p := newPair(t)
+	baseline := runtime.NumGoroutine()
 	const n = 64
 	var wg sync.WaitGroup
 	for i := range n {
@@ -317,6 +319,17 @@ func TestExecManySessions(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%d sessions open in the server after all were closed", p.srv.Sessions())
 		}
+	}
+	// Every session's goroutines, on both sides, are gone.
+	p.srv.Wait()
+	for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > baseline; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines after %d sessions ended, %d before:\n%s", runtime.NumGoroutine(), n, baseline, buf[:runtime.Stack(buf, true)])
+		}
+	}
+	if k := p.client.Sessions(); k != 0 {
+		t.Errorf("%d sessions registered in the client after all were closed", k)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -277,6 +278,7 @@ func TestExec(t *testing.T) {
 
 	t.Run("Concurrent", func(t *testing.T) {
 		before := guestProcSet(t, d, cfg.ID)
+		goroutines := runtime.NumGoroutine()
 		const n = 24
 		var wg sync.WaitGroup
 		for i := range n {
@@ -311,6 +313,12 @@ func TestExec(t *testing.T) {
 		d.execMu.Unlock()
 		if left := ch.client.Sessions(); left != 0 {
 			t.Errorf("%d sessions still registered on the host", left)
+		}
+		for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > goroutines; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Errorf("%d goroutines on the host after %d sessions ended, %d before", runtime.NumGoroutine(), n, goroutines)
+				break
+			}
 		}
 	})
 
