@@ -504,3 +504,50 @@ func TestExecBadFrameResync(t *testing.T) {
 		}
 	}
 }
+
+// A host that sends stdin past its window breaks the protocol: the
+// server ends the connection's sessions instead of buffering without
+// bound.
+func TestExecStdinPastWindow(t *testing.T) {
+	host, guestEnd := socketPair(t)
+	srv := NewExecServer(&hostBackend{}, t.Logf)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(guestEnd, guestEnd) }()
+	defer func() {
+		host.Close()
+		<-served
+		guestEnd.Close()
+		srv.Wait()
+	}()
+	host.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := host.Write(encodeFrame(frameHello, 0, helloPayload())); err != nil {
+		t.Fatal(err)
+	}
+	for f, err := readFrame(host); f.typ != frameHello; f, err = readFrame(host) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A process that never reads its stdin.
+	host.Write(encodeFrame(frameOpen, 1, []byte(`{"args":["sleep","1000"],"stdin":true}`)))
+	for f, err := readFrame(host); f.typ != frameStarted; f, err = readFrame(host) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	chunk := make([]byte, MaxExecPayload)
+	go func() {
+		for sent := 0; sent <= 2*ExecWindow; sent += len(chunk) {
+			if _, err := host.Write(encodeFrame(frameStdin, 1, chunk)); err != nil {
+				return
+			}
+		}
+	}()
+	// The session ends: its exit (killed) may or may not reach the host
+	// before the server stops sending for it; the server forgets it.
+	for deadline := time.Now().Add(10 * time.Second); srv.Sessions() != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a session whose host overran its stdin window is still open")
+		}
+	}
+}

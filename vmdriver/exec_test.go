@@ -374,12 +374,21 @@ func TestExecSignalMain(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = d.Destroy(context.Background(), cfg.ID) })
 	waitLog(t, cfg, driver.StdoutLog, "ready\n", slack)
+	// A session open when the workload ends ends with it.
+	open := startExec(t, d, cfg.ID, &driver.ExecConfig{Args: []string{"sleep", "1000"}})
 	if err := d.Signal(execCtx(t), cfg.ID, syscall.SIGHUP); err != nil {
 		t.Fatalf("Signal(HUP): %v", err)
 	}
 	res, err := d.Wait(execCtx(t), cfg.ID)
 	if err != nil || res.ExitCode != 9 {
 		t.Errorf("exit after HUP = %+v, %v; want the trap's 9", res, err)
+	}
+	// berth-init kills what is left when the workload ends, reports it and
+	// powers off; either the kill or the closed channel ends the session.
+	if sres, err := open.Wait(execCtx(t)); err == nil && sres.ExitCode != 137 {
+		t.Errorf("session open when the workload ended: %+v, want killed (137) or an error", sres)
+	} else {
+		t.Logf("session open when the workload ended: %+v, %v", sres, err)
 	}
 	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "ready\ngot-hup\n" {
 		t.Errorf("stdout = %q", got)
