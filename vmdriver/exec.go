@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -37,7 +36,9 @@ var (
 
 // execChannel is the driver's connection to one VM's exec channel.
 type execChannel struct {
-	mu     sync.Mutex // held while dialing
+	// sem is held while dialing (and while reading client): callers wait
+	// for it within their own ctx.
+	sem    chan struct{}
 	client *guest.ExecClient
 }
 
@@ -54,18 +55,24 @@ func (d *Driver) execClient(ctx context.Context, t *task) (*guest.ExecClient, er
 	d.execMu.Lock()
 	ch := d.execChans[t.ID]
 	if ch == nil {
-		ch = &execChannel{}
+		ch = &execChannel{sem: make(chan struct{}, 1)}
 		d.execChans[t.ID] = ch
 	}
 	d.execMu.Unlock()
 
-	ch.mu.Lock()
-	defer ch.mu.Unlock()
+	select {
+	case ch.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("vm task %s: wait for the exec channel: %w", t.ID, ctx.Err())
+	}
+	defer func() { <-ch.sem }()
 	if ch.client != nil && ch.client.Err() == nil {
 		return ch.client, nil
 	}
 	hctx, cancel := context.WithTimeout(ctx, execHandshakeTimeout)
 	defer cancel()
+	// Close does not wait for a dial.
+	defer context.AfterFunc(d.ctx, cancel)()
 	var dialer net.Dialer
 	conn, err := dialer.DialContext(hctx, "unix", sock)
 	if err != nil {
@@ -211,11 +218,11 @@ func (d *Driver) closeExec() {
 	d.execChans = map[string]*execChannel{}
 	d.execMu.Unlock()
 	for _, ch := range chans {
-		ch.mu.Lock()
+		ch.sem <- struct{}{}
 		if ch.client != nil {
 			ch.client.Close()
 		}
-		ch.mu.Unlock()
+		<-ch.sem
 	}
 }
 
