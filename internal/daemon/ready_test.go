@@ -2,6 +2,8 @@ package daemon_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net"
 	"os"
@@ -20,10 +22,23 @@ import (
 // and STOPPING=1 when it shuts down; on the unix socket and, without
 // one, on TCP.
 func TestServiceManagerNotification(t *testing.T) {
+	certFile, keyFile, ca := serverCert(t)
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, ca.pem, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tokens, _ := tokensFile(t)
 	for _, tc := range []struct {
-		name string
-		unix bool
-	}{{"unix socket", true}, {"tcp only", false}} {
+		name   string
+		modify func(*config.Config)
+	}{
+		{"unix socket", nil},
+		{"tcp only", func(c *config.Config) { c.ListenUnix = "" }},
+		{"tls only", func(c *config.Config) {
+			c.ListenUnix, c.Listen, c.Auth.TokensFile = "", "0.0.0.0:0", tokens
+			c.TLS = config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile}
+		}},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "notify.sock")
 			mgr, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
@@ -39,11 +54,7 @@ func TestServiceManagerNotification(t *testing.T) {
 				return string(buf[:n]), err
 			}
 
-			d, err := newFakeAgent(t, func(c *config.Config) {
-				if !tc.unix {
-					c.ListenUnix = ""
-				}
-			})
+			d, err := newFakeAgent(t, tc.modify)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -68,11 +79,18 @@ func TestServiceManagerNotification(t *testing.T) {
 				t.Fatalf("manager got %q, want READY=1 and a status", msg)
 			}
 			// The promise of READY=1: the API answers now.
-			c, err := client.New(d.Addr())
+			addr, opts := d.Addr(), []client.Option(nil)
+			if strings.HasPrefix(tc.name, "tls") {
+				_, port, _ := net.SplitHostPort(addr)
+				roots := x509.NewCertPool()
+				roots.AddCert(ca.cert)
+				addr, opts = "127.0.0.1:"+port, []client.Option{client.WithTLS(&tls.Config{RootCAs: roots})}
+			}
+			c, err := client.New(addr, opts...)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, _, err := c.Node(context.Background(), nil); err != nil {
+			if err := c.Ready(context.Background()); err != nil {
 				t.Fatalf("the API does not answer after READY=1: %v", err)
 			}
 
