@@ -8,6 +8,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -96,6 +97,7 @@ type Agent struct {
 	opts    Options
 	log     *slog.Logger
 	store   *store
+	commits *committer
 	images  Images
 	drivers map[api.Isolation]driver.Driver
 	logsDir string
@@ -164,10 +166,24 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	commits, err := newCommitter(st.db)
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	// Until New returns the agent, a failure closes what it opened.
+	ok := false
+	defer func() {
+		if !ok {
+			commits.close()
+			st.close()
+		}
+	}()
 	a := &Agent{
 		opts:    opts,
 		log:     opts.Logger,
 		store:   st,
+		commits: commits,
 		images:  opts.Images,
 		drivers: map[api.Isolation]driver.Driver{},
 		logsDir: filepath.Join(opts.DataDir, "logs"),
@@ -190,21 +206,17 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		a.drivers[api.Isolation(d.Name())] = d
 	}
 	if err := os.MkdirAll(a.logsDir, 0o700); err != nil {
-		st.close()
 		return nil, err
 	}
 	if err := a.loadNodeID(); err != nil {
-		st.close()
 		return nil, fmt.Errorf("node id: %w", err)
 	}
 	if err := a.loadCordon(); err != nil {
-		st.close()
 		return nil, err
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	if err := a.recover(ctx); err != nil {
 		a.cancel()
-		st.close()
 		return nil, err
 	}
 	pol.onChange = a.policyChanged
@@ -219,6 +231,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	go a.healthLoop()
 	go a.reconcileLoop()
 	go a.diskLoop()
+	ok = true
 	return a, nil
 }
 
@@ -228,7 +241,7 @@ func (a *Agent) Close() error {
 	a.pol.close()
 	a.cancel()
 	a.wg.Wait()
-	return a.store.close()
+	return errors.Join(a.commits.close(), a.store.close())
 }
 
 func (a *Agent) driverFor(iso api.Isolation) (driver.Driver, error) {

@@ -84,6 +84,10 @@ func (a *Agent) RemoveImage(ref string) error {
 
 // Ready reports why the agent cannot take workloads now, or nil.
 func (a *Agent) Ready(ctx context.Context) error {
+	if err := a.commits.healthy(); err != nil {
+		// Memory is ahead of the disk: a restart recovers from the disk.
+		return fmt.Errorf("%w; restart the agent", err)
+	}
 	var reasons []string
 	healthy := 0
 	for iso := range a.drivers {

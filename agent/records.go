@@ -162,11 +162,13 @@ func (a *Agent) record(id string) *record {
 	return a.recs[id]
 }
 
-// commitLocked persists r as the new version of its record and publishes
-// it, and sees that a record with work left (a run, a stop, a delete) has
-// a supervisor, which it wakes. The caller holds a.writeMu. Records in
-// a.recs are never mutated after publication, so readers may hold them
-// without locks.
+// commitLocked queues r as the new version of its record for the state
+// database and publishes it, and sees that a record with work left (a
+// run, a stop, a delete) has a supervisor, which it wakes. The caller
+// holds a.writeMu, and waits for a.commits.durable(r's index) once it has
+// released it before anything follows from the change (commit.go).
+// Records in a.recs are never mutated after publication, so readers may
+// hold them without locks.
 func (a *Agent) commitLocked(r *record) error {
 	a.mu.Lock()
 	idx := a.index + 1
@@ -174,7 +176,7 @@ func (a *Agent) commitLocked(r *record) error {
 	a.mu.Unlock()
 	r.Workload.ModifyIndex = idx
 	r.Workload.Deleting = r.Deleting
-	if err := a.store.put(r, idx); err != nil {
+	if err := a.commits.putRecord(r, idx); err != nil {
 		return fmt.Errorf("persist workload %s: %w", r.Workload.ID, err)
 	}
 	a.mu.Lock()
@@ -211,9 +213,22 @@ func (a *Agent) bindNameLocked(r *record) {
 // errSkip aborts a mutation without an error to report.
 var errSkip = errors.New("skip")
 
-// mutate applies fn to a copy of the workload's record and commits it. fn
-// may return errSkip to leave the record as it is.
+// mutate applies fn to a copy of the workload's record and commits it,
+// and returns once the change is on disk. fn may return errSkip to leave
+// the record as it is.
 func (a *Agent) mutate(id string, fn func(r *record) error) (*record, error) {
+	r, err := a.mutateLocked(id, fn)
+	if err != nil {
+		return nil, err
+	}
+	if err := a.commits.durable(r.Workload.ModifyIndex); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// mutateLocked is mutate up to the commit, under writeMu.
+func (a *Agent) mutateLocked(id string, fn func(r *record) error) (*record, error) {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
 	a.mu.Lock()
@@ -236,13 +251,22 @@ func (a *Agent) mutate(id string, fn func(r *record) error) (*record, error) {
 }
 
 func (a *Agent) removeRecord(id string) error {
+	idx, err := a.removeRecordLocked(id)
+	if err != nil {
+		return err
+	}
+	a.events.publish(api.Event{Type: api.EventWorkloadDeleted, WorkloadID: id, Message: "workload " + id + " deleted"})
+	return a.commits.durable(idx)
+}
+
+func (a *Agent) removeRecordLocked(id string) (uint64, error) {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
 	a.mu.Lock()
 	idx := a.index + 1
 	a.mu.Unlock()
-	if err := a.store.delete(id, idx); err != nil {
-		return fmt.Errorf("delete workload %s: %w", id, err)
+	if err := a.commits.enqueue(storeWrite{id: id, del: true, index: idx}); err != nil {
+		return 0, fmt.Errorf("delete workload %s: %w", id, err)
 	}
 	a.mu.Lock()
 	if r, ok := a.recs[id]; ok {
@@ -255,8 +279,7 @@ func (a *Agent) removeRecord(id string) error {
 	close(a.changed)
 	a.changed = make(chan struct{})
 	a.mu.Unlock()
-	a.events.publish(api.Event{Type: api.EventWorkloadDeleted, WorkloadID: id, Message: "workload " + id + " deleted"})
-	return nil
+	return idx, nil
 }
 
 // bumpIndex moves the state index for a change that is not a workload
@@ -268,7 +291,7 @@ func (a *Agent) bumpIndex() {
 	a.mu.Lock()
 	idx := a.index + 1
 	a.mu.Unlock()
-	if err := a.store.setIndex(idx); err != nil {
+	if err := a.commits.enqueue(storeWrite{index: idx}); err != nil {
 		a.log.Warn("persist state index", "err", err)
 		return
 	}

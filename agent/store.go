@@ -379,8 +379,9 @@ func tenantFromLabel(d *dbRecord) *dbRecord {
 }
 
 // store persists workload records in bbolt, and their secret
-// environments beside it (secrets.go). Every write is committed (and
-// fsynced) before the API acknowledges the request it serves.
+// environments beside it (secrets.go). Records are written in groups by
+// the committer (commit.go); every write is on disk (fsynced) before the
+// API acknowledges the request it serves.
 type store struct {
 	db *bolt.DB
 	// secretsDir holds one root-only file per workload with secrets.
@@ -481,10 +482,9 @@ func (s *store) loadAll() ([]*record, uint64, error) {
 	var out []*record
 	var index uint64
 	err := s.db.View(func(tx *bolt.Tx) error {
-		if v := tx.Bucket(bucketMeta).Get(keyIndex); v != nil {
-			if err := json.Unmarshal(v, &index); err != nil {
-				return fmt.Errorf("decode index: %w", err)
-			}
+		var err error
+		if index, err = readIndex(tx); err != nil {
+			return err
 		}
 		return tx.Bucket(bucketWorkloads).ForEach(func(k, v []byte) error {
 			var d dbRecord
@@ -512,13 +512,15 @@ func (s *store) put(r *record, index uint64) error {
 	})
 }
 
-func (s *store) delete(id string, index uint64) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketWorkloads).Delete([]byte(id)); err != nil {
-			return err
+// readIndex reads the state index; 0 before the first change.
+func readIndex(tx *bolt.Tx) (uint64, error) {
+	var index uint64
+	if v := tx.Bucket(bucketMeta).Get(keyIndex); v != nil {
+		if err := json.Unmarshal(v, &index); err != nil {
+			return 0, fmt.Errorf("decode index: %w", err)
 		}
-		return putIndex(tx, index)
-	})
+	}
+	return index, nil
 }
 
 func putIndex(tx *bolt.Tx, index uint64) error {
@@ -539,9 +541,4 @@ func (s *store) meta(key []byte, mk func() string) (string, error) {
 		return b.Put(key, []byte(val))
 	})
 	return val, err
-}
-
-// setIndex persists the state index alone.
-func (s *store) setIndex(index uint64) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return putIndex(tx, index) })
 }

@@ -25,6 +25,19 @@ import (
 // record is committed; the record, and everything made from it (the
 // answer, events, the state database), holds only its names.
 func (a *Agent) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, bool, error) {
+	w, created, err := a.submit(ctx, spec)
+	if err != nil {
+		return nil, false, err
+	}
+	// Acknowledged only once on disk, a retry's answer too: the record it
+	// found may still be on its way there.
+	if err := a.commits.durable(w.ModifyIndex); err != nil {
+		return nil, false, err
+	}
+	return w, created, nil
+}
+
+func (a *Agent) submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workload, bool, error) {
 	secrets := maps.Clone(spec.SecretEnv)
 	spec, err := normalize(spec, a.opts.Defaults)
 	if err != nil {
