@@ -28,6 +28,7 @@ type cleaner struct {
 	runID string
 	agent *agentProc
 	runc  *rawRunc
+	cni   *rawCNI
 }
 
 func (c *cleaner) run() {
@@ -46,6 +47,9 @@ func (c *cleaner) run() {
 			deleteAll(ctx, a, ids, 16)
 		}
 		a.stop()
+	}
+	if c.cni != nil {
+		c.cni.cleanup()
 	}
 	agentDir := filepath.Join(c.dir, "agent")
 
