@@ -311,11 +311,18 @@ func (a *Agent) Index() (uint64, <-chan struct{}) {
 }
 
 // waitRecord blocks until the workload's record satisfies ok, it is gone
-// (ErrNotFound), or ctx ends.
+// (ErrNotFound), or ctx ends. What it answers with is on disk: callers
+// acknowledge it.
 func (a *Agent) waitRecord(ctx context.Context, id string, ok func(*record) bool) (*record, error) {
 	for {
 		_, changed := a.Index()
 		r := a.record(id)
+		if r == nil || ok(r) {
+			idx, _ := a.Index()
+			if err := a.commits.durable(idx); err != nil {
+				return nil, err
+			}
+		}
 		if r == nil {
 			return nil, fmt.Errorf("workload %s: %w", id, errdefs.ErrNotFound)
 		}
