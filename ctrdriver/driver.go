@@ -31,6 +31,7 @@ import (
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/loopfs"
 	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/supervisor/monitor"
 )
@@ -78,6 +79,9 @@ type Driver struct {
 	log      *slog.Logger
 	sup      *supervisor.Supervisor[struct{}]
 	userns   *userns
+	// scratch makes the filesystems writable layers with a disk budget
+	// live on.
+	scratch *loopfs.Templates
 }
 
 type task = supervisor.Task[struct{}]
@@ -126,6 +130,9 @@ func New(opts Options) (*Driver, error) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("ctrdriver: %w", err)
 		}
+	}
+	if d.scratch, err = loopfs.NewTemplates(filepath.Join(opts.Root, "scratch-templates")); err != nil {
+		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
 	return d, nil
 }

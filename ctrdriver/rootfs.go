@@ -25,7 +25,7 @@ func (d *Driver) mountRootfs(ctx context.Context, cfg *driver.TaskConfig, dir st
 	}
 	if size := cfg.Resources.DiskBytes; size > 0 {
 		scratch := filepath.Join(dir, scratchDir)
-		if err := mountScratch(scratch, size); err != nil {
+		if err := d.mountScratch(scratch, size); err != nil {
 			return "", nil, err
 		}
 		upper, work = filepath.Join(scratch, "upper"), filepath.Join(scratch, "work")
@@ -155,12 +155,12 @@ const (
 // layer and mounts it on dir: writes past the budget fail with ENOSPC in
 // the container and never reach the node's disk. Only root reaches it;
 // the overlay's upper and work directories are made inside it.
-func mountScratch(dir string, size int64) error {
+func (d *Driver) mountScratch(dir string, size int64) error {
 	img := filepath.Join(filepath.Dir(dir), scratchImage)
 	if size < loopfs.MinBytes {
 		size = loopfs.MinBytes
 	}
-	if err := loopfs.Create(img, size, 0, 0); err != nil {
+	if err := d.scratch.Create(img, size, 0, 0); err != nil {
 		return fmt.Errorf("the writable layer's filesystem: %w", err)
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil {

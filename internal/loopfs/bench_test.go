@@ -19,9 +19,18 @@ func BenchmarkCreateMountUnmount(b *testing.B) {
 	if err := os.Mkdir(mnt, 0o700); err != nil {
 		b.Fatal(err)
 	}
+	tpl, err := NewTemplates(filepath.Join(dir, "templates"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("mkfs", func(b *testing.B) { createMountUnmount(b, dir, mnt, Create) })
+	b.Run("template", func(b *testing.B) { createMountUnmount(b, dir, mnt, tpl.Create) })
+}
+
+func createMountUnmount(b *testing.B, dir, mnt string, create func(string, int64, int, int) error) {
 	for i := 0; b.Loop(); i++ {
 		img := filepath.Join(dir, "fs.img")
-		if err := Create(img, 1<<30, 0, 0); err != nil {
+		if err := create(img, 1<<30, 0, 0); err != nil {
 			b.Fatal(err)
 		}
 		if err := Mount(img, mnt, 0); err != nil {

@@ -38,15 +38,35 @@ func loopsOf(t *testing.T, img string) []string {
 	return out
 }
 
+// makers are the two ways to make a filesystem: mkfs for each, or a copy
+// of a template made once.
+func makers(t *testing.T) map[string]func(img string, size int64, uid, gid int) error {
+	tpl, err := NewTemplates(filepath.Join(t.TempDir(), "templates"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return map[string]func(string, int64, int, int) error{"mkfs": Create, "template": tpl.Create}
+}
+
 func TestFullFilesystemIsENOSPCAndFreesItsDevice(t *testing.T) {
 	requireLoop(t)
+	for name, create := range makers(t) {
+		t.Run(name, func(t *testing.T) {
+			// Twice: the second copy of a template is like the first.
+			fullFilesystem(t, create)
+			fullFilesystem(t, create)
+		})
+	}
+}
+
+func fullFilesystem(t *testing.T, create func(string, int64, int, int) error) {
 	dir := t.TempDir()
 	img, mnt := filepath.Join(dir, "fs.img"), filepath.Join(dir, "mnt")
 	if err := os.Mkdir(mnt, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	const size = 8 << 20
-	if err := Create(img, size, 1234, 5678); err != nil {
+	if err := create(img, size, 1234, 5678); err != nil {
 		t.Fatal(err)
 	}
 	if err := Mount(img, mnt, unix.MS_NOSUID|unix.MS_NODEV); err != nil {
@@ -132,5 +152,36 @@ func TestCreateRefusesTooSmallAndExisting(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(img); string(b) != "data" {
 		t.Errorf("create changed an existing file: %q", b)
+	}
+}
+
+// A copy of a template is sparse (only the metadata takes space), and the
+// template is made once per size and owner.
+func TestTemplateCopiesAreSparseAndTemplatesReused(t *testing.T) {
+	requireLoop(t)
+	dir := t.TempDir()
+	tpl, err := NewTemplates(filepath.Join(dir, "templates"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		img := filepath.Join(dir, "fs"+string(rune('a'+i))+".img")
+		if err := tpl.Create(img, 1<<30, 0, 0); err != nil {
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(img, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Size != 1<<30 || st.Blocks*512 > 8<<20 {
+			t.Errorf("copy %d: %d bytes taking %d on disk; want 1 GiB taking under 8 MiB", i, st.Size, st.Blocks*512)
+		}
+	}
+	tpls, _ := filepath.Glob(filepath.Join(dir, "templates", "*"))
+	if len(tpls) != 1 {
+		t.Errorf("templates after three copies of one size: %v, want one", tpls)
+	}
+	if err := tpl.Create(filepath.Join(dir, "small.img"), MinBytes-1, 0, 0); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("too small from a template: %v, want invalid argument", err)
 	}
 }
