@@ -32,6 +32,9 @@ const IndexHeader = "X-Berth-Index"
 type Client struct {
 	base *url.URL
 	http *http.Client
+	// tr is the innermost transport, whose idle connections
+	// CloseIdleConnections closes whatever wraps it.
+	tr *http.Transport
 }
 
 // Option configures a client.
@@ -106,7 +109,7 @@ func New(addr string, opts ...Option) (*Client, error) {
 	if o.token != "" {
 		rt = &bearer{token: o.token, host: base.Host, next: rt}
 	}
-	return &Client{base: base, http: &http.Client{Transport: rt}}, nil
+	return &Client{base: base, http: &http.Client{Transport: rt}, tr: tr}, nil
 }
 
 // bearer adds the token to every request to the agent, streams and

@@ -172,4 +172,4 @@ func (s *ExecSession) Close() error {
 }
 
 // CloseIdleConnections closes the client's idle connections to the agent.
-func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
+func (c *Client) CloseIdleConnections() { c.tr.CloseIdleConnections() }

@@ -118,6 +118,12 @@ func (tr *transport) RoundTrip(r *http.Request) (*http.Response, error) {
 		return resp, err
 	}
 	x := &exchange{req: r, reqBody: body, status: resp.StatusCode, header: resp.Header.Clone()}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The body is the connection, handed to the client (a WebSocket):
+		// the handshake's status and headers are the answer.
+		tr.d.check(tr.rep, x)
+		return resp, nil
+	}
 	mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
 	stream := mt == "text/event-stream" || r.URL.Query().Get("follow") == "true"
 	resp.Body = &teeBody{rc: resp.Body, drain: !stream, done: func(data []byte, eof, truncated bool) {
