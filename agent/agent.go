@@ -125,6 +125,8 @@ type Agent struct {
 	health healthCache
 	pol    *policyHolder
 	events *eventLog
+	// logWatch wakes log followers when output is written.
+	logWatch logWatch
 	// startedAt is when this agent process started; nodeID is the node's
 	// persisted identity.
 	startedAt time.Time
@@ -241,6 +243,7 @@ func (a *Agent) Close() error {
 	a.pol.close()
 	a.cancel()
 	a.wg.Wait()
+	a.logWatch.close()
 	return errors.Join(a.commits.close(), a.store.close())
 }
 

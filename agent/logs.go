@@ -16,16 +16,21 @@ import (
 	"github.com/berthd/berth/errdefs"
 )
 
-// followPoll is how often a followed log is checked for new output. Polling
-// a file's size is cheap and works for every driver's log files alike.
-const followPoll = 100 * time.Millisecond
+// followPoll is how often a followed log is checked for new output where
+// inotify cannot tell (logWatch); followTick is the safety tick where it
+// can: a follower is woken by writes to the log directory and by every
+// change of state.
+const (
+	followPoll = 100 * time.Millisecond
+	followTick = time.Second
+)
 
 // maxLine bounds one emitted line; longer output is split.
 const maxLine = 64 << 10
 
 // Logs streams a workload's output to emit, one line at a time (without the
 // newline). Lines of stdout and stderr are each in order; between the two
-// streams, order is only as good as the polling interval.
+// streams, order is only as good as the wake-ups (each a read of both).
 func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {
 	r, err := a.get(ref)
 	if err != nil {
@@ -67,11 +72,18 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 		}
 		return nil
 	}
-	ticker := time.NewTicker(followPoll)
+	wake, unsubscribe := a.logWatch.subscribe(a.logDir(id))
+	defer unsubscribe()
+	tick := followTick
+	if wake == nil {
+		tick = followPoll
+	}
+	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
 	for {
 		// Read the state before the files: output written before the end
 		// is then certain to be read by the final drain.
+		_, changed := a.Index()
 		ended := true
 		if cur, err := a.get(id); err == nil {
 			ended = cur.Workload.State.Terminal()
@@ -88,6 +100,8 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+		case <-wake:
+		case <-changed:
 		}
 	}
 }
