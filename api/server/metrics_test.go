@@ -144,7 +144,7 @@ func TestMetricsParseAndLint(t *testing.T) {
 		t.Errorf("container start failures: %v, want one", m)
 	}
 
-	labels := map[string]string{"id": w.ID, "name": w.Name, "isolation": "container"}
+	labels := map[string]string{"id": w.ID, "name": w.Name, "image": testImage, "isolation": "container"}
 	if m := sample(fams, "container_memory_working_set_bytes", labels); m.GetGauge().GetValue() <= 0 {
 		t.Errorf("working set of %s: %v", w.ID, m)
 	}

@@ -13,9 +13,9 @@ import (
 
 // Per-workload usage is named as Kubernetes' cAdvisor names a container's,
 // so dashboards and alerts written for pods read berth's workloads too;
-// the labels are the workload's id, name and isolation.
+// the labels are the workload's id, name, tenant, image and isolation.
 var (
-	workloadLabels   = []string{"id", "name", "isolation"}
+	workloadLabels   = []string{"id", "name", "tenant", "image", "isolation"}
 	descCPU          = prometheus.NewDesc("container_cpu_usage_seconds_total", "Cumulative CPU time the workload consumed (a VM's: all its vCPUs).", workloadLabels, nil)
 	descMemUsage     = prometheus.NewDesc("container_memory_usage_bytes", "The workload's memory usage, cache included (a VM's: its QEMU process's resident memory).", workloadLabels, nil)
 	descMemWorkSet   = prometheus.NewDesc("container_memory_working_set_bytes", "The workload's working set: usage less inactive file cache (a VM's: its QEMU process's resident memory).", workloadLabels, nil)
@@ -43,10 +43,10 @@ const (
 )
 
 type reading struct {
-	id, name string
-	iso      api.Isolation
-	st       api.Stats
-	at       time.Time
+	id, name, tenant, image string
+	iso                     api.Isolation
+	st                      api.Stats
+	at                      time.Time
 }
 
 // workloadCollector serves per-workload usage from a cache that a scrape
@@ -95,7 +95,7 @@ func (c *workloadCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Unlock()
 	var oldest time.Time
 	for _, r := range rs {
-		l := []string{r.id, r.name, string(r.iso)}
+		l := []string{r.id, r.name, r.tenant, r.image, string(r.iso)}
 		ch <- prometheus.MustNewConstMetric(descCPU, prometheus.CounterValue, float64(r.st.CPUUsageNanos)/1e9, l...)
 		ch <- prometheus.MustNewConstMetric(descMemUsage, prometheus.GaugeValue, float64(r.st.MemoryBytes), l...)
 		ch <- prometheus.MustNewConstMetric(descMemWorkSet, prometheus.GaugeValue, float64(r.st.MemoryWorkingSetBytes), l...)
@@ -166,7 +166,7 @@ func (c *workloadCollector) readAll(done chan struct{}) {
 					continue
 				}
 				c.mu.Lock()
-				c.readings[w.ID] = reading{id: w.ID, name: w.Name, iso: w.Isolation, st: *st, at: time.Now()}
+				c.readings[w.ID] = reading{id: w.ID, name: w.Name, tenant: w.Tenant, image: w.Spec.Image, iso: w.Isolation, st: *st, at: time.Now()}
 				c.mu.Unlock()
 			}
 		}()

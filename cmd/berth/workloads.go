@@ -577,9 +577,9 @@ func newStatsCmd(g *globals) *cobra.Command {
 				return printJSON(st)
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "CPU TIME\tMEMORY\tLIMIT\tPIDS\tPIDS LIMIT")
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\n", time.Duration(st.CPUUsageNanos).Round(time.Millisecond),
-				humanBytes(int64(st.MemoryBytes)), humanBytes(int64(st.MemoryLimit)), st.Pids, st.PidsLimit)
+			fmt.Fprintln(tw, "CPU TIME\tMEMORY\tWORKING SET\tLIMIT\tPIDS\tPIDS LIMIT")
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\n", time.Duration(st.CPUUsageNanos).Round(time.Millisecond),
+				humanBytes(int64(st.MemoryBytes)), humanBytes(int64(st.MemoryWorkingSetBytes)), humanBytes(int64(st.MemoryLimit)), st.Pids, st.PidsLimit)
 			return tw.Flush()
 		},
 	}
