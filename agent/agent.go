@@ -82,6 +82,9 @@ type Options struct {
 	ReconcileInterval time.Duration
 	// Volumes is the node's volume store; nil refuses every volume.
 	Volumes *volume.Store
+	// VMVolumeOwner, when set, is the user VMs' volumes are shown to as
+	// their root (QEMU's, which serves 9p itself).
+	VMVolumeOwner *volume.Owner
 	// DiskInterval is how often the data directory's free space is
 	// checked against the floor; default 10s.
 	DiskInterval time.Duration

@@ -123,6 +123,9 @@ func (a *Agent) stageVolumes(w *api.Workload) ([]driver.Mount, error) {
 	srcs := make([]volume.Source, len(w.Spec.Volumes))
 	for i, m := range w.Spec.Volumes {
 		srcs[i] = volume.Source{Tenant: w.Tenant, Name: m.Name, HostPath: m.HostPath, Target: m.Path, ReadOnly: m.ReadOnly}
+		if w.Isolation == api.IsolationVM {
+			srcs[i].Owner = a.opts.VMVolumeOwner
+		}
 	}
 	return a.opts.Volumes.Stage(w.ID, srcs)
 }

@@ -3,11 +3,10 @@ package ctrdriver
 import (
 	"fmt"
 	"os"
-	"os/exec"
-	"runtime"
-	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/idmap"
 )
 
 // idMap is a task's own slice of host ids: ids 0 to Size-1 in the
@@ -20,40 +19,8 @@ type idMap struct {
 }
 
 // usernsFile opens a new user namespace with m's mappings, for
-// mount_setattr(MOUNT_ATTR_IDMAP). A multithreaded Go program cannot
-// unshare a user namespace itself, so a child process is made in one: it
-// stops at its exec (ptrace), before running any code of its own, and is
-// killed once its namespace is open. The returned file keeps the
-// namespace alive; nothing else outlives the call.
-func usernsFile(m idMap) (*os.File, error) {
-	// The tracer of a ptraced child is the thread that forked it.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	cmd := &exec.Cmd{
-		Path: "/proc/self/exe",
-		Args: []string{"berth-userns"},
-		Env:  []string{},
-		SysProcAttr: &syscall.SysProcAttr{
-			Cloneflags:  syscall.CLONE_NEWUSER,
-			UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: int(m.UID), Size: int(m.Size)}},
-			GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: int(m.GID), Size: int(m.Size)}},
-			Ptrace:      true,
-			Pdeathsig:   syscall.SIGKILL,
-		},
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("create a user namespace: %w", err)
-	}
-	defer func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	}()
-	f, err := os.Open(fmt.Sprintf("/proc/%d/ns/user", cmd.Process.Pid))
-	if err != nil {
-		return nil, fmt.Errorf("open the user namespace: %w", err)
-	}
-	return f, nil
-}
+// mount_setattr(MOUNT_ATTR_IDMAP).
+func usernsFile(m idMap) (*os.File, error) { return idmap.UserNS(m.UID, m.GID, m.Size) }
 
 // mountIDMapped mounts a read-only clone of the directory src on target,
 // its ids shifted by the user namespace userns: a file of uid 0 in src is

@@ -59,6 +59,12 @@ func (d *Driver) volumeTransport() (VolumeTransport, string, string) {
 	return VolumeVirtiofs, virtiofsd, "virtiofsd at " + virtiofsd
 }
 
+// VolumeTransport is the transport the driver gives VMs' volumes.
+func (d *Driver) VolumeTransport() VolumeTransport {
+	t, _, _ := d.volumeTransport()
+	return t
+}
+
 // addVolumes gives a task's domain its volumes (one filesystem device
 // each, shared memory for virtio-fs) and tells berth-init where to mount
 // them. The sources are the agent's staged mounts, read-only when the
@@ -87,6 +93,9 @@ func (d *Driver) addVolumes(mounts []driver.Mount, spec *domainSpec, gc *guest.C
 			fs.Driver = &libvirtxml.DomainFilesystemDriver{Type: "virtiofs", Queue: 1024}
 			fs.Binary = &libvirtxml.DomainFilesystemBinary{Path: virtiofsd}
 		} else {
+			// squash: QEMU creates files as itself (the staged mount shows
+			// them as root's on disk) and ignores the guest's chown.
+			fs.AccessMode = "squash"
 			fs.Driver = &libvirtxml.DomainFilesystemDriver{Type: "path"}
 			if m.ReadOnly {
 				fs.ReadOnly = &libvirtxml.DomainFilesystemReadOnly{}

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/internal/idmap"
 )
 
 // Source is one volume a workload mounts: a named volume of its tenant or
@@ -21,7 +22,16 @@ type Source struct {
 	HostPath     string
 	Target       string
 	ReadOnly     bool
+	// Owner, when set, shows the volume id-mapped: its uid and gid 0 are
+	// Owner's ids, and what Owner creates is stored as 0. QEMU serves 9p
+	// as its own unprivileged user; through such a mount it may write
+	// the volume, whose files stay root's on disk, as a container's and
+	// a virtiofsd's writes are.
+	Owner *Owner
 }
+
+// Owner is a host user a staged mount is shown to as its root.
+type Owner struct{ UID, GID uint32 }
 
 // Stage makes the host side of a workload's volumes: for each source a
 // mount at mounts/<workload>/<n>, cloned from the volume's directory (or
@@ -44,6 +54,9 @@ func (s *Store) Stage(workload string, srcs []Source) ([]driver.Mount, error) {
 	}
 	wdir := filepath.Join(s.opts.Root, mountsDir, workload)
 	if err := os.Mkdir(wdir, 0o700); err != nil {
+		return nil, fmt.Errorf("stage volumes: %w", err)
+	}
+	if err := shareDir(wdir, s.opts.ShareGID); err != nil {
 		return nil, fmt.Errorf("stage volumes: %w", err)
 	}
 	mounts := make([]driver.Mount, 0, len(srcs))
@@ -93,6 +106,15 @@ func (s *Store) stageOne(src Source, target string) error {
 	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
 	if src.ReadOnly {
 		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
+	}
+	if src.Owner != nil {
+		ns, err := idmap.UserNS(src.Owner.UID, src.Owner.GID, 1)
+		if err != nil {
+			return err
+		}
+		defer ns.Close()
+		attr.Attr_set |= unix.MOUNT_ATTR_IDMAP
+		attr.Userns_fd = uint64(ns.Fd())
 	}
 	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &attr); err != nil {
 		return fmt.Errorf("set the mount's flags: %w", err)

@@ -80,7 +80,14 @@ type Options struct {
 	// MinFreeBytes is the free space the data directory's filesystem
 	// keeps: a sized volume that would go below it is refused.
 	MinFreeBytes int64
-	Logger       *slog.Logger
+	// ShareGID, when not 0, is the group (QEMU's) that may pass
+	// through to staged mounts: 9p is served by QEMU itself, as its
+	// unprivileged user. The store's root is then 0711 (each volume's
+	// directory stays 0700) and the staging directories 0710 to it.
+	// 0 (the default, and with virtio-fs, whose virtiofsd runs
+	// as root): root alone.
+	ShareGID int
+	Logger   *slog.Logger
 }
 
 // Store holds the node's named volumes.
@@ -103,13 +110,20 @@ func Open(opts Options) (*Store, error) {
 	if err := checkAllowlist(opts.HostPaths, opts.DataDir); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(opts.Root, 0o700); err != nil {
+	rootMode := os.FileMode(0o700)
+	if opts.ShareGID > 0 {
+		rootMode = 0o711
+	}
+	if err := os.MkdirAll(opts.Root, rootMode); err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
-	if err := os.Chmod(opts.Root, 0o700); err != nil {
+	if err := os.Chmod(opts.Root, rootMode); err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Root, mountsDir), 0o700); err != nil {
+		return nil, fmt.Errorf("volume store: %w", err)
+	}
+	if err := shareDir(filepath.Join(opts.Root, mountsDir), opts.ShareGID); err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
 	s := &Store{opts: opts, log: opts.Logger, vols: map[string]*Volume{}}
@@ -143,6 +157,18 @@ func Open(opts Options) (*Store, error) {
 		s.vols[v.Ref()] = &v
 	}
 	return s, nil
+}
+
+// shareDir makes dir 0710 to group gid, or 0700 root's for gid 0.
+func shareDir(dir string, gid int) error {
+	mode, group := os.FileMode(0o700), 0
+	if gid > 0 {
+		mode, group = 0o710, gid
+	}
+	if err := os.Chown(dir, 0, group); err != nil {
+		return err
+	}
+	return os.Chmod(dir, mode)
 }
 
 const (

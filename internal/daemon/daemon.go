@@ -112,8 +112,10 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			return nil, err
 		}
 	}
+	shareGID, vmOwner := d.nineP(drivers)
 	vols, err := volume.Open(volume.Options{
-		Root: filepath.Join(cfg.DataDir, "volumes"), DataDir: cfg.DataDir,
+		ShareGID: shareGID,
+		Root:     filepath.Join(cfg.DataDir, "volumes"), DataDir: cfg.DataDir,
 		HostPaths: cfg.Volumes.HostPaths, MinFreeBytes: cfg.Storage.MinFreeBytes, Logger: log,
 	})
 	if err != nil {
@@ -123,12 +125,13 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	// to it, the API serves it.
 	metrics := server.NewMetrics()
 	ag, err = agent.New(ctx, agent.Options{
-		Volumes: vols,
-		OnStart: metrics.ObserveStart,
-		Network: netw,
-		DataDir: cfg.DataDir,
-		Drivers: drivers,
-		Images:  imgs,
+		Volumes:       vols,
+		VMVolumeOwner: vmOwner,
+		OnStart:       metrics.ObserveStart,
+		Network:       netw,
+		DataDir:       cfg.DataDir,
+		Drivers:       drivers,
+		Images:        imgs,
 		Defaults: agent.Defaults{
 			CPU:           cfg.WorkloadDefaults.CPU,
 			MemoryMB:      cfg.WorkloadDefaults.MemoryMB,

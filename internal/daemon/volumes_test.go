@@ -12,12 +12,13 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
+	"github.com/berthd/berth/internal/config"
 )
 
 // volumeAgent runs an agent (containers only, user namespaces as
 // configured by default) that allows host paths below the returned
 // directory.
-func volumeAgent(t *testing.T, vms bool) (*client.Client, string, string) {
+func volumeAgent(t *testing.T, vms bool, change ...func(*config.Config)) (*client.Client, string, string) {
 	t.Helper()
 	requireRunc(t)
 	if vms {
@@ -31,6 +32,9 @@ func volumeAgent(t *testing.T, vms bool) (*client.Client, string, string) {
 	cfg.Volumes.HostPaths = []string{allowed}
 	if vms {
 		cfg = withVMs(t, cfg)
+	}
+	for _, ch := range change {
+		ch(cfg)
 	}
 	c, _ := serve(t, cfg)
 	importBusybox(t, c)
@@ -62,15 +66,22 @@ func in(iso api.Isolation, spec api.WorkloadSpec, vols ...api.VolumeMount) api.W
 // the VM reads (and exits with a code derived from it), and the other way
 // round; read-only is read-only in the VM too; node status says which
 // transport VMs use.
-func TestVMVolumes(t *testing.T) {
-	c, dataDir, allowed := volumeAgent(t, true)
+func TestVMVolumes(t *testing.T) { vmVolumes(t, "auto", "virtiofs") }
+
+// TestVMVolumes9p is TestVMVolumes over 9p, the transport where virtio-fs
+// cannot work: QEMU serves it as its unprivileged user, through staged
+// mounts that show it each volume as its own.
+func TestVMVolumes9p(t *testing.T) { vmVolumes(t, "9p", "9p") }
+
+func vmVolumes(t *testing.T, transportConfig, want string) {
+	c, dataDir, allowed := volumeAgent(t, true, func(cfg *config.Config) { cfg.VM.VolumeTransport = transportConfig })
 	ctx := context.Background()
 	n, _, err := c.Node(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	transport := n.Drivers[string(api.IsolationVM)].Details["volumes"]
-	if transport != "virtiofs" && transport != "9p" {
+	if transport != want {
 		t.Fatalf("vm driver details: volumes %q (%s)", transport, n.Drivers[string(api.IsolationVM)].Details["volumes_reason"])
 	}
 	t.Logf("volumes reach VMs over %s", transport)
@@ -89,6 +100,14 @@ func TestVMVolumes(t *testing.T) {
 	w, out, errOut = run(t, c, in(api.IsolationContainer, sh("exit $(cat /data/from-vm)"), data))
 	if exitCode(w) != 34 {
 		t.Errorf("container reading what the vm wrote: exit %d %q %q, want 34", exitCode(w), out, errOut)
+	}
+	// What the VM's root wrote is root's on disk, whichever transport.
+	if m, _ := filepath.Glob(filepath.Join(dataDir, "volumes", "*", "data", "from-vm")); len(m) != 1 {
+		t.Errorf("the VM's file on the host: %v", m)
+	} else if st, err := os.Stat(m[0]); err != nil {
+		t.Error(err)
+	} else if uid := ownerOf(st); uid != 0 {
+		t.Errorf("the VM's file is host uid %d on disk, want 0", uid)
 	}
 	// Read-only in the VM: reads work, writes fail; nothing reaches the
 	// volume.

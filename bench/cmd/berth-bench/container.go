@@ -405,14 +405,21 @@ func usernsState(ctx context.Context, a *agentProc) string {
 // startAgent configures an agent from the bench's file and the
 // environment, so the differences are BERTH_* variables set around it.
 func startUsernsOffAgent(ctx context.Context, a *agentProc) (*agentProc, error) {
-	dir := filepath.Join(filepath.Dir(a.dataDir), "agent-userns-off")
+	return startAgentWith(ctx, a, "agent-userns-off", map[string]string{
+		"BERTH_CONTAINER_USERNS_MODE": "off", "BERTH_NETWORK_ENABLED": "false", "BERTH_VM_ENABLED": "false",
+	})
+}
+
+// startAgentWith starts a second agent like a, in a directory of its own
+// (name) next to a's, with its configuration changed by env (BERTH_*),
+// and the bench image imported.
+func startAgentWith(ctx context.Context, a *agentProc, name string, env map[string]string) (*agentProc, error) {
+	dir := filepath.Join(filepath.Dir(a.dataDir), name)
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return nil, err
 	}
-	for k, v := range map[string]string{
-		"BERTH_CONTAINER_USERNS_MODE": "off", "BERTH_NETWORK_ENABLED": "false",
-		"BERTH_VM_ENABLED": "false", "BERTH_LISTEN_UNIX": filepath.Join(dir, "berth.sock"),
-	} {
+	env["BERTH_LISTEN_UNIX"] = filepath.Join(dir, "berth.sock")
+	for k, v := range env {
 		old, had := os.LookupEnv(k)
 		os.Setenv(k, v)
 		if had {
@@ -421,15 +428,15 @@ func startUsernsOffAgent(ctx context.Context, a *agentProc) (*agentProc, error) 
 			defer os.Unsetenv(k)
 		}
 	}
-	off, err := startAgent(ctx, a.cmd.Path, dir, "tcg")
+	b, err := startAgent(ctx, a.cmd.Path, dir, "tcg")
 	if err != nil {
 		return nil, err
 	}
-	if err := off.importImage(ctx); err != nil {
-		off.stop()
+	if err := b.importImage(ctx); err != nil {
+		b.stop()
 		return nil, err
 	}
-	return off, nil
+	return b, nil
 }
 
 // stopAgent deletes what is left of an agent's workloads and stops it.

@@ -22,6 +22,7 @@ const volumeScript = `set -e
 cd "$D"
 up() { cut -d' ' -f1 /proc/uptime; }
 a=$(up); dd if=/dev/zero of=big bs=1M count=256 conv=fsync 2>/dev/null; b=$(up)
+[ "$(wc -c < big)" -eq 268435456 ]
 dd if=big of=/dev/null bs=1M 2>/dev/null; c=$(up)
 mkdir many; cd many; seq 1 10000 | xargs touch; sync; d=$(up)
 cd ..; rm -rf many big
@@ -51,13 +52,26 @@ func parseVolumeTimes(out string) ([]float64, error) {
 
 // volumeBench runs volumeScript n times on a named volume's directory on
 // the host itself (the baseline), through a container's bind mount, and
-// through a VM's virtio-fs (or whatever transport the node reports), and
-// reports each as a ratio of the host's time.
+// through a VM's virtio-fs (or whatever transport the node reports) and
+// a VM's 9p (a second agent's), and reports each as a ratio of the host's
+// time.
 func volumeBench(ctx context.Context, a *agentProc, n int, rep *Report) error {
 	if _, err := a.c.CreateVolume(ctx, api.VolumeSpec{Name: "bench"}); err != nil {
 		return err
 	}
 	defer func() { _ = a.c.DeleteVolume(context.WithoutCancel(ctx), "bench") }()
+	// 9p needs an agent of its own (vm.volume_transport is the node's).
+	nine, err := startAgentWith(ctx, a, "agent-9p", map[string]string{
+		"BERTH_VM_VOLUME_TRANSPORT": "9p", "BERTH_NETWORK_ENABLED": "false",
+	})
+	if err != nil {
+		return fmt.Errorf("agent with 9p volumes: %w", err)
+	}
+	defer stopAgent(nine)
+	if _, err := nine.c.CreateVolume(ctx, api.VolumeSpec{Name: "bench"}); err != nil {
+		return err
+	}
+	defer func() { _ = nine.c.DeleteVolume(context.WithoutCancel(ctx), "bench") }()
 	dirs, _ := filepath.Glob(filepath.Join(a.dataDir, "volumes", "*", "data"))
 	if len(dirs) != 1 {
 		return fmt.Errorf("volume directories: %v", dirs)
@@ -80,6 +94,7 @@ func volumeBench(ctx context.Context, a *agentProc, n int, rep *Report) error {
 		}},
 		{"container bind mount", func() (string, error) { return volumeWorkload(ctx, a, api.IsolationContainer) }},
 		{"VM " + transport, func() (string, error) { return volumeWorkload(ctx, a, api.IsolationVM) }},
+		{"VM 9p", func() (string, error) { return volumeWorkload(ctx, nine, api.IsolationVM) }},
 	}
 	times := make([][][]float64, len(variants)) // variant, op, sample
 	for i := range variants {
