@@ -551,3 +551,88 @@ func TestExecStdinPastWindow(t *testing.T) {
 		}
 	}
 }
+
+// A host that died in the middle of a frame leaves the server waiting for
+// its rest; the next host's connection still gets through at once.
+func TestExecReconnectAfterPartialFrame(t *testing.T) {
+	host, guestEnd := socketPair(t)
+	srv := NewExecServer(&hostBackend{}, t.Logf)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(guestEnd, guestEnd) }()
+	defer func() {
+		host.Close()
+		<-served
+		guestEnd.Close()
+		srv.Wait()
+	}()
+	first, err := DialExec(ctxT(t), &detachable{Conn: host})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := first.Exec(ctxT(t), &ExecRequest{Args: []string{"sleep", "1000"}, Stdin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first host stops reading; a stdin frame announces 1000 bytes and
+	// sends 10; then the host is gone (without the stream ending).
+	first.fail(ErrExecChannelClosed)
+	frame := encodeFrame(frameStdin, s.id, make([]byte, 1000))
+	if _, err := host.Write(frame[:execHeaderLen+10]); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	second, err := DialExec(ctx, &detachable{Conn: host})
+	if err != nil {
+		t.Fatalf("a new connection after a partial frame: %v", err)
+	}
+	defer second.Close()
+	s2, err := second.Exec(ctxT(t), &ExecRequest{Args: []string{"echo", "again"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if r := run(t, s2); r.stdout != "again\n" {
+		t.Errorf("session on the new connection: %+v", r)
+	}
+	if n := srv.Sessions(); n > 1 {
+		t.Errorf("%d sessions open: the first connection's survived", n)
+	}
+}
+
+// detachable is a host's end of the stream that can be let go without
+// closing the stream: a host that vanishes while the guest keeps the
+// stream (as a virtio-serial port outlives its host connections).
+type detachable struct {
+	net.Conn
+	mu      sync.Mutex
+	closed  bool
+	reading sync.WaitGroup
+}
+
+func (d *detachable) Read(p []byte) (int, error) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return 0, io.EOF
+	}
+	d.reading.Add(1)
+	d.mu.Unlock()
+	defer d.reading.Done()
+	return d.Conn.Read(p)
+}
+
+// Close stops this host's reads and leaves the stream open.
+func (d *detachable) Close() error {
+	d.mu.Lock()
+	already := d.closed
+	d.closed = true
+	d.mu.Unlock()
+	if already {
+		return nil
+	}
+	d.Conn.SetReadDeadline(time.Now())
+	d.reading.Wait()
+	d.Conn.SetReadDeadline(time.Time{})
+	return nil
+}

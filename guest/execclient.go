@@ -50,6 +50,17 @@ func DialExec(ctx context.Context, rwc io.ReadWriteCloser) (*ExecClient, error) 
 }
 
 func (c *ExecClient) handshake() error {
+	// A frame's worth of zero bytes first: a previous host that died in
+	// the middle of a frame left berth-init waiting for its rest; the
+	// zeros complete it and then read as a frame of type 0, which breaks
+	// the protocol, so berth-init resets and looks for the hello. One
+	// that was already looking for it skips them.
+	c.wmu.Lock()
+	_, err := c.rwc.Write(make([]byte, MaxExecFrame))
+	c.wmu.Unlock()
+	if err != nil {
+		return err
+	}
 	if err := c.send(frameHello, 0, helloPayload()); err != nil {
 		return err
 	}
