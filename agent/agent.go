@@ -31,6 +31,11 @@ type Images interface {
 	Rootfs(ctx context.Context, img *image.Image) (string, error)
 	List() []*image.Image
 	Pull(ctx context.Context, ref string) (*image.Image, error)
+	// Resolve reads an image's manifest and config from its registry
+	// without storing anything; PullShared pulls that digest, one pull for
+	// every concurrent caller, with progress.
+	Resolve(ctx context.Context, ref string) (*image.Image, error)
+	PullShared(ctx context.Context, ref, digest string, progress func(done, total int64)) (*image.Image, error)
 	Import(ctx context.Context, r io.Reader, ref string) ([]*image.Image, error)
 	ImportDisk(ctx context.Context, r io.Reader, ref string) (*image.Image, error)
 	DiskPath(img *image.Image) (string, error)
@@ -121,9 +126,10 @@ type Agent struct {
 	recs    map[string]*record
 	names   map[string]string // api.Ref(tenant, name) -> id
 	index   uint64
-	changed chan struct{}          // closed and replaced on every commit
-	sups    map[string]*supervisor // each workload's supervisor, while one runs
-	runs    map[string]*runLock    // per-workload locks of run transitions
+	changed chan struct{}                   // closed and replaced on every commit
+	sups    map[string]*supervisor          // each workload's supervisor, while one runs
+	pulls   map[string]*api.ImagePullStatus // by workload id, while its image downloads
+	runs    map[string]*runLock             // per-workload locks of run transitions
 
 	health healthCache
 	pol    *policyHolder
@@ -196,6 +202,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		names:   map[string]string{},
 		changed: make(chan struct{}),
 		sups:    map[string]*supervisor{},
+		pulls:   map[string]*api.ImagePullStatus{},
 		runs:    map[string]*runLock{},
 		pol:     pol,
 		events:  newEventLog(time.Now()),

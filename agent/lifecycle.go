@@ -200,6 +200,18 @@ func (a *Agent) start(id string, s *supervisor) {
 		s.cancelStart = nil
 		a.mu.Unlock()
 	}()
+	// The image first, while the workload is pending: a stop or a delete
+	// calls the download off (sctx).
+	if cur := a.record(id); cur != nil && cur.Workload.State == api.StatePending && !cur.StopRequested && !cur.Deleting {
+		if err := a.pullFor(sctx, id); err != nil {
+			if a.ctx.Err() != nil || sctx.Err() != nil {
+				return // shutting down (recovery pulls again) or stopped
+			}
+			a.log.Warn("workload's image could not be pulled", "workload_id", id, "err", err)
+			a.failPull(id, err)
+			return
+		}
+	}
 	r, err := a.mutate(id, func(r *record) error {
 		if r.Workload.State != api.StatePending || r.StopRequested || r.Deleting {
 			return errSkip

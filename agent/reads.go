@@ -17,6 +17,7 @@ func (a *Agent) Get(ctx context.Context, ref string) (*api.Workload, error) {
 		return nil, err
 	}
 	w := cloneWorkload(r.Workload)
+	a.withPull(&w)
 	return &w, nil
 }
 
@@ -44,6 +45,7 @@ func (a *Agent) List(ctx context.Context, f api.ListFilter) []api.Workload {
 		}
 		if match {
 			out = append(out, cloneWorkload(*w))
+			a.withPull(&out[len(out)-1])
 		}
 	}
 	sort.Slice(out, func(i, j int) bool {

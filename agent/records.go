@@ -66,6 +66,7 @@ func cloneWorkload(w api.Workload) api.Workload {
 	c.LastExitCode = clonePtr(w.LastExitCode)
 	c.StartedAt = clonePtr(w.StartedAt)
 	c.FinishedAt = clonePtr(w.FinishedAt)
+	c.Pull = clonePtr(w.Pull)
 	if w.Placement != nil {
 		p := *w.Placement
 		p.Matched = slices.Clone(p.Matched)

@@ -87,6 +87,7 @@ type dbSpec struct {
 	Isolation  string            `json:"isolation,omitempty"`
 	Privileged bool              `json:"privileged,omitempty"`
 	Resources  dbResources       `json:"resources"`
+	ImagePull  string            `json:"image_pull,omitempty"`
 	Restart    dbRestart         `json:"restart"`
 	Network    string            `json:"network,omitempty"`
 	Ports      []dbPort          `json:"ports,omitempty"`
@@ -218,6 +219,7 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 		Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: secretNames(s.SecretEnv), Workdir: s.Workdir,
 		Labels: s.Labels, Isolation: string(s.Isolation), Privileged: s.Privileged,
 		Resources: resourcesToDB(s.Resources),
+		ImagePull: string(s.ImagePull),
 		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
@@ -291,9 +293,9 @@ func fromDB(d *dbRecord) *record {
 			Spec: api.WorkloadSpec{
 				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: redactedEnv(s.SecretEnv), Workdir: s.Workdir,
 				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
-				Resources: resourcesFromDB(s.Resources),
-				Restart:   api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
-				Network:   s.Network, Ports: portsFromDB(s.Ports),
+				Resources: resourcesFromDB(s.Resources), ImagePull: pullFromDB(s.ImagePull),
+				Restart: api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
+				Network: s.Network, Ports: portsFromDB(s.Ports),
 				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),
 			},
 			State: api.State(d.State), Isolation: api.Isolation(d.Isolation),

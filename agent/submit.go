@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"maps"
 	"reflect"
@@ -44,14 +43,8 @@ func (a *Agent) submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		return nil, false, err
 	}
 	tenant := spec.Labels[api.TenantLabel]
-	img, err := a.images.Get(spec.Image)
+	img, err := a.submitImage(ctx, spec)
 	if err != nil {
-		if errors.Is(err, errdefs.ErrNotFound) {
-			return nil, false, &errdefs.ValidationError{Class: errdefs.ErrImageNotFound, Fields: []errdefs.FieldError{{
-				Field:  "image",
-				Detail: fmt.Sprintf("image %s is not on this node; pull or import it first", spec.Image),
-			}}}
-		}
 		return nil, false, err
 	}
 	if img.Kind == image.KindDisk {

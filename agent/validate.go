@@ -160,6 +160,13 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	case r.DiskMB < minDiskMB:
 		v.Add("resources.disk_mb", "%d MiB is too little for a filesystem; at least %d", r.DiskMB, minDiskMB)
 	}
+	switch spec.ImagePull {
+	case "":
+		spec.ImagePull = api.PullIfNotPresent
+	case api.PullIfNotPresent, api.PullAlways, api.PullNever:
+	default:
+		v.Add("image_pull", "%q is not one of if-not-present, always, never", spec.ImagePull)
+	}
 	switch spec.Restart.Policy {
 	case "":
 		spec.Restart.Policy = api.RestartNever

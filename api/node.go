@@ -160,6 +160,12 @@ const (
 	EventNodeCordoned   = "node.cordoned"
 	EventNodeDraining   = "node.draining"
 	EventNodeUncordoned = "node.uncordoned"
+	// EventImagePullProgress: bytes of an image's layers stored so far
+	// (attrs ref, digest, bytes_done, bytes_total; workload_id when a
+	// submit pulls it). EventImagePulled and EventImagePullFailed end it.
+	EventImagePullProgress = "image.pull.progress"
+	EventImagePulled       = "image.pulled"
+	EventImagePullFailed   = "image.pull_failed"
 )
 
 // EventFilter selects events; empty fields match everything.

@@ -68,8 +68,12 @@ type WorkloadSpec struct {
 	// Name is optional and unique within the workload's tenant (a DNS
 	// label); see Ref.
 	Name string `json:"name,omitempty"`
-	// Image is an OCI image reference known to the node's image store.
+	// Image is an OCI image reference. A missing one is pulled (ImagePull).
 	Image string `json:"image"`
+	// ImagePull is when the node pulls Image from its registry:
+	// if-not-present (the default), always (a new digest of the tag is
+	// pulled), or never (the image must be on the node).
+	ImagePull PullPolicy `json:"image_pull,omitempty"`
 	// Command replaces the image's entrypoint; Args replace its cmd.
 	Command []string `json:"command,omitempty"`
 	Args    []string `json:"args,omitempty"`
@@ -145,10 +149,12 @@ type Workload struct {
 	// OOMKilled is true when the kernel killed the workload for memory.
 	OOMKilled bool `json:"oom_killed,omitempty"`
 	// Error says why the workload failed (state failed) or what went wrong last.
-	Error        string     `json:"error,omitempty"`
-	Placement    *Placement `json:"placement,omitempty"`
-	ImageDigest  string     `json:"image_digest,omitempty"`
-	RestartCount int        `json:"restart_count"`
+	Error       string     `json:"error,omitempty"`
+	Placement   *Placement `json:"placement,omitempty"`
+	ImageDigest string     `json:"image_digest,omitempty"`
+	// Pull is the download of the workload's image while it is pending.
+	Pull         *ImagePullStatus `json:"pull,omitempty"`
+	RestartCount int              `json:"restart_count"`
 	// LastExitCode is the exit code of the previous run when the workload restarted.
 	LastExitCode *int       `json:"last_exit_code,omitempty"`
 	CreatedAt    time.Time  `json:"created_at"`
@@ -377,4 +383,22 @@ type NetworkStatus struct {
 	Address string        `json:"address,omitempty"`
 	Gateway string        `json:"gateway,omitempty"`
 	Ports   []PortMapping `json:"ports,omitempty"`
+}
+
+// PullPolicy is when a submit pulls its image (WorkloadSpec.ImagePull).
+type PullPolicy string
+
+const (
+	PullIfNotPresent PullPolicy = "if-not-present"
+	PullAlways       PullPolicy = "always"
+	PullNever        PullPolicy = "never"
+)
+
+// ImagePullStatus is the download of a workload's image while it is
+// pending (Workload.Pull).
+type ImagePullStatus struct {
+	Ref        string `json:"ref"`
+	Digest     string `json:"digest"`
+	BytesDone  int64  `json:"bytes_done"`
+	BytesTotal int64  `json:"bytes_total"`
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"runtime"
 	"time"
@@ -35,11 +36,61 @@ var platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
 // berth's words, the registry's HTTP status and its known error codes; the
 // rest goes to the log.
 func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
+	return s.PullWith(ctx, ref, PullOptions{})
+}
+
+// PullOptions refine a pull.
+type PullOptions struct {
+	// Digest, when set, pulls that manifest of ref's repository (the one
+	// a Resolve saw) and tags it as ref, even if the tag moved since.
+	Digest string
+	// Progress, when set, is called as layers arrive with the bytes of
+	// layers stored so far and in all (layers already in the store
+	// count as done).
+	Progress func(done, total int64)
+}
+
+// PullWith is Pull with options.
+func (s *Store) PullWith(ctx context.Context, ref string, o PullOptions) (*Image, error) {
+	f, err := s.fetchManifest(ctx, ref, o.Digest)
+	if err != nil {
+		return nil, err
+	}
+	defer f.g.close()
+	return s.fetchLayers(ctx, f, o.Progress)
+}
+
+// fetched is an image whose manifest and config were read from its
+// registry, checked for this node, and not yet stored.
+type fetched struct {
+	canon     string
+	img       v1.Image
+	digest    v1.Hash
+	manifest  []byte
+	mf        *v1.Manifest
+	rawConfig []byte
+	rec       record
+	g         *guard
+	fail      func(error) error
+}
+
+// fetchManifest reads ref's manifest for this node's platform (at digest,
+// when set) and its config, refusing what this node cannot or may not
+// run. The caller closes f.g.
+func (s *Store) fetchManifest(ctx context.Context, ref, digest string) (*fetched, error) {
 	canon, err := Normalize(ref)
 	if err != nil {
 		return nil, err
 	}
-	r, err := s.remoteRef(canon)
+	at := canon
+	if digest != "" {
+		d, err := v1.NewHash(digest)
+		if err != nil {
+			return nil, errdefs.Invalid("digest", "%q is not a sha256 digest", digest)
+		}
+		at = refRepository(canon) + "@" + d.String()
+	}
+	r, err := s.remoteRef(at)
 	if err != nil {
 		return nil, err
 	}
@@ -50,7 +101,13 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 		return nil, fmt.Errorf("pull %s: %w", canon, err)
 	}
 	g := newGuard(s.policy)
-	defer g.close()
+	f := &fetched{canon: canon, g: g}
+	ok := false
+	defer func() {
+		if !ok {
+			g.close()
+		}
+	}()
 	opts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithPlatform(platform),
@@ -58,10 +115,10 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 		remote.WithTransport(g),
 		remote.WithRetryBackoff(s.retry),
 	}
-	fail := func(err error) error { return s.remoteError(ctx, canon, g, err) }
+	f.fail = func(err error) error { return s.remoteError(ctx, canon, g, err) }
 	desc, err := remote.Get(r, opts...)
 	if err != nil {
-		return nil, fail(err)
+		return nil, f.fail(err)
 	}
 	switch desc.MediaType {
 	case types.OCIManifestSchema1, types.DockerManifestSchema2, types.OCIImageIndex, types.DockerManifestList:
@@ -76,36 +133,38 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 			s.logFailure(canon, err)
 			return nil, fmt.Errorf("pull %s: %w: the image has no %s variant", canon, errdefs.ErrNotFound, platform)
 		}
-		return nil, fail(err)
+		return nil, f.fail(err)
 	}
-	manifest, err := img.RawManifest()
-	if err != nil {
-		return nil, fail(err)
+	f.img = img
+	if f.manifest, err = img.RawManifest(); err != nil {
+		return nil, f.fail(err)
 	}
-	digest, err := img.Digest()
-	if err != nil {
-		return nil, fail(err)
+	if f.digest, err = img.Digest(); err != nil {
+		return nil, f.fail(err)
 	}
 	mediaType, err := img.MediaType()
 	if err != nil {
-		return nil, fail(err)
+		return nil, f.fail(err)
 	}
-	mf, err := v1.ParseManifest(bytes.NewReader(manifest))
-	if err != nil {
+	if f.mf, err = v1.ParseManifest(bytes.NewReader(f.manifest)); err != nil {
 		s.logFailure(canon, err)
 		return nil, fmt.Errorf("pull %s: %w: the registry sent an unreadable manifest", canon, errdefs.ErrInvalidArgument)
 	}
-
-	rawConfig, err := img.RawConfigFile()
-	if err != nil {
-		return nil, fail(err)
+	if f.rawConfig, err = img.RawConfigFile(); err != nil {
+		return nil, f.fail(err)
 	}
 	// Refuse an image this node cannot run before fetching its layers.
-	rec, err := newRecord(canon, digest, mediaType, manifest, mf, rawConfig)
-	if err != nil {
+	if f.rec, err = newRecord(canon, f.digest, mediaType, f.manifest, f.mf, f.rawConfig); err != nil {
 		return nil, fmt.Errorf("pull %s: %w", canon, err)
 	}
+	ok = true
+	return f, nil
+}
 
+// fetchLayers stores what fetchManifest read and the layers it names,
+// unpacks the root filesystem and tags the image.
+func (s *Store) fetchLayers(ctx context.Context, f *fetched, progress func(done, total int64)) (*Image, error) {
+	canon, digest, mf := f.canon, f.digest, f.mf
 	release := s.lease(blobDigests(digest, mf)...)
 	ok := false
 	defer func() {
@@ -115,29 +174,43 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 			_ = s.gc(blobDigests(digest, mf))
 		}
 	}()
-	if err := s.writeBlob(ctx, mf.Config.Digest, mf.Config.Size, bytes.NewReader(rawConfig)); err != nil {
+	if err := s.writeBlob(ctx, mf.Config.Digest, mf.Config.Size, bytes.NewReader(f.rawConfig)); err != nil {
 		return nil, fmt.Errorf("pull %s: config: %w", canon, err)
 	}
+	var done, total int64
+	for _, l := range mf.Layers {
+		total += l.Size
+		if s.hasBlob(l.Digest) {
+			done += l.Size
+		}
+	}
+	report := func(n int64) {
+		done += n
+		if progress != nil {
+			progress(done, total)
+		}
+	}
+	report(0)
 	for _, l := range mf.Layers {
 		if s.hasBlob(l.Digest) {
 			continue
 		}
-		layer, err := img.LayerByDigest(l.Digest)
+		layer, err := f.img.LayerByDigest(l.Digest)
 		if err != nil {
-			return nil, fail(err)
+			return nil, f.fail(err)
 		}
 		rc, err := layer.Compressed()
 		if err != nil {
-			return nil, fail(err)
+			return nil, f.fail(err)
 		}
-		err = s.writeBlob(ctx, l.Digest, l.Size, rc)
+		err = s.writeBlob(ctx, l.Digest, l.Size, &countingReader{r: rc, report: report})
 		rc.Close()
 		if err != nil {
-			return nil, fail(fmt.Errorf("layer %s: %w", l.Digest, err))
+			return nil, f.fail(fmt.Errorf("layer %s: %w", l.Digest, err))
 		}
 	}
 	// The manifest goes last: a stored manifest means its blobs are stored.
-	if err := s.writeBlob(ctx, digest, int64(len(manifest)), bytes.NewReader(manifest)); err != nil {
+	if err := s.writeBlob(ctx, digest, int64(len(f.manifest)), bytes.NewReader(f.manifest)); err != nil {
 		return nil, fmt.Errorf("pull %s: manifest: %w", canon, err)
 	}
 	// Unpack now, within the budgets: an image that would fill the disk is
@@ -145,11 +218,29 @@ func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
 	if _, err := s.rootfs(ctx, digest, canon); err != nil {
 		return nil, fmt.Errorf("pull %s: %w", canon, err)
 	}
-	if err := s.commit(rec); err != nil {
+	if err := s.commit(f.rec); err != nil {
 		return nil, err
 	}
 	ok = true
 	return s.Get(canon)
+}
+
+// countingReader reports what it reads (in chunks of at least 256 KiB, and
+// the rest at EOF), for pull progress.
+type countingReader struct {
+	r       io.Reader
+	report  func(n int64)
+	pending int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.pending += int64(n)
+	if c.pending >= 256<<10 || (err != nil && c.pending > 0) {
+		c.report(c.pending)
+		c.pending = 0
+	}
+	return n, err
 }
 
 // blobDigests lists every blob an image needs: manifest, config, layers.

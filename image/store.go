@@ -81,6 +81,9 @@ type Store struct {
 	// digest); garbage collection keeps such images' content. Nil: none do.
 	inUse func(digest string) bool
 
+	// flights share concurrent resolves and pulls of one image.
+	flights flightGroup
+
 	unpackLocks keyedMutex
 	unpacks     atomic.Int64 // rootfs extractions started; tests prove "unpacked once" with it
 

@@ -61,7 +61,8 @@ const cliImage = "berth.test/busybox:latest"
 // names the berth command to run, not the API route.
 func TestErrorsNameTheCommand(t *testing.T) {
 	addr, _ := execAgent(t)
-	err, _, _ := berth(t, "", "--addr", addr, "run", "berth.test/absent:1", "--", "true")
+	// --pull never: a missing image is then refused, not looked up.
+	err, _, _ := berth(t, "", "--addr", addr, "run", "--pull", "never", "berth.test/absent:1", "--", "true")
 	msg := describeHinted(err)
 	if err == nil || !strings.Contains(msg, "hint: pull it: berth image pull berth.test/absent:1") || strings.Contains(msg, "/v1/") {
 		t.Errorf("run of a missing image: %v\n%s", err, msg)

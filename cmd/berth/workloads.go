@@ -148,6 +148,7 @@ too, but other users of this host may see a command line (ps).`,
 	f.StringVar(&restart, "restart", "", "restart policy: never, on-failure or always")
 	f.IntVar(&spec.Restart.MaxRetries, "max-retries", 0, "restarts allowed by on-failure")
 	f.BoolVar(&wait, "wait", false, "stream the output and exit with the workload's exit code")
+	f.StringVar((*string)(&spec.ImagePull), "pull", "", "when to pull the image: if-not-present (default), always or never")
 	f.StringVar(&spec.Network, "network", "", "bridge (default), none, or host (containers, where policy allows)")
 	f.StringArrayVarP(&ports, "publish", "p", nil, "publish a port: HOST_PORT:CONTAINER_PORT[/tcp|udp] (repeatable)")
 	f.StringArrayVarP(&vols, "volume", "v", nil, "mount a volume: NAME:/PATH[:ro] or an allowed host directory /HOST/DIR:/PATH[:ro] (repeatable)")
