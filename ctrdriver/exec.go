@@ -86,7 +86,7 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 		return nil, err
 	}
 	dir := d.taskDir(id)
-	p, err := d.execProcess(dir, cfg)
+	spec, p, err := d.execProcess(dir, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -107,6 +107,12 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	args := monitor.ExecArgs{
 		Runc: d.runc.path, RuncRoot: d.runc.root, RuncLog: filepath.Join(tmp, "runc.log"),
 		Process: procPath, PidFile: filepath.Join(tmp, "pid"), ID: id,
+	}
+	if netns := netnsToJoinFirst(spec); netns != "" {
+		if args.RuncRoot, err = d.execRuncRoot(id, tmp); err != nil {
+			return nil, err
+		}
+		args.Netns = netns
 	}
 	var consoles chan consoleResult
 	if cfg.TTY {
@@ -155,14 +161,15 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	return s, nil
 }
 
-// execProcess builds the exec's process from the container's own.
-func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Process, error) {
+// execProcess builds the exec's process from the container's own spec,
+// which it returns too.
+func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Spec, *specs.Process, error) {
 	var spec specs.Spec
 	if err := fileutil.ReadJSON(filepath.Join(dir, "bundle", "config.json"), &spec); err != nil {
-		return nil, fmt.Errorf("read the container's spec: %w", err)
+		return nil, nil, fmt.Errorf("read the container's spec: %w", err)
 	}
 	if spec.Process == nil {
-		return nil, fmt.Errorf("the container's spec has no process")
+		return nil, nil, fmt.Errorf("the container's spec has no process")
 	}
 	p := *spec.Process
 	p.Args = cfg.Args
@@ -173,16 +180,16 @@ func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Process
 	if cfg.User != "" {
 		uid, gid, err := driver.ParseExecUser(cfg.User)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		p.User = specs.User{UID: uid, GID: gid}
 	}
 	ids, err := readIDMap(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if ids != nil && (p.User.UID >= ids.Size || p.User.GID >= ids.Size) {
-		return nil, fmt.Errorf("exec user %d:%d is outside the container's user namespace (ids 0-%d): %w", p.User.UID, p.User.GID, ids.Size-1, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("exec user %d:%d is outside the container's user namespace (ids 0-%d): %w", p.User.UID, p.User.GID, ids.Size-1, errdefs.ErrInvalidArgument)
 	}
 	p.Terminal = cfg.TTY
 	p.ConsoleSize = nil
@@ -191,7 +198,72 @@ func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Process
 		// arrives); later runcs size the terminal before the process runs.
 		p.ConsoleSize = &specs.Box{Height: uint(cfg.Size.Rows), Width: uint(cfg.Size.Cols)}
 	}
-	return &p, nil
+	return &spec, &p, nil
+}
+
+// netnsToJoinFirst is the network namespace an exec must join before the
+// container's user namespace: one the host made (bridge: the agent's),
+// owned by the host's user namespace, which a process already in the
+// container's user namespace may not join. runc 1.1 joins the user
+// namespace first, so for such a container the shim joins the network
+// namespace itself and runc is told the container has none to join.
+func netnsToJoinFirst(spec *specs.Spec) string {
+	if spec.Linux == nil {
+		return ""
+	}
+	var userns bool
+	var netns string
+	for _, ns := range spec.Linux.Namespaces {
+		switch ns.Type {
+		case specs.UserNamespace:
+			userns = true
+		case specs.NetworkNamespace:
+			netns = ns.Path
+		}
+	}
+	if !userns {
+		return ""
+	}
+	return netns
+}
+
+// execRuncRoot makes a runc state root under dir holding task id's state
+// without its network namespace, so `runc exec` from there does not join
+// it (the shim has): runc reads the state only, for an exec.
+func (d *Driver) execRuncRoot(id, dir string) (string, error) {
+	var state map[string]json.RawMessage
+	if err := fileutil.ReadJSON(filepath.Join(d.runc.root, id, "state.json"), &state); err != nil {
+		return "", fmt.Errorf("read runc's state of %s: %w", id, err)
+	}
+	var config map[string]json.RawMessage
+	if err := json.Unmarshal(state["config"], &config); err != nil {
+		return "", fmt.Errorf("runc's state of %s: %w", id, err)
+	}
+	var namespaces []map[string]any
+	if err := json.Unmarshal(config["namespaces"], &namespaces); err != nil {
+		return "", fmt.Errorf("runc's state of %s: namespaces: %w", id, err)
+	}
+	kept := namespaces[:0]
+	for _, ns := range namespaces {
+		if ns["type"] != "NEWNET" {
+			kept = append(kept, ns)
+		}
+	}
+	var err error
+	if config["namespaces"], err = json.Marshal(kept); err != nil {
+		return "", err
+	}
+	if state["config"], err = json.Marshal(config); err != nil {
+		return "", err
+	}
+	root := filepath.Join(dir, "runc")
+	if err := os.MkdirAll(filepath.Join(root, id), 0o700); err != nil {
+		return "", err
+	}
+	if err := fileutil.ReplaceJSON(filepath.Join(root, id, "state.json"), state); err != nil {
+		return "", err
+	}
+	return root, nil
 }
 
 // execError classifies runc's reason for not starting the process.

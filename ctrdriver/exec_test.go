@@ -2,6 +2,7 @@ package ctrdriver
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -213,4 +214,54 @@ func TestExecShimKillsSessionWhenAgentDies(t *testing.T) {
 			t.Fatalf("processes %v left after the shim's SIGTERM", live)
 		}
 	}
+}
+
+// A container in a user namespace of its own that joins a network
+// namespace the host made (bridge mode: the agent's, with CNI) is entered
+// in the order the kernel allows: its network namespace first, while the
+// process is still the host's root, then its user namespace (runc 1.1
+// joins the user namespace first and fails). The session is in the
+// container's network namespace, not the host's.
+func TestExecIntoBridgedUserNSContainer(t *testing.T) {
+	requireRunc(t)
+	root := filepath.Join(searchableTempDir(t), "containers")
+	d := newUserNSDriver(t, root, Options{})
+	netns := testNetns(t)
+	cfg := &driver.TaskConfig{
+		ID: drivertest.NewID("dtn"), Image: driver.Image{Ref: "test/busybox", RootfsDir: sharedRootfs(t)},
+		Args:    []string{"sh", "-c", "while true; do sleep 1; done"},
+		Env:     []string{"PATH=/bin"},
+		LogDir:  t.TempDir(),
+		Network: &driver.Network{Mode: driver.NetworkBridge, Netns: netns},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = d.Destroy(context.Background(), cfg.ID)
+		assertNoLeaks(t, root)
+	})
+	want, err := os.Readlink(netns)
+	if err != nil {
+		// A bind-mounted namespace file: its identity is its inode.
+		var st unix.Stat_t
+		if err := unix.Stat(netns, &st); err != nil {
+			t.Fatal(err)
+		}
+		want = fmt.Sprintf("net:[%d]", st.Ino)
+	}
+	got := strings.TrimSpace(execOut(t, d, cfg.ID, "readlink", "/proc/self/ns/net"))
+	if got != want {
+		t.Errorf("exec'd process is in network namespace %q, want the container's %q", got, want)
+	}
+	if uid := execOut(t, d, cfg.ID, "cat", "/proc/self/uid_map"); !strings.Contains(uid, "65536") {
+		t.Errorf("exec'd process's uid_map %q: not the container's user namespace", uid)
+	}
+	sess, err := d.Exec(ctx, cfg.ID, &driver.ExecConfig{Args: []string{"sh"}, TTY: true, Stdin: true, Size: driver.TermSize{Rows: 24, Cols: 80}})
+	if err != nil {
+		t.Fatalf("Exec with a terminal: %v", err)
+	}
+	sess.Close()
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,16 +40,22 @@ type ExecReport struct {
 type ExecArgs struct {
 	Runc, RuncRoot, RuncLog, Process, PidFile string
 	ConsoleSocket                             string // "-" without a terminal
-	ID                                        string
+	// Netns is a network namespace the shim joins before runc, for a
+	// container whose user namespace cannot join it ("-": none; see
+	// ctrdriver's exec).
+	Netns string
+	ID    string
 }
 
 // List is the command line after "exec".
 func (a ExecArgs) List() []string {
-	cs := a.ConsoleSocket
-	if cs == "" {
-		cs = "-"
+	dash := func(s string) string {
+		if s == "" {
+			return "-"
+		}
+		return s
 	}
-	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, cs, a.ID}
+	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, dash(a.ConsoleSocket), dash(a.Netns), a.ID}
 }
 
 // ExecMain is `berth-monitor exec`: the parent of one exec session's
@@ -64,11 +71,11 @@ func ExecMain(args []string) int {
 		b, _ := json.Marshal(r)
 		_, _ = report.Write(append(b, '\n'))
 	}
-	if len(args) != 7 {
+	if len(args) != 8 {
 		send(ExecReport{Error: "berth-monitor exec: wrong arguments; it is started by the berth agent"})
 		return 2
 	}
-	a := ExecArgs{Runc: args[0], RuncRoot: args[1], RuncLog: args[2], Process: args[3], PidFile: args[4], ConsoleSocket: args[5], ID: args[6]}
+	a := ExecArgs{Runc: args[0], RuncRoot: args[1], RuncLog: args[2], Process: args[3], PidFile: args[4], ConsoleSocket: args[5], Netns: args[6], ID: args[7]}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		send(ExecReport{Error: fmt.Sprintf("become child subreaper: %v", err)})
 		return 1
@@ -97,6 +104,15 @@ func ExecMain(args []string) int {
 	runcArgs := []string{"--root", a.RuncRoot, "--log", a.RuncLog, "--log-format", "json", "exec", "--detach", "--pid-file", a.PidFile, "--process", a.Process}
 	if a.ConsoleSocket != "-" {
 		runcArgs = append(runcArgs, "--console-socket", a.ConsoleSocket)
+	}
+	if a.Netns != "-" {
+		// runc, and the process it starts, are born in the container's
+		// network namespace: this thread joins it, and forks runc.
+		runtime.LockOSThread()
+		if err := joinNetns(a.Netns); err != nil {
+			send(ExecReport{Error: err.Error()})
+			return 1
+		}
 	}
 	cmd := exec.Command(a.Runc, append(runcArgs, a.ID)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
@@ -130,4 +146,17 @@ func ExecMain(args []string) int {
 	exiting.Lock()
 	send(ExecReport{Exited: true, ExitCode: res.code, Signal: res.sig})
 	return 0
+}
+
+// joinNetns moves the calling thread into the network namespace at path.
+func joinNetns(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open the container's network namespace: %w", err)
+	}
+	defer f.Close()
+	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("join the container's network namespace %s: %w", path, err)
+	}
+	return nil
 }

@@ -49,20 +49,21 @@ type sizes struct {
 	vmBudget     time.Duration // no new VM round starts after this (shared machines get slow)
 	vmFootprintK int           // extra VMs running for the footprint (0: the warm-up VM alone)
 	volumeN      int           // rounds of the volume measurements
+	execN        int           // exec round trips of each kind
 }
 
 var full = sizes{
 	startN: 50, throughputN: 200, throughputC: 16, runningN: 100,
 	decideTime: "1s", decideCount: 5, httpDur: 5 * time.Second, httpConc: 32,
 	pollers: 10000, pollerRounds: 3, vmN: 5, vmBudget: 4 * time.Minute, vmFootprintK: 3,
-	volumeN: 3,
+	volumeN: 3, execN: 30,
 }
 
 var quick = sizes{
 	startN: 10, throughputN: 50, throughputC: 16, runningN: 30,
 	decideTime: "200ms", decideCount: 1, httpDur: 2 * time.Second, httpConc: 32,
 	pollers: 1000, pollerRounds: 1, vmN: 1, vmBudget: time.Minute, vmFootprintK: 0,
-	volumeN: 1,
+	volumeN: 1, execN: 5,
 }
 
 func main() {
@@ -217,6 +218,9 @@ func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) in
 		}
 		return throughput(ctx, a, rr, rc, sz.throughputN, sz.throughputC, rep)
 	})
+	phase(fmt.Sprintf("exec round trip: %d × (runc exec, berth exec, POST exec) into one container", sz.execN), func() error {
+		return execBench(ctx, a, berth, sz.execN, rep)
+	})
 	phase("placement Decide (go test -bench)", func() error {
 		return decideBench(ctx, repo, sz.decideTime, sz.decideCount, rep)
 	})
@@ -275,6 +279,7 @@ func accelNote(accel string) string {
 const methodology = `- **Container start**: a ` + "`/bin/true`" + ` workload (1 core, 32 MiB) submitted through the Go client, N sequential. *submit→running* is the agent's ` + "`started_at`" + ` (set when the driver's Start returned: overlay mounted, bundle written, monitor spawned, ` + "`runc create`+`start`" + ` done) minus the client's clock before the POST (same host, same wall clock). *submit→exit* is until the client's blocking GET sees ` + "`exited`" + `. Baselines, interleaved with berth's runs: ` + "`runc run`" + ` and ` + "`runc create`/`start`/wait/`delete`" + ` of a bundle holding **berth's own config.json** (captured from a running berth container: same hardened spec, seccomp profile, namespaces, masked paths, cgroup limits) over the same unpacked image rootfs (read-only instead of berth's per-workload overlay), with their own runc root and cgroup parent. The bridge baseline adds, in the same round, a new network namespace and CNI ADD of berth's plugin chain (bridge with host-local IPAM, portmap, firewall) run by hand through libcni on a bridge and subnet of its own; its time is summed with that round's runc create+start. A plain ` + "`runc spec`" + ` bundle of the same rootfs, run with ` + "`runc run`" + `, shows what berth's hardening costs runc itself.
 - **Container throughput**: N workloads, a fixed number of client workers each submitting and waiting for the exit; completed per second; once with network none, once with the bridge network. Baselines: the same number of ` + "`runc run`" + ` at the same concurrency, and for the bridge network the same with a new namespace, CNI ADD before and CNI DEL after each, by hand. Peak agent RSS is VmHWM after clear_refs, cross-checked by sampling every 20 ms.
 - **VM start**: the first (unmeasured) berth VM warms the kernel-extraction, initramfs and base-image caches, and lends the baselines its domain XML (` + "`virsh dumpxml --inactive`" + `), config disk and base image. Then, interleaved: berth submit → first stdout line through ` + "`GET /v1/workloads/{id}/logs?follow=true`" + ` (which polls every 100 ms); ` + "`qemu-system-x86_64`" + ` started by hand with berth's initramfs, command line, machine, CPU model, vCPUs, memory, devices (all on the root bus, as berth places them), disk cache mode and virtio-serial ports as plain files, exec → first stdout byte, booting the node's kernel twice: as the vmlinux the harness extracts from /boot/vmlinuz-* as berth does, through its PVH entry point (the **PVH baseline**), and as the bzImage through SeaBIOS; ` + "`virsh create`" + ` of berth's domain XML renamed, without berth's metadata, on a fresh overlay and sockets of its own, exec → first byte read from the stdout port's socket; and the **fixed baseline**, which does not move with berth: the node's bzImage as shipped with an initramfs of busybox-static and an /init script that prints a line and powers off, on q35/qemu64 with 224 MiB and only the serial console, exec → that line in the console file. The header's VM accelerator row says how berth booted the kernel (node status ` + "`boot`, `boot_reason`" + `).
+- **Exec round trip**: one idle container; N rounds, each ` + "`runc exec ID true`" + ` against the agent's own runc state (the baseline: the container's process spec, no berth in the way), then ` + "`berth exec ID -- true`" + ` (the CLI binary: its start, the WebSocket session, the exit code) and ` + "`POST /v1/workloads/{id}/exec`" + ` with ` + "`true`" + ` through the Go client (the simple form). berth's path adds the API, the policy check and a ` + "`berth-monitor exec`" + ` shim that is the process's parent (runc exec --detach). A VM's rows come from ` + "`execRoundTrips`" + ` into a VM workload.
 - **Placement**: ` + "`BenchmarkDecide`" + ` of package placement (default policy and the 50-rule policy: 40 match rules and 10 CEL rules), median of the repeated runs. HTTP: a Go closed-loop load generator in the harness (keep-alive connections, one per worker) on the same 2 cores as the agent, against ` + "`POST /v1/placements`" + `, ` + "`GET /v1/node`" + ` and, as the server's floor, ` + "`GET /healthz`" + `.
 - **Node status blocking queries**: the pollers park on ` + "`GET /v1/node?index=N&wait=1m`" + ` (parked = the agent holds that many more established connections, plus 300 ms); the state change is a container submit; latency is from before the submit to each poller's return. Baseline: the same with a single poller. The harness raises its file limit to the hard limit for the 10,000 sockets (the agent, a Go program, does so for itself).
 - **What is durable when** (issue 16 asks the results to say what was made non-durable and why that is safe): nothing was. Every change to a workload is still written to the state database and fsynced; what changed is that one writer commits whatever changes are queued in a single transaction (group commit), and that a change is visible (GET, events, blocking queries) as soon as it is made, a few milliseconds before it is on disk. Every API answer (submit, stop, delete) and every side effect on the node (a driver's start) waits for its change on disk, so nothing acknowledged is lost, and a ` + "`restart: never`" + ` workload is started only once its ` + "`starting`" + ` is on disk. A change seen but lost with the agent process (SIGKILL, power loss) is one recovery rebuilds from the runtime (a task that runs or ended, or a node that rebooted), as before (` + "`TestChaosSIGKILL`, `TestChaosExitCodes`, `TestHostReboot`" + `).
