@@ -190,6 +190,12 @@ function meterRow(box, label, used, total, fmt) {
   box.append(el("span", fmt(used) + " / " + fmt(total)));
 }
 
+function amount(r) {
+  if (!r) return "";
+  const mem = r.memory_mb >= 1024 ? round(r.memory_mb / 1024, 1) + " GiB" : (r.memory_mb || 0) + " MiB";
+  return round(r.cpu || 0, 2) + " cores, " + mem;
+}
+
 function renderNode(n) {
   $("node-name").textContent = n.hostname;
   document.title = "berth: " + n.hostname;
@@ -199,6 +205,9 @@ function renderNode(n) {
     ["Up since", ago(n.started_at)],
     ["Schedulable", n.schedulable === false ? "no (cordoned" + (n.cordon && n.cordon.reason ? ": " + n.cordon.reason : "") + ")" : "yes"],
     ["Workloads", n.workloads ? n.workloads.total : ""],
+    ["Capacity", amount(n.capacity)],
+    ["Reserved", amount(n.reserved)],
+    ["Limits", n.limited ? amount(n.limited) + " (may exceed allocatable)" : ""],
     ["Index", n.index],
   ]);
   const bars = $("bars");
