@@ -60,9 +60,31 @@ func addVolumes(s *specs.Spec, cfg *driver.TaskConfig, ids *idMap, rdir string) 
 		if m.ReadOnly {
 			opts = append(opts, "ro")
 		}
+		opts = append(opts, keptFlags(src)...)
 		s.Mounts = append(s.Mounts, specs.Mount{Destination: m.Target, Type: "bind", Source: src, Options: opts})
 	}
 	return nil
+}
+
+// keptFlags are the flags of the mount at path that runc's remount of
+// the bind must repeat: in a user namespace a mount's noexec, read-only
+// and atime flags are locked (a Nomad secrets tmpfs is noexec), and a
+// remount without them fails with EPERM.
+func keptFlags(path string) []string {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return nil
+	}
+	var out []string
+	for _, f := range []struct {
+		bit  int64
+		name string
+	}{{unix.ST_NOEXEC, "noexec"}, {unix.ST_RDONLY, "ro"}, {unix.ST_NOATIME, "noatime"}, {unix.ST_NODIRATIME, "nodiratime"}, {unix.ST_RELATIME, "relatime"}} {
+		if st.Flags&f.bit != 0 {
+			out = append(out, f.name)
+		}
+	}
+	return out
 }
 
 // mountVolumeIDMapped mounts a clone of the mount src on target, id-mapped

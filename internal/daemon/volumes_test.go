@@ -207,6 +207,18 @@ func TestContainerVolumes(t *testing.T) {
 	if out != "hello\n" || exitCode(w) == 0 {
 		t.Errorf("host path: exit %d %q, want hello and a failed touch", exitCode(w), out)
 	}
+	// A host path that is a noexec mount of its own (as Nomad's secrets
+	// tmpfs is): in a user namespace its flags are locked, and the bind
+	// keeps them.
+	tmpfs := filepath.Join(allowed, "tmpfs")
+	must(t, os.Mkdir(tmpfs, 0o755))
+	must(t, syscall.Mount("tmpfs", tmpfs, "tmpfs", syscall.MS_NOEXEC|syscall.MS_NOSUID|syscall.MS_NODEV, "size=1m"))
+	t.Cleanup(func() { _ = syscall.Unmount(tmpfs, syscall.MNT_DETACH) })
+	must(t, os.WriteFile(filepath.Join(tmpfs, "token"), []byte("s3cret\n"), 0o600))
+	w, out, errOut = run(t, c, withVolumes(sh("cat /secrets/token"), api.VolumeMount{HostPath: tmpfs, Path: "/secrets"}))
+	if exitCode(w) != 0 || out != "s3cret\n" {
+		t.Errorf("a noexec tmpfs host path: exit %d %q %q (%s)", exitCode(w), out, errOut, w.Error)
+	}
 	for _, hp := range []string{filepath.Join(allowed, "etc"), "/etc", "/", dataDir} {
 		_, err := c.Submit(ctx, withVolumes(sh("true"), api.VolumeMount{HostPath: hp, Path: "/host"}))
 		if !client.IsReason(err, api.ReasonInvalidArgument) || !strings.Contains(err.Error(), "volumes[0].host_path") {

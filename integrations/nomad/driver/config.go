@@ -24,6 +24,11 @@ type PluginConfig struct {
 	// Token is a berth API token (bearer); empty relies on the unix
 	// socket's trust of root.
 	Token string `codec:"token"`
+	// AllocDirs mounts each task's allocation directories (alloc/,
+	// local/, secrets/) into its workload, container or VM (default
+	// true); the berth agent must list Nomad's data dir (or its alloc/)
+	// in volumes.host_paths.
+	AllocDirs bool `codec:"alloc_dirs"`
 }
 
 // TaskConfig is a task's config block in a job file.
@@ -41,6 +46,8 @@ type TaskConfig struct {
 	Isolation  string `codec:"isolation"`
 	Network    string `codec:"network"`
 	Privileged bool   `codec:"privileged"`
+	// Volumes are named berth volumes, NAME:/PATH[:ro].
+	Volumes []string `codec:"volumes"`
 }
 
 var (
@@ -50,6 +57,10 @@ var (
 			hclspec.NewLiteral(`"unix:///run/berth/berth.sock"`),
 		),
 		"token": hclspec.NewAttr("token", "string", false),
+		"alloc_dirs": hclspec.NewDefault(
+			hclspec.NewAttr("alloc_dirs", "bool", false),
+			hclspec.NewLiteral("true"),
+		),
 	})
 
 	taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -62,6 +73,7 @@ var (
 		"isolation":  hclspec.NewDefault(hclspec.NewAttr("isolation", "string", false), hclspec.NewLiteral(`"auto"`)),
 		"network":    hclspec.NewAttr("network", "string", false),
 		"privileged": hclspec.NewAttr("privileged", "bool", false),
+		"volumes":    hclspec.NewAttr("volumes", "list(string)", false),
 	})
 )
 

@@ -47,11 +47,13 @@ const agentTimeout = 30 * time.Second
 var capabilities = &drivers.Capabilities{
 	SendSignals: false,
 	Exec:        false,
-	// The workload's root file system is its image; Nomad's alloc dir is
-	// not mounted into it.
+	// The workload's root file system is its image; the allocation's
+	// directories are mounted into it at /alloc, /local and /secrets
+	// (alloc_dirs, volumes.go).
 	FSIsolation:       fsisolation.Image,
 	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost},
-	MountConfigs:      drivers.MountConfigSupportNone,
+	// Host volumes (volume_mount) become berth host-path volumes.
+	MountConfigs: drivers.MountConfigSupportAll,
 }
 
 // Driver implements drivers.DriverPlugin.
@@ -99,7 +101,7 @@ func (d *Driver) ConfigSchema() (*hclspec.Spec, error) { return configSpec, nil 
 
 // SetConfig implements base.BasePlugin.
 func (d *Driver) SetConfig(cfg *base.Config) error {
-	var pc PluginConfig
+	pc := PluginConfig{AllocDirs: true}
 	if len(cfg.PluginConfig) != 0 {
 		if err := base.MsgPackDecode(cfg.PluginConfig, &pc); err != nil {
 			return fmt.Errorf("berth plugin config: %w", err)
@@ -194,7 +196,14 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, agentTimeout)
 	defer cancel()
-	w, err := c.Submit(ctx, Spec(cfg, &tc, compute))
+	spec := Spec(cfg, &tc, compute)
+	d.mu.Lock()
+	allocDirs := d.config.AllocDirs
+	d.mu.Unlock()
+	if err := addVolumes(&spec, cfg, &tc, allocDirs); err != nil {
+		return nil, nil, err
+	}
+	w, err := c.Submit(ctx, spec)
 	if err != nil {
 		return nil, nil, fmt.Errorf("berth: submit: %w", err)
 	}

@@ -34,6 +34,7 @@ func TestNomadCluster(t *testing.T) {
 
 	t.Run("fingerprint", func(t *testing.T) { testFingerprint(t, cl) })
 	t.Run("batch job runs one allocation per isolation", func(t *testing.T) { testBatchJob(t, cl) })
+	t.Run("a template reaches the task in both isolations", func(t *testing.T) { testAllocDirs(t, cl) })
 	t.Run("client restart re-attaches and job stop stops workloads", func(t *testing.T) { testRecoverAndStop(t, cl) })
 	t.Run("unreachable agent makes the driver unhealthy", func(t *testing.T) { testUnhealthy(t, cl) })
 }
@@ -131,6 +132,67 @@ func testBatchJob(t *testing.T, cl *cluster) {
 	}
 	for _, n := range cl.nodes {
 		n.requireNoWorkloads(t, "berth-hello")
+	}
+}
+
+const templateJob = `
+job "berth-template" {
+  type        = "batch"
+  datacenters = ["*"]
+  group "g" {
+    count = 2
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    reschedule {
+      attempts  = 0
+      unlimited = false
+    }
+    task "read" {
+      driver = "berth"
+      template {
+        data        = "answer {{ env \"NOMAD_ALLOC_INDEX\" }}-21"
+        destination = "local/answer.txt"
+      }
+      config {
+        image   = "berth.test/busybox:latest"
+        command = "sh"
+        args    = ["-c", "echo template says $(cat $NOMAD_TASK_DIR/answer.txt); test -d /alloc/logs && test -d /secrets && echo alloc dirs mounted"]
+        network = "none"
+      }
+      resources {
+        cpu    = 100
+        memory = 96
+      }
+    }
+  }
+}
+`
+
+// testAllocDirs: Nomad renders a template into the task's local/ dir; the
+// task reads it at $NOMAD_TASK_DIR (/local) as a container and as a VM,
+// and finds alloc/ and secrets/ mounted too.
+func testAllocDirs(t *testing.T, cl *cluster) {
+	cl.runJob(t, templateJob)
+	allocs := cl.waitAllocs(t, "berth-template", 2, func(a *nomad.AllocationListStub) bool { return a.ClientStatus == "complete" }, 5*time.Minute)
+	seen := map[string]bool{}
+	for _, a := range allocs {
+		seen[a.NodeName] = true
+		stdout := cl.nomadCLI(t, "alloc", "logs", a.ID, "read")
+		if !strings.Contains(stdout, "template says answer ") || !strings.Contains(stdout, "-21") || !strings.Contains(stdout, "alloc dirs mounted") {
+			t.Errorf("%s on %s: nomad alloc logs %q, want the template's content and the alloc dirs", a.ID, a.NodeName, stdout)
+		}
+	}
+	if !seen[vmNode] || !seen[ctrNode] {
+		t.Errorf("allocations on %v, want one on each of %s and %s", seen, vmNode, ctrNode)
+	}
+	for _, n := range cl.nodes {
+		n.requireNoWorkloads(t, "berth-template")
 	}
 }
 

@@ -522,7 +522,9 @@ vm:
   init_path: %s
 workload_defaults:
   stop_timeout: 3s
-`, addr, dataDir, policy, env.initBin))
+volumes:
+  host_paths: [%s]
+`, addr, dataDir, policy, env.initBin, filepath.Join(filepath.Dir(dataDir), "nomad")))
 	b := &berthAgent{addr: addr, created: map[string]bool{}}
 	b.proc = proc{t: t, name: "berth agent " + isolation, bin: env.berthBin, args: []string{"agent", "--config", cfg}, log: filepath.Join(dataDir, "..", "berth.log")}
 	var err error
