@@ -581,7 +581,7 @@ func containerStart(ctx context.Context, a *agentProc, rr *rawRunc, rc *rawCNI, 
 		Met:      over <= 10, By: fmt.Sprintf("%+.1f ms", over-10)})
 	rep.raw["container_start"] = map[string]any{
 		"berth_submit_to_running_ms": bRun, "berth_submit_to_exit_ms": bExit, "berth_network_none_submit_to_running_ms": nRun,
-		"berth_network_none_submit_to_exit_ms": nExit,
+		"berth_network_none_submit_to_exit_ms":               nExit,
 		"berth_network_none_userns_off_submit_to_running_ms": oRun,
 		"runc_run_ms": rRun, "runc_create_start_ms": cRun, "runc_create_start_wait_delete_ms": cTotal,
 		"cni_add_ms": cniAdd, "runc_create_start_plus_cni_add_ms": bridgeBase, "runc_run_plain_bundle_ms": pRun,
