@@ -14,6 +14,7 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/supervisor/monitor"
 )
 
 // followPoll is how often a followed log is checked for new output where
@@ -106,17 +107,66 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 	}
 }
 
-// logReader reads complete lines from a growing log file.
+// logReader reads complete lines from a growing log file and the files
+// its monitor rotated it into (path.1 the newest; see monitor.RotatedLog):
+// the older files first, then the live one, which it follows across
+// rotations.
 type logReader struct {
-	path    string
-	stream  string
-	f       *os.File
-	br      *bufio.Reader
-	partial []byte
+	path   string
+	stream string
+	// older are rotated files still to read, oldest first; the first is
+	// read from olderOff.
+	older    []string
+	olderOff int64
+	f        *os.File
+	live     bool // f is the live file (not a rotated one)
+	br       *bufio.Reader
+	partial  []byte
 }
+
+// maxRotated bounds the rotated files a reader looks for.
+const maxRotated = 1000
 
 func openLogReader(path, stream string, tail int) (*logReader, error) {
 	lr := &logReader{path: path, stream: stream}
+	// Newest first: the live file, then path.1, path.2, ...
+	files := []string{path}
+	for i := 1; i <= maxRotated; i++ {
+		p := monitor.RotatedLog(path, i)
+		if _, err := os.Stat(p); err != nil {
+			break
+		}
+		files = append(files, p)
+	}
+	first, off := len(files)-1, int64(0) // everything
+	if tail >= 0 {
+		first, off = 0, -1
+		need := tail
+		for i, p := range files {
+			o, found, err := tailOffsetOf(p, need)
+			if err != nil {
+				return nil, err
+			}
+			first, off = i, o
+			if found >= need {
+				break
+			}
+			need -= found
+			first, off = i, 0
+			if i+1 < len(files) && !endsLine(files[i+1]) {
+				// The older file's last line goes on in this one: counted
+				// here already, it is counted there again.
+				need++
+			}
+		}
+	}
+	for i := first; i >= 1; i-- {
+		lr.older = append(lr.older, files[i])
+	}
+	if first > 0 {
+		lr.olderOff = off
+		return lr, nil
+	}
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return lr, nil // not written yet; opened on a later drain
@@ -124,20 +174,49 @@ func openLogReader(path, stream string, tail int) (*logReader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)
 	}
-	lr.f, lr.br = f, bufio.NewReaderSize(f, 32<<10)
-	if tail >= 0 {
-		off, err := tailOffset(f, tail)
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		if _, err := f.Seek(off, io.SeekStart); err != nil {
-			f.Close()
-			return nil, err
-		}
-		lr.br.Reset(f)
+	if off < 0 {
+		off = 0
 	}
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	lr.f, lr.live, lr.br = f, true, bufio.NewReaderSize(f, 32<<10)
 	return lr, nil
+}
+
+// tailOffsetOf is tailOffset of the file at path, with how many lines it
+// found there (fewer than n when the file holds fewer); a missing file
+// holds none.
+func tailOffsetOf(path string, n int) (int64, int, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, 0, nil
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("open log: %w", err)
+	}
+	defer f.Close()
+	return tailOffset(f, n)
+}
+
+// endsLine reports whether the file at path is empty or ends with a
+// newline (a rotation may split a line between two files).
+func endsLine(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return true
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		return true
+	}
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, fi.Size()-1); err != nil {
+		return true
+	}
+	return b[0] == '\n'
 }
 
 func (lr *logReader) close() {
@@ -146,18 +225,62 @@ func (lr *logReader) close() {
 	}
 }
 
+// next opens the file to read after the current one: the next rotated
+// file, or the live file. It reports false when there is none yet.
+func (lr *logReader) next() (bool, error) {
+	if lr.f != nil {
+		lr.f.Close()
+		lr.f = nil
+	}
+	for len(lr.older) > 0 {
+		p, off := lr.older[0], lr.olderOff
+		lr.older, lr.olderOff = lr.older[1:], 0
+		f, err := os.Open(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // rotated away meanwhile: its lines are lost to this reader
+		}
+		if err != nil {
+			return false, err
+		}
+		if _, err := f.Seek(off, io.SeekStart); err != nil {
+			f.Close()
+			return false, err
+		}
+		lr.f, lr.live, lr.br = f, false, bufio.NewReaderSize(f, 32<<10)
+		return true, nil
+	}
+	f, err := os.Open(lr.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	lr.f, lr.live, lr.br = f, true, bufio.NewReaderSize(f, 32<<10)
+	return true, nil
+}
+
+// rotated reports whether the live file this reader holds was rotated
+// away (path now names a newer file). The monitor writes nothing to a
+// file after it renamed it, so what the reader's descriptor yields then is
+// all it will ever hold.
+func (lr *logReader) rotated() bool {
+	held, err := lr.f.Stat()
+	if err != nil {
+		return false
+	}
+	cur, err := os.Stat(lr.path)
+	return err == nil && !os.SameFile(held, cur)
+}
+
 // drain emits every complete line available now; with final it also emits
-// a trailing line that has no newline.
+// a trailing line that has no newline. A line the rotation split between
+// two files is emitted whole.
 func (lr *logReader) drain(emit func(string, []byte) error, final bool) error {
 	if lr.f == nil {
-		f, err := os.Open(lr.path)
-		if err != nil {
-			if errors.Is(err, os.ErrNotExist) {
-				return nil
-			}
+		if ok, err := lr.next(); !ok {
 			return err
 		}
-		lr.f, lr.br = f, bufio.NewReaderSize(f, 32<<10)
 	}
 	for {
 		chunk, err := lr.br.ReadSlice('\n')
@@ -177,13 +300,47 @@ func (lr *logReader) drain(emit func(string, []byte) error, final bool) error {
 				lr.partial = lr.partial[:0]
 			}
 		case errors.Is(err, io.EOF):
-			if final {
-				return lr.flushPartial(emit)
+			if lr.live && !lr.rotated() {
+				if final {
+					return lr.flushPartial(emit)
+				}
+				return nil
 			}
-			return nil
+			if lr.live {
+				// Rotated away: what was written before the rename is
+				// read now, then the new live file.
+				if err := lr.drainRest(emit); err != nil {
+					return err
+				}
+			}
+			if ok, err := lr.next(); !ok {
+				if err == nil && final {
+					return lr.flushPartial(emit)
+				}
+				return err
+			}
 		default:
 			return err
 		}
+	}
+}
+
+// drainRest reads what is left of a file rotated away, to its end.
+func (lr *logReader) drainRest(emit func(string, []byte) error) error {
+	rest, err := io.ReadAll(lr.br)
+	if err != nil {
+		return err
+	}
+	lr.partial = append(lr.partial, rest...)
+	for {
+		i := bytes.IndexByte(lr.partial, '\n')
+		if i < 0 {
+			return nil
+		}
+		if err := emit(lr.stream, lr.partial[:i]); err != nil {
+			return err
+		}
+		lr.partial = append(lr.partial[:0], lr.partial[i+1:]...)
 	}
 }
 
@@ -197,15 +354,16 @@ func (lr *logReader) flushPartial(emit func(string, []byte) error) error {
 }
 
 // tailOffset finds where the last n lines of f begin, reading backwards in
-// blocks so a large log costs only what is returned.
-func tailOffset(f *os.File, n int) (int64, error) {
+// blocks so a large log costs only what is returned, and how many lines it
+// found (fewer than n: all of f's, from offset 0).
+func tailOffset(f *os.File, n int) (int64, int, error) {
 	fi, err := f.Stat()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	size := fi.Size()
 	if n == 0 {
-		return size, nil
+		return size, 0, nil
 	}
 	const block = 32 << 10
 	buf := make([]byte, block)
@@ -215,7 +373,7 @@ func tailOffset(f *os.File, n int) (int64, error) {
 		start := max(end-block, 0)
 		chunk := buf[:end-start]
 		if _, err := f.ReadAt(chunk, start); err != nil && !errors.Is(err, io.EOF) {
-			return 0, err
+			return 0, 0, err
 		}
 		for i := len(chunk) - 1; i >= 0; i-- {
 			if chunk[i] != '\n' {
@@ -225,10 +383,13 @@ func tailOffset(f *os.File, n int) (int64, error) {
 				continue // the final newline ends the last line; it starts none
 			}
 			if found++; found == n {
-				return start + int64(i) + 1, nil
+				return start + int64(i) + 1, found, nil
 			}
 		}
 		end = start
 	}
-	return 0, nil
+	if size > 0 {
+		found++ // the first line starts at 0
+	}
+	return 0, min(found, n), nil
 }

@@ -90,6 +90,7 @@ func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
 	c.Ports = slices.Clone(s.Ports)
 	c.Volumes = slices.Clone(s.Volumes)
 	c.Resources.Limits = clonePtr(s.Resources.Limits)
+	c.Logs = clonePtr(s.Logs)
 	return c
 }
 

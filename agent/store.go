@@ -88,6 +88,7 @@ type dbSpec struct {
 	Privileged bool              `json:"privileged,omitempty"`
 	Resources  dbResources       `json:"resources"`
 	ImagePull  string            `json:"image_pull,omitempty"`
+	Logs       *dbLogs           `json:"logs,omitempty"`
 	Restart    dbRestart         `json:"restart"`
 	Network    string            `json:"network,omitempty"`
 	Ports      []dbPort          `json:"ports,omitempty"`
@@ -220,6 +221,7 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 		Labels: s.Labels, Isolation: string(s.Isolation), Privileged: s.Privileged,
 		Resources: resourcesToDB(s.Resources),
 		ImagePull: string(s.ImagePull),
+		Logs:      logsToDB(s.Logs),
 		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
@@ -293,7 +295,7 @@ func fromDB(d *dbRecord) *record {
 			Spec: api.WorkloadSpec{
 				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: redactedEnv(s.SecretEnv), Workdir: s.Workdir,
 				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
-				Resources: resourcesFromDB(s.Resources), ImagePull: pullFromDB(s.ImagePull),
+				Resources: resourcesFromDB(s.Resources), ImagePull: pullFromDB(s.ImagePull), Logs: logsFromDB(s.Logs),
 				Restart: api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
 				Network: s.Network, Ports: portsFromDB(s.Ports),
 				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),
@@ -543,4 +545,23 @@ func (s *store) meta(key []byte, mk func() string) (string, error) {
 		return b.Put(key, []byte(val))
 	})
 	return val, err
+}
+
+type dbLogs struct {
+	MaxBytes int64 `json:"max_bytes,omitempty"`
+	MaxFiles int   `json:"max_files,omitempty"`
+}
+
+func logsToDB(l *api.LogSpec) *dbLogs {
+	if l == nil {
+		return nil
+	}
+	return &dbLogs{MaxBytes: l.MaxBytes, MaxFiles: l.MaxFiles}
+}
+
+func logsFromDB(l *dbLogs) *api.LogSpec {
+	if l == nil {
+		return nil
+	}
+	return &api.LogSpec{MaxBytes: l.MaxBytes, MaxFiles: l.MaxFiles}
 }

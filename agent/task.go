@@ -34,6 +34,7 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 			Resources: taskResources(w.Spec.Resources),
 			Labels:    w.Spec.Labels,
 			LogDir:    logDir,
+			Logs:      taskLogs(w.Spec.Logs),
 		}, nil
 	}
 	rootfs, err := a.images.Rootfs(ctx, img)
@@ -72,6 +73,7 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		Resources: taskResources(w.Spec.Resources),
 		Labels:    w.Spec.Labels,
 		LogDir:    logDir,
+		Logs:      taskLogs(w.Spec.Logs),
 	}, nil
 }
 
@@ -143,6 +145,14 @@ func cutEnv(kv string) (string, string, bool) {
 		}
 	}
 	return kv, "", false
+}
+
+// taskLogs are a spec's log rotation as the driver's monitor does it.
+func taskLogs(l *api.LogSpec) driver.LogLimits {
+	if l == nil {
+		return driver.LogLimits{}
+	}
+	return driver.LogLimits{MaxBytes: l.MaxBytes, MaxFiles: l.MaxFiles}
 }
 
 // taskResources are a spec's resources as a driver enforces them: the

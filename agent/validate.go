@@ -61,6 +61,9 @@ type Defaults struct {
 	// DiskMB is the ephemeral storage of a spec that names none; 0: none
 	// of its own (bounded by the node's disk alone).
 	DiskMB int64
+	// Logs are the log rotation of a spec that names none, and the most
+	// a spec may ask for.
+	Logs LogDefaults
 	// Network is the mode of a spec that names none: bridge where the node
 	// has a network, none where it has not.
 	Network string
@@ -160,6 +163,7 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 	case r.DiskMB < minDiskMB:
 		v.Add("resources.disk_mb", "%d MiB is too little for a filesystem; at least %d", r.DiskMB, minDiskMB)
 	}
+	spec.Logs = normalizeLogs(v, spec.Logs, def.Logs)
 	switch spec.ImagePull {
 	case "":
 		spec.ImagePull = api.PullIfNotPresent
@@ -356,4 +360,46 @@ func limits(r api.Resources) api.ResourceLimits {
 		return api.ResourceLimits{CPU: r.CPU, MemoryMB: r.MemoryMB}
 	}
 	return *r.Limits
+}
+
+// LogDefaults are the node's log rotation: MaxBytes and MaxFiles for a
+// spec that names none, MaxBytesLimit and MaxFilesLimit the most one may
+// ask for (0: no maximum).
+type LogDefaults struct {
+	MaxBytes, MaxBytesLimit int64
+	MaxFiles, MaxFilesLimit int
+}
+
+// minLogBytes keeps a rotation from happening at every line.
+const minLogBytes = 4 << 10
+
+// normalizeLogs checks a spec's log rotation against the operator's
+// maxima and fills it in; nil when the node has no defaults (tests).
+func normalizeLogs(v *errdefs.ValidationError, l *api.LogSpec, def LogDefaults) *api.LogSpec {
+	out := api.LogSpec{}
+	if l != nil {
+		out = *l
+	}
+	switch {
+	case out.MaxBytes < 0:
+		v.Add("logs.max_bytes", "must not be negative")
+	case out.MaxBytes > 0 && out.MaxBytes < minLogBytes:
+		v.Add("logs.max_bytes", "%d bytes; at least %d", out.MaxBytes, minLogBytes)
+	case def.MaxBytesLimit > 0 && out.MaxBytes > def.MaxBytesLimit:
+		v.Add("logs.max_bytes", "%d bytes is above this node's maximum, %d", out.MaxBytes, def.MaxBytesLimit)
+	case out.MaxBytes == 0:
+		out.MaxBytes = def.MaxBytes
+	}
+	switch {
+	case out.MaxFiles < 0:
+		v.Add("logs.max_files", "must not be negative")
+	case def.MaxFilesLimit > 0 && out.MaxFiles > def.MaxFilesLimit:
+		v.Add("logs.max_files", "%d files is above this node's maximum, %d", out.MaxFiles, def.MaxFilesLimit)
+	case out.MaxFiles == 0:
+		out.MaxFiles = def.MaxFiles
+	}
+	if out == (api.LogSpec{}) {
+		return nil
+	}
+	return &out
 }

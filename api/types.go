@@ -74,6 +74,9 @@ type WorkloadSpec struct {
 	// if-not-present (the default), always (a new digest of the tag is
 	// pulled), or never (the image must be on the node).
 	ImagePull PullPolicy `json:"image_pull,omitempty"`
+	// Logs bound the workload's stdout and stderr logs within the
+	// operator's maxima; zero fields take the node's defaults.
+	Logs *LogSpec `json:"logs,omitempty"`
 	// Command replaces the image's entrypoint; Args replace its cmd.
 	Command []string `json:"command,omitempty"`
 	Args    []string `json:"args,omitempty"`
@@ -401,4 +404,11 @@ type ImagePullStatus struct {
 	Digest     string `json:"digest"`
 	BytesDone  int64  `json:"bytes_done"`
 	BytesTotal int64  `json:"bytes_total"`
+}
+
+// LogSpec is how a workload's logs rotate: each stream's file rotates at
+// MaxBytes, and MaxFiles rotated files are kept (the oldest goes).
+type LogSpec struct {
+	MaxBytes int64 `json:"max_bytes,omitempty"`
+	MaxFiles int   `json:"max_files,omitempty"`
 }

@@ -1,6 +1,7 @@
 package ctrdriver
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -63,7 +64,8 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	}
 	t := d.sup.NewTask(cfg.ID, dir, struct{}{})
 	err = d.sup.WriteConfig(t, monitor.Config{
-		LogMaxBytes: d.opts.LogMaxBytes,
+		LogMaxBytes: cmp.Or(cfg.Logs.MaxBytes, d.opts.LogMaxBytes),
+		LogMaxFiles: cfg.Logs.MaxFiles,
 		Runc: &monitor.RuncConfig{
 			Runc: d.runc.path, RuncRoot: d.runc.root, Bundle: bundle, LogDir: cfg.LogDir,
 			StartTimeout: d.opts.StartTimeout, Cgroup: cgroupPath(cfg.ID),

@@ -80,6 +80,9 @@ type TaskConfig struct {
 	// LogDir is where the driver writes StdoutLog and StderrLog. The agent
 	// owns the directory and removes it after Destroy.
 	LogDir string
+	// Logs bound each of the two logs; zero fields take the driver's
+	// defaults.
+	Logs LogLimits
 	// Network is the task's place on the node network; nil means loopback
 	// only (mode none).
 	Network *Network
@@ -158,6 +161,13 @@ type Resources struct {
 	// when the node's CPUs are contended: a container's CPU weight. 0
 	// means the runtime's default weight.
 	CPURequest float64
+}
+
+// LogLimits bound a task's logs: each rotates at MaxBytes, keeping
+// MaxFiles rotated files (StdoutLog.1 is the newest).
+type LogLimits struct {
+	MaxBytes int64
+	MaxFiles int
 }
 
 // Names of the log files in TaskConfig.LogDir.

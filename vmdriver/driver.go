@@ -172,10 +172,14 @@ var _ driver.Driver = (*Driver)(nil)
 // taskState is task.json: what the driver knows of a task beyond its
 // files, written at Start.
 type taskState struct {
-	ID          string     `json:"id"`
-	Domain      string     `json:"domain"`
-	UUID        string     `json:"uuid,omitempty"`
-	LogDir      string     `json:"log_dir"`
+	ID     string `json:"id"`
+	Domain string `json:"domain"`
+	UUID   string `json:"uuid,omitempty"`
+	LogDir string `json:"log_dir"`
+	// LogMaxBytes and LogMaxFiles are the task's own log limits (0: the
+	// driver's).
+	LogMaxBytes int64      `json:"log_max_bytes,omitempty"`
+	LogMaxFiles int        `json:"log_max_files,omitempty"`
 	Accel       Accel      `json:"accel"`
 	QEMU        proc.Ident `json:"qemu"`
 	MemoryBytes int64      `json:"memory_bytes"`

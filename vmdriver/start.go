@@ -87,6 +87,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	}
 	st := taskState{
 		ID: cfg.ID, Domain: d.domainName(cfg.ID), LogDir: cfg.LogDir, Accel: choice.Accel,
+		LogMaxBytes: cfg.Logs.MaxBytes, LogMaxFiles: cfg.Logs.MaxFiles,
 		MemoryBytes: cfg.Resources.MemoryBytes, WholeDisk: cfg.Image.DiskPath, BootID: d.sup.BootID(),
 	}
 	if st.MemoryBytes <= 0 {

@@ -1,6 +1,7 @@
 package vmdriver
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -43,7 +44,7 @@ func (d *Driver) spawnMonitor(ctx context.Context, t *task) (<-chan struct{}, er
 	// A previous monitor's verdict must not be read as this one's.
 	_ = os.Remove(filepath.Join(t.Dir, monitor.StatusFile))
 	_ = os.Remove(filepath.Join(t.Dir, legacyMonitorDoneFile))
-	if err := d.sup.WriteConfig(t, monitor.Config{LogMaxBytes: d.opts.LogMaxBytes, Ports: pc}); err != nil {
+	if err := d.sup.WriteConfig(t, monitor.Config{LogMaxBytes: cmp.Or(st.LogMaxBytes, d.opts.LogMaxBytes), LogMaxFiles: st.LogMaxFiles, Ports: pc}); err != nil {
 		return nil, err
 	}
 	return d.sup.Spawn(ctx, t)

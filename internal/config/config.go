@@ -105,6 +105,11 @@ type Container struct {
 	Enabled     bool   `mapstructure:"enabled"`
 	Runc        string `mapstructure:"runc"`
 	LogMaxBytes int64  `mapstructure:"log_max_bytes"`
+	// LogMaxFiles is how many rotated files of each log are kept; the
+	// limits are the most a workload's spec may ask for (logs).
+	LogMaxFiles      int   `mapstructure:"log_max_files"`
+	LogMaxBytesLimit int64 `mapstructure:"log_max_bytes_limit"`
+	LogMaxFilesLimit int   `mapstructure:"log_max_files_limit"`
 	// StartTimeout bounds runc create and start: a runc that hangs fails
 	// the start instead of wedging the workload.
 	StartTimeout time.Duration `mapstructure:"start_timeout"`
@@ -389,6 +394,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Container.Enabled && c.Container.Runc == "" {
 		bad("container.runc", "must name the runc binary")
+	}
+	if c.Container.LogMaxFiles < 1 || c.Container.LogMaxFilesLimit < c.Container.LogMaxFiles {
+		bad("container.log_max_files", "%d must be at least 1 and at most container.log_max_files_limit (%d)", c.Container.LogMaxFiles, c.Container.LogMaxFilesLimit)
+	}
+	if c.Container.LogMaxBytesLimit < c.Container.LogMaxBytes {
+		bad("container.log_max_bytes_limit", "%d is below container.log_max_bytes", c.Container.LogMaxBytesLimit)
 	}
 	if c.Container.LogMaxBytes < 0 {
 		bad("container.log_max_bytes", "must not be negative")

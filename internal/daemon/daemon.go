@@ -139,6 +139,10 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 			MemoryLimitMB: cfg.WorkloadDefaults.MemoryLimitMB,
 			Pids:          cfg.WorkloadDefaults.Pids,
 			DiskMB:        cfg.WorkloadDefaults.DiskMB,
+			Logs: agent.LogDefaults{
+				MaxBytes: cfg.Container.LogMaxBytes, MaxFiles: cfg.Container.LogMaxFiles,
+				MaxBytesLimit: cfg.Container.LogMaxBytesLimit, MaxFilesLimit: cfg.Container.LogMaxFilesLimit,
+			},
 		},
 		StopTimeout:  cfg.WorkloadDefaults.StopTimeout,
 		VMOverheadMB: vmdriver.GuestMemoryOverhead >> 20,

@@ -3,20 +3,28 @@ package monitor
 import (
 	"fmt"
 	"os"
+	"strconv"
 )
 
-// cappedLog appends to a log file up to a size cap, then drops output (with
-// one marker line) rather than fill the node's disk or block the workload.
+// cappedLog appends to a log file up to a size, then rotates it (path
+// becomes path.1, path.1 path.2, ..., and the oldest beyond files goes),
+// so the node's disk holds at most (files+1) times max per stream and the
+// workload's writes never block on it: a rotation is two renames and an
+// open between two reads of the workload's pipe. With files 0 (a monitor
+// configured before rotation), output past max is dropped instead, with
+// one marker line.
 type cappedLog struct {
+	path    string
 	f       *os.File
 	max     int64
+	files   int
 	written int64
 	capped  bool
 }
 
 // openLog opens path for appending, so a respawned monitor continues the
-// same file and the cap counts what earlier monitors wrote.
-func openLog(path string, max int64) (*cappedLog, error) {
+// same file and the size counts what earlier monitors wrote.
+func openLog(path string, max int64, files int) (*cappedLog, error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)
@@ -26,21 +34,48 @@ func openLog(path string, max int64) (*cappedLog, error) {
 		f.Close()
 		return nil, err
 	}
-	return &cappedLog{f: f, max: max, written: fi.Size()}, nil
+	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size()}, nil
 }
 
 func (l *cappedLog) Write(p []byte) (int, error) {
-	if l.max > 0 && l.written+int64(len(p)) > l.max {
-		if !l.capped {
-			l.capped = true
-			fmt.Fprintf(l.f, "\n[berth: log limit of %d bytes reached; further output is dropped]\n", l.max)
+	if l.max > 0 && l.written > 0 && l.written+int64(len(p)) > l.max {
+		if l.files > 0 {
+			l.rotate()
+		} else {
+			if !l.capped {
+				l.capped = true
+				fmt.Fprintf(l.f, "\n[berth: log limit of %d bytes reached; further output is dropped]\n", l.max)
+			}
+			return len(p), nil
 		}
-		return len(p), nil
 	}
 	n, err := l.f.Write(p)
 	l.written += int64(n)
 	return n, err
 }
+
+// rotate moves the current file to path.1 (and each older one up a
+// number) and starts an empty one. A rename that fails leaves the file
+// where it is: the log then grows on rather than lose output.
+func (l *cappedLog) rotate() {
+	_ = os.Remove(RotatedLog(l.path, l.files))
+	for i := l.files - 1; i >= 1; i-- {
+		_ = os.Rename(RotatedLog(l.path, i), RotatedLog(l.path, i+1))
+	}
+	if err := os.Rename(l.path, RotatedLog(l.path, 1)); err != nil {
+		return
+	}
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		// Write on into the renamed file; the next write tries again.
+		return
+	}
+	l.f.Close()
+	l.f, l.written = f, 0
+}
+
+// RotatedLog is the name of a log's i-th rotated file (1 is the newest).
+func RotatedLog(path string, i int) string { return path + "." + strconv.Itoa(i) }
 
 func (l *cappedLog) Close() error { return l.f.Close() }
 

@@ -79,7 +79,7 @@ func (m *mon) drainPorts() error {
 		if slices.Contains(pc.Durable, port) {
 			w, err = openDurable(pc.Outputs[port], pc.DurableMaxBytes)
 		} else {
-			w, err = openLog(pc.Outputs[port], m.cfg.LogMaxBytes)
+			w, err = openLog(pc.Outputs[port], m.cfg.LogMaxBytes, m.cfg.LogMaxFiles)
 		}
 		if err != nil {
 			return ended(err)

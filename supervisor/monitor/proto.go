@@ -79,8 +79,12 @@ type Config struct {
 	// stamps it on its pid record, so a record of an earlier boot is
 	// recognised as dead even if its pid was reused.
 	BootID string `json:"boot_id,omitempty"`
-	// LogMaxBytes caps each output log; 0 means no cap.
+	// LogMaxBytes is the size of each output log at which it rotates (or,
+	// with LogMaxFiles 0, is capped); 0 means no limit.
 	LogMaxBytes int64 `json:"log_max_bytes"`
+	// LogMaxFiles is how many rotated files of each log are kept
+	// (RotatedLog); 0 caps the log instead of rotating it.
+	LogMaxFiles int `json:"log_max_files,omitempty"`
 
 	Runc  *RuncConfig  `json:"runc,omitempty"`
 	Ports *PortsConfig `json:"ports,omitempty"`

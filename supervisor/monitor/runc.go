@@ -62,7 +62,7 @@ func (m *mon) runContainer() error {
 		r    *os.File
 		name string
 	}{{outR, stdoutLog}, {errR, stderrLog}} {
-		w, err := openLog(filepath.Join(rc.LogDir, p.name), m.cfg.LogMaxBytes)
+		w, err := openLog(filepath.Join(rc.LogDir, p.name), m.cfg.LogMaxBytes, m.cfg.LogMaxFiles)
 		if err != nil {
 			return m.fail(err)
 		}
