@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -101,6 +102,13 @@ func TestWholeDiskImage(t *testing.T) {
 		}
 		if stats, err := d.Stats(ctx, cfg.ID); err != nil || stats.CPUUsageNanos == 0 {
 			t.Errorf("Stats = %+v, %v", stats, err)
+		}
+		// No berth-init runs in it to exec into or signal through.
+		if _, err := d.Exec(ctx, cfg.ID, &driver.ExecConfig{Args: []string{"true"}}); !errors.Is(err, errdefs.ErrNotImplemented) {
+			t.Errorf("Exec into a whole-disk VM: %v, want ErrNotImplemented", err)
+		}
+		if err := d.Signal(ctx, cfg.ID, syscall.SIGHUP); !errors.Is(err, errdefs.ErrNotImplemented) {
+			t.Errorf("Signal of a whole-disk VM: %v, want ErrNotImplemented", err)
 		}
 		stopAt := time.Now()
 		if err := d.Stop(ctx, cfg.ID, 3*time.Second); err != nil {
