@@ -86,3 +86,35 @@ func TestOpenAPIDocumentIsServed(t *testing.T) {
 		t.Errorf("served document: openapi %q, paths %d", doc.OpenAPI, len(doc.Paths))
 	}
 }
+
+// TestDocumentedSecurityMatchesTheGuard: an operation the document marks
+// public (security: []) answers without a credential when auth is on, and
+// every other one asks for one (401), as the guard decides.
+func TestDocumentedSecurityMatchesTheGuard(t *testing.T) {
+	e := newAuthEnv(t)
+	d, err := openapitest.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for p, item := range d.T.Paths.Map() {
+		for method, op := range item.Operations() {
+			n++
+			public := op.Security != nil && len(*op.Security) == 0
+			path := p
+			for _, param := range []string{"{ref}", "{file}"} {
+				path = strings.ReplaceAll(path, param, "x")
+			}
+			code, body := e.do("", method, path, "")
+			switch {
+			case public && code == http.StatusUnauthorized:
+				t.Errorf("%s %s is public in api/openapi.yaml, but the agent asks for a credential: %d %.200s", method, p, code, body)
+			case !public && code != http.StatusUnauthorized:
+				t.Errorf("%s %s needs a credential in api/openapi.yaml, but the agent answers without one: %d %.200s", method, p, code, body)
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("no operations documented")
+	}
+}
