@@ -64,7 +64,7 @@ func execRows(rep *Report, isolation string, cli, simple Summary, baseline strin
 // execBench measures exec into a container against `runc exec` of the
 // same container (the agent's own runc state), interleaved, in the same
 // run.
-func execBench(ctx context.Context, a *agentProc, berth string, n int, rep *Report) error {
+func execBench(ctx context.Context, a *agentProc, berth string, n int, rep *Report) (Summary, error) {
 	// Network none: runc 1.1 cannot exec into a container in a user
 	// namespace that joined a network namespace the host made (bridge),
 	// so the baseline could not run there; berth's shim can (ctrdriver).
@@ -72,31 +72,70 @@ func execBench(ctx context.Context, a *agentProc, berth string, n int, rep *Repo
 	spec.Network = "none"
 	w, err := a.c.Submit(ctx, spec)
 	if err != nil {
-		return err
+		return Summary{}, err
 	}
 	defer a.c.Delete(context.WithoutCancel(ctx), w.ID, true)
 	if err := waitRunning(ctx, a, []string{w.ID}, time.Minute); err != nil {
-		return err
+		return Summary{}, err
 	}
 	runcRoot := filepath.Join(a.dataDir, "containers", "runc")
 	var rs, cs, ss []float64
 	for range n {
 		t := time.Now()
 		if out, err := exec.CommandContext(ctx, "runc", "--root", runcRoot, "exec", w.ID, "true").CombinedOutput(); err != nil {
-			return fmt.Errorf("runc exec %s true: %v: %s", w.ID, err, out)
+			return Summary{}, fmt.Errorf("runc exec %s true: %v: %s", w.ID, err, out)
 		}
 		rs = append(rs, ms(time.Since(t)))
 		c, s, err := execOnce(ctx, a, berth, w.ID)
 		if err != nil {
-			return err
+			return Summary{}, err
 		}
 		cs, ss = append(cs, c), append(ss, s)
 	}
 	cli, simple := summarize(cs), summarize(ss)
 	base := summarize(rs)
-	const baseName = "baseline: runc exec ID true (same container)"
+	baseName := execBaselineName
 	rep.add(Result{Section: execSection, Name: baseName, Unit: "ms", Summary: &base,
 		Note: "runc run directly against the agent's runc state, the container's own process spec"})
 	execRows(rep, "container", cli, simple, baseName, base)
+	return base, nil
+}
+
+// execBaselineName is the row execBench measures `runc exec` under.
+const execBaselineName = "baseline: runc exec ID true (same container)"
+
+// execVMBench measures exec into a VM (booted under the run's
+// accelerator) the same way, compared with the container's `runc exec`
+// of the same run (base; zero when that phase did not run). The first,
+// unmeasured exec waits for the guest to boot.
+func execVMBench(ctx context.Context, a *agentProc, berth string, n int, base Summary, rep *Report) error {
+	w, err := a.c.Submit(ctx, vmSpec(idleCommand...))
+	if err != nil {
+		return err
+	}
+	defer a.c.Delete(context.WithoutCancel(ctx), w.ID, true)
+	if err := waitRunning(ctx, a, []string{w.ID}, 3*time.Minute); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		res, err := a.c.Exec(ctx, w.ID, api.ExecRequest{Command: []string{"true"}})
+		if err == nil && res.ExitCode == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("exec into the VM never succeeded: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	cli, simple, err := execRoundTrips(ctx, a, berth, w.ID, n)
+	if err != nil {
+		return err
+	}
+	baseName := ""
+	if base.N > 0 {
+		baseName = execBaselineName
+	}
+	execRows(rep, "VM", cli, simple, baseName, base)
 	return nil
 }
