@@ -45,8 +45,8 @@ type State struct {
 const agentTimeout = 30 * time.Second
 
 var capabilities = &drivers.Capabilities{
-	SendSignals: false,
-	Exec:        false,
+	SendSignals: true,
+	Exec:        true,
 	// The workload's root file system is its image; the allocation's
 	// directories are mounted into it at /alloc, /local and /secrets
 	// (alloc_dirs, volumes.go).
@@ -58,8 +58,6 @@ var capabilities = &drivers.Capabilities{
 
 // Driver implements drivers.DriverPlugin.
 type Driver struct {
-	drivers.DriverSignalTaskNotSupported
-
 	ctx     context.Context
 	cancel  context.CancelFunc
 	logger  hclog.Logger
@@ -419,11 +417,6 @@ func (d *Driver) emit(cfg *drivers.TaskConfig, msg string, annotations map[strin
 	if err != nil {
 		d.logger.Debug("task event not sent", "task_id", cfg.ID, "error", err)
 	}
-}
-
-// ExecTask implements drivers.DriverPlugin; berth has no exec.
-func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*drivers.ExecTaskResult, error) {
-	return nil, errors.New("berth: exec is not supported")
 }
 
 // Shutdown stops the driver's background work (Nomad kills the plugin

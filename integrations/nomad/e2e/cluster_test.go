@@ -7,6 +7,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -212,7 +213,7 @@ job "berth-sleep" {
       config {
         image   = "berth.test/busybox:latest"
         command = "sh"
-        args    = ["-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+        args    = ["-c", "trap 'echo got-usr1' USR1; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
         network = "none"
       }
       resources {
@@ -249,6 +250,19 @@ func testRecoverAndStop(t *testing.T, cl *cluster) {
 		workloads[a.ID] = w
 		waitFor(t, 3*time.Minute, "tick lines in nomad alloc logs of "+a.NodeName, func() bool {
 			return strings.Contains(cl.allocLogs(a.ID, "tick"), "tick 1")
+		})
+	}
+
+	// nomad alloc exec and nomad alloc signal reach the workload, in a VM
+	// and in a container alike.
+	for _, a := range allocs {
+		out, code, err := cl.nomadExitCode("alloc", "exec", "-i=false", "-t=false", "-task", "tick", a.ID, "sh", "-c", "echo exec-$((1+2)) in $(cat /proc/1/comm); exit 3")
+		if err != nil || code != 3 || !strings.Contains(out, "exec-3 in") {
+			t.Errorf("nomad alloc exec on %s: exit %d, %q, %v; want exit 3 and the command's output", a.NodeName, code, out, err)
+		}
+		cl.nomadCLI(t, "alloc", "signal", "-s", "SIGUSR1", "-task", "tick", a.ID)
+		waitFor(t, 2*time.Minute, "the trap's output after nomad alloc signal on "+a.NodeName, func() bool {
+			return strings.Contains(cl.allocLogs(a.ID, "tick"), "got-usr1")
 		})
 	}
 
@@ -416,6 +430,26 @@ func (cl *cluster) nomadCLITry(args ...string) (string, error) {
 		return "", fmt.Errorf("nomad %s: %v\n%s%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
 	}
 	return stdout.String(), nil
+}
+
+// nomadExitCode runs the nomad CLI and returns its stdout and exit code
+// (an error only when it could not run).
+func (cl *cluster) nomadExitCode(args ...string) (string, int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, cl.env.nomadBin, args...)
+	cmd.Env = append(cleanEnv(), "NOMAD_ADDR=http://"+cl.serverHTTP)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return stdout.String(), ee.ExitCode(), nil
+	}
+	if err != nil {
+		return "", -1, fmt.Errorf("nomad %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.String(), 0, nil
 }
 
 // allocLogs is the task's stdout in nomad alloc logs, "" while it cannot
