@@ -121,7 +121,9 @@ func TestUserNSContainerRootIsUnprivileged(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		var fst syscall.Stat_t
-		if err := syscall.Stat(filepath.Join(task, "upper", "written-by-root"), &fst); err != nil {
+		// The writable layer is on the workload's own filesystem (its
+		// disk budget, workload_defaults.disk_mb), mounted at scratch/.
+		if err := syscall.Stat(filepath.Join(task, "scratch", "upper", "written-by-root"), &fst); err != nil {
 			t.Fatal(err)
 		}
 		if uint64(fst.Uid) != uid[0] || fst.Uid == 0 {
