@@ -406,15 +406,22 @@ func (s *execSession) startShim(cfg *driver.ExecConfig, args monitor.ExecArgs) e
 	if err != nil {
 		return err
 	}
-	childEnds = append(childEnds, repW)
-	s.files = append(s.files, repR)
+	// The lifeline: the shim kills the session when its write end closes
+	// (release, or this process's death).
+	lifeR, lifeW, err := os.Pipe()
+	if err != nil {
+		repR.Close()
+		repW.Close()
+		return err
+	}
+	childEnds = append(childEnds, repW, lifeR)
+	s.files = append(s.files, repR, lifeW)
 	cmd := exec.Command(s.d.sup.MonitorPath(), append([]string{"exec"}, args.List()...)...)
 	cmd.Env = s.d.opts.MonitorEnv
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
-	cmd.ExtraFiles = []*os.File{repW} // monitor.ExecReportFD
-	// Its own session (so it and the process are killed as one), and
-	// SIGTERM when the agent dies: the shim then kills the session.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGTERM}
+	cmd.ExtraFiles = []*os.File{repW, lifeR} // monitor.ExecReportFD, ExecLifelineFD
+	// Its own session, so it and the process are killed as one.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start the exec shim %s: %w", cmd.Path, err)
 	}

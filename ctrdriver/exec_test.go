@@ -187,32 +187,39 @@ func TestExecCloseAfterShimKilled(t *testing.T) {
 	}
 }
 
-// A shim told that the agent died (its parent-death signal, SIGTERM)
-// kills its session: no exec'd process outlives the agent serving it.
+// A shim whose lifeline closes (the agent died: the kernel closed its
+// end) or that gets SIGTERM kills its session: no exec'd process outlives
+// the agent serving it.
 func TestExecShimKillsSessionWhenAgentDies(t *testing.T) {
 	d, cfg := execTask(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	sess, err := d.Exec(ctx, cfg.ID, &driver.ExecConfig{Args: []string{"sh", "-c", "sleep 1003 & sleep 1004"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sess.Close()
-	s := sess.(*execSession)
-	if err := unix.Kill(s.shim.Process.Pid, unix.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := sess.Wait(ctx); err != nil {
-		t.Fatalf("Wait: %v", err)
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		live := liveProcs(cfg.ID, "sleep\x00100")
-		if len(live) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("processes %v left after the shim's SIGTERM", live)
-		}
+	for name, end := range map[string]func(s *execSession) error{
+		"lifeline closed": func(s *execSession) error { return s.files[len(s.files)-1].Close() },
+		"SIGTERM":         func(s *execSession) error { return unix.Kill(s.shim.Process.Pid, unix.SIGTERM) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sess, err := d.Exec(ctx, cfg.ID, &driver.ExecConfig{Args: []string{"sh", "-c", "sleep 1003 & sleep 1004"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sess.Close()
+			if err := end(sess.(*execSession)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := sess.Wait(ctx); err != nil {
+				t.Fatalf("Wait: %v", err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+				live := liveProcs(cfg.ID, "sleep\x00100")
+				if len(live) == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("processes %v left after the shim was told", live)
+				}
+			}
+		})
 	}
 }
 

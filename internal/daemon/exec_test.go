@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -230,5 +231,57 @@ func readUntil(t *testing.T, r io.Reader, want string) {
 		if err != nil {
 			t.Fatalf("output %q ended (%v) before %q", seen, err, want)
 		}
+	}
+}
+
+// An agent SIGKILLed while exec sessions run takes them with it: their
+// processes (and what they started) are gone from the container, which
+// itself keeps running and is recovered by the next agent, where exec
+// works again.
+func TestExecSessionsDieWithTheAgent(t *testing.T) {
+	requireRunc(t)
+	dataDir := t.TempDir()
+	addr := freeAddr(t)
+	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nnetwork:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir)
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := &agentProcess{t: t, config: cfgFile}
+	c := p.start(addr)
+	t.Cleanup(func() {
+		deleteAll(t, c)
+		p.kill()
+	})
+	importBusybox(t, c)
+	ctx := context.Background()
+	w, err := c.Submit(ctx, api.WorkloadSpec{Image: testImage, Command: []string{"sleep", "600"}, Isolation: api.IsolationContainer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitRunning(t, c, w.ID)
+	marker := fmt.Sprint(100000 + rand.IntN(800000))
+	for _, tty := range []bool{false, true} {
+		sess, err := c.ExecStream(ctx, w.ID, api.ExecRequest{Command: []string{"sh", "-c", "sleep " + marker + "1 & sleep " + marker + "2"}, TTY: tty, Stdin: tty})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sess.Close()
+	}
+	for deadline := time.Now().Add(15 * time.Second); len(cgroupProcs(t, w.ID, "sleep "+marker)) < 4; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sessions' processes never ran: %q", cgroupProcs(t, w.ID, "sleep "+marker))
+		}
+	}
+	p.kill()
+	waitNoProcs(t, w.ID, "sleep "+marker)
+
+	c = p.start(addr)
+	got, _, err := c.Get(ctx, w.ID, nil)
+	if err != nil || got.State != api.StateRunning {
+		t.Fatalf("after the agent restart the workload is %+v, %v; want running", got, err)
+	}
+	if res, err := c.Exec(ctx, w.ID, api.ExecRequest{Command: []string{"echo", "again"}}); err != nil || res.Stdout != "again\n" {
+		t.Errorf("exec after the restart: %+v %v", res, err)
 	}
 }

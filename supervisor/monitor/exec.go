@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -22,6 +23,12 @@ import (
 // exec` reports to the agent, one JSON ExecReport a line: first the
 // process's pid (or why it did not start), then its end.
 const ExecReportFD = 3
+
+// ExecLifelineFD is the read end of a pipe (fd 4) whose write end only
+// the agent holds: its end of file (the agent closed the session, or
+// died) makes the shim kill the session. A pipe, not a parent-death
+// signal, which fires when the agent's forking thread ends, not the agent.
+const ExecLifelineFD = 4
 
 // ExecReport is one line of an exec shim's report.
 type ExecReport struct {
@@ -62,9 +69,9 @@ func (a ExecArgs) List() []string {
 // process. It is started by the agent in a session of its own with its
 // stdio for the process, runs `runc exec --detach` so the process is
 // re-parented to it (a subreaper), and reports the process's pid and end
-// on ExecReportFD. When the agent dies (the parent-death signal, SIGTERM)
-// it kills the session's processes: an exec session never outlives the
-// agent that serves it.
+// on ExecReportFD. When the agent closes its lifeline (ExecLifelineFD), or
+// dies, or SIGTERM comes, it kills the session's processes: an exec
+// session never outlives the agent that serves it.
 func ExecMain(args []string) int {
 	report := os.NewFile(ExecReportFD, "report")
 	send := func(r ExecReport) {
@@ -94,6 +101,12 @@ func ExecMain(args []string) int {
 	// exiting is held by whoever ends the shim: a main that saw the
 	// process end must not exit while the agent's death is being handled.
 	var exiting sync.Mutex
+	go func() {
+		// A read of the lifeline ends only with its end of file.
+		lifeline := os.NewFile(ExecLifelineFD, "lifeline")
+		_, _ = io.Copy(io.Discard, lifeline)
+		deaths <- unix.SIGTERM
+	}()
 	go func() {
 		<-deaths
 		exiting.Lock()
