@@ -31,6 +31,7 @@ type Images interface {
 	Rootfs(ctx context.Context, img *image.Image) (string, error)
 	List() []*image.Image
 	Pull(ctx context.Context, ref string) (*image.Image, error)
+	PullWith(ctx context.Context, ref string, o image.PullOptions) (*image.Image, error)
 	// Resolve reads an image's manifest and config from its registry
 	// without storing anything; PullShared pulls that digest, one pull for
 	// every concurrent caller, with progress.

@@ -51,9 +51,14 @@ func (a *Agent) ImportImage(ctx context.Context, r io.Reader, ref string) ([]api
 	return out, nil
 }
 
-// PullImage fetches an image from its registry.
-func (a *Agent) PullImage(ctx context.Context, ref string) (*api.Image, error) {
-	img, err := a.images.Pull(ctx, ref)
+// PullImage fetches an image from its registry, with auth, when set, as
+// the credentials of this pull alone.
+func (a *Agent) PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error) {
+	var o image.PullOptions
+	if auth != nil {
+		o.Auth = &image.Credentials{Username: auth.Username, Password: auth.Password, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken}
+	}
+	img, err := a.images.PullWith(ctx, ref, o)
 	if err != nil {
 		return nil, err
 	}

@@ -3,7 +3,10 @@
 // JSON in snake_case and stable within /v1.
 package api
 
-import "time"
+import (
+	"log/slog"
+	"time"
+)
 
 // Isolation is how strongly a workload is isolated from the node.
 type Isolation string
@@ -233,7 +236,26 @@ type ImageList struct {
 // PullRequest asks the node to pull an image from a registry.
 type PullRequest struct {
 	Ref string `json:"ref"`
+	// Auth, when set, are credentials for this pull alone, in place of the
+	// node's (images.auth_file). berth never logs, stores, audits or
+	// answers them.
+	Auth *RegistryAuth `json:"auth,omitempty"`
 }
+
+// RegistryAuth are a registry's credentials: a username and password
+// (or token), or an identity token. They print as Redacted.
+type RegistryAuth struct {
+	Username      string `json:"username,omitempty"`
+	Password      string `json:"password,omitempty"`
+	IdentityToken string `json:"identity_token,omitempty"`
+	RegistryToken string `json:"registry_token,omitempty"`
+}
+
+// String, GoString and LogValue keep credentials out of anything that
+// prints or logs them by mistake.
+func (RegistryAuth) String() string       { return Redacted }
+func (RegistryAuth) GoString() string     { return Redacted }
+func (RegistryAuth) LogValue() slog.Value { return slog.StringValue(Redacted) }
 
 // LogLine is one line of output in the NDJSON log format.
 type LogLine struct {

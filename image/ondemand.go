@@ -17,7 +17,7 @@ func (s *Store) Resolve(ctx context.Context, ref string) (*Image, error) {
 		return nil, err
 	}
 	return s.flights.do(ctx, "resolve "+canon, nil, func(ctx context.Context, _ func(int64, int64)) (*Image, error) {
-		f, err := s.fetchManifest(ctx, canon, "")
+		f, err := s.fetchManifest(ctx, canon, "", nil)
 		if err != nil {
 			return nil, err
 		}

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -48,11 +47,14 @@ type PullOptions struct {
 	// layers stored so far and in all (layers already in the store
 	// count as done).
 	Progress func(done, total int64)
+	// Auth, when set, are this pull's credentials, in place of the
+	// store's keychain.
+	Auth *Credentials
 }
 
 // PullWith is Pull with options.
 func (s *Store) PullWith(ctx context.Context, ref string, o PullOptions) (*Image, error) {
-	f, err := s.fetchManifest(ctx, ref, o.Digest)
+	f, err := s.fetchManifest(ctx, ref, o.Digest, o.Auth)
 	if err != nil {
 		return nil, err
 	}
@@ -77,7 +79,7 @@ type fetched struct {
 // fetchManifest reads ref's manifest for this node's platform (at digest,
 // when set) and its config, refusing what this node cannot or may not
 // run. The caller closes f.g.
-func (s *Store) fetchManifest(ctx context.Context, ref, digest string) (*fetched, error) {
+func (s *Store) fetchManifest(ctx context.Context, ref, digest string, auth *Credentials) (*fetched, error) {
 	canon, err := Normalize(ref)
 	if err != nil {
 		return nil, err
@@ -111,7 +113,7 @@ func (s *Store) fetchManifest(ctx context.Context, ref, digest string) (*fetched
 	opts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithPlatform(platform),
-		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		s.authOption(auth),
 		remote.WithTransport(g),
 		remote.WithRetryBackoff(s.retry),
 	}

@@ -153,7 +153,7 @@ var (
 func registryClass(terr *transport.Error) (error, string) {
 	const (
 		notFound = "the registry has no such image; check the name and tag"
-		login    = "log in to the registry (docker login) as the user berth runs as, or check that the repository is spelled right"
+		login    = "give berth the registry's credentials (images.auth_file, or the pull's own), or check that the repository is spelled right"
 		denied   = "the registry denies this node's credentials access to the repository"
 		later    = "the registry is rate limiting or failing; retry later"
 		other    = "the registry refused the request; check the reference and the registry"

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
@@ -81,6 +82,9 @@ type Store struct {
 	// digest); garbage collection keeps such images' content. Nil: none do.
 	inUse func(digest string) bool
 
+	// keychain gives pulls their credentials (WithAuthFile); nil: the
+	// docker config of the user running berth.
+	keychain authn.Keychain
 	// flights share concurrent resolves and pulls of one image.
 	flights flightGroup
 

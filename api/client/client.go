@@ -373,8 +373,13 @@ func (c *Client) ImportImage(ctx context.Context, archive io.Reader, ref string)
 
 // PullImage makes the agent pull an image from its registry.
 func (c *Client) PullImage(ctx context.Context, ref string) (*api.Image, error) {
+	return c.PullImageWith(ctx, api.PullRequest{Ref: ref})
+}
+
+// PullImageWith is PullImage with the request's options (credentials).
+func (c *Client) PullImageWith(ctx context.Context, req api.PullRequest) (*api.Image, error) {
 	var img api.Image
-	_, err := c.doJSON(ctx, http.MethodPost, "/v1/images/pull", nil, api.PullRequest{Ref: ref}, &img)
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/images/pull", nil, req, &img)
 	return &img, err
 }
 

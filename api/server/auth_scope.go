@@ -274,9 +274,9 @@ func (b *scoped) ImportImage(ctx context.Context, r io.Reader, ref string) ([]ap
 	return b.Backend.ImportImage(ctx, r, ref)
 }
 
-func (b *scoped) PullImage(ctx context.Context, ref string) (*api.Image, error) {
+func (b *scoped) PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error) {
 	b.st.image = ref
-	return b.Backend.PullImage(ctx, ref)
+	return b.Backend.PullImage(ctx, ref, auth)
 }
 
 func (b *scoped) RemoveImage(ref string) error {

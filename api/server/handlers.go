@@ -443,7 +443,7 @@ func (s *Server) pullImage(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", api.FieldError{Field: "ref", Detail: "required: the image reference to pull"}))
 		return
 	}
-	img, err := s.be(r).PullImage(r.Context(), req.Ref)
+	img, err := s.be(r).PullImage(r.Context(), req.Ref, req.Auth)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -37,7 +37,9 @@ type Backend interface {
 
 	ListImages() []api.Image
 	ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error)
-	PullImage(ctx context.Context, ref string) (*api.Image, error)
+	// PullImage pulls ref with auth, when set, as its credentials (never
+	// logged, stored or answered).
+	PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error)
 	RemoveImage(ref string) error
 
 	// Ready reports why the agent cannot take workloads, or nil.

@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -39,6 +41,8 @@ func newImageCmd(g *globals) *cobra.Command {
 		},
 	}
 	imp.Flags().StringVar(&ref, "ref", "", "reference to give an archive that names none")
+	var username string
+	var passwordStdin bool
 	pull := &cobra.Command{
 		Use:   "pull REF",
 		Short: "Pull an image from its registry (loopback registries over plain HTTP)",
@@ -48,13 +52,23 @@ func newImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			img, err := c.PullImage(cmd.Context(), args[0])
+			req := api.PullRequest{Ref: args[0]}
+			if username != "" || passwordStdin {
+				auth, err := pullAuth(username, passwordStdin, cmd.InOrStdin())
+				if err != nil {
+					return err
+				}
+				req.Auth = auth
+			}
+			img, err := c.PullImageWith(cmd.Context(), req)
 			if err != nil {
 				return err
 			}
 			return printImages(g, []api.Image{*img})
 		},
 	}
+	pull.Flags().StringVarP(&username, "username", "u", "", "the registry user for this pull alone (the agent's images.auth_file otherwise)")
+	pull.Flags().BoolVar(&passwordStdin, "password-stdin", false, "read the registry password (or token) from stdin")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List the node's images",
@@ -123,4 +137,22 @@ func humanBytes(n int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f%ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// pullAuth is a pull's own registry credentials: the user from the flag,
+// the password from stdin (never from the command line, which other users
+// of the host may read).
+func pullAuth(username string, passwordStdin bool, stdin io.Reader) (*api.RegistryAuth, error) {
+	if username == "" || !passwordStdin {
+		return nil, fmt.Errorf("give both --username and --password-stdin")
+	}
+	data, err := io.ReadAll(io.LimitReader(stdin, 64<<10))
+	if err != nil {
+		return nil, fmt.Errorf("read the password from stdin: %w", err)
+	}
+	pw := strings.TrimRight(string(data), "\r\n")
+	if pw == "" {
+		return nil, fmt.Errorf("--password-stdin: stdin holds no password")
+	}
+	return &api.RegistryAuth{Username: username, Password: pw}, nil
 }

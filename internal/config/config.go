@@ -192,6 +192,10 @@ type Images struct {
 	// DiskGroup alone may read whole-disk VM images: QEMU's group under
 	// libvirt. Empty: root only.
 	DiskGroup string `mapstructure:"disk_group"`
+	// AuthFile is a docker-style config.json with the registries'
+	// credentials (auths, credsStore, credHelpers); empty: the docker
+	// config of the user running berth.
+	AuthFile string `mapstructure:"auth_file"`
 }
 
 // Storage is how the data directory's disk is kept usable.
@@ -439,6 +443,9 @@ func (c *Config) Validate() error {
 
 // validateImages checks the image and storage keys.
 func (c *Config) validateImages(bad func(key, format string, args ...any)) {
+	if f := c.Images.AuthFile; f != "" && !filepath.IsAbs(f) {
+		bad("images.auth_file", "%q must be an absolute path", f)
+	}
 	for _, l := range []struct {
 		key  string
 		list []string

@@ -84,7 +84,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		image.WithLimits(image.Limits{
 			MaxUnpackedBytes: cfg.Images.MaxUnpackedBytes, MaxEntries: cfg.Images.MaxEntries, MinFreeBytes: cfg.Storage.MinFreeBytes,
 		}),
-		image.WithDiskGroup(diskGroup(cfg)))
+		image.WithDiskGroup(diskGroup(cfg)), imageAuth(cfg))
 	if err != nil {
 		return nil, err
 	}
@@ -327,4 +327,12 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	}
 	d.log.Info("berth agent stopped")
 	return serveErr
+}
+
+// imageAuth is where pulls find their registry credentials.
+func imageAuth(cfg *config.Config) image.Option {
+	if cfg.Images.AuthFile == "" {
+		return func(*image.Store) {}
+	}
+	return image.WithAuthFile(cfg.Images.AuthFile)
 }

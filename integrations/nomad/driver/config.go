@@ -48,6 +48,25 @@ type TaskConfig struct {
 	Privileged bool   `codec:"privileged"`
 	// Volumes are named berth volumes, NAME:/PATH[:ro].
 	Volumes []string `codec:"volumes"`
+	// Auth, as in Nomad's docker driver, are the registry credentials the
+	// image is pulled with before the task is submitted; berth never
+	// stores them.
+	Auth *TaskAuth `codec:"auth"`
+}
+
+// TaskAuth is a task's auth block.
+type TaskAuth struct {
+	Username string `codec:"username"`
+	Password string `codec:"password"`
+}
+
+// pullRequest is the pull a task with an auth block makes before its
+// submit (nil without one).
+func (tc *TaskConfig) pullRequest() *api.PullRequest {
+	if tc.Auth == nil || (tc.Auth.Username == "" && tc.Auth.Password == "") {
+		return nil
+	}
+	return &api.PullRequest{Ref: tc.Image, Auth: &api.RegistryAuth{Username: tc.Auth.Username, Password: tc.Auth.Password}}
 }
 
 var (
@@ -74,6 +93,10 @@ var (
 		"network":    hclspec.NewAttr("network", "string", false),
 		"privileged": hclspec.NewAttr("privileged", "bool", false),
 		"volumes":    hclspec.NewAttr("volumes", "list(string)", false),
+		"auth": hclspec.NewBlock("auth", false, hclspec.NewObject(map[string]*hclspec.Spec{
+			"username": hclspec.NewAttr("username", "string", false),
+			"password": hclspec.NewAttr("password", "string", false),
+		})),
 	})
 )
 

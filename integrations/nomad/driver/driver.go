@@ -44,6 +44,9 @@ type State struct {
 // agentTimeout bounds ordinary calls to the agent.
 const agentTimeout = 30 * time.Second
 
+// pullTimeout bounds the pull a task's auth block makes before its submit.
+const pullTimeout = 30 * time.Minute
+
 var capabilities = &drivers.Capabilities{
 	SendSignals: true,
 	Exec:        true,
@@ -200,6 +203,17 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	d.mu.Unlock()
 	if err := addVolumes(&spec, cfg, &tc, allocDirs); err != nil {
 		return nil, nil, err
+	}
+	if req := tc.pullRequest(); req != nil {
+		// The job's own credentials: the image is pulled with them first
+		// (berth keeps the image, never the credentials); the submit then
+		// finds it on the node.
+		pctx, pcancel := context.WithTimeout(d.ctx, pullTimeout)
+		_, err := c.PullImageWith(pctx, *req)
+		pcancel()
+		if err != nil {
+			return nil, nil, fmt.Errorf("berth: pull %s with the task's auth block: %w", tc.Image, err)
+		}
 	}
 	w, err := c.Submit(ctx, spec)
 	if err != nil {
