@@ -78,6 +78,18 @@
 // (watching the monitor's pidfd, or the QEMU process when no monitor is
 // left), never from memory.
 //
+// # Exec and signals
+//
+// Exec and Signal go through the exec channel, a fourth virtio-serial port
+// (guest.ExecPort, exec.sock) that berth-init serves (exec.go; the
+// protocol is package guest's, docs/vm-exec.md describes it). The driver,
+// not the monitor, connects to it, on the first exec or signal of a VM,
+// and keeps that one connection for the VM's life: sessions are
+// multiplexed over it. An agent that dies drops it, and berth-init kills
+// the sessions it carried; the restarted agent connects again. A VM
+// started by a berth without the port is ErrConflict, a whole-disk VM
+// ErrNotImplemented.
+//
 // # libvirt
 //
 // One connection, opened lazily; a call that fails because libvirtd went
