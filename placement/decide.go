@@ -32,22 +32,13 @@ func Decide(w Workload, p *Policy, n NodeFacts) Decision {
 	)
 	for i := range p.rules {
 		r := &p.rules[i]
-		if r.outcome == "" || !r.matchStatic(&w) {
+		if r.outcome == "" {
 			continue // a rule about exec alone places nothing
 		}
-		var evalErr error
-		if r.prg != nil {
-			if act == nil {
-				act = &activation{}
-				act.init(&w, &n)
-			}
-			ok, err := evalCEL(r.prg, act)
-			if err == nil && !ok {
-				continue
-			}
-			evalErr = err
+		reason, ok := r.match(&w, &n, &act)
+		if !ok {
+			continue
 		}
-		reason := r.reason(&w, evalErr)
 		d.Matched = append(d.Matched, Match{Rule: r.name, Outcome: r.outcome, Reason: reason})
 		switch {
 		case r.outcome == OutcomeDeny:
@@ -116,6 +107,28 @@ func Decide(w Workload, p *Policy, n NodeFacts) Decision {
 		decideNetwork(&d, &w, p, tail)
 	}
 	return d
+}
+
+// match reports whether r matches w on n and why: its static conditions,
+// then its `when`, evaluated in *act (made at the first rule that needs
+// it). A `when` that fails to evaluate counts as true, and says so.
+func (r *rule) match(w *Workload, n *NodeFacts, act **activation) (reason string, ok bool) {
+	if !r.matchStatic(w) {
+		return "", false
+	}
+	var evalErr error
+	if r.prg != nil {
+		if *act == nil {
+			*act = &activation{}
+			(*act).init(w, n)
+		}
+		ok, err := evalCEL(r.prg, *act)
+		if err == nil && !ok {
+			return "", false
+		}
+		evalErr = err
+	}
+	return r.reason(w, evalErr), true
 }
 
 // decideNetwork settles the network mode of an allowed workload: a

@@ -35,22 +35,13 @@ func DecideExec(w Workload, p *Policy, n NodeFacts) ExecDecision {
 	var act *activation
 	for i := range p.rules {
 		r := &p.rules[i]
-		if !r.execDeny || !r.matchStatic(&w) {
+		if !r.execDeny {
 			continue
 		}
-		var evalErr error
-		if r.prg != nil {
-			if act == nil {
-				act = &activation{}
-				act.init(&w, &n)
-			}
-			ok, err := evalCEL(r.prg, act)
-			if err == nil && !ok {
-				continue
-			}
-			evalErr = err
+		reason, ok := r.match(&w, &n, &act)
+		if !ok {
+			continue
 		}
-		reason := r.reason(&w, evalErr)
 		return ExecDecision{
 			Rule: r.name, Reason: reason, PolicyVersion: p.version,
 			Explanation: "exec denied: rule " + strconv.Quote(r.name) + " (" + reason + ") forbids exec into this workload; policy " + p.version,

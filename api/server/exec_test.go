@@ -13,7 +13,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
 	"github.com/berthd/berth/api/server"
+	"github.com/berthd/berth/internal/exectest"
 	"github.com/berthd/berth/internal/proc"
 )
 
@@ -251,26 +251,13 @@ func TestExecStreamTTYAndStdin(t *testing.T) {
 		waited <- err
 	}()
 	_, _ = sess.Write([]byte("a\n"))
-	readUntil(t, pr, "30 90")
+	exectest.ReadUntil(t, pr, "30 90")
 	_ = sess.Resize(50, 132)
 	_, _ = sess.Write([]byte("b\n"))
-	readUntil(t, pr, "50 132")
+	exectest.ReadUntil(t, pr, "50 132")
 	go io.Copy(io.Discard, pr)
 	if err := <-waited; err != nil {
 		t.Errorf("tty session: %v", err)
-	}
-}
-
-func readUntil(t *testing.T, r io.Reader, want string) {
-	t.Helper()
-	var seen []byte
-	buf := make([]byte, 1024)
-	for !strings.Contains(string(seen), want) {
-		n, err := r.Read(buf)
-		seen = append(seen, buf[:n]...)
-		if err != nil {
-			t.Fatalf("output %q ended (%v) before %q", seen, err, want)
-		}
 	}
 }
 
@@ -364,43 +351,8 @@ func TestExecManySessionsLeakNothing(t *testing.T) {
 	http.DefaultClient.CloseIdleConnections()
 	fds, goroutines := countFDs(t), runtime.NumGoroutine()
 	marker := fmt.Sprint(100000 + rand.IntN(800000))
-	var wg sync.WaitGroup
-	errs := make(chan error, 100)
-	for i := range 100 {
-		wg.Go(func() {
-			cmd := []string{"sh", "-c", fmt.Sprintf("echo %d; sleep 0.%s", i, marker)}
-			if i%2 == 0 {
-				res, err := c.Exec(ctx, w.ID, api.ExecRequest{Command: cmd})
-				if err == nil && res.Stdout != fmt.Sprintf("%d\n", i) {
-					err = fmt.Errorf("simple %d: %+v", i, res)
-				}
-				errs <- err
-				return
-			}
-			sess, err := c.ExecStream(ctx, w.ID, api.ExecRequest{Command: cmd, TTY: i%4 == 1, Stdin: true})
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer sess.Close()
-			var out bytes.Buffer
-			if i%3 == 0 {
-				// Some leave before the end: their process is killed.
-				return
-			}
-			exit, err := sess.Wait(&out, io.Discard)
-			if err == nil && (*exit.ExitCode != 0 || !strings.Contains(out.String(), fmt.Sprint(i))) {
-				err = fmt.Errorf("session %d: %+v %q", i, exit, out.String())
-			}
-			errs <- err
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
+	for _, err := range exectest.Sessions(ctx, c, w.ID, 100, marker) {
+		t.Error(err)
 	}
 	assertGone(t, "sleep\x000."+marker)
 	c.CloseIdleConnections()

@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,12 +10,12 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
+	"github.com/berthd/berth/internal/exectest"
 	"github.com/berthd/berth/internal/proc"
 )
 
@@ -92,10 +91,10 @@ func TestExecContainer(t *testing.T) {
 			exits <- exit
 		}()
 		_, _ = sess.Write([]byte("a\n"))
-		readUntil(t, pr, "33 99")
+		exectest.ReadUntil(t, pr, "33 99")
 		_ = sess.Resize(44, 111)
 		_, _ = sess.Write([]byte("b\n"))
-		readUntil(t, pr, "44 111")
+		exectest.ReadUntil(t, pr, "44 111")
 		go io.Copy(io.Discard, pr)
 		if exit := <-exits; exit == nil || *exit.ExitCode != 4 {
 			t.Errorf("tty session exit = %+v, want 4", exit)
@@ -154,42 +153,8 @@ func TestExecContainer(t *testing.T) {
 		c.CloseIdleConnections()
 		fds, goroutines := countFDs(t), runtime.NumGoroutine()
 		marker := fmt.Sprint(100000 + rand.IntN(800000))
-		var wg sync.WaitGroup
-		errs := make(chan error, 100)
-		for i := range 100 {
-			wg.Go(func() {
-				cmd := []string{"sh", "-c", fmt.Sprintf("echo %d; sleep 0.%s", i, marker)}
-				if i%2 == 0 {
-					res, err := c.Exec(ctx, w.ID, api.ExecRequest{Command: cmd})
-					if err == nil && (res.ExitCode != 0 || res.Stdout != fmt.Sprintf("%d\n", i)) {
-						err = fmt.Errorf("simple %d: %+v", i, res)
-					}
-					errs <- err
-					return
-				}
-				sess, err := c.ExecStream(ctx, w.ID, api.ExecRequest{Command: cmd, TTY: i%4 == 1, Stdin: true})
-				if err != nil {
-					errs <- err
-					return
-				}
-				defer sess.Close()
-				if i%3 == 0 {
-					return // leaves at once: its process is killed
-				}
-				var out bytes.Buffer
-				exit, err := sess.Wait(&out, io.Discard)
-				if err == nil && (*exit.ExitCode != 0 || !strings.Contains(out.String(), fmt.Sprint(i))) {
-					err = fmt.Errorf("session %d: %+v %q", i, exit, out.String())
-				}
-				errs <- err
-			})
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
-			if err != nil {
-				t.Error(err)
-			}
+		for _, err := range exectest.Sessions(ctx, c, w.ID, 100, marker) {
+			t.Error(err)
 		}
 		waitNoProcs(t, w.ID, "sleep 0."+marker)
 		if left := cgroupProcs(t, w.ID, ""); len(left) != 1 {
@@ -219,19 +184,6 @@ func countFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(entries)
-}
-
-func readUntil(t *testing.T, r io.Reader, want string) {
-	t.Helper()
-	var seen []byte
-	buf := make([]byte, 1024)
-	for !strings.Contains(string(seen), want) {
-		n, err := r.Read(buf)
-		seen = append(seen, buf[:n]...)
-		if err != nil {
-			t.Fatalf("output %q ended (%v) before %q", seen, err, want)
-		}
-	}
 }
 
 // An agent SIGKILLed while exec sessions run takes them with it: their
