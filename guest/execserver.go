@@ -361,7 +361,9 @@ func (ss *srvSession) close() {
 // pump sends one output stream within the host's window. Once the session
 // is closed it still drains the stream, so no writer blocks on it.
 func (ss *srvSession) pump(r io.Reader, stream, typ byte) {
-	buf := make([]byte, MaxExecPayload)
+	// Small while the stream trickles (most sessions), a frame's worth
+	// once it streams: berth-init's memory per session stays small.
+	buf := make([]byte, 4<<10)
 	for {
 		ss.mu.Lock()
 		for ss.credit[stream] == 0 && !ss.closed {
@@ -380,6 +382,9 @@ func (ss *srvSession) pump(r io.Reader, stream, typ byte) {
 			ss.mu.Unlock()
 			if !closed {
 				_ = ss.s.write(ss.gen, typ, ss.id, buf[:n])
+			}
+			if n == len(buf) && len(buf) < MaxExecPayload {
+				buf = make([]byte, min(2*len(buf), MaxExecPayload))
 			}
 		}
 		if err != nil {
@@ -413,7 +418,7 @@ func (ss *srvSession) stdinData(data []byte) error {
 // it freed.
 func (ss *srvSession) feed(in io.WriteCloser) {
 	defer in.Close()
-	buf := make([]byte, MaxExecPayload)
+	var buf []byte
 	for {
 		ss.mu.Lock()
 		for ss.stdin.Len() == 0 && !ss.stdinEOF && !ss.closed {
@@ -422,6 +427,9 @@ func (ss *srvSession) feed(in io.WriteCloser) {
 		if ss.closed || ss.stdin.Len() == 0 {
 			ss.mu.Unlock()
 			return
+		}
+		if want := min(ss.stdin.Len(), MaxExecPayload); len(buf) < want {
+			buf = make([]byte, want)
 		}
 		n, _ := ss.stdin.Read(buf)
 		ss.mu.Unlock()
