@@ -322,6 +322,38 @@ func TestExec(t *testing.T) {
 		}
 	})
 
+	// A session nobody reads holds back its own process only: the others
+	// run, berth-init does not buffer its output, and every byte arrives
+	// once it is read.
+	t.Run("Backpressure", func(t *testing.T) {
+		rss := func() int {
+			res := execOut(t, d, cfg.ID, "sh", "-c", "grep VmRSS /proc/1/status | tr -dc 0-9")
+			n, err := strconv.Atoi(res.Stdout)
+			if err != nil {
+				t.Fatalf("berth-init's RSS %q: %v", res.Stdout, err)
+			}
+			return n // KiB
+		}
+		before := rss()
+		const total = 16 << 20
+		slow := startExec(t, d, cfg.ID, &driver.ExecConfig{Args: []string{"head", "-c", strconv.Itoa(total), "/dev/zero"}})
+		for i := range 5 {
+			if res := execOut(t, d, cfg.ID, "echo", strconv.Itoa(i)); res.Stdout != fmt.Sprintf("%d\n", i) {
+				t.Errorf("session next to a stalled one: %+v", res)
+			}
+		}
+		if grown := rss() - before; grown > 4<<10 {
+			t.Errorf("berth-init grew by %d KiB with %d MiB of output unread", grown, total>>20)
+		}
+		n, err := io.Copy(io.Discard, slow.Stdout())
+		if err != nil || n != total {
+			t.Errorf("read %d bytes (%v), want %d", n, err, total)
+		}
+		if res, err := slow.Wait(execCtx(t)); err != nil || res.ExitCode != 0 {
+			t.Errorf("the stalled session's end: %+v, %v", res, err)
+		}
+	})
+
 	// The driver's connection going away (what the agent's death does to
 	// it) kills the sessions it carried; the next exec reconnects.
 	t.Run("ClientGone", func(t *testing.T) {
