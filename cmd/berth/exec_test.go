@@ -121,6 +121,12 @@ func TestExecAndKillCommands(t *testing.T) {
 	if err != nil || out != "from stdin\n1\n" {
 		t.Errorf("berth exec -i: %q %v", out, err)
 	}
+	// -t: the command runs on a terminal (here with no local one to make
+	// raw), whose output ends lines with \r\n.
+	out, err = berthCLI(t, "", "--addr", addr, "exec", "-t", w.ID, "--", "sh", "-c", "test -t 1 && echo on-a-tty")
+	if err != nil || out != "on-a-tty\r\n" {
+		t.Errorf("berth exec -t: %q %v", out, err)
+	}
 	if _, err := berthCLI(t, "", "--addr", addr, "kill", "-s", "HUP", w.ID); err != nil {
 		t.Fatalf("berth kill -s HUP: %v", err)
 	}
