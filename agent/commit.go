@@ -164,14 +164,22 @@ func (c *committer) run() {
 			if c.beforeWrite != nil {
 				c.beforeWrite()
 			}
-			err := c.write(batch)
+			c.mu.Lock()
+			failed := c.err != nil
+			c.mu.Unlock()
+			var err error
+			if !failed {
+				// After a failure nothing more is written: the disk
+				// keeps a prefix of the history, which recovery reads.
+				err = c.write(batch)
+			}
 			c.mu.Lock()
 			c.txs++
 			c.writes += uint64(len(batch))
 			if err != nil && c.err == nil {
 				c.err = fmt.Errorf("state database: %w", err)
 			}
-			if err == nil {
+			if err == nil && !failed {
 				c.written = batch[len(batch)-1].index
 			}
 			c.flushed.Broadcast()

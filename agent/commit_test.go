@@ -153,3 +153,46 @@ func TestCommitterFailureIsSticky(t *testing.T) {
 		t.Error("a change was queued after a failed write")
 	}
 }
+
+// After a failed transaction nothing queued behind it is written: the
+// disk keeps a prefix of the history.
+func TestCommitterWritesNothingAfterAFailure(t *testing.T) {
+	st, err := openStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	c, err := newCommitter(st.db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inFlight, release := make(chan struct{}), make(chan struct{})
+	first := true
+	c.beforeWrite = func() {
+		if first {
+			first = false
+			close(inFlight)
+			<-release
+		}
+	}
+	// bbolt refuses an empty key: the first transaction fails.
+	if err := c.enqueue(storeWrite{put: []byte("{}"), id: "", index: 1}); err != nil {
+		t.Fatal(err)
+	}
+	<-inFlight
+	if err := c.putRecord(testRecord("later", api.StateRunning), 2); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := c.durable(2); err == nil {
+		t.Fatal("durable after a failed write said the change is on disk")
+	}
+	c.close()
+	recs, index, err := st.loadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 0 || index != 0 {
+		t.Errorf("after a failed write the disk holds %d records at index %d; want nothing after the failure", len(recs), index)
+	}
+}

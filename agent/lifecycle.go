@@ -98,6 +98,9 @@ func (a *Agent) run(id string, s *supervisor) {
 		if r == nil {
 			return
 		}
+		if !a.onDisk(r) {
+			return
+		}
 		switch {
 		case r.Deleting:
 			a.deleteWork(id)
@@ -367,7 +370,7 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 			(r.Workload.State != api.StateRunning && r.Workload.State != api.StateStopping) {
 			return
 		}
-		if r.StopRequested && !ended && retry == nil {
+		if r.StopRequested && !ended && retry == nil && a.onDisk(r) {
 			deadline := r.stopDeadline(a.opts.StopTimeout)
 			if asked.IsZero() || deadline.Before(asked) {
 				asked = deadline
@@ -575,4 +578,17 @@ func backoff(w *api.Workload, base time.Duration) time.Duration {
 	}
 	d = min(d, backoffCap)
 	return d + time.Duration(rand.Int64N(int64(d/10)+1))
+}
+
+// onDisk waits until r's version of its record is on disk: a supervisor
+// acts on the node (a start, a stop, a delete) only on what a crash
+// cannot take back. A state database that failed leaves nothing more to
+// do until the agent restarts: it then waits for the shutdown and says
+// false.
+func (a *Agent) onDisk(r *record) bool {
+	if err := a.commits.durable(r.Workload.ModifyIndex); err != nil {
+		<-a.ctx.Done()
+		return false
+	}
+	return true
 }
