@@ -76,3 +76,20 @@ rules:
 		t.Errorf("Parse of exec: forbid = %v, want an error at 7:11 naming the values", err)
 	}
 }
+
+// network on a rule about exec alone would be ignored by placement (such a
+// rule places nothing): it is refused, with its position, not accepted.
+func TestParseNetworkNeedsAnOutcome(t *testing.T) {
+	_, err := Parse("bad.yaml", []byte(`apiVersion: berth.dev/v1
+kind: IsolationPolicy
+default: container
+rules:
+  - name: untrusted
+    match: {labels: {trust: untrusted}}
+    exec: deny
+    network: none
+`))
+	if err == nil || !strings.Contains(err.Error(), "bad.yaml:8:14") || !strings.Contains(err.Error(), "network needs an outcome") {
+		t.Errorf("Parse of network on an exec-only rule = %v, want an error at 8:14", err)
+	}
+}

@@ -302,7 +302,11 @@ func (p *parser) rule(n *yaml.Node, i int) (r rule, ok bool) {
 		}
 	}
 
-	if nn := f["network"]; nn != nil {
+	if nn := f["network"]; nn != nil && r.outcome == "" && iso == nil && act == nil {
+		// A rule without an outcome never takes part in a placement:
+		// its network would be ignored, silently.
+		p.errorf(nn, "%s: network needs an outcome in the same rule (isolation or action); a rule with exec alone places nothing", ctx)
+	} else if nn != nil {
 		if v, ok := p.str(nn, ctx+": network"); ok {
 			switch v {
 			case NetworkNone:
