@@ -166,7 +166,9 @@ func escapeTests(t *testing.T, c *client.Client) {
 	})
 	t.Run("ForkBombContained", func(t *testing.T) {
 		ctx := context.Background()
-		spec := sh("bomb() { bomb | bomb & }; bomb; sleep 1000")
+		// exec, not a fork: once the bomb holds every pid the container
+		// may have, a forked sleep would fail and end the workload.
+		spec := sh("bomb() { bomb | bomb & }; bomb; exec sleep 1000")
 		spec.Resources.Pids = 64
 		sub, err := c.Submit(ctx, spec)
 		if err != nil {
