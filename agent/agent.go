@@ -41,6 +41,11 @@ type Images interface {
 	ImportDisk(ctx context.Context, r io.Reader, ref string) (*image.Image, error)
 	DiskPath(img *image.Image) (string, error)
 	Remove(ref string) error
+	// Touch marks an image used now; Collect removes unused images past
+	// the high watermark, PruneImages by hand (image/gc.go).
+	Touch(digest string)
+	Collect() ([]image.Removed, error)
+	PruneImages(all bool) ([]image.Removed, error)
 	// DiskPressure says why the data directory has too little free space
 	// to take more (nil when it has room).
 	DiskPressure() error
@@ -130,7 +135,10 @@ type Agent struct {
 	changed chan struct{}                   // closed and replaced on every commit
 	sups    map[string]*supervisor          // each workload's supervisor, while one runs
 	pulls   map[string]*api.ImagePullStatus // by workload id, while its image downloads
-	runs    map[string]*runLock             // per-workload locks of run transitions
+	// admitting counts the submits in flight per image digest: image
+	// collection leaves their images alone.
+	admitting map[string]int
+	runs      map[string]*runLock // per-workload locks of run transitions
 
 	health healthCache
 	pol    *policyHolder
@@ -204,9 +212,11 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		changed: make(chan struct{}),
 		sups:    map[string]*supervisor{},
 		pulls:   map[string]*api.ImagePullStatus{},
-		runs:    map[string]*runLock{},
-		pol:     pol,
-		events:  newEventLog(time.Now()),
+
+		admitting: map[string]int{},
+		runs:      map[string]*runLock{},
+		pol:       pol,
+		events:    newEventLog(time.Now()),
 
 		startedAt: time.Now().UTC(),
 		capacity:  hostCapacity(),

@@ -55,6 +55,7 @@ func (a *Agent) diskLoop() {
 		select {
 		case <-t.C:
 			a.checkDisk()
+			a.collectImages()
 		case <-a.ctx.Done():
 			return
 		}

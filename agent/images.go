@@ -117,6 +117,9 @@ func (a *Agent) Ready(ctx context.Context) error {
 func (a *Agent) UsesImage(digest string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.admitting[digest] > 0 {
+		return true
+	}
 	for _, r := range a.recs {
 		if r.Workload.ImageDigest == digest {
 			return true

@@ -47,6 +47,9 @@ func (a *Agent) submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	if err != nil {
 		return nil, false, err
 	}
+	// Image collection leaves the image alone until the record that uses
+	// it is committed (or the submit refused).
+	defer a.admit(img.Digest)()
 	if img.Kind == image.KindDisk {
 		if spec, err = diskSpec(spec); err != nil {
 			return nil, false, err

@@ -166,6 +166,9 @@ const (
 	EventImagePullProgress = "image.pull.progress"
 	EventImagePulled       = "image.pulled"
 	EventImagePullFailed   = "image.pull_failed"
+	// EventImageRemoved: image collection or a prune removed an image
+	// (attrs ref, digest, size, reason).
+	EventImageRemoved = "image.removed"
 )
 
 // EventFilter selects events; empty fields match everything.

@@ -434,3 +434,23 @@ type LogSpec struct {
 	MaxBytes int64 `json:"max_bytes,omitempty"`
 	MaxFiles int   `json:"max_files,omitempty"`
 }
+
+// PruneRequest is the body of POST /v1/images/prune.
+type PruneRequest struct {
+	// All removes every image no workload uses; without it, unused
+	// images go least recently used first down to the low watermark.
+	All bool `json:"all,omitempty"`
+}
+
+// RemovedImage is an image a prune or the collector removed.
+type RemovedImage struct {
+	Ref    string `json:"ref"`
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
+	Reason string `json:"reason"`
+}
+
+// PruneResult is the answer of POST /v1/images/prune.
+type PruneResult struct {
+	Removed []RemovedImage `json:"removed"`
+}

@@ -85,6 +85,11 @@ type Store struct {
 	// keychain gives pulls their credentials (WithAuthFile); nil: the
 	// docker config of the user running berth.
 	keychain authn.Keychain
+	// gcPolicy and usage drive image garbage collection (gc.go); lastUsed
+	// is when a workload was last admitted with each image (by digest).
+	gcPolicy GCPolicy
+	usage    func(path string) (used, total int64, err error)
+	lastUsed map[string]time.Time
 	// flights share concurrent resolves and pulls of one image.
 	flights flightGroup
 

@@ -30,3 +30,11 @@ func (c *Client) Uncordon(ctx context.Context) (*api.Node, error) {
 	_, err := c.doJSON(ctx, http.MethodPost, "/v1/node/uncordon", nil, nil, &n)
 	return &n, err
 }
+
+// PruneImages removes images no workload uses: all of them with all, else
+// least recently used first down to the agent's low watermark.
+func (c *Client) PruneImages(ctx context.Context, all bool) ([]api.RemovedImage, error) {
+	var res api.PruneResult
+	_, err := c.doJSON(ctx, http.MethodPost, "/v1/images/prune", nil, api.PruneRequest{All: all}, &res)
+	return res.Removed, err
+}

@@ -66,6 +66,7 @@ var routeTable = map[string]routeInfo{
 	"GET /v1/images":                {action: auth.ActImageRead},
 	"POST /v1/images":               {action: auth.ActImageWrite, class: classLong, mutating: true},
 	"DELETE /v1/images":             {action: auth.ActImageWrite, mutating: true},
+	"POST /v1/images/prune":         {action: auth.ActImageWrite, class: classLong, mutating: true},
 	"POST /v1/images/pull":          {action: auth.ActImagePull, class: classLong, mutating: true},
 	"POST /v1/placements":           {action: auth.ActPlacement},
 	"GET /v1/policy":                {action: auth.ActPolicyRead},

@@ -336,3 +336,11 @@ func (b *scoped) Uncordon(ctx context.Context) (*api.Node, error) {
 	}
 	return b.Backend.Uncordon(ctx)
 }
+
+// Images are the node's: a tenant-scoped role prunes none.
+func (b *scoped) PruneImages(ctx context.Context, all bool) ([]api.RemovedImage, error) {
+	if b.id.Scoped() {
+		return nil, fmt.Errorf("prune images: %w", errdefs.ErrPermissionDenied)
+	}
+	return b.Backend.PruneImages(ctx, all)
+}

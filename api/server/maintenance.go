@@ -18,6 +18,27 @@ type Maintenance interface {
 	Cordon(ctx context.Context, reason string) (*api.Node, error)
 	Drain(ctx context.Context, reason string, timeout time.Duration) (*api.Node, error)
 	Uncordon(ctx context.Context) (*api.Node, error)
+	// PruneImages removes images no workload uses (all, or least recently
+	// used first down to the low watermark).
+	PruneImages(ctx context.Context, all bool) ([]api.RemovedImage, error)
+}
+
+// pruneImages is POST /v1/images/prune; the body (api.PruneRequest) is
+// optional.
+func (s *Server) pruneImages(w http.ResponseWriter, r *http.Request) {
+	var req api.PruneRequest
+	if r.ContentLength != 0 {
+		if p := s.decodeJSON(w, r, &req); p != nil {
+			writeProblem(w, r, s.log, p)
+			return
+		}
+	}
+	removed, err := s.be(r).PruneImages(r.Context(), req.All)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, api.PruneResult{Removed: removed})
 }
 
 // cordonNode is POST /v1/node/cordon and POST /v1/node/drain; the body

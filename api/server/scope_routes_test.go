@@ -53,6 +53,7 @@ var routeTenancy = map[string]struct {
 	"POST /v1/node/uncordon":          {t: adminOnly},
 	"GET /v1/policy":                  {t: adminOnly},
 	"POST /v1/images":                 {t: adminOnly},
+	"POST /v1/images/prune":           {t: adminOnly},
 	"DELETE /v1/images":               {t: adminOnly},
 	"GET /v1/workloads/{ref}":         {t: scoped},
 	"DELETE /v1/workloads/{ref}":      {t: scoped},

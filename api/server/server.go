@@ -185,6 +185,7 @@ func New(b Backend, opts Options) *Server {
 			r.Post("/", s.importImage)
 			r.Delete("/", s.removeImage)
 			r.Post("/pull", s.pullImage)
+			r.Post("/prune", s.pruneImages)
 		})
 		r.Route("/volumes", s.volumeRoutes)
 		r.Post("/placements", s.explainPlacement)

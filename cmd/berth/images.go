@@ -103,7 +103,34 @@ func newImageCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(imp, pull, ls, rm)
+	var all bool
+	prune := &cobra.Command{
+		Use:   "prune",
+		Short: "Remove images no workload uses (least recently used first, down to the agent's low watermark; --all: every one)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			removed, err := c.PruneImages(cmd.Context(), all)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return printJSON(api.PruneResult{Removed: removed})
+			}
+			for _, r := range removed {
+				fmt.Printf("removed %s (%s, %d bytes)\n", r.Ref, r.Digest, r.Size)
+			}
+			if len(removed) == 0 {
+				fmt.Println("nothing to remove")
+			}
+			return nil
+		},
+	}
+	prune.Flags().BoolVar(&all, "all", false, "remove every image no workload uses")
+	cmd.AddCommand(imp, pull, ls, rm, prune)
 	return cmd
 }
 

@@ -196,6 +196,10 @@ type Images struct {
 	// credentials (auths, credsStore, credHelpers); empty: the docker
 	// config of the user running berth.
 	AuthFile string `mapstructure:"auth_file"`
+	// GCHighPercent and GCLowPercent are image collection's watermarks
+	// of the data directory's filesystem use; 0 high: off.
+	GCHighPercent int `mapstructure:"gc_high_percent"`
+	GCLowPercent  int `mapstructure:"gc_low_percent"`
 }
 
 // Storage is how the data directory's disk is kept usable.
@@ -443,6 +447,9 @@ func (c *Config) Validate() error {
 
 // validateImages checks the image and storage keys.
 func (c *Config) validateImages(bad func(key, format string, args ...any)) {
+	if h, l := c.Images.GCHighPercent, c.Images.GCLowPercent; h < 0 || h > 100 || l < 0 || (h > 0 && l >= h) {
+		bad("images.gc_high_percent", "%d and images.gc_low_percent %d: want 0 <= low < high <= 100 (high 0: no collection)", h, l)
+	}
 	if f := c.Images.AuthFile; f != "" && !filepath.IsAbs(f) {
 		bad("images.auth_file", "%q must be an absolute path", f)
 	}

@@ -84,7 +84,8 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		image.WithLimits(image.Limits{
 			MaxUnpackedBytes: cfg.Images.MaxUnpackedBytes, MaxEntries: cfg.Images.MaxEntries, MinFreeBytes: cfg.Storage.MinFreeBytes,
 		}),
-		image.WithDiskGroup(diskGroup(cfg)), imageAuth(cfg))
+		image.WithDiskGroup(diskGroup(cfg)), imageAuth(cfg),
+		image.WithGC(image.GCPolicy{HighPercent: cfg.Images.GCHighPercent, LowPercent: cfg.Images.GCLowPercent}))
 	if err != nil {
 		return nil, err
 	}
