@@ -39,7 +39,10 @@ var examples = map[string]string{
   berth image import --ref appliance:1 disk.qcow2   # a whole-disk VM image
   docker save alpine:3.20 | berth image import -`,
 	"berth image pull": `  berth image pull busybox:latest
-  berth image pull 127.0.0.1:5000/team/app:1.4`,
+  berth image pull 127.0.0.1:5000/team/app:1.4
+  echo "$REGISTRY_TOKEN" | berth image pull -u ci --password-stdin registry.example.com/team/app:2`,
+	"berth image prune": `  berth image prune         # least recently used first, down to the low watermark
+  berth image prune --all   # every image no workload uses`,
 	"berth image ls": `  berth image ls
   berth image ls -o json`,
 	"berth image rm": `  berth image rm busybox:latest
