@@ -110,6 +110,28 @@ func guestProcSet(t *testing.T, d *Driver, id string) map[string]string {
 	return procs
 }
 
+// guestInitFDs counts berth-init's open files, as seen by an exec (whose
+// own pipes count the same each time).
+func guestInitFDs(t *testing.T, d *Driver, id string) int {
+	t.Helper()
+	res := execOut(t, d, id, "sh", "-c", "ls /proc/1/fd | wc -l")
+	n, err := strconv.Atoi(strings.TrimSpace(res.Stdout))
+	if err != nil {
+		t.Fatalf("berth-init's open files %q: %v", res.Stdout, err)
+	}
+	return n
+}
+
+// hostFDs counts the test process's open files.
+func hostFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
 func readUntil(t *testing.T, r io.Reader, seen *bytes.Buffer, want string) {
 	t.Helper()
 	buf := make([]byte, 4096)
@@ -278,8 +300,10 @@ func TestExec(t *testing.T) {
 
 	t.Run("Concurrent", func(t *testing.T) {
 		before := guestProcSet(t, d, cfg.ID)
-		goroutines := runtime.NumGoroutine()
-		const n = 24
+		initFDs := guestInitFDs(t, d, cfg.ID)
+		t.Logf("berth-init has %d open files before the sessions", initFDs)
+		goroutines, fds := runtime.NumGoroutine(), hostFDs(t)
+		const n = 100
 		var wg sync.WaitGroup
 		for i := range n {
 			wg.Go(func() {
@@ -314,9 +338,21 @@ func TestExec(t *testing.T) {
 		if left := ch.client.Sessions(); left != 0 {
 			t.Errorf("%d sessions still registered on the host", left)
 		}
-		for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > goroutines; time.Sleep(10 * time.Millisecond) {
+		for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > goroutines || hostFDs(t) > fds; time.Sleep(10 * time.Millisecond) {
 			if time.Now().After(deadline) {
-				t.Errorf("%d goroutines on the host after %d sessions ended, %d before", runtime.NumGoroutine(), n, goroutines)
+				t.Errorf("after %d sessions ended the host has %d goroutines (%d before) and %d open files (%d before)",
+					n, runtime.NumGoroutine(), goroutines, hostFDs(t), fds)
+				break
+			}
+		}
+		// berth-init releases a session's pipes or terminal after its end.
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			after := guestInitFDs(t, d, cfg.ID)
+			if after <= initFDs {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("berth-init has %d open files after %d sessions ended, %d before", after, n, initFDs)
 				break
 			}
 		}
