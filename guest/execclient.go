@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"runtime/debug"
 	"sync"
 	"time"
 )
@@ -15,6 +17,12 @@ import (
 // ExecCloseWait bounds how long ExecSession.Close waits for berth-init to
 // report the killed process's end.
 const ExecCloseWait = 10 * time.Second
+
+// ExecSendTimeout bounds one frame's write: a guest that stops reading
+// its port for that long fails the connection (its sessions end with an
+// error) instead of wedging every sender, Close included, behind it. A
+// variable for tests.
+var ExecSendTimeout = 30 * time.Second
 
 // ErrExecChannelClosed ends the sessions of a connection that is gone.
 var ErrExecChannelClosed = errors.New("the exec channel to berth-init closed")
@@ -80,7 +88,15 @@ func (c *ExecClient) handshake() error {
 func (c *ExecClient) send(typ byte, sid uint32, data []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if err := c.Err(); err != nil {
+		return err
+	}
+	// Closing the connection is what unblocks a write of any transport.
+	stall := time.AfterFunc(ExecSendTimeout, func() {
+		c.fail(fmt.Errorf("%w: berth-init read nothing of a frame for %s", ErrExecChannelClosed, ExecSendTimeout))
+	})
 	_, err := c.rwc.Write(encodeFrame(typ, sid, data))
+	stall.Stop()
 	return err
 }
 
@@ -125,6 +141,15 @@ func (c *ExecClient) fail(err error) {
 }
 
 func (c *ExecClient) readLoop() {
+	// A bug in handling one frame must not take the agent down: the
+	// connection fails instead (its sessions end with the error) and the
+	// VM's exec reconnects on the next request.
+	defer func() {
+		if v := recover(); v != nil {
+			slog.Error("exec channel: frame handling panicked; failing the connection", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			c.fail(fmt.Errorf("%w: internal error handling a frame: %v", ErrExecChannelClosed, v))
+		}
+	}()
 	for {
 		f, err := readFrame(c.rwc)
 		if err != nil {
@@ -291,9 +316,11 @@ func (s *ExecSession) handle(f frame) error {
 			return fmt.Errorf("%w: exit payload of %d bytes", ErrBadFrame, len(f.data))
 		}
 		s.mu.Lock()
-		select {
-		case <-s.exited:
-		default:
+		// The connection may have failed since the read loop looked this
+		// session up (Close of the client, a failed send): ended is then
+		// closed already, and a late exit is dropped: Wait reports the
+		// failure.
+		if !isClosed(s.exited) && !isClosed(s.ended) {
 			s.code = int(int32(binary.BigEndian.Uint32(f.data)))
 			s.sig = int(binary.BigEndian.Uint32(f.data[4:]))
 			close(s.exited)
@@ -322,9 +349,7 @@ func (s *ExecSession) fail(err error) {
 	if s.err == nil {
 		s.err = err
 	}
-	select {
-	case <-s.ended:
-	default:
+	if !isClosed(s.ended) {
 		close(s.ended)
 	}
 	s.cond.Broadcast()
