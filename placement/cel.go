@@ -35,6 +35,8 @@ type celWorkload struct {
 	Privileged bool              `cel:"privileged"`
 	Isolation  string            `cel:"isolation"`
 	Resources  celResources      `cel:"resources"`
+	// HostPaths are the host directories the workload mounts.
+	HostPaths []string `cel:"host_paths"`
 }
 
 type celResources struct {
@@ -133,6 +135,14 @@ func (noSizeHints) EstimateCallCost(string, string, *checker.AstNode, []checker.
 	return nil
 }
 
+// hostPaths is never nil: CEL sees an empty list.
+func hostPaths(p []string) []string {
+	if p == nil {
+		return []string{}
+	}
+	return p
+}
+
 // activation binds `workload` and `node` for one Decide call. It is built
 // once per decision, on the first rule that needs it, and shared by every
 // expression: each rule costs an evaluation, not a conversion.
@@ -156,6 +166,7 @@ func (a *activation) init(w *Workload, n *NodeFacts) {
 		Labels:     w.Labels,
 		Tenant:     w.Tenant(),
 		Privileged: w.Privileged,
+		HostPaths:  hostPaths(w.HostPaths),
 		Isolation:  string(iso),
 		Resources: celResources{
 			CPU:      w.Resources.CPU,

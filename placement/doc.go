@@ -68,6 +68,7 @@
 //	workload.name, .image, .tenant, .isolation (auto, container or vm)  string
 //	workload.labels                                                     map(string, string)
 //	workload.privileged                                                 bool
+//	workload.host_paths                                                 list(string)
 //	workload.resources.cpu                                              double
 //	workload.resources.memory_mb, workload.resources.pids              int
 //	node.vm_available, node.container_available                         bool

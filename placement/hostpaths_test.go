@@ -30,3 +30,37 @@ rules:
 		t.Error("host_paths: a string parsed")
 	}
 }
+
+// CEL sees the host paths: a rule can deny one directory and let others
+// through.
+func TestHostPathsCEL(t *testing.T) {
+	pol, err := Parse("test.yaml", []byte(`apiVersion: berth.dev/v1
+kind: IsolationPolicy
+default: container
+rules:
+  - name: no-srv-secret
+    when: workload.host_paths.exists(p, p.startsWith("/srv/secret"))
+    action: deny
+  - name: any-host-path-to-vm
+    when: size(workload.host_paths) > 0
+    isolation: vm
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := NodeFacts{ContainerAvailable: true, VMAvailable: true}
+	for _, c := range []struct {
+		paths []string
+		want  Verdict
+		iso   Isolation
+	}{
+		{nil, VerdictAllow, IsolationContainer},
+		{[]string{"/srv/shared"}, VerdictAllow, IsolationVM},
+		{[]string{"/srv/shared", "/srv/secret/keys"}, VerdictDeny, ""},
+	} {
+		d := Decide(Workload{Image: "x", HostPaths: c.paths}, pol, node)
+		if d.Verdict != c.want || (c.iso != "" && d.Isolation != c.iso) {
+			t.Errorf("%v: %s %s, want %s %s", c.paths, d.Verdict, d.Isolation, c.want, c.iso)
+		}
+	}
+}
