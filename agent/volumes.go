@@ -98,7 +98,7 @@ func (a *Agent) checkVolumes(spec api.WorkloadSpec, tenant string) error {
 			}
 			continue
 		}
-		if err := a.opts.Volumes.CheckHostPath(m.HostPath); err != nil {
+		if err := a.opts.Volumes.CheckHostPath(m.HostPath, m.ReadOnly); err != nil {
 			v.Add(field+".host_path", "%s", strings.TrimSuffix(err.Error(), ": "+errdefs.ErrInvalidArgument.Error()))
 		}
 	}

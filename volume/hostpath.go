@@ -39,8 +39,10 @@ func refused(p, dataDir string) string {
 	return ""
 }
 
-// checkAllowlist validates volumes.host_paths.
-func checkAllowlist(dirs []string, dataDir string) error {
+// checkAllowlist validates volumes.host_paths against the canonical
+// data directory: by name, and each directory that exists by what it is.
+func checkAllowlist(dirs []string, g *guard) error {
+	dataDir := g.dataDir
 	for i, d := range dirs {
 		key := fmt.Sprintf("volumes.host_paths[%d]", i)
 		if !filepath.IsAbs(d) || filepath.Clean(d) != d {
@@ -54,6 +56,18 @@ func checkAllowlist(dirs []string, dataDir string) error {
 				return fmt.Errorf("%s: %q (%s) cannot be allowed: %s", key, d, real, why)
 			}
 		}
+		f, err := os.OpenFile(d, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			continue // checked again, as it is then, at every submit
+		}
+		why, err := g.check(f)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %q: %w", key, d, err)
+		}
+		if why != "" {
+			return fmt.Errorf("%s: %q cannot be allowed: %s", key, d, why)
+		}
 	}
 	return nil
 }
@@ -61,9 +75,11 @@ func checkAllowlist(dirs []string, dataDir string) error {
 // CheckHostPath says why a workload may not mount the host directory p
 // (an ErrInvalidArgument naming the reason), or nil: p must be under one
 // of volumes.host_paths, reached from it without a symlink leading out,
-// never /, /proc, /sys, /dev or the data directory, and a directory.
-func (s *Store) CheckHostPath(p string) error {
-	f, err := s.openHostPath(p)
+// never /, /proc, /sys, /dev, a pseudo filesystem or the data directory
+// (by name or by identity), and a directory; one the workload may write
+// (readOnly false) must be on a nosuid,nodev mount.
+func (s *Store) CheckHostPath(p string, readOnly bool) error {
+	f, err := s.openHostPath(p, readOnly)
 	if err != nil {
 		return err
 	}
@@ -73,11 +89,11 @@ func (s *Store) CheckHostPath(p string) error {
 // openHostPath opens the host directory p (O_PATH) as CheckHostPath
 // checks it. The file is what gets mounted (through /proc/self/fd), so a
 // path swapped for a symlink after the check changes nothing.
-func (s *Store) openHostPath(p string) (*os.File, error) {
+func (s *Store) openHostPath(p string, readOnly bool) (*os.File, error) {
 	if !filepath.IsAbs(p) || filepath.Clean(p) != p {
 		return nil, fmt.Errorf("host path %q is not a clean absolute path: %w", p, errdefs.ErrInvalidArgument)
 	}
-	if why := refused(p, s.opts.DataDir); why != "" {
+	if why := refused(p, s.guard.dataDir); why != "" {
 		return nil, fmt.Errorf("host path %s is refused: %s: %w", p, why, errdefs.ErrInvalidArgument)
 	}
 	var root string
@@ -112,10 +128,23 @@ func (s *Store) openHostPath(p string) (*os.File, error) {
 	// allowed directory, is held to the same rules.
 	real, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
 	if err == nil {
-		if why := refused(real, s.opts.DataDir); why != "" {
+		if why := refused(real, s.guard.dataDir); why != "" {
 			f.Close()
 			return nil, fmt.Errorf("host path %s (%s) is refused: %s: %w", p, real, why, errdefs.ErrInvalidArgument)
 		}
+	}
+	// Names can lie (bind mounts); what was opened cannot.
+	why, err := s.guard.check(f)
+	if err == nil && why == "" && !readOnly {
+		why, err = checkWritable(f, p)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("host path %s: %w", p, err)
+	}
+	if why != "" {
+		f.Close()
+		return nil, fmt.Errorf("host path %s is refused: %s: %w", p, why, errdefs.ErrInvalidArgument)
 	}
 	return f, nil
 }

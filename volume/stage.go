@@ -84,7 +84,7 @@ func (s *Store) stageOne(src Source, target string) error {
 	var f *os.File
 	var err error
 	if src.HostPath != "" {
-		f, err = s.openHostPath(src.HostPath)
+		f, err = s.openHostPath(src.HostPath, src.ReadOnly)
 	} else {
 		var v *Volume
 		if v, err = s.Get(src.Tenant, src.Name); err == nil {

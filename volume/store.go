@@ -92,10 +92,11 @@ type Options struct {
 
 // Store holds the node's named volumes.
 type Store struct {
-	opts Options
-	log  *slog.Logger
-	mu   sync.Mutex
-	vols map[string]*Volume // by Ref
+	opts  Options
+	guard *guard
+	log   *slog.Logger
+	mu    sync.Mutex
+	vols  map[string]*Volume // by Ref
 	// staging serializes staging and releasing of workloads' mounts.
 	staging sync.Mutex
 }
@@ -106,9 +107,6 @@ type Store struct {
 func Open(opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
-	}
-	if err := checkAllowlist(opts.HostPaths, opts.DataDir); err != nil {
-		return nil, err
 	}
 	rootMode := os.FileMode(0o700)
 	if opts.ShareGID > 0 {
@@ -126,7 +124,14 @@ func Open(opts Options) (*Store, error) {
 	if err := shareDir(filepath.Join(opts.Root, mountsDir), opts.ShareGID); err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
-	s := &Store{opts: opts, log: opts.Logger, vols: map[string]*Volume{}}
+	g, err := newGuard(opts.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkAllowlist(opts.HostPaths, g); err != nil {
+		return nil, err
+	}
+	s := &Store{opts: opts, guard: g, log: opts.Logger, vols: map[string]*Volume{}}
 	entries, err := os.ReadDir(opts.Root)
 	if err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)

@@ -72,6 +72,13 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	if err := os.MkdirAll(cfg.DataDir, 0o711); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
+	// Canonical (symlinks resolved): what refuses host paths that expose
+	// it compares names too, and a symlinked data directory has two.
+	real, err := filepath.EvalSymlinks(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	cfg.DataDir = real
 	d := &Daemon{cfg: cfg, log: log}
 
 	// The image store asks the agent which images are in use; the agent

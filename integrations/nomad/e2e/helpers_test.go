@@ -135,6 +135,20 @@ func mkdir(t *testing.T, path string, mode os.FileMode) string {
 	return path
 }
 
+// nosuidBind makes dir a nosuid,nodev mount of itself, as an operator
+// does for a host path workloads may write (berth refuses one on a
+// suid or dev mount): Nomad's alloc dirs are shared writable.
+func nosuidBind(t *testing.T, dir string) {
+	t.Helper()
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_NOSUID|syscall.MS_NODEV, ""); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func startCluster(t *testing.T, env testEnv) *cluster {
 	root, err := os.MkdirTemp("", "berth-nomad-e2e-")
 	if err != nil {
@@ -171,6 +185,7 @@ func startCluster(t *testing.T, env testEnv) *cluster {
 	for _, spec := range []struct{ name, policy string }{{vmNode, "vm"}, {ctrNode, "container"}} {
 		n := &node{name: spec.name, cgroupParent: fmt.Sprintf("nomad-berth-e2e-%d-%s", os.Getpid(), spec.name)}
 		dir := mkdir(t, filepath.Join(root, spec.name), 0o711)
+		nosuidBind(t, mkdir(t, filepath.Join(dir, "nomad"), 0o711))
 		n.berth = startBerth(t, env, mkdir(t, filepath.Join(dir, "berth"), 0o711), spec.policy)
 		if _, err := n.berth.agent.ImportImage(context.Background(), bytes.NewReader(img), ""); err != nil {
 			t.Fatalf("import the test image into %s's agent: %v", spec.name, err)
