@@ -267,15 +267,30 @@ func (a *Agent) DeleteVolume(ctx context.Context, ref string) error {
 		return err
 	}
 	tenant, name := volumeRef(ref)
-	// Under writeMu no submit can take the volume between the check and
-	// the removal (Submit checks again under it).
+	trash, err := a.detachVolume(vs, ref, tenant, name)
+	if err != nil {
+		return err
+	}
+	// The files go outside writeMu: a volume of many files takes long to
+	// delete, and every state write would wait. The volume is gone
+	// already; files a failure or a crash leaves go at the next start.
+	if err := vs.Purge(trash); err != nil {
+		a.log.Warn("delete a removed volume's files; the next start deletes them", "volume", ref, "error", err)
+	}
+	return nil
+}
+
+// detachVolume takes an unused volume out of the store under writeMu, so
+// that no submit can take it between the check and the removal (Submit
+// checks again under it).
+func (a *Agent) detachVolume(vs *volume.Store, ref, tenant, name string) (string, error) {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
 	if _, err := vs.Get(tenant, name); err != nil {
-		return err
+		return "", err
 	}
 	if users := a.volumeUsers(tenant, name); len(users) > 0 {
-		return fmt.Errorf("volume %q is used by workload(s) %s; delete them first: %w", ref, strings.Join(users, ", "), errdefs.ErrConflict)
+		return "", fmt.Errorf("volume %q is used by workload(s) %s; delete them first: %w", ref, strings.Join(users, ", "), errdefs.ErrConflict)
 	}
-	return vs.Remove(tenant, name)
+	return vs.Detach(tenant, name)
 }

@@ -131,3 +131,56 @@ func TestVolumeLifetime(t *testing.T) {
 		t.Errorf("after delete: %v", err)
 	}
 }
+
+// Deleting a volume deletes its files outside writeMu: state writes do
+// not wait for a volume of many files to go. The volume is gone (its
+// name free) before they are deleted.
+func TestDeleteVolumeFilesOutsideWriteLock(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the volume store chowns its directories")
+	}
+	e := newEnv(t)
+	var purged int
+	var vs *volume.Store
+	vs, err := volume.Open(volume.Options{Root: filepath.Join(e.dir, "volumes"), DataDir: e.dir, OnPurge: func(string) {
+		purged++
+		if !e.agent.writeMu.TryLock() {
+			t.Error("a volume's files are deleted under the agent's write lock")
+			return
+		}
+		e.agent.writeMu.Unlock()
+		if _, err := vs.Get("", "many"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Errorf("the volume while its files are deleted: %v, want not found", err)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.change = func(o *Options) { o.Volumes = vs }
+	e.restart()
+	ctx := context.Background()
+	if _, _, err := e.agent.CreateVolume(ctx, api.VolumeSpec{Name: "many"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := vs.Get("", "many")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		if err := os.WriteFile(filepath.Join(vs.DataPath(v), strings.Repeat("f", i+1)), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.agent.DeleteVolume(ctx, "many"); err != nil {
+		t.Fatal(err)
+	}
+	if purged != 1 {
+		t.Errorf("files deleted %d times, want 1", purged)
+	}
+	if _, err := os.Stat(filepath.Dir(vs.DataPath(v))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("volume directory after delete: %v", err)
+	}
+	if got := e.agent.ListVolumes(ctx); len(got) != 0 {
+		t.Errorf("volumes after delete: %+v", got)
+	}
+}

@@ -14,7 +14,6 @@ package volume
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -88,6 +87,9 @@ type Options struct {
 	// as root): root alone.
 	ShareGID int
 	Logger   *slog.Logger
+	// OnPurge, when set, is called before a removed volume's files are
+	// deleted (tests: what the caller holds meanwhile).
+	OnPurge func(dir string)
 }
 
 // Store holds the node's named volumes.
@@ -141,6 +143,14 @@ func Open(opts Options) (*Store, error) {
 			continue
 		}
 		dir := filepath.Join(opts.Root, e.Name())
+		if isTrash(e.Name()) {
+			// A removed volume whose files a crash left.
+			s.log.Info("delete the files of a removed volume", "dir", dir)
+			if err := s.removeDir(dir); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		var v Volume
 		if err := fileutil.ReadJSON(filepath.Join(dir, recordFile), &v); err != nil {
 			// No record: a create that did not finish. Nobody was told
@@ -288,27 +298,14 @@ func (s *Store) List() []*Volume {
 	return out
 }
 
-// Remove deletes a volume and its data. The caller has made sure no
-// workload holds it.
+// Remove deletes a volume and its data (Detach, then Purge). The caller
+// has made sure no workload holds it.
 func (s *Store) Remove(tenant, name string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	v, ok := s.vols[ref(tenant, name)]
-	if !ok {
-		return fmt.Errorf("volume %q: %w", ref(tenant, name), errdefs.ErrNotFound)
+	trash, err := s.Detach(tenant, name)
+	if err != nil {
+		return err
 	}
-	dir := s.dir(v)
-	// The record first: a crash after it leaves a directory the next
-	// Open removes, never a volume whose data is half gone.
-	if err := os.Remove(filepath.Join(dir, recordFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove volume %s: %w", v.Ref(), err)
-	}
-	delete(s.vols, v.Ref())
-	if err := s.removeDir(dir); err != nil {
-		return fmt.Errorf("remove volume %s: %w", v.Ref(), err)
-	}
-	s.log.Info("volume removed", "volume", v.Ref(), "id", v.ID)
-	return nil
+	return s.Purge(trash)
 }
 
 // removeDir unmounts a volume's filesystem, if any, and removes its
