@@ -46,6 +46,11 @@ type Images interface {
 	Touch(digest string)
 	Collect() ([]image.Removed, error)
 	PruneImages(all bool) ([]image.Removed, error)
+	// GetAs, ListAs and RemoveAs see only the images the viewer may:
+	// another tenant's private image is missing (imageowners.go).
+	GetAs(v image.Viewer, ref string) (*image.Image, error)
+	ListAs(v image.Viewer) []*image.Image
+	RemoveAs(v image.Viewer, ref string) error
 	// DiskPressure says why the data directory has too little free space
 	// to take more (nil when it has room).
 	DiskPressure() error

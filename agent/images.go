@@ -17,12 +17,13 @@ func apiImage(img *image.Image) api.Image {
 	return api.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, CreatedAt: img.CreatedAt, Kind: img.Kind}
 }
 
-// ListImages lists the node's images.
-func (a *Agent) ListImages() []api.Image {
-	imgs := a.images.List()
+// ListImages lists the node's images the caller sees (imageViewer).
+func (a *Agent) ListImages(ctx context.Context) []api.Image {
+	v := imageViewer(ctx)
+	imgs := a.images.ListAs(v)
 	out := make([]api.Image, len(imgs))
 	for i, img := range imgs {
-		out[i] = apiImage(img)
+		out[i] = viewedImage(v, img)
 	}
 	return out
 }
@@ -51,25 +52,32 @@ func (a *Agent) ImportImage(ctx context.Context, r io.Reader, ref string) ([]api
 	return out, nil
 }
 
-// PullImage fetches an image from its registry, with auth, when set, as
-// the credentials of this pull alone.
-func (a *Agent) PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error) {
+// PullImage fetches req.Ref from its registry. With req.Auth, the
+// credentials of this pull alone, the image is private to req.Tenant ("":
+// the node's namespace); without, it is the node's (imageowners.go).
+func (a *Agent) PullImage(ctx context.Context, req api.PullRequest) (*api.Image, error) {
 	var o image.PullOptions
-	if auth != nil {
+	if auth := req.Auth; auth != nil {
+		if err := checkPullTenant(req.Tenant); err != nil {
+			return nil, err
+		}
 		o.Auth = &image.Credentials{Username: auth.Username, Password: auth.Password, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken}
+		o.Owners = []string{req.Tenant}
 	}
-	img, err := a.images.PullWith(ctx, ref, o)
+	img, err := a.images.PullWith(ctx, req.Ref, o)
 	if err != nil {
 		return nil, err
 	}
-	a.log.Info("image pulled", "ref", img.Ref, "digest", img.Digest)
-	out := apiImage(img)
+	a.log.Info("image pulled", "ref", img.Ref, "digest", img.Digest, "private", img.Private(), "tenant", req.Tenant)
+	out := viewedImage(imageViewer(ctx), img)
 	return &out, nil
 }
 
-// RemoveImage removes an image that no workload on the node uses.
-func (a *Agent) RemoveImage(ref string) error {
-	img, err := a.images.Get(ref)
+// RemoveImage removes an image the caller sees that no workload on the
+// node uses.
+func (a *Agent) RemoveImage(ctx context.Context, ref string) error {
+	v := imageViewer(ctx)
+	img, err := a.images.GetAs(v, ref)
 	if err != nil {
 		return err
 	}
@@ -84,7 +92,7 @@ func (a *Agent) RemoveImage(ref string) error {
 	if len(users) > 0 {
 		return fmt.Errorf("image %s is used by workloads %s; delete them first: %w", img.Ref, strings.Join(users, ", "), errdefs.ErrFailedPrecondition)
 	}
-	return a.images.Remove(ref)
+	return a.images.RemoveAs(v, ref)
 }
 
 // Ready reports why the agent cannot take workloads now, or nil.

@@ -20,9 +20,14 @@ const pullEventEvery = time.Second
 // registry names now, read from the manifest and config alone. Its layers
 // download after the workload is admitted, while it is pending (pullFor).
 // Registry trouble is the submit's error, with the registry's reason.
-func (a *Agent) submitImage(ctx context.Context, spec api.WorkloadSpec) (*image.Image, error) {
+//
+// Only the images tenant (the workload's; "" the node's namespace) sees
+// count as stored: another tenant's private image is missing, so the
+// registry is asked with the node's credentials, and refuses or serves
+// this tenant as it would any (imageowners.go).
+func (a *Agent) submitImage(ctx context.Context, spec api.WorkloadSpec, tenant string) (*image.Image, error) {
 	if spec.ImagePull != api.PullAlways {
-		img, err := a.images.Get(spec.Image)
+		img, err := a.images.GetAs(image.TenantViewer(tenant), spec.Image)
 		if err == nil || !errors.Is(err, errdefs.ErrNotFound) {
 			return img, err
 		}
@@ -37,7 +42,7 @@ func (a *Agent) submitImage(ctx context.Context, spec api.WorkloadSpec) (*image.
 	if err != nil {
 		return nil, err
 	}
-	if stored, err := a.images.Get(img.Digest); err == nil {
+	if stored, err := a.images.GetAs(image.TenantViewer(tenant), img.Digest); err == nil {
 		return stored, nil
 	}
 	return img, nil

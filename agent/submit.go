@@ -43,7 +43,7 @@ func (a *Agent) submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 		return nil, false, err
 	}
 	tenant := spec.Labels[api.TenantLabel]
-	img, err := a.submitImage(ctx, spec)
+	img, err := a.submitImage(ctx, spec, tenant)
 	if err != nil {
 		return nil, false, err
 	}

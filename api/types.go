@@ -226,6 +226,13 @@ type Image struct {
 	// Kind is empty for an OCI image and "disk" for a whole-disk VM image
 	// (qcow2), which boots its own OS in a VM.
 	Kind string `json:"kind,omitempty"`
+	// Private: the image was pulled with credentials of the pull's own
+	// and only its tenants (and operators and admins) see it; false: the
+	// node's image, which every tenant may run.
+	Private bool `json:"private,omitempty"`
+	// Tenants own a private image: all of them for an operator or admin,
+	// the caller's own for a submitter; none listed: the node's namespace.
+	Tenants []string `json:"tenants,omitempty"`
 }
 
 // ImageList is the answer of GET /v1/images.
@@ -240,6 +247,12 @@ type PullRequest struct {
 	// node's (images.auth_file). berth never logs, stores, audits or
 	// answers them.
 	Auth *RegistryAuth `json:"auth,omitempty"`
+	// Tenant is the tenant a pull with Auth is for: the image is private
+	// to it. A submitter with one tenant gets its own; one with several
+	// names one. Empty for an operator or admin: the node's namespace
+	// (workloads without a tenant). Without Auth the image is the node's
+	// and Tenant is not used.
+	Tenant string `json:"tenant,omitempty"`
 }
 
 // RegistryAuth are a registry's credentials: a username and password

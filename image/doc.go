@@ -9,7 +9,8 @@
 // /var/lib/berth/images), on one filesystem so that renames are atomic:
 //
 //	<root>/                  0700; 0710 to the disk group (WithDiskGroup)
-//	  refs.json              index: normalized ref -> manifest digest, config, blob list
+//	  refs.json              index: normalized ref -> manifest digest, config, blob list,
+//	                         owners of a private image (owners.go)
 //	  blobs/sha256/<hex>     content-addressed blobs: manifests, configs and layers
 //	                         exactly as fetched (compressed), mode 0444, dir 0700
 //	  rootfs/<hex>/          unpacked, flattened filesystem of the image whose

@@ -50,6 +50,10 @@ type PullOptions struct {
 	// Auth, when set, are this pull's credentials, in place of the
 	// store's keychain.
 	Auth *Credentials
+	// Owners, when not nil, make the image private to these tenants ("" is
+	// the node's namespace): set it for a pull with Auth. Nil: the node's
+	// image, seen by everyone (owners.go).
+	Owners []string
 }
 
 // PullWith is Pull with options.
@@ -59,6 +63,7 @@ func (s *Store) PullWith(ctx context.Context, ref string, o PullOptions) (*Image
 		return nil, err
 	}
 	defer f.g.close()
+	f.rec.Owners = normOwners(o.Owners)
 	return s.fetchLayers(ctx, f, o.Progress)
 }
 

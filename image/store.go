@@ -32,6 +32,10 @@ type Image struct {
 	Config    Config    `json:"config"`
 	// Kind is empty for an OCI image, KindDisk for a whole-disk VM image.
 	Kind string `json:"kind,omitempty"`
+	// Owners are the tenants an image pulled with credentials of its own
+	// is private to ("" the node's namespace); nil: the node's, seen by
+	// everyone (owners.go).
+	Owners []string `json:"owners,omitempty"`
 }
 
 // Config is the part of an image's config that decides how its workloads run.
@@ -48,6 +52,7 @@ func (img *Image) clone() *Image {
 	c.Config.Entrypoint = slices.Clone(img.Config.Entrypoint)
 	c.Config.Cmd = slices.Clone(img.Config.Cmd)
 	c.Config.Env = slices.Clone(img.Config.Env)
+	c.Owners = slices.Clone(img.Owners)
 	return &c
 }
 
@@ -246,6 +251,7 @@ func (s *Store) commit(recs ...record) error {
 		if old, ok := s.refs[rec.Ref]; ok {
 			if old.Digest == rec.Digest {
 				rec.CreatedAt = old.CreatedAt // re-pulling an unchanged image keeps its history
+				rec.Owners = mergeOwners(old.Owners, rec.Owners)
 			} else {
 				moved = append(moved, old.Digest)
 				moved = append(moved, old.Blobs...)
@@ -268,12 +274,17 @@ func (s *Store) commit(recs ...record) error {
 }
 
 // List returns every stored image, ordered by ref.
-func (s *Store) List() []*Image {
+func (s *Store) List() []*Image { return s.ListAs(NodeViewer) }
+
+// ListAs returns the stored images v sees, ordered by ref.
+func (s *Store) ListAs(v Viewer) []*Image {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]*Image, 0, len(s.refs))
 	for _, rec := range s.refs {
-		out = append(out, rec.Image.clone())
+		if v.Sees(rec.Owners) {
+			out = append(out, rec.Image.clone())
+		}
 	}
 	slices.SortFunc(out, func(a, b *Image) int { return strings.Compare(a.Ref, b.Ref) })
 	return out
@@ -283,19 +294,23 @@ func (s *Store) List() []*Image {
 // normalizes to a stored one ("busybox" finds docker.io/library/busybox:latest),
 // a digest reference to a stored repository, or a bare manifest digest
 // "sha256:<hex>".
-func (s *Store) Get(ref string) (*Image, error) {
+func (s *Store) Get(ref string) (*Image, error) { return s.GetAs(NodeViewer, ref) }
+
+// GetAs is Get of the images v sees: another tenant's private image is
+// ErrNotFound, as a missing one is.
+func (s *Store) GetAs(v Viewer, ref string) (*Image, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	recs, err := s.findLocked(ref)
+	recs, err := s.findLocked(v, ref)
 	if err != nil {
 		return nil, err
 	}
 	return recs[0].Image.clone(), nil
 }
 
-// findLocked resolves ref to the records it names, ordered by ref: one for a
-// reference, all refs of the image for a digest.
-func (s *Store) findLocked(ref string) ([]record, error) {
+// findLocked resolves ref to the records v sees that it names, ordered by
+// ref: one for a reference, all refs of the image for a digest.
+func (s *Store) findLocked(v Viewer, ref string) ([]record, error) {
 	var match func(record) bool
 	if strings.HasPrefix(ref, "sha256:") {
 		h, err := v1.NewHash(ref)
@@ -309,7 +324,7 @@ func (s *Store) findLocked(ref string) ([]record, error) {
 			return nil, err
 		}
 		canon := canonical(r)
-		if rec, ok := s.refs[canon]; ok {
+		if rec, ok := s.refs[canon]; ok && v.Sees(rec.Owners) {
 			return []record{rec}, nil
 		}
 		// repo@digest also finds the image pulled by tag from that repository.
@@ -320,7 +335,7 @@ func (s *Store) findLocked(ref string) ([]record, error) {
 	}
 	var out []record
 	for _, rec := range s.refs {
-		if match(rec) {
+		if match(rec) && v.Sees(rec.Owners) {
 			out = append(out, rec)
 		}
 	}
@@ -349,9 +364,13 @@ func refRepository(canon string) string {
 // that image) and deletes the blobs and unpacked rootfs that no remaining
 // image needs. Dropping the last ref of an image that workloads use (see
 // WithInUse) is an ErrFailedPrecondition: its rootfs is under them.
-func (s *Store) Remove(ref string) error {
+func (s *Store) Remove(ref string) error { return s.RemoveAs(NodeViewer, ref) }
+
+// RemoveAs is Remove of the images v sees (a bare digest drops only those
+// refs); another tenant's private image is ErrNotFound.
+func (s *Store) RemoveAs(v Viewer, ref string) error {
 	s.mu.Lock()
-	recs, err := s.findLocked(ref)
+	recs, err := s.findLocked(v, ref)
 	if err != nil {
 		s.mu.Unlock()
 		return err

@@ -161,7 +161,11 @@ func (s *Server) guard(next http.Handler) http.Handler {
 			st.backend = &scoped{Backend: s.b, id: id, st: st}
 		}
 		out := s.setDeadlines(ww, r, info.class)
-		next.ServeHTTP(out, r.WithContext(context.WithValue(r.Context(), requestKey, st)))
+		ctx := context.WithValue(r.Context(), requestKey, st)
+		if id != nil {
+			ctx = auth.NewContext(ctx, id)
+		}
+		next.ServeHTTP(out, r.WithContext(ctx))
 	})
 }
 

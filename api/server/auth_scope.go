@@ -274,23 +274,42 @@ func (b *scoped) ImportImage(ctx context.Context, r io.Reader, ref string) ([]ap
 	return b.Backend.ImportImage(ctx, r, ref)
 }
 
-func (b *scoped) PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error) {
-	b.st.image = ref
-	return b.Backend.PullImage(ctx, ref, auth)
+// PullImage: a pull with credentials of its own is for one tenant, whose
+// private image it becomes; a submitter pulls for one of its tenants (as
+// it submits: its only one, or the one it names).
+func (b *scoped) PullImage(ctx context.Context, req api.PullRequest) (*api.Image, error) {
+	b.st.image = req.Ref
+	if req.Auth != nil || req.Tenant != "" {
+		tenant, err := auth.SubmitTenant(b.id, req.Tenant)
+		switch {
+		case errors.Is(err, auth.ErrTenantNotAllowed):
+			return nil, fmt.Errorf("%w: %v", errdefs.ErrPermissionDenied, err)
+		case errors.Is(err, auth.ErrTenantRequired):
+			return nil, errdefs.Invalid("tenant", "%v", err)
+		case err != nil:
+			return nil, err
+		}
+		req.Tenant = tenant
+		b.st.tenant = tenant
+	}
+	return b.Backend.PullImage(ctx, req)
 }
 
-func (b *scoped) RemoveImage(ref string) error {
+// RemoveImage: the agent removes only an image the caller sees (ctx
+// carries it).
+func (b *scoped) RemoveImage(ctx context.Context, ref string) error {
 	b.st.image = ref
-	return b.Backend.RemoveImage(ref)
+	return b.Backend.RemoveImage(ctx, ref)
 }
 
 // Index is node-wide: it only says that something changed, never what or
 // whose, and blocking queries of every role need it.
 func (b *scoped) Index() (uint64, <-chan struct{}) { return b.Backend.Index() }
 
-// ListImages: images are the node's, not a tenant's; every workload of
-// every tenant runs from the same store.
-func (b *scoped) ListImages() []api.Image { return b.Backend.ListImages() }
+// ListImages: the node's images, which every tenant's workloads may run,
+// and, for a submitter, its tenants' private ones; the agent filters by
+// the identity ctx carries.
+func (b *scoped) ListImages(ctx context.Context) []api.Image { return b.Backend.ListImages(ctx) }
 
 // Ready is the public readiness probe's: no tenant data.
 func (b *scoped) Ready(ctx context.Context) error { return b.Backend.Ready(ctx) }

@@ -406,7 +406,7 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, api.ImageList{Images: s.b.ListImages()})
+	writeJSON(w, http.StatusOK, api.ImageList{Images: s.be(r).ListImages(r.Context())})
 }
 
 // importImage takes an OCI-layout or docker-archive tarball as the body.
@@ -443,7 +443,7 @@ func (s *Server) pullImage(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", api.FieldError{Field: "ref", Detail: "required: the image reference to pull"}))
 		return
 	}
-	img, err := s.be(r).PullImage(r.Context(), req.Ref, req.Auth)
+	img, err := s.be(r).PullImage(r.Context(), req)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -457,7 +457,7 @@ func (s *Server) removeImage(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad query parameter", api.FieldError{Field: "ref", Detail: "required: the image reference to remove"}))
 		return
 	}
-	if err := s.be(r).RemoveImage(ref); err != nil {
+	if err := s.be(r).RemoveImage(r.Context(), ref); err != nil {
 		s.fail(w, r, err)
 		return
 	}

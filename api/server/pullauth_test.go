@@ -87,7 +87,7 @@ func TestPullCredentialsAreNeverRecorded(t *testing.T) {
 		t.Errorf("pulled image: %+v", got)
 	}
 	// The node keeps no credentials: a pull without them is refused.
-	if _, err := a.PullImage(ctx, ref+"-other", nil); err == nil {
+	if _, err := a.PullImage(ctx, api.PullRequest{Ref: ref + "-other"}); err == nil {
 		t.Error("a pull without credentials worked after one with them")
 	}
 	evctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)

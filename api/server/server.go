@@ -35,12 +35,16 @@ type Backend interface {
 	// Index is the state index and a channel closed at its next change.
 	Index() (uint64, <-chan struct{})
 
-	ListImages() []api.Image
+	// ListImages, PullImage and RemoveImage answer for the caller whose
+	// identity ctx carries (auth.NewContext): a submitter sees the node's
+	// images and its tenants' private ones only.
+	ListImages(ctx context.Context) []api.Image
 	ImportImage(ctx context.Context, r io.Reader, ref string) ([]api.Image, error)
-	// PullImage pulls ref with auth, when set, as its credentials (never
-	// logged, stored or answered).
-	PullImage(ctx context.Context, ref string, auth *api.RegistryAuth) (*api.Image, error)
-	RemoveImage(ref string) error
+	// PullImage pulls req.Ref with req.Auth, when set, as its credentials
+	// (never logged, stored or answered); such an image is private to
+	// req.Tenant.
+	PullImage(ctx context.Context, req api.PullRequest) (*api.Image, error)
+	RemoveImage(ctx context.Context, ref string) error
 
 	// Ready reports why the agent cannot take workloads, or nil.
 	Ready(ctx context.Context) error

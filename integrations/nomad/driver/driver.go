@@ -207,7 +207,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if req := tc.pullRequest(); req != nil {
 		// The job's own credentials: the image is pulled with them first
 		// (berth keeps the image, never the credentials); the submit then
-		// finds it on the node.
+		// finds it on the node. The image is private to the workload's
+		// tenant (its tenant label; none: the node's namespace), so a
+		// workload of another tenant cannot run it without credentials.
+		req.Tenant = spec.Labels[api.TenantLabel]
 		pctx, pcancel := context.WithTimeout(d.ctx, pullTimeout)
 		_, err := c.PullImageWith(pctx, *req)
 		pcancel()
