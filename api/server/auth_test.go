@@ -57,11 +57,12 @@ type authEnv struct {
 }
 
 // newAuthEnv serves the real agent over the fake driver with auth on: one
-// token per role, and submitters for tenant a and for tenants a and b.
-func newAuthEnv(t testing.TB) *authEnv {
+// token per role, and submitters for tenant a, for tenant b, and for
+// tenants a and b. imgOpts configure the image store.
+func newAuthEnv(t testing.TB, imgOpts ...image.Option) *authEnv {
 	t.Helper()
 	dir := t.TempDir()
-	imgs, err := image.New(filepath.Join(dir, "images"))
+	imgs, err := image.New(filepath.Join(dir, "images"), imgOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,6 +105,7 @@ func newAuthEnv(t testing.TB) *authEnv {
 		{"operator", auth.RoleOperator, nil},
 		{"sub-a", auth.RoleSubmitter, []string{"a"}},
 		{"sub-ab", auth.RoleSubmitter, []string{"a", "b"}},
+		{"sub-b", auth.RoleSubmitter, []string{"b"}},
 		{"reader", auth.RoleReader, nil},
 	} {
 		tok, line, err := auth.NewToken(c.name, c.role, c.tenants)
