@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/volume"
@@ -50,10 +52,22 @@ func fields(err error) []string {
 func TestVolumeSpecRefused(t *testing.T) {
 	e, _, allowed := volumeEnv(t)
 	ctx := context.Background()
+	// A host path on a suid,dev mount: refused writable (a setuid-root
+	// file the workload made there would work on the host).
+	suid := filepath.Join(allowed, "suid")
+	if err := os.Mkdir(suid, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", suid, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(suid, unix.MNT_DETACH) })
 	for _, c := range []struct {
 		vols  []api.VolumeMount
 		field string
 	}{
+		{[]api.VolumeMount{{HostPath: suid, Path: "/a"}}, "volumes[0].host_path: host path " + suid + " is refused: a workload may write it, and the host's mount of it is not nosuid and nodev"},
+		{[]api.VolumeMount{{HostPath: "/proc", Path: "/a", ReadOnly: true}, {HostPath: suid, Path: "/b", ReadOnly: true}}, "volumes[0].host_path"},
 		{[]api.VolumeMount{{Name: "x", Path: "data"}}, "volumes[0].path"},
 		{[]api.VolumeMount{{Name: "x", Path: "/"}}, "volumes[0].path"},
 		{[]api.VolumeMount{{Name: "x", Path: "/a/../b"}}, "volumes[0].path"},
@@ -68,7 +82,12 @@ func TestVolumeSpecRefused(t *testing.T) {
 	} {
 		_, _, err := e.agent.Submit(ctx, api.WorkloadSpec{Image: testImage, Command: []string{"true"}, Volumes: c.vols})
 		got := fields(err)
-		if !errors.Is(err, errdefs.ErrInvalidArgument) || !slices.ContainsFunc(got, func(f string) bool { return strings.HasPrefix(f, c.field+": ") }) {
+		if len(c.vols) == 2 && c.vols[1].HostPath == suid && slices.ContainsFunc(got, func(f string) bool { return strings.HasPrefix(f, "volumes[1]") }) {
+			t.Errorf("a read-only host path on a suid mount refused: %q", got)
+		}
+		if !errors.Is(err, errdefs.ErrInvalidArgument) || !slices.ContainsFunc(got, func(f string) bool {
+			return strings.HasPrefix(f, c.field+": ") || strings.Contains(c.field, " ") && strings.HasPrefix(f, c.field)
+		}) {
 			t.Errorf("%+v: %v (fields %q), want invalid naming %s", c.vols, err, got, c.field)
 		}
 	}
