@@ -3,9 +3,11 @@ package server
 import (
 	"context"
 	"crypto/x509"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"syscall"
 	"time"
@@ -146,6 +148,14 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				s.auditLog(r, st, ww.Status(), time.Since(start))
 			}
 		}()
+		if info.mutating && !sameOrigin(r) {
+			// A web page of another origin (a browser sends Origin on
+			// every cross-origin POST and WebSocket) must not act with the
+			// browser's credentials or the loopback's trust.
+			writeProblem(ww, r, s.log, &api.Problem{Status: http.StatusForbidden, Reason: api.ReasonPermissionDenied, Title: "Cross-origin request refused",
+				Detail: fmt.Sprintf("Origin %q is not this agent (%s): the API takes requests that change something only from its own pages and from clients that are not browsers", r.Header.Get("Origin"), r.Host)})
+			return
+		}
 		if !auth.Authorize(id, info.action) {
 			if id == nil {
 				ww.Header().Set("WWW-Authenticate", `Bearer realm="berth"`)
@@ -184,6 +194,37 @@ func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Du
 		slog.String("remote", r.RemoteAddr),
 		slog.Duration("duration", took),
 	}
+	attrs = st.auditAttrs(attrs)
+	msg := "api request"
+	if status == http.StatusUnauthorized || status == http.StatusForbidden {
+		msg = "api request refused"
+	}
+	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, msg, attrs...)
+}
+
+// auditExecStart writes the record of an exec session about to start:
+// who runs what in which workload, before the process exists (the
+// request's own record follows at its end, with the exit code).
+func (s *Server) auditExecStart(r *http.Request, st *request) {
+	if s.opts.Audit == nil || st == nil {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Bool("audit", true),
+		slog.String("method", r.Method),
+		slog.String("route", st.route),
+		slog.String("path", r.URL.Path),
+		slog.String("remote", r.RemoteAddr),
+	}
+	if st.workload == "" {
+		attrs = append(attrs, slog.String("workload", refParam(r)))
+	}
+	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, "exec started", st.auditAttrs(attrs)...)
+}
+
+// auditAttrs appends what the request is known to have done, and by
+// whom, to attrs.
+func (st *request) auditAttrs(attrs []slog.Attr) []slog.Attr {
 	if st.id != nil {
 		attrs = append(attrs, slog.String("identity", st.id.Name), slog.String("via", string(st.id.Via)), slog.String("role", string(st.id.Role)))
 		if len(st.id.Tenants) > 0 {
@@ -217,9 +258,24 @@ func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Du
 	if st.signal != "" {
 		attrs = append(attrs, slog.String("signal", st.signal))
 	}
-	msg := "api request"
-	if status == http.StatusUnauthorized || status == http.StatusForbidden {
-		msg = "api request refused"
+	return attrs
+}
+
+// sameOrigin reports whether r carries no Origin (not a browser's
+// cross-origin request) or one whose host is the Host the request was
+// sent to.
+func sameOrigin(r *http.Request) bool {
+	origins := r.Header.Values("Origin")
+	if len(origins) == 0 {
+		return true
 	}
-	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, msg, attrs...)
+	origin := origins[0]
+	if len(origins) > 1 {
+		return false
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return false // includes "null" (a sandboxed or file page)
+	}
+	return strings.EqualFold(u.Host, r.Host)
 }

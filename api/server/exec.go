@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -63,11 +64,13 @@ func (s *Server) execWorkload(w http.ResponseWriter, r *http.Request) {
 	s.execSimple(w, r)
 }
 
-// startExec starts the session and records it for the audit log.
+// startExec starts the session, with an audit record written before the
+// process exists.
 func (s *Server) startExec(r *http.Request, req api.ExecRequest) (driver.ExecSession, *execAudit, error) {
 	audit := &execAudit{command: req.Command, user: req.User, tty: req.TTY}
 	if st := requestState(r); st != nil {
 		st.exec = audit
+		s.auditExecStart(r, st)
 	}
 	sess, err := s.be(r).Exec(r.Context(), refParam(r), req)
 	return sess, audit, err
@@ -245,8 +248,10 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	if !slices.Contains(websocketProtocols(r), api.ExecSubprotocol) {
-		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "an exec session is a WebSocket with subprotocol "+api.ExecSubprotocol+" (docs/exec.md)"))
+	// Everything websocket.Accept checks is checked here first: a
+	// handshake it would refuse must not have run the command already.
+	if p := checkHandshake(r); p != nil {
+		writeProblem(w, r, s.log, p)
 		return
 	}
 	sess, audit, err := s.startExec(r, req)
@@ -266,6 +271,47 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		s.log.Debug("exec session ended early", "path", r.URL.Path, "err", err)
 	}
+}
+
+// checkHandshake refuses what is not a WebSocket handshake for an exec
+// session, or one from a web page of another origin.
+func checkHandshake(r *http.Request) *api.Problem {
+	if !sameOrigin(r) {
+		return &api.Problem{Status: http.StatusForbidden, Reason: api.ReasonPermissionDenied, Title: "Cross-origin request refused",
+			Detail: fmt.Sprintf("Origin %q is not this agent (%s): an exec session is opened by berth's own pages or a client that is not a browser", r.Header.Get("Origin"), r.Host)}
+	}
+	var wrong string
+	switch key := r.Header.Values("Sec-WebSocket-Key"); {
+	case r.Method != http.MethodGet || r.ProtoMajor != 1 || r.ProtoMinor < 1:
+		wrong = "the handshake is an HTTP/1.1 GET"
+	case !headerHasToken(r.Header, "Connection", "upgrade") || !headerHasToken(r.Header, "Upgrade", "websocket"):
+		wrong = "the handshake needs Connection: Upgrade and Upgrade: websocket"
+	case r.Header.Get("Sec-WebSocket-Version") != "13":
+		wrong = "only WebSocket version 13 is spoken"
+	case len(key) != 1 || !validWebSocketKey(key[0]):
+		wrong = "the handshake needs one Sec-WebSocket-Key of 16 base64-encoded bytes"
+	case !slices.Contains(websocketProtocols(r), api.ExecSubprotocol):
+		wrong = "the handshake must offer the subprotocol " + api.ExecSubprotocol
+	default:
+		return nil
+	}
+	return badRequest(api.ReasonInvalidArgument, "an exec session is a WebSocket with subprotocol "+api.ExecSubprotocol+" (docs/exec.md): "+wrong)
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func validWebSocketKey(k string) bool {
+	v, err := base64.StdEncoding.DecodeString(strings.TrimSpace(k))
+	return err == nil && len(v) == 16
 }
 
 func websocketProtocols(r *http.Request) []string {

@@ -199,7 +199,7 @@ func TestExecAudit(t *testing.T) {
 		found = found[:0]
 		for _, line := range strings.Split(strings.TrimSpace(audit.String()), "\n") {
 			var rec map[string]any
-			if json.Unmarshal([]byte(line), &rec) == nil && strings.HasSuffix(fmt.Sprint(rec["route"]), "/exec") {
+			if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "api request" && strings.HasSuffix(fmt.Sprint(rec["route"]), "/exec") {
 				found = append(found, rec)
 			}
 		}

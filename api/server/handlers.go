@@ -30,12 +30,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // decodeJSON reads exactly one JSON document of at most MaxBodyBytes into
 // dst, rejecting unknown fields. It returns the problem to send, or nil.
 func (s *Server) decodeJSON(w http.ResponseWriter, r *http.Request, dst any) *api.Problem {
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
-			return &api.Problem{Status: http.StatusUnsupportedMediaType, Reason: api.ReasonUnsupportedMedia, Title: "Unsupported media type",
-				Detail: fmt.Sprintf("Content-Type %q: send application/json", ct)}
-		}
+	// The media type is required: a browser's cross-site form or no-cors
+	// fetch can send only text/plain, form encodings or none, never
+	// application/json, so this keeps a web page from submitting to an
+	// agent it can reach (loopback without tokens, client certificates).
+	ct := r.Header.Get("Content-Type")
+	mt, _, err := mime.ParseMediaType(ct)
+	if ct == "" || err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
+		return &api.Problem{Status: http.StatusUnsupportedMediaType, Reason: api.ReasonUnsupportedMedia, Title: "Unsupported media type",
+			Detail: fmt.Sprintf("Content-Type %q: send the body as application/json (Content-Type: application/json)", ct)}
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, s.opts.MaxBodyBytes))
 	dec.DisallowUnknownFields()
