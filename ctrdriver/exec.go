@@ -90,13 +90,27 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	if err != nil {
 		return nil, err
 	}
-	tmp, err := os.MkdirTemp("", "berth-exec-")
+	// process.json holds the workload's whole environment, secrets
+	// included: it stays in the task's directory in the data dir (0700),
+	// never in a shared temporary directory; an agent that dies leaves it
+	// there for Recover (or the task's removal) to sweep.
+	tmp, err := newExecDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("exec session directory: %w", err)
+		return nil, err
 	}
 	s := &execSession{d: d, id: id, tmp: tmp, pidfd: -1, done: make(chan struct{})}
+	var consoles chan consoleResult
 	defer func() {
 		if err != nil {
+			if consoles != nil && s.pty == nil {
+				// The terminal may still arrive (until the listener's
+				// deadline): close it then, not leak it.
+				go func() {
+					if c := <-consoles; c.master != nil {
+						c.master.Close()
+					}
+				}()
+			}
 			s.abort()
 		}
 	}()
@@ -114,9 +128,13 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 		}
 		args.Netns = netns
 	}
-	var consoles chan consoleResult
 	if cfg.TTY {
-		args.ConsoleSocket = filepath.Join(tmp, "console.sock")
+		// The socket holds no secret; a short temporary directory keeps
+		// its path within a unix socket's 108 bytes whatever the data dir.
+		if s.sockDir, err = os.MkdirTemp("", "berth-console-"); err != nil {
+			return nil, fmt.Errorf("console socket directory: %w", err)
+		}
+		args.ConsoleSocket = filepath.Join(s.sockDir, "console.sock")
 		if consoles, err = s.listenConsole(args.ConsoleSocket); err != nil {
 			return nil, err
 		}
@@ -159,6 +177,33 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	}
 	s.track(first.Pid)
 	return s, nil
+}
+
+// execDirName is the directory of a task's exec sessions, in its task
+// directory.
+const execDirName = "exec"
+
+// newExecDir makes a session's directory (0700) under the task's.
+func newExecDir(taskDir string) (string, error) {
+	parent := filepath.Join(taskDir, execDirName)
+	if err := os.MkdirAll(parent, 0o700); err != nil {
+		return "", fmt.Errorf("exec session directory: %w", err)
+	}
+	dir, err := os.MkdirTemp(parent, "s-")
+	if err != nil {
+		return "", fmt.Errorf("exec session directory: %w", err)
+	}
+	return dir, nil
+}
+
+// sweepExecDirs removes what exec sessions of an agent that died left in
+// a task's directory: their sessions died with it (the shim kills its
+// session when its lifeline closes), their files hold the workload's
+// environment.
+func (d *Driver) sweepExecDirs(taskDir string) {
+	if err := os.RemoveAll(filepath.Join(taskDir, execDirName)); err != nil {
+		d.log.Warn("remove leftover exec session files", "dir", taskDir, "err", err)
+	}
 }
 
 // execProcess builds the exec's process from the container's own spec,
@@ -286,9 +331,10 @@ func (d *Driver) execError(id, msg string) error {
 
 // execSession is one process run by runc exec under a shim.
 type execSession struct {
-	d   *Driver
-	id  string
-	tmp string
+	d       *Driver
+	id      string
+	tmp     string // the session's files, in the task's directory
+	sockDir string // the console socket's directory (a terminal only)
 
 	shim    *exec.Cmd
 	reports chan monitor.ExecReport
@@ -618,4 +664,7 @@ func (s *execSession) release() {
 		s.pidfd = -1
 	}
 	os.RemoveAll(s.tmp)
+	if s.sockDir != "" {
+		os.RemoveAll(s.sockDir)
+	}
 }

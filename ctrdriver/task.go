@@ -218,6 +218,7 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 	if known || err != nil {
 		return err
 	}
+	d.sweepExecDirs(dir)
 	t := d.sup.NewTask(h.ID, dir, struct{}{})
 	exited, err := d.sup.Attach(ctx, t)
 	if errors.Is(err, driver.ErrRebooted) || errors.Is(err, errdefs.ErrNotFound) {
