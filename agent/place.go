@@ -54,8 +54,8 @@ func (a *Agent) Place(ctx context.Context, spec api.WorkloadSpec) (*api.Placemen
 	if err != nil {
 		return nil, err
 	}
-	d, n := a.decide(ctx, spec)
-	return decisionFor(spec, d, n), nil
+	pol, n := a.pol.current().policy, a.nodeFacts(ctx)
+	return decisionFor(spec, placement.Decide(placementWorkload(spec), pol, n), pol, n), nil
 }
 
 // Policy describes the active isolation policy and its reloads.
@@ -69,11 +69,15 @@ func Explain(spec api.WorkloadSpec, p *placement.Policy, n placement.NodeFacts, 
 	if err != nil {
 		return nil, err
 	}
-	return decisionFor(spec, placement.Decide(placementWorkload(spec), p, n), n), nil
+	return decisionFor(spec, placement.Decide(placementWorkload(spec), p, n), p, n), nil
 }
 
-func decisionFor(spec api.WorkloadSpec, d placement.Decision, n placement.NodeFacts) *api.PlacementDecision {
+// decisionFor is the dry run's answer: the placement d under p, and what p
+// says of exec into such a workload.
+func decisionFor(spec api.WorkloadSpec, d placement.Decision, p *placement.Policy, n placement.NodeFacts) *api.PlacementDecision {
+	e := placement.DecideExec(placementWorkload(spec), p, n)
 	return &api.PlacementDecision{
+		Exec:      &api.ExecDecision{Allowed: e.Allowed, Rule: e.Rule, Reason: e.Reason, Explanation: e.Explanation},
 		Placement: *toPlacement(d),
 		Verdict:   string(d.Verdict),
 		Spec:      spec,

@@ -327,6 +327,18 @@ type PlacementDecision struct {
 	Spec WorkloadSpec `json:"spec"`
 	// Node is what the decision assumed about the node.
 	Node NodeFacts `json:"node"`
+	// Exec says whether exec sessions into such a workload are allowed
+	// (a rule may say exec: deny), decided under the same policy.
+	Exec *ExecDecision `json:"exec,omitempty"`
+}
+
+// ExecDecision is the policy's word on exec into a workload.
+type ExecDecision struct {
+	Allowed bool `json:"allowed"`
+	// Rule names the rule with exec: deny that matched, Reason why.
+	Rule        string `json:"rule,omitempty"`
+	Reason      string `json:"reason,omitempty"`
+	Explanation string `json:"explanation"`
 }
 
 // NodeFacts is what placement knows about the node's drivers.

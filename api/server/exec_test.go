@@ -162,6 +162,13 @@ func TestExecPolicyDeny(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The dry run says it too.
+	resp := e.do("POST", "/v1/placements", "application/json", strings.NewReader(`{"image":"`+testImage+`","labels":{"compliance":"pci"}}`))
+	var d api.PlacementDecision
+	if err := json.NewDecoder(resp.Body).Decode(&d); err != nil || d.Exec == nil || d.Exec.Allowed || d.Exec.Rule != "no-exec-into-pci" {
+		t.Errorf("placement dry run: %+v %v, want exec denied by no-exec-into-pci", d.Exec, err)
+	}
+	resp.Body.Close()
 	other := e.running(`{"image":"` + testImage + `","command":["sleep","300"]}`)
 	if code, _, p := e.execSimple(other.ID, api.ExecRequest{Command: []string{"true"}}); code != 200 {
 		t.Errorf("exec into a workload the rule does not match = %d %+v", code, p)

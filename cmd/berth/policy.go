@@ -255,6 +255,9 @@ func printDecision(w io.Writer, d *api.PlacementDecision) error {
 	row("Policy", d.PolicyVersion)
 	row("Explanation", d.Explanation)
 	row("Node", nodeText(d.Node))
+	if d.Exec != nil {
+		row("Exec", d.Exec.Explanation)
+	}
 	if len(d.Matched) == 0 {
 		row("Matched", "no rule")
 	}
