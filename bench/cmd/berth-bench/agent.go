@@ -158,6 +158,8 @@ func (a *agentProc) importImage(ctx context.Context) error {
 // procMem is a process's memory as /proc reports it, in KiB.
 type procMem struct {
 	RSS, HWM, PSS int64
+	// Anon is RssAnon: the heap and stacks, not the mapped binary.
+	Anon int64
 }
 
 // readMem reads VmRSS and VmHWM from /proc/PID/status and Pss from
@@ -181,6 +183,8 @@ func readMem(pid int) (procMem, error) {
 			m.RSS = v
 		case "VmHWM:":
 			m.HWM = v
+		case "RssAnon:":
+			m.Anon = v
 		}
 	}
 	f.Close()
@@ -196,6 +200,34 @@ func readMem(pid int) (procMem, error) {
 		return m, errors.New("no VmRSS (process gone?)")
 	}
 	return m, nil
+}
+
+// settledMem reads pid's memory once its RSS has held still (within 1%)
+// for 5 s, and at least 10 s from now: an agent just started, or just
+// done importing, is still settling (its heap, the Go scavenger). It
+// gives up waiting after 60 s and reads what there is.
+func settledMem(ctx context.Context, pid int) (procMem, time.Duration, error) {
+	t0 := time.Now()
+	var last procMem
+	still := time.Time{}
+	for {
+		m, err := readMem(pid)
+		if err != nil {
+			return m, 0, err
+		}
+		if last.RSS == 0 || m.RSS > last.RSS*101/100 || m.RSS < last.RSS*99/100 {
+			last, still = m, time.Now()
+		}
+		waited := time.Since(t0)
+		if waited >= 10*time.Second && time.Since(still) >= 5*time.Second || waited >= time.Minute {
+			return m, waited, nil
+		}
+		select {
+		case <-ctx.Done():
+			return m, waited, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // resetPeak resets VmHWM of pid to its current RSS (clear_refs 5).

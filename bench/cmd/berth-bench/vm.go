@@ -264,7 +264,20 @@ func qemuDirect(ctx context.Context, c *vmCapture, kernel, dir, cgroup string) (
 		"-drive", "if=none,id=config,format=raw,readonly=on,file=" + opt(c.config),
 		"-device", "virtio-blk-pci,drive=config,serial=" + guest.ConfigDiskSerial,
 	}
-	for i, port := range []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort} {
+	// Every virtio-serial port of berth's domain (output, status, exec,
+	// whatever berth-init waits for), each as a plain file.
+	var ports []string
+	if d.Devices != nil {
+		for _, ch := range d.Devices.Channels {
+			if ch.Target != nil && ch.Target.VirtIO != nil && ch.Target.VirtIO.Name != "" {
+				ports = append(ports, ch.Target.VirtIO.Name)
+			}
+		}
+	}
+	if len(ports) == 0 {
+		ports = []string{guest.StdoutPort, guest.StderrPort, guest.StatusPort}
+	}
+	for i, port := range ports {
 		id := fmt.Sprintf("port%d", i)
 		args = append(args,
 			"-chardev", fmt.Sprintf("file,id=%s,path=%s", id, opt(p(port))),
