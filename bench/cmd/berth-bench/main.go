@@ -75,6 +75,7 @@ func main() {
 	scratch := flag.String("scratch", "/var/tmp", "where the scratch data directory is made (must be o+x all the way: QEMU runs as libvirt-qemu)")
 	vmOnly := flag.Bool("vm-only", os.Getenv("BENCH_VM_ONLY") == "1", "only the VM measurements (also BENCH_VM_ONLY=1); write them to another -out than the full run's")
 	only := flag.String("only", os.Getenv("BENCH_ONLY"), "run only the phases whose name contains this (also BENCH_ONLY), e.g. volumes; write them to another -out than the full run's")
+	skip := flag.String("skip", os.Getenv("BENCH_SKIP"), "comma-separated: skip the phases whose name contains any of these (also BENCH_SKIP), e.g. volumes,exec round trip")
 	render := flag.String("render", "", "only rewrite latest.md (and latest.json) in -out from this latest.json, with the current notes on what limits each target")
 	flag.Parse()
 	if *render != "" {
@@ -88,7 +89,27 @@ func main() {
 	if os.Geteuid() != 0 {
 		log.Fatal("needs root (runc, libvirt, /proc of the agent)")
 	}
-	os.Exit(run(*berth, *out, *repo, *scratch, *accel, *only, *quickFlag, *vmOnly))
+	os.Exit(run(*berth, *out, *repo, *scratch, *accel, *only, *skip, *quickFlag, *vmOnly))
+}
+
+// loadAvg is the host's 1-minute load average: how quiet the machine was.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
+}
+
+// skipped says whether phase name contains one of skip's comma-separated
+// parts.
+func skipped(name, skip string) bool {
+	for _, part := range strings.Split(skip, ",") {
+		if part = strings.TrimSpace(part); part != "" && strings.Contains(name, part) {
+			return true
+		}
+	}
+	return false
 }
 
 func envOr(k, def string) string {
@@ -98,7 +119,7 @@ func envOr(k, def string) string {
 	return def
 }
 
-func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) int {
+func run(berth, out, repo, scratch, accel, only, skip string, isQuick, vmOnly bool) int {
 	started := time.Now()
 	sz := full
 	if isQuick {
@@ -107,6 +128,7 @@ func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) in
 	berth, _ = filepath.Abs(berth)
 	rep := newReport()
 	rep.Quick = isQuick
+	rep.Load = loadAvg()
 	rep.Host = hostInfo(berth)
 	rep.AccelNote = accelNote(accel)
 
@@ -173,7 +195,7 @@ func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) in
 
 	failed := false
 	phase := func(name string, fn func() error) {
-		if ctx.Err() != nil || vmOnly && !strings.Contains(name, "VM") || !strings.Contains(name, only) {
+		if ctx.Err() != nil || vmOnly && !strings.Contains(name, "VM") || !strings.Contains(name, only) || skipped(name, skip) {
 			return
 		}
 		t := time.Now()
@@ -258,6 +280,7 @@ func run(berth, out, repo, scratch, accel, only string, isQuick, vmOnly bool) in
 	}
 
 	rep.Duration = time.Since(started).Round(time.Second).String()
+	rep.Load = rep.Load + " → " + loadAvg()
 	if ctx.Err() == nil {
 		if err := rep.write(out); err != nil {
 			log.Print(err)
@@ -285,7 +308,7 @@ func accelNote(accel string) string {
 // methodology is appended to latest.md.
 const methodology = `- **Container start**: a ` + "`/bin/true`" + ` workload (1 core, 32 MiB) submitted through the Go client, N sequential. *submit→running* is the agent's ` + "`started_at`" + ` (set when the driver's Start returned: overlay mounted, bundle written, monitor spawned, ` + "`runc create`+`start`" + ` done) minus the client's clock before the POST (same host, same wall clock). *submit→exit* is until the client's blocking GET sees ` + "`exited`" + `. Baselines, interleaved with berth's runs: ` + "`runc run`" + ` and ` + "`runc create`/`start`/wait/`delete`" + ` of a bundle holding **berth's own config.json** (captured from a running berth container: same hardened spec, seccomp profile, namespaces, masked paths, cgroup limits) over the same unpacked image rootfs (read-only instead of berth's per-workload overlay), with their own runc root and cgroup parent. The bridge baseline adds, in the same round, a new network namespace and CNI ADD of berth's plugin chain (bridge with host-local IPAM, portmap, firewall) run by hand through libcni on a bridge and subnet of its own; its time is summed with that round's runc create+start. A plain ` + "`runc spec`" + ` bundle of the same rootfs, run with ` + "`runc run`" + `, shows what berth's hardening costs runc itself.
 - **Container throughput**: N workloads, a fixed number of client workers each submitting and waiting for the exit; completed per second; once with network none, once with the bridge network. Baselines: the same number of ` + "`runc run`" + ` at the same concurrency, and for the bridge network the same with a new namespace, CNI ADD before and CNI DEL after each, by hand. Peak agent RSS is VmHWM after clear_refs, cross-checked by sampling every 20 ms.
-- **VM start**: the first (unmeasured) berth VM warms the kernel-extraction, initramfs and base-image caches, and lends the baselines its domain XML (` + "`virsh dumpxml --inactive`" + `), config disk and base image. Then, interleaved: berth submit → first stdout line through ` + "`GET /v1/workloads/{id}/logs?follow=true`" + ` (which polls every 100 ms); ` + "`qemu-system-x86_64`" + ` started by hand with berth's initramfs, command line, machine, CPU model, vCPUs, memory, devices (all on the root bus, as berth places them), disk cache mode and virtio-serial ports as plain files, exec → first stdout byte, booting the node's kernel twice: as the vmlinux the harness extracts from /boot/vmlinuz-* as berth does, through its PVH entry point (the **PVH baseline**), and as the bzImage through SeaBIOS; ` + "`virsh create`" + ` of berth's domain XML renamed, without berth's metadata, on a fresh overlay and sockets of its own, exec → first byte read from the stdout port's socket; and the **fixed baseline**, which does not move with berth: the node's bzImage as shipped with an initramfs of busybox-static and an /init script that prints a line and powers off, on q35/qemu64 with 224 MiB and only the serial console, exec → that line in the console file. The header's VM accelerator row says how berth booted the kernel (node status ` + "`boot`, `boot_reason`" + `).
+- **VM start**: the first (unmeasured) berth VM warms the kernel-extraction, initramfs and base-image caches, and lends the baselines its domain XML (` + "`virsh dumpxml --inactive`" + `), config disk and base image. Then, interleaved: berth submit → first stdout line through ` + "`GET /v1/workloads/{id}/logs?follow=true`" + ` (woken by inotify on the log directory); ` + "`qemu-system-x86_64`" + ` started by hand with berth's initramfs, command line, machine, CPU model, vCPUs, memory, devices (all on the root bus, as berth places them), disk cache mode and virtio-serial ports as plain files, exec → first stdout byte, booting the node's kernel twice: as the vmlinux the harness extracts from /boot/vmlinuz-* as berth does, through its PVH entry point (the **PVH baseline**), and as the bzImage through SeaBIOS; ` + "`virsh create`" + ` of berth's domain XML renamed, without berth's metadata, on a fresh overlay and sockets of its own, exec → first byte read from the stdout port's socket; and the **fixed baseline**, which does not move with berth: the node's bzImage as shipped with an initramfs of busybox-static and an /init script that prints a line and powers off, on q35/qemu64 with 224 MiB and only the serial console, exec → that line in the console file. The header's VM accelerator row says how berth booted the kernel (node status ` + "`boot`, `boot_reason`" + `).
 - **Exec round trip**: one idle container; N rounds, each ` + "`runc exec ID true`" + ` against the agent's own runc state (the baseline: the container's process spec, no berth in the way), then ` + "`berth exec ID -- true`" + ` (the CLI binary: its start, the WebSocket session, the exit code) and ` + "`POST /v1/workloads/{id}/exec`" + ` with ` + "`true`" + ` through the Go client (the simple form). berth's path adds the API, the policy check and a ` + "`berth-monitor exec`" + ` shim that is the process's parent (runc exec --detach). The VM rows: one idle VM (the run's accelerator; the first, unmeasured exec waits for its boot), N rounds of the same ` + "`berth exec`" + ` and ` + "`POST exec`" + `, as ratios of the container's ` + "`runc exec`" + ` of the same run; the exec'd process is started by berth-init in the guest over the VM's exec channel (docs/vm-exec.md).
 - **Placement**: ` + "`BenchmarkDecide`" + ` of package placement (default policy and the 50-rule policy: 40 match rules and 10 CEL rules), median of the repeated runs. HTTP: a Go closed-loop load generator in the harness (keep-alive connections, one per worker) on the same 2 cores as the agent, against ` + "`POST /v1/placements`" + `, ` + "`GET /v1/node`" + ` and, as the server's floor, ` + "`GET /healthz`" + `.
 - **Node status blocking queries**: the pollers park on ` + "`GET /v1/node?index=N&wait=1m`" + ` (parked = the agent holds that many more established connections, plus 300 ms); the state change is a container submit; latency is from before the submit to each poller's return. Baseline: the same with a single poller. The harness raises its file limit to the hard limit for the 10,000 sockets (the agent, a Go program, does so for itself).

@@ -52,10 +52,12 @@ type Host struct {
 
 // Report is everything a run writes.
 type Report struct {
-	mu        sync.Mutex
-	Date      time.Time      `json:"date"`
-	Quick     bool           `json:"quick"`
-	Duration  string         `json:"duration"`
+	mu       sync.Mutex
+	Date     time.Time `json:"date"`
+	Quick    bool      `json:"quick"`
+	Duration string    `json:"duration"`
+	// Load is the host's 1-minute load average at the start and the end.
+	Load      string         `json:"load,omitempty"`
 	Host      Host           `json:"host"`
 	VMAccel   string         `json:"vm_accel"`
 	AccelNote string         `json:"vm_accel_note"`
@@ -167,6 +169,9 @@ func (r *Report) markdown() string {
 	fmt.Fprintf(&b, "| | |\n| --- | --- |\n")
 	fmt.Fprintf(&b, "| date | %s |\n", r.Date.Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&b, "| run | %s, took %s |\n", mode, r.Duration)
+	if r.Load != "" {
+		fmt.Fprintf(&b, "| load average (1 min, start → end; 2 cores) | %s |\n", r.Load)
+	}
 	fmt.Fprintf(&b, "| CPU | %s, %d cores |\n", r.Host.CPUModel, r.Host.Cores)
 	fmt.Fprintf(&b, "| memory | %d MiB |\n", r.Host.MemoryMB)
 	fmt.Fprintf(&b, "| VM accelerator | %s |\n", strings.ToUpper(orDash(r.VMAccel))+" — "+r.AccelNote)
