@@ -41,7 +41,7 @@ func newImageCmd(g *globals) *cobra.Command {
 		},
 	}
 	imp.Flags().StringVar(&ref, "ref", "", "reference to give an archive that names none")
-	var username string
+	var username, tenant string
 	var passwordStdin bool
 	pull := &cobra.Command{
 		Use:   "pull REF",
@@ -52,7 +52,7 @@ func newImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			req := api.PullRequest{Ref: args[0]}
+			req := api.PullRequest{Ref: args[0], Tenant: tenant}
 			if username != "" || passwordStdin {
 				auth, err := pullAuth(username, passwordStdin, cmd.InOrStdin())
 				if err != nil {
@@ -69,6 +69,7 @@ func newImageCmd(g *globals) *cobra.Command {
 	}
 	pull.Flags().StringVarP(&username, "username", "u", "", "the registry user for this pull alone (the agent's images.auth_file otherwise)")
 	pull.Flags().BoolVar(&passwordStdin, "password-stdin", false, "read the registry password (or token) from stdin")
+	pull.Flags().StringVar(&tenant, "tenant", "", "with -u: the tenant the image is private to (a submitter's only tenant by default; an operator's or admin's: the node's namespace)")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List the node's images",
@@ -139,11 +140,23 @@ func printImages(g *globals, imgs []api.Image) error {
 		return printJSON(imgs)
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tCREATED")
+	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tCREATED\tFOR")
 	for _, img := range imgs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", img.Ref, shortDigest(img.Digest), humanBytes(img.Size), ago(img.CreatedAt))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", img.Ref, shortDigest(img.Digest), humanBytes(img.Size), ago(img.CreatedAt), imageFor(img))
 	}
 	return tw.Flush()
+}
+
+// imageFor says who may run an image: every tenant (the node's image),
+// or the tenants a private one belongs to.
+func imageFor(img api.Image) string {
+	switch {
+	case !img.Private:
+		return "all"
+	case len(img.Tenants) == 0:
+		return "node namespace"
+	}
+	return strings.Join(img.Tenants, ",")
 }
 
 func shortDigest(d string) string {
