@@ -78,6 +78,13 @@ func TestWritableHostPathNeedsNosuidNodev(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, m := range mounts {
+		var st unix.Statfs_t
+		must(t, unix.Statfs(m.Source, &st))
+		if st.Flags&(unix.ST_NOSUID|unix.ST_NODEV) != unix.ST_NOSUID|unix.ST_NODEV {
+			t.Errorf("staged %s (read-only %v): flags %#x, want nosuid,nodev", m.Source, m.ReadOnly, st.Flags)
+		}
+	}
 	planted := filepath.Join(mounts[0].Source, "sh")
 	must(t, os.WriteFile(planted, []byte("#!/bin/sh\n"), 0o755))
 	must(t, os.Chmod(planted, 0o4755))
