@@ -109,17 +109,20 @@ type Options struct {
 	// by a stop, a delete or the agent's shutdown are not reported. It
 	// must not block: metrics record it.
 	OnStart func(iso api.Isolation, took time.Duration, err error)
+	// ExecLimits caps the exec sessions open at once (exec_limits.go).
+	ExecLimits ExecLimits
 }
 
 // Agent manages the node's workloads.
 type Agent struct {
-	opts    Options
-	log     *slog.Logger
-	store   *store
-	commits *committer
-	images  Images
-	drivers map[api.Isolation]driver.Driver
-	logsDir string
+	opts      Options
+	execSlots execSlots
+	log       *slog.Logger
+	store     *store
+	commits   *committer
+	images    Images
+	drivers   map[api.Isolation]driver.Driver
+	logsDir   string
 
 	// diskErr is the last free-space verdict (disk.go).
 	diskMu  sync.Mutex

@@ -75,7 +75,14 @@ func (a *Agent) Exec(ctx context.Context, ref string, req api.ExecRequest) (driv
 	if req.Size != nil {
 		cfg.Size = driver.TermSize{Rows: req.Size.Rows, Cols: req.Size.Cols}
 	}
+	release, err := a.takeExecSlot(w.ID)
+	if err != nil {
+		return nil, err
+	}
 	sess, err := execer.Exec(ctx, w.ID, cfg)
+	if err != nil {
+		release()
+	}
 	switch {
 	case errors.Is(err, errdefs.ErrNotFound) || errors.Is(err, errdefs.ErrConflict):
 		// The task ended (or is gone) since the record said running.
@@ -85,7 +92,7 @@ func (a *Agent) Exec(ctx context.Context, ref string, req api.ExecRequest) (driv
 	case err != nil:
 		return nil, fmt.Errorf("exec into workload %s: %w", w.ID, err)
 	}
-	return sess, nil
+	return &slotSession{ExecSession: sess, release: release}, nil
 }
 
 // Signal delivers sig (a name, HUP or SIGHUP, or a number) to the running

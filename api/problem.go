@@ -63,6 +63,7 @@ const (
 	ReasonConflict           = "conflict"
 	ReasonFailedPrecondition = "failed_precondition"
 	ReasonResourceExhausted  = "resource_exhausted"
+	ReasonTooManyRequests    = "too_many_requests"
 	ReasonDenied             = "denied_by_policy"
 	ReasonUnavailable        = "unavailable"
 	ReasonNotImplemented     = "not_implemented"

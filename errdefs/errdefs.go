@@ -23,6 +23,9 @@ var (
 	ErrConflict = errors.New("conflict")
 	// ErrResourceExhausted: the node has no room for the request.
 	ErrResourceExhausted = errors.New("resource exhausted")
+	// ErrTooManyRequests: a cap on what may be open at once (exec
+	// sessions) is reached; retry once some end.
+	ErrTooManyRequests = errors.New("too many at once")
 	// ErrDenied: policy forbids the request.
 	ErrDenied = errors.New("denied by policy")
 	// ErrUnavailable: a dependency (driver, registry) cannot serve right now; retry later.

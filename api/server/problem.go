@@ -29,6 +29,7 @@ var errorClasses = []struct {
 	{errdefs.ErrConflict, http.StatusConflict, api.ReasonConflict, "Conflict"},
 	{errdefs.ErrFailedPrecondition, http.StatusConflict, api.ReasonFailedPrecondition, "Not possible in the current state"},
 	{errdefs.ErrResourceExhausted, http.StatusConflict, api.ReasonResourceExhausted, "Insufficient capacity"},
+	{errdefs.ErrTooManyRequests, http.StatusTooManyRequests, api.ReasonTooManyRequests, "Too many at once"},
 	{errdefs.ErrDenied, http.StatusForbidden, api.ReasonDenied, "Denied by policy"},
 	{errdefs.ErrPermissionDenied, http.StatusForbidden, api.ReasonPermissionDenied, "Permission denied"},
 	{errdefs.ErrUnauthenticated, http.StatusUnauthorized, api.ReasonUnauthenticated, "Authentication required"},

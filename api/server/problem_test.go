@@ -37,6 +37,7 @@ func TestErrorMapping(t *testing.T) {
 		{"conflict", live, fmt.Errorf("x is being deleted: %w", errdefs.ErrConflict), 409, api.ReasonConflict, ""},
 		{"failed precondition", live, fmt.Errorf("x: %w", errdefs.ErrFailedPrecondition), 409, api.ReasonFailedPrecondition, ""},
 		{"resource exhausted", live, fmt.Errorf("x: %w", errdefs.ErrResourceExhausted), 409, api.ReasonResourceExhausted, ""},
+		{"too many at once", live, fmt.Errorf("x: %w", errdefs.ErrTooManyRequests), 429, api.ReasonTooManyRequests, ""},
 		{"denied", live, fmt.Errorf("x: %w", errdefs.ErrDenied), 403, api.ReasonDenied, ""},
 		{"permission denied", live, fmt.Errorf("x: %w", errdefs.ErrPermissionDenied), 403, api.ReasonPermissionDenied, ""},
 		{"unauthenticated", live, fmt.Errorf("x: %w", errdefs.ErrUnauthenticated), 401, api.ReasonUnauthenticated, ""},

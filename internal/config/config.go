@@ -43,6 +43,13 @@ type Config struct {
 	Images     Images  `mapstructure:"images"`
 	Storage    Storage `mapstructure:"storage"`
 	Volumes    Volumes `mapstructure:"volumes"`
+	Exec       Exec    `mapstructure:"exec"`
+}
+
+// Exec caps the exec sessions open at once.
+type Exec struct {
+	MaxSessions            int `mapstructure:"max_sessions"`
+	MaxSessionsPerWorkload int `mapstructure:"max_sessions_per_workload"`
 }
 
 // Volumes is what workloads may mount from the host.
@@ -439,6 +446,12 @@ func (c *Config) Validate() error {
 	}
 	c.validateImages(bad)
 	c.validateVolumes(bad)
+	if c.Exec.MaxSessions < 1 {
+		bad("exec.max_sessions", "%d must be at least 1", c.Exec.MaxSessions)
+	}
+	if n := c.Exec.MaxSessionsPerWorkload; n < 1 || n > c.Exec.MaxSessions {
+		bad("exec.max_sessions_per_workload", "%d must be between 1 and exec.max_sessions (%d)", n, c.Exec.MaxSessions)
+	}
 	if !c.Container.Enabled && !c.VM.Enabled {
 		errs = append(errs, errors.New("container.enabled and vm.enabled are both false: the agent could run nothing"))
 	}

@@ -164,6 +164,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		Version:    opts.Version,
 		Logger:     log,
 		PolicyFile: cfg.Policy.File,
+		ExecLimits: agent.ExecLimits{MaxSessions: cfg.Exec.MaxSessions, MaxSessionsPerWorkload: cfg.Exec.MaxSessionsPerWorkload},
 	})
 	if err != nil {
 		return nil, err
