@@ -146,7 +146,9 @@ type Agent struct {
 	// admitting counts the submits in flight per image digest: image
 	// collection leaves their images alone.
 	admitting map[string]int
-	runs      map[string]*runLock // per-workload locks of run transitions
+	// healths are the running workloads' health (probe.go), by id.
+	healths map[string]*runHealth
+	runs    map[string]*runLock // per-workload locks of run transitions
 
 	health healthCache
 	pol    *policyHolder
@@ -222,6 +224,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		pulls:   map[string]*api.ImagePullStatus{},
 
 		admitting: map[string]int{},
+		healths:   map[string]*runHealth{},
 		runs:      map[string]*runLock{},
 		pol:       pol,
 		events:    newEventLog(time.Now()),

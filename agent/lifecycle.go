@@ -356,6 +356,10 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 		res, err := d.Wait(wctx, id)
 		waitc <- waited{res, err}
 	}()
+	if r.Workload.Spec.Health != nil {
+		// The health check runs while this run is waited for.
+		go a.probe(wctx, id, run)
+	}
 	var (
 		stopc    = make(chan error)
 		inflight int       // stops asked of the driver and not answered yet

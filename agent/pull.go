@@ -116,8 +116,10 @@ func (a *Agent) failPull(id string, err error) {
 	}
 }
 
-// withPull adds the progress of the workload's image download, if any.
+// withPull adds the progress of the workload's image download, if any,
+// and its health.
 func (a *Agent) withPull(w *api.Workload) {
+	a.withHealth(w)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if p := a.pulls[w.ID]; p != nil {

@@ -67,6 +67,11 @@ func cloneWorkload(w api.Workload) api.Workload {
 	c.StartedAt = clonePtr(w.StartedAt)
 	c.FinishedAt = clonePtr(w.FinishedAt)
 	c.Pull = clonePtr(w.Pull)
+	if w.Health != nil {
+		h := *w.Health
+		h.Log = slices.Clone(h.Log)
+		c.Health = &h
+	}
 	if w.Placement != nil {
 		p := *w.Placement
 		p.Matched = slices.Clone(p.Matched)
@@ -91,6 +96,12 @@ func cloneSpec(s api.WorkloadSpec) api.WorkloadSpec {
 	c.Volumes = slices.Clone(s.Volumes)
 	c.Resources.Limits = clonePtr(s.Resources.Limits)
 	c.Logs = clonePtr(s.Logs)
+	if s.Health != nil {
+		h := *s.Health
+		h.Exec = slices.Clone(h.Exec)
+		h.HTTP, h.TCP = clonePtr(h.HTTP), clonePtr(h.TCP)
+		c.Health = &h
+	}
 	return c
 }
 
@@ -277,6 +288,7 @@ func (a *Agent) removeRecordLocked(id string) (uint64, error) {
 		}
 	}
 	delete(a.recs, id)
+	delete(a.healths, id)
 	a.index = idx
 	close(a.changed)
 	a.changed = make(chan struct{})

@@ -89,6 +89,7 @@ type dbSpec struct {
 	Resources  dbResources       `json:"resources"`
 	ImagePull  string            `json:"image_pull,omitempty"`
 	Logs       *dbLogs           `json:"logs,omitempty"`
+	Health     *dbHealth         `json:"health,omitempty"`
 	Restart    dbRestart         `json:"restart"`
 	Network    string            `json:"network,omitempty"`
 	Ports      []dbPort          `json:"ports,omitempty"`
@@ -132,8 +133,51 @@ func resourcesFromDB(d dbResources) api.Resources {
 }
 
 type dbRestart struct {
-	Policy     string `json:"policy,omitempty"`
-	MaxRetries int    `json:"max_retries,omitempty"`
+	Policy      string `json:"policy,omitempty"`
+	MaxRetries  int    `json:"max_retries,omitempty"`
+	OnUnhealthy bool   `json:"on_unhealthy,omitempty"`
+}
+
+// dbHealth is a workload's health check; durations in milliseconds.
+type dbHealth struct {
+	Exec          []string `json:"exec,omitempty"`
+	HTTPPort      int      `json:"http_port,omitempty"`
+	HTTPPath      string   `json:"http_path,omitempty"`
+	TCPPort       int      `json:"tcp_port,omitempty"`
+	IntervalMS    int64    `json:"interval_ms,omitempty"`
+	TimeoutMS     int64    `json:"timeout_ms,omitempty"`
+	Retries       int      `json:"retries,omitempty"`
+	StartPeriodMS int64    `json:"start_period_ms,omitempty"`
+}
+
+func healthToDB(h *api.HealthCheck) *dbHealth {
+	if h == nil {
+		return nil
+	}
+	d := &dbHealth{Exec: h.Exec, IntervalMS: time.Duration(h.Interval).Milliseconds(), TimeoutMS: time.Duration(h.Timeout).Milliseconds(),
+		Retries: h.Retries, StartPeriodMS: time.Duration(h.StartPeriod).Milliseconds()}
+	if h.HTTP != nil {
+		d.HTTPPort, d.HTTPPath = h.HTTP.Port, h.HTTP.Path
+	}
+	if h.TCP != nil {
+		d.TCPPort = h.TCP.Port
+	}
+	return d
+}
+
+func healthFromDB(d *dbHealth) *api.HealthCheck {
+	if d == nil {
+		return nil
+	}
+	ms := func(v int64) api.Duration { return api.Duration(time.Duration(v) * time.Millisecond) }
+	h := &api.HealthCheck{Exec: d.Exec, Interval: ms(d.IntervalMS), Timeout: ms(d.TimeoutMS), Retries: d.Retries, StartPeriod: ms(d.StartPeriodMS)}
+	if d.HTTPPort != 0 {
+		h.HTTP = &api.HTTPCheck{Port: d.HTTPPort, Path: d.HTTPPath}
+	}
+	if d.TCPPort != 0 {
+		h.TCP = &api.TCPCheck{Port: d.TCPPort}
+	}
+	return h
 }
 
 type dbPort struct {
@@ -222,7 +266,8 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 		Resources: resourcesToDB(s.Resources),
 		ImagePull: string(s.ImagePull),
 		Logs:      logsToDB(s.Logs),
-		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
+		Restart:   dbRestart{Policy: string(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries, OnUnhealthy: s.Restart.OnUnhealthy},
+		Health:    healthToDB(s.Health),
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
 	}
@@ -296,7 +341,8 @@ func fromDB(d *dbRecord) *record {
 				Name: s.Name, Image: s.Image, Command: s.Command, Args: s.Args, Env: s.Env, SecretEnv: redactedEnv(s.SecretEnv), Workdir: s.Workdir,
 				Labels: s.Labels, Isolation: api.Isolation(s.Isolation), Privileged: s.Privileged,
 				Resources: resourcesFromDB(s.Resources), ImagePull: pullFromDB(s.ImagePull), Logs: logsFromDB(s.Logs),
-				Restart: api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries},
+				Restart: api.RestartSpec{Policy: api.RestartPolicy(s.Restart.Policy), MaxRetries: s.Restart.MaxRetries, OnUnhealthy: s.Restart.OnUnhealthy},
+				Health:  healthFromDB(s.Health),
 				Network: s.Network, Ports: portsFromDB(s.Ports),
 				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),
 			},

@@ -6,6 +6,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	"github.com/berthd/berth/api"
@@ -164,6 +165,7 @@ func normalize(spec api.WorkloadSpec, def Defaults) (api.WorkloadSpec, error) {
 		v.Add("resources.disk_mb", "%d MiB is too little for a filesystem; at least %d", r.DiskMB, minDiskMB)
 	}
 	spec.Logs = normalizeLogs(v, spec.Logs, def.Logs)
+	normalizeHealth(v, &spec)
 	switch spec.ImagePull {
 	case "":
 		spec.ImagePull = api.PullIfNotPresent
@@ -402,4 +404,78 @@ func normalizeLogs(v *errdefs.ValidationError, l *api.LogSpec, def LogDefaults) 
 		return nil
 	}
 	return &out
+}
+
+// Health check bounds.
+const (
+	minHealthInterval  = 100 * time.Millisecond
+	maxHealthInterval  = time.Hour
+	defHealthInterval  = 30 * time.Second
+	defHealthTimeout   = 5 * time.Second
+	defHealthRetries   = 3
+	maxHealthRetries   = 100
+	maxHealthStartWait = time.Hour
+)
+
+// normalizeHealth checks a health check and fills its defaults.
+func normalizeHealth(v *errdefs.ValidationError, spec *api.WorkloadSpec) {
+	if spec.Health == nil {
+		if spec.Restart.OnUnhealthy {
+			v.Add("restart.on_unhealthy", "needs a health check (health)")
+		}
+		return
+	}
+	// A copy: the caller's spec is not changed.
+	h := &api.HealthCheck{}
+	*h = *spec.Health
+	h.HTTP = clonePtr(h.HTTP)
+	spec.Health = h
+	kinds := 0
+	if len(h.Exec) > 0 {
+		kinds++
+		checkStrings(v, "health.exec", h.Exec)
+		if h.Exec[0] == "" {
+			v.Add("health.exec[0]", "the program to run is empty")
+		}
+	}
+	if h.HTTP != nil {
+		kinds++
+		if h.HTTP.Port < 1 || h.HTTP.Port > 65535 {
+			v.Add("health.http.port", "must be between 1 and 65535")
+		}
+		switch {
+		case h.HTTP.Path == "":
+			h.HTTP.Path = "/"
+		case !strings.HasPrefix(h.HTTP.Path, "/") || strings.ContainsFunc(h.HTTP.Path, isControl) || len(h.HTTP.Path) > maxPathLen:
+			v.Add("health.http.path", "must be an absolute URL path such as /healthz")
+		}
+	}
+	if h.TCP != nil {
+		kinds++
+		if h.TCP.Port < 1 || h.TCP.Port > 65535 {
+			v.Add("health.tcp.port", "must be between 1 and 65535")
+		}
+	}
+	if kinds != 1 {
+		v.Add("health", "give exactly one of exec, http, tcp")
+	}
+	dur := func(field string, d *api.Duration, def, lo, hi time.Duration) {
+		switch {
+		case *d == 0:
+			*d = api.Duration(def)
+		case time.Duration(*d) < lo || time.Duration(*d) > hi:
+			v.Add(field, "must be between %s and %s", lo, hi)
+		}
+	}
+	dur("health.interval", &h.Interval, defHealthInterval, minHealthInterval, maxHealthInterval)
+	dur("health.timeout", &h.Timeout, min(defHealthTimeout, time.Duration(h.Interval)), minHealthInterval, maxHealthInterval)
+	if h.StartPeriod < 0 || time.Duration(h.StartPeriod) > maxHealthStartWait {
+		v.Add("health.start_period", "must be between 0s and %s", maxHealthStartWait)
+	}
+	switch {
+	case h.Retries == 0:
+		h.Retries = defHealthRetries
+	case h.Retries < 0 || h.Retries > maxHealthRetries:
+		v.Add("health.retries", "must be between 1 and %d", maxHealthRetries)
+	}
 }

@@ -80,6 +80,8 @@ type WorkloadSpec struct {
 	// Logs bound the workload's stdout and stderr logs within the
 	// operator's maxima; zero fields take the node's defaults.
 	Logs *LogSpec `json:"logs,omitempty"`
+	// Health is the workload's health check (Workload.Health).
+	Health *HealthCheck `json:"health,omitempty"`
 	// Command replaces the image's entrypoint; Args replace its cmd.
 	Command []string `json:"command,omitempty"`
 	Args    []string `json:"args,omitempty"`
@@ -137,6 +139,9 @@ type ResourceLimits struct {
 type RestartSpec struct {
 	Policy     RestartPolicy `json:"policy,omitempty"`
 	MaxRetries int           `json:"max_retries,omitempty"`
+	// OnUnhealthy stops a workload its health check finds unhealthy; the
+	// restart policy (and its backoff) then decides whether it runs again.
+	OnUnhealthy bool `json:"on_unhealthy,omitempty"`
 }
 
 // Workload is the record berth keeps for a submitted spec.
@@ -159,8 +164,10 @@ type Workload struct {
 	Placement   *Placement `json:"placement,omitempty"`
 	ImageDigest string     `json:"image_digest,omitempty"`
 	// Pull is the download of the workload's image while it is pending.
-	Pull         *ImagePullStatus `json:"pull,omitempty"`
-	RestartCount int              `json:"restart_count"`
+	Pull *ImagePullStatus `json:"pull,omitempty"`
+	// Health is what the health check found while the workload runs.
+	Health       *HealthStatus `json:"health,omitempty"`
+	RestartCount int           `json:"restart_count"`
 	// LastExitCode is the exit code of the previous run when the workload restarted.
 	LastExitCode *int       `json:"last_exit_code,omitempty"`
 	CreatedAt    time.Time  `json:"created_at"`
