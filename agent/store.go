@@ -138,24 +138,23 @@ type dbRestart struct {
 	OnUnhealthy bool   `json:"on_unhealthy,omitempty"`
 }
 
-// dbHealth is a workload's health check; durations in milliseconds.
+// dbHealth is a workload's health check; durations in nanoseconds.
 type dbHealth struct {
 	Exec          []string `json:"exec,omitempty"`
 	HTTPPort      int      `json:"http_port,omitempty"`
 	HTTPPath      string   `json:"http_path,omitempty"`
 	TCPPort       int      `json:"tcp_port,omitempty"`
-	IntervalMS    int64    `json:"interval_ms,omitempty"`
-	TimeoutMS     int64    `json:"timeout_ms,omitempty"`
+	IntervalNS    int64    `json:"interval_ns,omitempty"`
+	TimeoutNS     int64    `json:"timeout_ns,omitempty"`
 	Retries       int      `json:"retries,omitempty"`
-	StartPeriodMS int64    `json:"start_period_ms,omitempty"`
+	StartPeriodNS int64    `json:"start_period_ns,omitempty"`
 }
 
 func healthToDB(h *api.HealthCheck) *dbHealth {
 	if h == nil {
 		return nil
 	}
-	d := &dbHealth{Exec: h.Exec, IntervalMS: time.Duration(h.Interval).Milliseconds(), TimeoutMS: time.Duration(h.Timeout).Milliseconds(),
-		Retries: h.Retries, StartPeriodMS: time.Duration(h.StartPeriod).Milliseconds()}
+	d := &dbHealth{Exec: h.Exec, IntervalNS: int64(h.Interval), TimeoutNS: int64(h.Timeout), Retries: h.Retries, StartPeriodNS: int64(h.StartPeriod)}
 	if h.HTTP != nil {
 		d.HTTPPort, d.HTTPPath = h.HTTP.Port, h.HTTP.Path
 	}
@@ -169,8 +168,7 @@ func healthFromDB(d *dbHealth) *api.HealthCheck {
 	if d == nil {
 		return nil
 	}
-	ms := func(v int64) api.Duration { return api.Duration(time.Duration(v) * time.Millisecond) }
-	h := &api.HealthCheck{Exec: d.Exec, Interval: ms(d.IntervalMS), Timeout: ms(d.TimeoutMS), Retries: d.Retries, StartPeriod: ms(d.StartPeriodMS)}
+	h := &api.HealthCheck{Exec: d.Exec, Interval: api.Duration(d.IntervalNS), Timeout: api.Duration(d.TimeoutNS), Retries: d.Retries, StartPeriod: api.Duration(d.StartPeriodNS)}
 	if d.HTTPPort != 0 {
 		h.HTTP = &api.HTTPCheck{Port: d.HTTPPort, Path: d.HTTPPath}
 	}
