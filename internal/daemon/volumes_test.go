@@ -219,7 +219,18 @@ func TestContainerVolumes(t *testing.T) {
 	if exitCode(w) != 0 || out != "s3cret\n" {
 		t.Errorf("a noexec tmpfs host path: exit %d %q %q (%s)", exitCode(w), out, errOut, w.Error)
 	}
-	for _, hp := range []string{filepath.Join(allowed, "etc"), "/etc", "/", dataDir} {
+	// Below the allowed directory, a suid,dev mount (writable: a setuid
+	// root file the container made there would work on the host) and a
+	// bind mount of /proc and of the data directory.
+	suid, proc, data := filepath.Join(allowed, "suid"), filepath.Join(allowed, "proc"), filepath.Join(allowed, "data")
+	for _, d := range []string{suid, proc, data} {
+		must(t, os.Mkdir(d, 0o755))
+		t.Cleanup(func() { _ = syscall.Unmount(d, syscall.MNT_DETACH) })
+	}
+	must(t, syscall.Mount("tmpfs", suid, "tmpfs", 0, "size=1m"))
+	must(t, syscall.Mount("/proc", proc, "", syscall.MS_BIND|syscall.MS_REC, ""))
+	must(t, syscall.Mount(dataDir, data, "", syscall.MS_BIND, ""))
+	for _, hp := range []string{filepath.Join(allowed, "etc"), "/etc", "/", dataDir, suid, proc, data} {
 		_, err := c.Submit(ctx, withVolumes(sh("true"), api.VolumeMount{HostPath: hp, Path: "/host"}))
 		if !client.IsReason(err, api.ReasonInvalidArgument) || !strings.Contains(err.Error(), "volumes[0].host_path") {
 			t.Errorf("host path %s: %v, want refused naming volumes[0].host_path", hp, err)
