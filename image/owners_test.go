@@ -89,3 +89,36 @@ func TestPrivateImageOwners(t *testing.T) {
 		t.Errorf("after a node-wide pull and a restart: %+v %v, want the node's", got, err)
 	}
 }
+
+// Two tenants pulling the same image privately at once both own it: the
+// owners merge under the store's lock, neither pull's commit loses the
+// other's.
+func TestConcurrentPrivatePullsMergeOwners(t *testing.T) {
+	requireRoot(t)
+	img := busybox(t)
+	host := testimage.StartRegistry(t)
+	ctx := context.Background()
+	ref, err := testimage.Push(ctx, host, "shared/app:1", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(t.TempDir(), "images")
+	s := newStore(t, root, insecure(host))
+	tenants := []string{"a", "b", "c", "d"}
+	errs := make(chan error, len(tenants))
+	for _, tenant := range tenants {
+		go func() {
+			_, err := s.PullWith(ctx, ref, PullOptions{Owners: []string{tenant}})
+			errs <- err
+		}()
+	}
+	for range tenants {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	s = newStore(t, root, insecure(host))
+	if got, err := s.Get(ref); err != nil || !slices.Equal(got.Owners, tenants) {
+		t.Fatalf("after concurrent private pulls and a restart: %+v %v, want owners %v", got, err, tenants)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -19,7 +20,10 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
+	"github.com/berthd/berth/agent"
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/auth"
@@ -229,5 +233,60 @@ func TestPrivateImagesAreTheirTenants(t *testing.T) {
 	}
 	if img, ok := list("sub-a")[other]; !ok || img.Private {
 		t.Errorf("after a node-wide pull a lists %+v, want the node's image", img)
+	}
+}
+
+// A private image stays private across an agent restart: the owners are
+// on disk (refs.json) before the pull is answered: while the first agent
+// still runs (not closed, as a killed one never is; its state directory
+// is its own), a second agent opens the image store and sees only what is
+// on disk.
+func TestPrivateImageOwnersSurviveARestart(t *testing.T) {
+	host := privateRegistry(t, map[string]string{"b": "pw-b"})
+	ctx := context.Background()
+	img, err := ociimage.Busybox()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := testimage.Push(ctx, host, "private/secret:1", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgRoot := filepath.Join(t.TempDir(), "images")
+	open := func() *agent.Agent {
+		t.Helper()
+		dir := t.TempDir()
+		imgs, err := image.New(imgRoot, image.WithLogger(slog.New(slog.DiscardHandler)),
+			image.WithRegistries(image.Registries{Allowed: []string{"*"}, Insecure: []string{host}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := agent.New(ctx, agent.Options{Capacity: &api.NodeResources{CPU: 8, MemoryMB: 8 << 10},
+			DataDir: dir, Drivers: []driver.Driver{fake.New("container", fake.NewNode())}, Images: imgs,
+			Defaults: agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256}, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	as := func(tenant string) context.Context {
+		return auth.NewContext(ctx, &auth.Identity{Name: "sub-" + tenant, Role: auth.RoleSubmitter, Tenants: []string{tenant}, Via: auth.ViaToken})
+	}
+	first := open()
+	t.Cleanup(func() { first.Close() })
+	if _, err := first.PullImage(as("b"), api.PullRequest{Ref: ref, Tenant: "b", Auth: &api.RegistryAuth{Username: "b", Password: "pw-b"}}); err != nil {
+		t.Fatal(err)
+	}
+	second := open()
+	defer second.Close()
+	if imgs := second.ListImages(as("a")); len(imgs) != 0 {
+		t.Errorf("after a restart tenant a lists %+v", imgs)
+	}
+	if imgs := second.ListImages(as("b")); len(imgs) != 1 || !imgs[0].Private {
+		t.Errorf("after a restart tenant b lists %+v, want its private image", imgs)
+	}
+	_, _, err = second.Submit(ctx, api.WorkloadSpec{Name: "w", Image: ref, ImagePull: api.PullNever, Command: []string{"true"}, Labels: map[string]string{"tenant": "a"}})
+	if !errors.Is(err, errdefs.ErrImageNotFound) {
+		t.Errorf("after a restart tenant a submits b's image with never: %v, want image not found", err)
 	}
 }
