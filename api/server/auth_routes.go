@@ -103,8 +103,15 @@ func (s *Server) setDeadlines(w http.ResponseWriter, r *http.Request, class rout
 		_ = rc.SetReadDeadline(d)
 		_ = rc.SetWriteDeadline(d)
 	case classExec:
-		_ = rc.SetReadDeadline(time.Time{})
 		_ = rc.SetWriteDeadline(time.Time{})
+		if r.Method != http.MethodGet {
+			// The simple form's body must come within a plain request's
+			// time; execSimple moves the deadline past its timeout once
+			// the body is read.
+			_ = rc.SetReadDeadline(now.Add(s.opts.RequestTimeout))
+			break
+		}
+		_ = rc.SetReadDeadline(time.Time{})
 	case classStream:
 		_ = rc.SetReadDeadline(time.Time{})
 		_ = rc.SetWriteDeadline(time.Time{})

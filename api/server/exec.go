@@ -109,7 +109,12 @@ func (s *Server) execSimple(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req.Stdin = req.Input != ""
-	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(timeout + s.opts.RequestTimeout))
+	// The body is read: the server's background read of the idle
+	// connection must not end the request (and kill the process) before
+	// the answer is due.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(timeout + s.opts.RequestTimeout))
+	_ = rc.SetWriteDeadline(time.Now().Add(timeout + s.opts.RequestTimeout))
 	sess, audit, err := s.startExec(r, req)
 	if err != nil {
 		s.fail(w, r, err)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -65,6 +66,9 @@ func (a ExecArgs) List() []string {
 	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, dash(a.ConsoleSocket), dash(a.Netns), a.ID}
 }
 
+// execKillBound bounds how long the shim tries to kill its session.
+const execKillBound = 30 * time.Second
+
 // ExecMain is `berth-monitor exec`: the parent of one exec session's
 // process. It is started by the agent in a session of its own with its
 // stdio for the process, runs `runc exec --detach` so the process is
@@ -94,7 +98,13 @@ func ExecMain(args []string) int {
 	signal.Ignore(unix.SIGPIPE, unix.SIGINT)
 	killSession := func() {
 		self := os.Getpid()
-		_ = proc.KillAll(context.Background(), proc.AllPids, func(p proc.Info) bool {
+		// Bounded: a process SIGKILL cannot end (in uninterruptible
+		// sleep on a hung filesystem) must not keep the shim, and the
+		// agent's Close waiting on it, forever; it dies when its wait
+		// ends, and the container's cgroup still holds it.
+		ctx, cancel := context.WithTimeout(context.Background(), execKillBound)
+		defer cancel()
+		_ = proc.KillAll(ctx, proc.AllPids, func(p proc.Info) bool {
 			return p.Pid != self && (p.Session == self || (shown.Load() > 0 && (p.Session == int(shown.Load()) || p.Pgrp == int(shown.Load()))))
 		})
 	}
