@@ -61,12 +61,13 @@ type TaskAuth struct {
 }
 
 // pullRequest is the pull a task with an auth block makes before its
-// submit (nil without one).
-func (tc *TaskConfig) pullRequest() *api.PullRequest {
+// submit (nil without one), for the workload's tenant: berth keeps the
+// image private to it ("": the node's namespace).
+func (tc *TaskConfig) pullRequest(tenant string) *api.PullRequest {
 	if tc.Auth == nil || (tc.Auth.Username == "" && tc.Auth.Password == "") {
 		return nil
 	}
-	return &api.PullRequest{Ref: tc.Image, Auth: &api.RegistryAuth{Username: tc.Auth.Username, Password: tc.Auth.Password}}
+	return &api.PullRequest{Ref: tc.Image, Tenant: tenant, Auth: &api.RegistryAuth{Username: tc.Auth.Username, Password: tc.Auth.Password}}
 }
 
 var (

@@ -204,13 +204,12 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := addVolumes(&spec, cfg, &tc, allocDirs); err != nil {
 		return nil, nil, err
 	}
-	if req := tc.pullRequest(); req != nil {
+	if req := tc.pullRequest(spec.Labels[api.TenantLabel]); req != nil {
 		// The job's own credentials: the image is pulled with them first
 		// (berth keeps the image, never the credentials); the submit then
 		// finds it on the node. The image is private to the workload's
 		// tenant (its tenant label; none: the node's namespace), so a
 		// workload of another tenant cannot run it without credentials.
-		req.Tenant = spec.Labels[api.TenantLabel]
 		pctx, pcancel := context.WithTimeout(d.ctx, pullTimeout)
 		_, err := c.PullImageWith(pctx, *req)
 		pcancel()
