@@ -80,7 +80,7 @@ func (a *Agent) submit(ctx context.Context, spec api.WorkloadSpec) (*api.Workloa
 	defer a.writeMu.Unlock()
 	// Under writeMu: a volume cannot be deleted between this check and
 	// the commit that makes this workload one of its users.
-	if err := a.checkVolumes(spec, tenant); err != nil {
+	if err := a.checkVolumes(spec, tenant, placement.Isolation); err != nil {
 		return nil, false, err
 	}
 	if spec.Name != "" {

@@ -81,7 +81,7 @@ func hasDotDot(p string) bool {
 // checkVolumes checks that a (normalized) spec's volumes can be mounted
 // on this node: each named volume exists in the workload's tenant, each
 // host path is one the operator allows. Its errors name the fields.
-func (a *Agent) checkVolumes(spec api.WorkloadSpec, tenant string) error {
+func (a *Agent) checkVolumes(spec api.WorkloadSpec, tenant string, isolation api.Isolation) error {
 	if len(spec.Volumes) == 0 {
 		return nil
 	}
@@ -98,7 +98,7 @@ func (a *Agent) checkVolumes(spec api.WorkloadSpec, tenant string) error {
 			}
 			continue
 		}
-		if err := a.opts.Volumes.CheckHostPath(m.HostPath, m.ReadOnly); err != nil {
+		if err := a.opts.Volumes.CheckHostPath(m.HostPath, m.ReadOnly, a.volumeDevices(isolation)); err != nil {
 			v.Add(field+".host_path", "%s", strings.TrimSuffix(err.Error(), ": "+errdefs.ErrInvalidArgument.Error()))
 		}
 	}
@@ -126,8 +126,17 @@ func (a *Agent) stageVolumes(w *api.Workload) ([]driver.Mount, error) {
 		if w.Isolation == api.IsolationVM {
 			srcs[i].Owner = a.opts.VMVolumeOwner
 		}
+		srcs[i].Devices = a.volumeDevices(w.Isolation)
 	}
 	return a.opts.Volumes.Stage(w.ID, srcs)
+}
+
+// volumeDevices says whether a workload of this isolation can make
+// device nodes in its volumes as root on the host: a VM's over virtio-fs
+// can (virtiofsd runs as root); a container cannot (no CAP_MKNOD), nor a
+// VM's over 9p (QEMU serves it unprivileged, VMVolumeOwner set).
+func (a *Agent) volumeDevices(isolation api.Isolation) bool {
+	return isolation == api.IsolationVM && a.opts.VMVolumeOwner == nil
 }
 
 // releaseVolumes unmounts what stageVolumes made for a workload.

@@ -66,7 +66,7 @@ func TestVolumeSpecRefused(t *testing.T) {
 		vols  []api.VolumeMount
 		field string
 	}{
-		{[]api.VolumeMount{{HostPath: suid, Path: "/a"}}, "volumes[0].host_path: host path " + suid + " is refused: a workload may write it, and the host's mount of it is not nosuid and nodev"},
+		{[]api.VolumeMount{{HostPath: suid, Path: "/a"}}, "volumes[0].host_path: host path " + suid + " is refused: a workload may write it, and the host's mount of it is not nosuid"},
 		{[]api.VolumeMount{{HostPath: "/proc", Path: "/a", ReadOnly: true}, {HostPath: suid, Path: "/b", ReadOnly: true}}, "volumes[0].host_path"},
 		{[]api.VolumeMount{{Name: "x", Path: "data"}}, "volumes[0].path"},
 		{[]api.VolumeMount{{Name: "x", Path: "/"}}, "volumes[0].path"},
@@ -201,5 +201,19 @@ func TestDeleteVolumeFilesOutsideWriteLock(t *testing.T) {
 	}
 	if got := e.agent.ListVolumes(ctx); len(got) != 0 {
 		t.Errorf("volumes after delete: %+v", got)
+	}
+}
+
+// Only a VM whose volumes go over virtio-fs makes device nodes as root
+// on the host (virtiofsd); a container has no CAP_MKNOD, and QEMU serves
+// 9p (VMVolumeOwner set) unprivileged.
+func TestVolumeDevices(t *testing.T) {
+	a := &Agent{}
+	if a.volumeDevices(api.IsolationContainer) || !a.volumeDevices(api.IsolationVM) {
+		t.Errorf("virtio-fs: container %v vm %v, want false true", a.volumeDevices(api.IsolationContainer), a.volumeDevices(api.IsolationVM))
+	}
+	a.opts.VMVolumeOwner = &volume.Owner{UID: 64055, GID: 64055}
+	if a.volumeDevices(api.IsolationVM) {
+		t.Error("9p: a VM makes device nodes")
 	}
 }

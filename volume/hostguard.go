@@ -184,31 +184,33 @@ func (g *guard) check(f *os.File) (string, error) {
 }
 
 // checkWritable says why a workload may not write the open directory f,
-// or "": files it creates there are the host's, and one it makes setuid
-// root, or a device node, works wherever its filesystem is mounted
-// suid or dev. The mount f is on must be nosuid and nodev.
-func checkWritable(f *os.File, p string) (string, error) {
+// or "": files it creates there are the host's, as root where its root
+// wrote them, and one it makes setuid root works wherever its filesystem
+// is mounted suid and exec; so the host's mount of it must be nosuid (or
+// noexec). devices: the workload's side creates device nodes as root
+// (a VM's virtiofsd does; a container has no CAP_MKNOD, QEMU's 9p runs
+// unprivileged), which work wherever the filesystem is mounted dev; the
+// mount must then be nodev too.
+func checkWritable(f *os.File, p string, devices bool) (string, error) {
 	var sfs unix.Statfs_t
 	if err := unix.Fstatfs(int(f.Fd()), &sfs); err != nil {
 		return "", err
 	}
-	var missing string
-	if sfs.Flags&unix.ST_NOSUID == 0 {
-		missing = "nosuid"
+	var missing []string
+	if sfs.Flags&(unix.ST_NOSUID|unix.ST_NOEXEC) == 0 {
+		missing = append(missing, "nosuid")
 	}
-	if sfs.Flags&unix.ST_NODEV == 0 {
-		if missing != "" {
-			missing += " and "
-		}
-		missing += "nodev"
+	if devices && sfs.Flags&unix.ST_NODEV == 0 {
+		missing = append(missing, "nodev")
 	}
-	if missing == "" {
+	if len(missing) == 0 {
 		return "", nil
 	}
+	m := strings.Join(missing, " and ")
 	return fmt.Sprintf("a workload may write it, and the host's mount of it is not %s"+
 		" (a setuid-root program or a device node the workload made there would work on the host):"+
-		" mount it %s (mount --bind %s %s && mount -o remount,bind,nosuid,nodev %s, or a bind mount in fstab with those options),"+
-		" or mount it read-only", missing, missing, p, p, p), nil
+		" mount it nosuid,nodev (mount --bind %s %s && mount -o remount,bind,nosuid,nodev %s, or a bind mount in fstab with those options),"+
+		" or mount it read-only", m, p, p, p), nil
 }
 
 // fsPath is where the open file f lies inside its filesystem: the root

@@ -42,39 +42,52 @@ func wantRefused(t *testing.T, err error, why ...string) {
 	}
 }
 
-// A host path a workload may write must be on a nosuid,nodev mount of
-// the host: what the workload creates there belongs to the host (as
-// root: a container's root through its id-mapped mount, virtiofsd as
-// itself), and a setuid-root file or a device node it made would work
-// through any suid or dev mount. Read-only ones may be on any mount;
-// the workload's own mount is nosuid,nodev either way. Staging checks
-// again: a remount between submit and start is seen.
+// A host path a workload may write must be on a nosuid (or noexec)
+// mount of the host: what the workload creates there belongs to the host
+// (as root: a container's root through its id-mapped mount, virtiofsd as
+// itself), and a setuid-root file it made would work through any suid,
+// exec mount. Where the workload's side makes device nodes as root (a
+// VM's virtiofsd) the mount must be nodev too. Read-only ones may be on
+// any mount; the workload's own mount is nosuid,nodev either way.
+// Staging checks again: a remount between submit and start is seen.
 func TestWritableHostPathNeedsNosuidNodev(t *testing.T) {
 	needRoot(t)
 	allowed := filepath.Join(t.TempDir(), "allowed")
-	suid, safe, devOnly := filepath.Join(allowed, "suid"), filepath.Join(allowed, "safe"), filepath.Join(allowed, "dev")
+	suid := filepath.Join(allowed, "suid")
+	safe := filepath.Join(allowed, "safe")
+	nosuid := filepath.Join(allowed, "nosuid")
+	noexec := filepath.Join(allowed, "noexec") // as Nomad's secrets tmpfs
 	mountTmpfs(t, suid, 0)
 	mountTmpfs(t, safe, unix.MS_NOSUID|unix.MS_NODEV)
-	mountTmpfs(t, devOnly, unix.MS_NOSUID)
+	mountTmpfs(t, nosuid, unix.MS_NOSUID)
+	mountTmpfs(t, noexec, unix.MS_NOEXEC)
 	s, _ := newStore(t, allowed)
 
-	wantRefused(t, s.CheckHostPath(suid, false), "not nosuid and nodev", "mount -o remount,bind,nosuid,nodev "+suid, "read-only")
-	wantRefused(t, s.CheckHostPath(devOnly, false), "not nodev")
+	wantRefused(t, s.CheckHostPath(suid, false, false), "is not nosuid (", "mount -o remount,bind,nosuid,nodev "+suid, "read-only")
+	wantRefused(t, s.CheckHostPath(suid, false, true), "is not nosuid and nodev")
+	wantRefused(t, s.CheckHostPath(nosuid, false, true), "is not nodev")
+	wantRefused(t, s.CheckHostPath(noexec, false, true), "is not nodev")
 	for _, ok := range []struct {
-		p  string
-		ro bool
-	}{{suid, true}, {safe, false}, {safe, true}, {devOnly, true}} {
-		if err := s.CheckHostPath(ok.p, ok.ro); err != nil {
-			t.Errorf("%s read-only %v: %v, want allowed", ok.p, ok.ro, err)
+		p           string
+		ro, devices bool
+	}{
+		{suid, true, false}, {suid, true, true}, {safe, false, false}, {safe, false, true}, {safe, true, true},
+		{nosuid, false, false}, {nosuid, true, true}, {noexec, false, false},
+	} {
+		if err := s.CheckHostPath(ok.p, ok.ro, ok.devices); err != nil {
+			t.Errorf("%s read-only %v devices %v: %v, want allowed", ok.p, ok.ro, ok.devices, err)
 		}
 	}
 	if _, err := s.Stage("wsuid", []Source{{HostPath: suid, Target: "/x"}}); err == nil {
 		t.Error("a writable host path on a suid mount staged")
 	}
+	if _, err := s.Stage("wdev", []Source{{HostPath: nosuid, Target: "/x", Devices: true}}); err == nil {
+		t.Error("a writable host path on a dev mount staged for a workload that makes device nodes")
+	}
 
 	// Through an allowed one, a setuid-root file is made, and stays
 	// harmless: the host's own mount of it is nosuid.
-	mounts, err := s.Stage("wsafe", []Source{{HostPath: safe, Target: "/x"}, {HostPath: suid, Target: "/y", ReadOnly: true}})
+	mounts, err := s.Stage("wsafe", []Source{{HostPath: safe, Target: "/x", Devices: true}, {HostPath: suid, Target: "/y", ReadOnly: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,9 +113,9 @@ func TestWritableHostPathNeedsNosuidNodev(t *testing.T) {
 
 	// Allowed at submit, remounted suid before the task starts: refused
 	// at staging.
-	must(t, s.CheckHostPath(safe, false))
+	must(t, s.CheckHostPath(safe, false, false))
 	must(t, unix.Mount("", safe, "", unix.MS_REMOUNT, "size=1m"))
-	if _, err := s.Stage("wlater", []Source{{HostPath: safe, Target: "/x"}}); err == nil || !strings.Contains(err.Error(), "not nosuid and nodev") {
+	if _, err := s.Stage("wlater", []Source{{HostPath: safe, Target: "/x"}}); err == nil || !strings.Contains(err.Error(), "is not nosuid") {
 		t.Errorf("a host path remounted suid after the check: staged (%v)", err)
 	}
 }
@@ -135,7 +148,7 @@ func TestHostPathIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantRefused(t, s.CheckHostPath(real, true), "data directory")
+	wantRefused(t, s.CheckHostPath(real, true, false), "data directory")
 
 	bindMount(t, real, filepath.Join(pub, "data"))
 	bindMount(t, filepath.Join(real, "volumes"), filepath.Join(pub, "vols"))
@@ -161,13 +174,13 @@ func TestHostPathIdentity(t *testing.T) {
 		{filepath.Join(pub, "dev"), "filesystem of /dev"},
 	} {
 		for _, ro := range []bool{true, false} {
-			err := s.CheckHostPath(c.p, ro)
+			err := s.CheckHostPath(c.p, ro, !ro)
 			if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), c.why) {
 				t.Errorf("%s (read-only %v): %v, want refused with %q", c.p, ro, err, c.why)
 			}
 		}
 	}
-	if err := s.CheckHostPath(filepath.Join(pub, "ok"), true); err != nil {
+	if err := s.CheckHostPath(filepath.Join(pub, "ok"), true, false); err != nil {
 		t.Errorf("a plain directory: %v", err)
 	}
 	if _, err := s.Stage("wproc", []Source{{HostPath: filepath.Join(pub, "proc"), Target: "/p", ReadOnly: true}}); err == nil {

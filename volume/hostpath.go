@@ -77,9 +77,11 @@ func checkAllowlist(dirs []string, g *guard) error {
 // of volumes.host_paths, reached from it without a symlink leading out,
 // never /, /proc, /sys, /dev, a pseudo filesystem or the data directory
 // (by name or by identity), and a directory; one the workload may write
-// (readOnly false) must be on a nosuid,nodev mount.
-func (s *Store) CheckHostPath(p string, readOnly bool) error {
-	f, err := s.openHostPath(p, readOnly)
+// (readOnly false) must be on a nosuid (or noexec) mount, and nodev too
+// where the workload's side makes device nodes (devices: a VM's
+// virtiofsd).
+func (s *Store) CheckHostPath(p string, readOnly, devices bool) error {
+	f, err := s.openHostPath(p, readOnly, devices)
 	if err != nil {
 		return err
 	}
@@ -89,7 +91,7 @@ func (s *Store) CheckHostPath(p string, readOnly bool) error {
 // openHostPath opens the host directory p (O_PATH) as CheckHostPath
 // checks it. The file is what gets mounted (through /proc/self/fd), so a
 // path swapped for a symlink after the check changes nothing.
-func (s *Store) openHostPath(p string, readOnly bool) (*os.File, error) {
+func (s *Store) openHostPath(p string, readOnly, devices bool) (*os.File, error) {
 	if !filepath.IsAbs(p) || filepath.Clean(p) != p {
 		return nil, fmt.Errorf("host path %q is not a clean absolute path: %w", p, errdefs.ErrInvalidArgument)
 	}
@@ -136,7 +138,7 @@ func (s *Store) openHostPath(p string, readOnly bool) (*os.File, error) {
 	// Names can lie (bind mounts); what was opened cannot.
 	why, err := s.guard.check(f)
 	if err == nil && why == "" && !readOnly {
-		why, err = checkWritable(f, p)
+		why, err = checkWritable(f, p, devices)
 	}
 	if err != nil {
 		f.Close()

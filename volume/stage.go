@@ -22,6 +22,10 @@ type Source struct {
 	HostPath     string
 	Target       string
 	ReadOnly     bool
+	// Devices says the workload's side of the mount creates device
+	// nodes as root (a VM's virtiofsd): a writable host path must then
+	// be on a nodev mount of the host.
+	Devices bool
 	// Owner, when set, shows the volume id-mapped: its uid and gid 0 are
 	// Owner's ids, and what Owner creates is stored as 0. QEMU serves 9p
 	// as its own unprivileged user; through such a mount it may write
@@ -84,7 +88,7 @@ func (s *Store) stageOne(src Source, target string) error {
 	var f *os.File
 	var err error
 	if src.HostPath != "" {
-		f, err = s.openHostPath(src.HostPath, src.ReadOnly)
+		f, err = s.openHostPath(src.HostPath, src.ReadOnly, src.Devices)
 	} else {
 		var v *Volume
 		if v, err = s.Get(src.Tenant, src.Name); err == nil {

@@ -57,7 +57,7 @@ func TestHostPaths(t *testing.T) {
 	s, dir := newStore(t, allowed)
 
 	for _, ok := range []string{allowed, filepath.Join(allowed, "sub"), filepath.Join(allowed, "inside")} {
-		if err := s.CheckHostPath(ok, true); err != nil {
+		if err := s.CheckHostPath(ok, true, false); err != nil {
 			t.Errorf("%s: %v, want allowed", ok, err)
 		}
 	}
@@ -77,7 +77,7 @@ func TestHostPaths(t *testing.T) {
 		{allowed + "/sub/..", "clean absolute"},
 		{"relative", "clean absolute"},
 	} {
-		err := s.CheckHostPath(c.path, true)
+		err := s.CheckHostPath(c.path, true, false)
 		if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), c.why) {
 			t.Errorf("%s: %v, want refused with %q", c.path, err, c.why)
 		}

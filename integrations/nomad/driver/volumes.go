@@ -1,10 +1,12 @@
 package driver
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/hashicorp/nomad/plugins/drivers"
+	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/api"
 )
@@ -26,6 +28,9 @@ const (
 func addVolumes(spec *api.WorkloadSpec, cfg *drivers.TaskConfig, tc *TaskConfig, allocDirs bool) error {
 	if allocDirs && cfg.AllocDir != "" {
 		td := cfg.TaskDir()
+		if err := hardenMount(td.SecretsDir); err != nil {
+			return fmt.Errorf("berth: secrets dir %s: %w", td.SecretsDir, err)
+		}
 		spec.Volumes = append(spec.Volumes,
 			api.VolumeMount{HostPath: td.SharedAllocDir, Path: AllocDirPath},
 			api.VolumeMount{HostPath: td.LocalDir, Path: LocalDirPath},
@@ -46,6 +51,38 @@ func addVolumes(spec *api.WorkloadSpec, cfg *drivers.TaskConfig, tc *TaskConfig,
 		spec.Volumes = append(spec.Volumes, m)
 	}
 	return nil
+}
+
+// hardenMount makes dir, when it is a mount of its own, nosuid and nodev
+// too, keeping its other flags. Nomad mounts each task's secrets tmpfs
+// noexec only, and berth refuses to let a workload that makes device
+// nodes (a VM over virtio-fs) write a host path on a dev mount. A
+// directory that is no mount of its own is left as it is (berth checks
+// the mount it is on).
+func hardenMount(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); errors.Is(err, unix.ENOENT) {
+		return nil // berth says it does not exist
+	} else if err != nil {
+		return err
+	}
+	if st.Flags&(unix.ST_NOSUID|unix.ST_NODEV) == unix.ST_NOSUID|unix.ST_NODEV {
+		return nil
+	}
+	flags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NOSUID | unix.MS_NODEV)
+	for _, f := range []struct{ st, ms uintptr }{
+		{unix.ST_RDONLY, unix.MS_RDONLY}, {unix.ST_NOEXEC, unix.MS_NOEXEC}, {unix.ST_NOATIME, unix.MS_NOATIME},
+		{unix.ST_NODIRATIME, unix.MS_NODIRATIME}, {unix.ST_RELATIME, unix.MS_RELATIME},
+	} {
+		if uintptr(st.Flags)&f.st != 0 {
+			flags |= f.ms
+		}
+	}
+	err := unix.Mount("", dir, "", flags, "")
+	if errors.Is(err, unix.EINVAL) {
+		return nil // not a mount point
+	}
+	return err
 }
 
 // parseVolume reads NAME:/PATH[:ro|rw], a named berth volume.
