@@ -64,6 +64,7 @@ func (a *Agent) PullImage(ctx context.Context, req api.PullRequest) (*api.Image,
 		o.Auth = &image.Credentials{Username: auth.Username, Password: auth.Password, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken}
 		o.Owners = []string{req.Tenant}
 	}
+	o.Progress = a.pullEvents("", req.Ref, "")
 	img, err := a.images.PullWith(ctx, req.Ref, o)
 	if err != nil {
 		return nil, err

@@ -62,9 +62,6 @@ func (a *Agent) pullFor(ctx context.Context, id string) error {
 		return nil // taskConfig reports an image that is gone
 	}
 	ref, digest := r.Workload.Spec.Image, r.Workload.ImageDigest
-	attrs := func(done, total int64) map[string]string {
-		return map[string]string{"ref": ref, "digest": digest, "bytes_done": strconv.FormatInt(done, 10), "bytes_total": strconv.FormatInt(total, 10)}
-	}
 	a.mu.Lock()
 	a.pulls[id] = &api.ImagePullStatus{Ref: ref, Digest: digest}
 	a.mu.Unlock()
@@ -74,18 +71,14 @@ func (a *Agent) pullFor(ctx context.Context, id string) error {
 		a.mu.Unlock()
 	}()
 	a.log.Info("pulling the workload's image", "workload_id", id, "ref", ref, "digest", digest)
-	var last time.Time
+	report := a.pullEvents(id, ref, digest)
 	_, err := a.images.PullShared(ctx, ref, digest, func(done, total int64) {
 		a.mu.Lock()
 		if p := a.pulls[id]; p != nil {
 			p.BytesDone, p.BytesTotal = done, total
 		}
 		a.mu.Unlock()
-		if now := time.Now(); now.Sub(last) >= pullEventEvery || done == total {
-			last = now
-			a.events.publish(api.Event{Type: api.EventImagePullProgress, WorkloadID: id,
-				Message: fmt.Sprintf("pulling %s: %d of %d bytes", ref, done, total), Attrs: attrs(done, total)})
-		}
+		report(done, total)
 	})
 	if err != nil {
 		if ctx.Err() == nil {
@@ -135,4 +128,18 @@ func pullFromDB(p string) api.PullPolicy {
 		return api.PullIfNotPresent
 	}
 	return api.PullPolicy(p)
+}
+
+// pullEvents is a pull's progress callback: an image.pull.progress event
+// at most every pullEventEvery, and at the end.
+func (a *Agent) pullEvents(workload, ref, digest string) func(done, total int64) {
+	var last time.Time
+	return func(done, total int64) {
+		if now := time.Now(); now.Sub(last) >= pullEventEvery || done == total {
+			last = now
+			a.events.publish(api.Event{Type: api.EventImagePullProgress, WorkloadID: workload,
+				Message: fmt.Sprintf("pulling %s: %d of %d bytes", ref, done, total),
+				Attrs:   map[string]string{"ref": ref, "digest": digest, "bytes_done": strconv.FormatInt(done, 10), "bytes_total": strconv.FormatInt(total, 10)}})
+		}
+	}
 }

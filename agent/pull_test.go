@@ -129,6 +129,7 @@ func TestSubmitPullsMissingImageOnce(t *testing.T) {
 	cr := startCountingRegistry(t)
 	e := pullEnv(t, cr)
 	ref, img := pushApp(t, cr, "test/app:1", "one")
+	from := e.agent.events.lastID()
 	var wg sync.WaitGroup
 	ids := make([]string, 10)
 	errs := make([]error, 10)
@@ -162,6 +163,20 @@ func TestSubmitPullsMissingImageOnce(t *testing.T) {
 	}
 	if _, err := e.imgs.Get(ref); err != nil {
 		t.Errorf("the pulled image is not in the store: %v", err)
+	}
+	// Progress events, each with its workload, up to every byte.
+	evs, _, _ := e.agent.events.after(from, func(ev *api.Event) bool { return ev.Type == api.EventImagePullProgress })
+	complete := 0
+	for _, ev := range evs {
+		if ev.WorkloadID == "" || ev.Attrs["bytes_total"] == "" || ev.Attrs["bytes_total"] == "0" {
+			t.Errorf("progress event %+v", ev)
+		}
+		if ev.Attrs["bytes_done"] == ev.Attrs["bytes_total"] {
+			complete++
+		}
+	}
+	if complete == 0 {
+		t.Errorf("no progress event says the download is complete: %d events", len(evs))
 	}
 }
 

@@ -60,7 +60,9 @@ func newImageCmd(g *globals) *cobra.Command {
 				}
 				req.Auth = auth
 			}
+			stop := pullProgress(cmd.Context(), c, "", args[0])
 			img, err := c.PullImageWith(cmd.Context(), req)
+			stop()
 			if err != nil {
 				return err
 			}

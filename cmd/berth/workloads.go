@@ -90,6 +90,15 @@ too, but other users of this host may see a command line (ps).`,
 				return err
 			}
 			fmt.Fprintln(os.Stderr, placedLine(w))
+			if wait && w.State == api.StatePending {
+				// Its image may be downloading: a progress bar until it starts.
+				stop := pullProgress(ctx, c, w.ID, "")
+				_, werr := waitNotPending(ctx, c, w.ID)
+				stop()
+				if werr != nil {
+					return werr
+				}
+			}
 			if !wait {
 				if g.output == "json" {
 					return printJSON(w)
