@@ -12,7 +12,7 @@ import (
 // and exec.max_sessions_per_workload).
 const (
 	DefaultExecMaxSessions            = 256
-	DefaultExecMaxSessionsPerWorkload = 32
+	DefaultExecMaxSessionsPerWorkload = 128
 )
 
 // ExecLimits caps the exec sessions open at once: each holds processes,

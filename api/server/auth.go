@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"mime"
 	"net"
 	"net/http"
 	"net/url"
@@ -156,6 +157,14 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				Detail: fmt.Sprintf("Origin %q is not this agent (%s): the API takes requests that change something only from its own pages and from clients that are not browsers", r.Header.Get("Origin"), r.Host)})
 			return
 		}
+		if info.mutating && r.Method != http.MethodGet && formMediaType(r) {
+			// What an HTML form (or a no-cors fetch) sends: no route of
+			// berth's takes it, and a cross-site form must not reach a
+			// handler even where the body is optional.
+			writeProblem(ww, r, s.log, &api.Problem{Status: http.StatusUnsupportedMediaType, Reason: api.ReasonUnsupportedMedia, Title: "Unsupported media type",
+				Detail: fmt.Sprintf("Content-Type %q: send JSON bodies as application/json, or no body", r.Header.Get("Content-Type"))})
+			return
+		}
 		if !auth.Authorize(id, info.action) {
 			if id == nil {
 				ww.Header().Set("WWW-Authenticate", `Bearer realm="berth"`)
@@ -278,4 +287,22 @@ func sameOrigin(r *http.Request) bool {
 		return false // includes "null" (a sandboxed or file page)
 	}
 	return strings.EqualFold(u.Host, r.Host)
+}
+
+// formMediaType reports whether r's body is of a type a browser sends
+// cross-site without asking (CORS's safelisted request types).
+func formMediaType(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	if ct == "" {
+		return false
+	}
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false // the route's own check refuses it
+	}
+	switch mt {
+	case "application/x-www-form-urlencoded", "multipart/form-data", "text/plain":
+		return true
+	}
+	return false
 }

@@ -121,6 +121,14 @@ func TestCrossSiteRequestsChangeNothing(t *testing.T) {
 			t.Errorf("POST exec with Content-Type %q = %d %+v, want 415", ct, resp.StatusCode, p)
 		}
 	}
+	// A form with no fields: the stop route takes an empty body, but not a
+	// form's.
+	for _, ct := range []string{"application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"} {
+		resp := e.do("POST", "/v1/workloads/"+w.ID+"/stop", ct, strings.NewReader(""))
+		if p := e.problem(resp); resp.StatusCode != http.StatusUnsupportedMediaType {
+			t.Errorf("POST stop with an empty %s body = %d %+v, want 415", ct, resp.StatusCode, p)
+		}
+	}
 	for _, origin := range []string{"http://evil.example", "null", "https://" + strings.TrimPrefix(e.srv.URL, "http://") + ".evil.example"} {
 		for _, path := range []string{"/v1/workloads", "/v1/workloads/" + w.ID + "/exec", "/v1/workloads/" + w.ID + "/stop", "/v1/node/cordon"} {
 			req, _ := http.NewRequest("POST", e.srv.URL+path, strings.NewReader(`{"command":["true"]}`))
