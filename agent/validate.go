@@ -328,31 +328,31 @@ func normalizeResources(v *errdefs.ValidationError, r *api.Resources, def Defaul
 		}
 		return false
 	}
-	if checkCPU("resources.cpu", r.CPU) && checkCPU("resources.limits.cpu", lim.CPU) {
-		switch {
-		case r.CPU == 0 && lim.CPU == 0:
-			r.CPU, lim.CPU = def.CPU, max(def.CPULimit, def.CPU)
-		case r.CPU == 0:
-			r.CPU = lim.CPU
-		case lim.CPU == 0:
-			lim.CPU = r.CPU
-		case lim.CPU < r.CPU:
-			v.Add("resources.limits.cpu", "%g cores is below the request, %g", lim.CPU, r.CPU)
-		}
+	if checkCPU("resources.cpu", r.CPU) && checkCPU("resources.limits.cpu", lim.CPU) && !fillRequestLimit(&r.CPU, &lim.CPU, def.CPU, def.CPULimit) {
+		v.Add("resources.limits.cpu", "%g cores is below the request, %g", lim.CPU, r.CPU)
 	}
-	if checkMem("resources.memory_mb", r.MemoryMB) && checkMem("resources.limits.memory_mb", lim.MemoryMB) {
-		switch {
-		case r.MemoryMB == 0 && lim.MemoryMB == 0:
-			r.MemoryMB, lim.MemoryMB = def.MemoryMB, max(def.MemoryLimitMB, def.MemoryMB)
-		case r.MemoryMB == 0:
-			r.MemoryMB = lim.MemoryMB
-		case lim.MemoryMB == 0:
-			lim.MemoryMB = r.MemoryMB
-		case lim.MemoryMB < r.MemoryMB:
-			v.Add("resources.limits.memory_mb", "%d MiB is below the request, %d MiB", lim.MemoryMB, r.MemoryMB)
-		}
+	if checkMem("resources.memory_mb", r.MemoryMB) && checkMem("resources.limits.memory_mb", lim.MemoryMB) && !fillRequestLimit(&r.MemoryMB, &lim.MemoryMB, def.MemoryMB, def.MemoryLimitMB) {
+		v.Add("resources.limits.memory_mb", "%d MiB is below the request, %d MiB", lim.MemoryMB, r.MemoryMB)
 	}
 	r.Limits = &lim
+}
+
+// fillRequestLimit fills a request and its limit: neither given, the
+// defaults (a default limit below the default request is the request);
+// one given, it is the other too. It reports false for a limit below its
+// request.
+func fillRequestLimit[T int64 | float64](req, lim *T, defReq, defLim T) bool {
+	switch {
+	case *req == 0 && *lim == 0:
+		*req, *lim = defReq, max(defLim, defReq)
+	case *req == 0:
+		*req = *lim
+	case *lim == 0:
+		*lim = *req
+	case *lim < *req:
+		return false
+	}
+	return true
 }
 
 // limits are a normalized spec's limits (a record of an agent before
