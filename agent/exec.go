@@ -79,6 +79,7 @@ func (a *Agent) Exec(ctx context.Context, ref string, req api.ExecRequest) (driv
 	if err != nil {
 		return nil, err
 	}
+	driver.ExecStarting(ctx)
 	sess, err := execer.Exec(ctx, w.ID, cfg)
 	if err != nil {
 		release()

@@ -195,6 +195,13 @@ func TestExecAuditStartedBeforeEnd(t *testing.T) {
 		}
 		return out
 	}
+	// An exec refused by the agent's checks (here: the workload ended)
+	// started nothing and has no start record.
+	done := e.running(`{"image":"` + testImage + `","command":["sh","-c","sleep 0.2"]}`)
+	e.waitWorkload(done.ID, func(w *api.Workload) bool { return w.State == api.StateExited })
+	if code, _, p := e.execSimple(done.ID, api.ExecRequest{Command: []string{"true"}}); code != http.StatusConflict {
+		t.Fatalf("exec into an exited workload = %d %+v", code, p)
+	}
 	// The process waits for input: its session has not ended.
 	started := records("exec started")
 	if len(started) != 1 {
@@ -205,8 +212,8 @@ func TestExecAuditStartedBeforeEnd(t *testing.T) {
 	if rec["workload"] != w.ID || rec["user"] != "nobody" || rec["tty"] != false || string(cmd) != `["sh","-c","read x; exit 7"]` || rec["exit_code"] != nil {
 		t.Errorf("exec started record = %v", rec)
 	}
-	if n := len(records("api request")); n != 0 {
-		t.Errorf("%d end records before the process ended", n)
+	if n := len(records("api request")); n != 1 {
+		t.Errorf("%d end records before the process ended, want the refusal's only", n)
 	}
 	if _, err := sess.Write([]byte("go\n")); err != nil {
 		t.Fatal(err)
@@ -215,11 +222,11 @@ func TestExecAuditStartedBeforeEnd(t *testing.T) {
 		t.Fatalf("Wait = %+v, %v", end, err)
 	}
 	var ended []map[string]any
-	for deadline := time.Now().Add(10 * time.Second); len(ended) == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); len(ended) < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		ended = records("api request")
 	}
-	if len(ended) != 1 || ended[0]["exit_code"] != float64(7) {
-		t.Errorf("end records = %v, want one with exit code 7", ended)
+	if len(ended) != 2 || ended[0]["status"] != float64(409) || ended[1]["exit_code"] != float64(7) {
+		t.Errorf("end records = %v, want the refusal's (409) and one with exit code 7", ended)
 	}
 	if strings.Contains(audit.String(), "s3cr3t-value") {
 		t.Errorf("the audit log holds an environment value:\n%s", audit.String())

@@ -68,11 +68,12 @@ func (s *Server) execWorkload(w http.ResponseWriter, r *http.Request) {
 // process exists.
 func (s *Server) startExec(r *http.Request, req api.ExecRequest) (driver.ExecSession, *execAudit, error) {
 	audit := &execAudit{command: req.Command, user: req.User, tty: req.TTY}
+	ctx := r.Context()
 	if st := requestState(r); st != nil {
 		st.exec = audit
-		s.auditExecStart(r, st)
+		ctx = driver.WithExecStart(ctx, func() { s.auditExecStart(r, st) })
 	}
-	sess, err := s.be(r).Exec(r.Context(), refParam(r), req)
+	sess, err := s.be(r).Exec(ctx, refParam(r), req)
 	return sess, audit, err
 }
 
