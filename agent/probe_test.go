@@ -1,8 +1,13 @@
 package agent
 
 import (
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -87,5 +92,47 @@ func TestHealthCheckValidation(t *testing.T) {
 	got, err := normalize(spec, defaultsLikeConfig)
 	if err != nil || got.Health.HTTP.Path != "/" || time.Duration(got.Health.Interval) != 30*time.Second || got.Health.Retries != 3 {
 		t.Errorf("defaults: %+v %v", got.Health, err)
+	}
+}
+
+// http and tcp checks reach the workload's address (the node's loopback
+// for one without a bridge address): healthy while something answers
+// there, unhealthy once it is gone.
+func TestHTTPAndTCPHealthChecks(t *testing.T) {
+	e := newEnv(t)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/healthz" {
+			http.NotFound(w, r)
+		}
+	}))
+	_, portStr, _ := net.SplitHostPort(strings.TrimPrefix(srv.URL, "http://"))
+	port, _ := strconv.Atoi(portStr)
+	every := api.Duration(100 * time.Millisecond)
+	checks := map[string]*api.HealthCheck{
+		"http": {HTTP: &api.HTTPCheck{Port: port, Path: "/healthz"}, Interval: every, Retries: 1},
+		"tcp":  {TCP: &api.TCPCheck{Port: port}, Interval: every, Retries: 1},
+	}
+	ids := map[string]string{}
+	for name, h := range checks {
+		spec := sh("sleep 1000")
+		spec.Health = h
+		ids[name] = e.submit(spec).ID
+	}
+	bad := sh("sleep 1000")
+	bad.Health = &api.HealthCheck{HTTP: &api.HTTPCheck{Port: port, Path: "/missing"}, Interval: every, Retries: 1}
+	badID := e.submit(bad).ID
+	for _, id := range ids {
+		e.waitFor(id, func(w *api.Workload) bool { return w.Health != nil && w.Health.Status == api.HealthHealthy })
+	}
+	got := e.waitFor(badID, func(w *api.Workload) bool { return w.Health != nil && w.Health.Status == api.HealthUnhealthy })
+	if last := got.Health.Log[len(got.Health.Log)-1]; last.OK || !strings.Contains(last.Output, "404") {
+		t.Errorf("a 404: %+v", last)
+	}
+	srv.Close()
+	for name, id := range ids {
+		w := e.waitFor(id, func(w *api.Workload) bool { return w.Health != nil && w.Health.Status == api.HealthUnhealthy })
+		if w.State != api.StateRunning {
+			t.Errorf("%s: %s", name, w.State)
+		}
 	}
 }
