@@ -194,15 +194,7 @@ func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Du
 	if s.opts.Audit == nil {
 		return
 	}
-	attrs := []slog.Attr{
-		slog.Bool("audit", true),
-		slog.String("method", r.Method),
-		slog.String("route", st.route),
-		slog.String("path", r.URL.Path),
-		slog.Int("status", status),
-		slog.String("remote", r.RemoteAddr),
-		slog.Duration("duration", took),
-	}
+	attrs := append(requestAttrs(r, st), slog.Int("status", status), slog.Duration("duration", took))
 	attrs = st.auditAttrs(attrs)
 	msg := "api request"
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {
@@ -218,17 +210,22 @@ func (s *Server) auditExecStart(r *http.Request, st *request) {
 	if s.opts.Audit == nil || st == nil {
 		return
 	}
-	attrs := []slog.Attr{
+	attrs := requestAttrs(r, st)
+	if st.workload == "" {
+		attrs = append(attrs, slog.String("workload", refParam(r)))
+	}
+	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, "exec started", st.auditAttrs(attrs)...)
+}
+
+// requestAttrs are what every audit record says of its request.
+func requestAttrs(r *http.Request, st *request) []slog.Attr {
+	return []slog.Attr{
 		slog.Bool("audit", true),
 		slog.String("method", r.Method),
 		slog.String("route", st.route),
 		slog.String("path", r.URL.Path),
 		slog.String("remote", r.RemoteAddr),
 	}
-	if st.workload == "" {
-		attrs = append(attrs, slog.String("workload", refParam(r)))
-	}
-	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, "exec started", st.auditAttrs(attrs)...)
 }
 
 // auditAttrs appends what the request is known to have done, and by
