@@ -25,9 +25,35 @@ func (s *Server) getNode(w http.ResponseWriter, r *http.Request) {
 		idx, _ := s.b.Index()
 		return idx, true
 	})
-	n := s.b.Node(r.Context())
-	w.Header().Set(IndexHeader, strconv.FormatUint(n.Index, 10))
-	writeJSON(w, http.StatusOK, n)
+	body, idx := s.nodeDocument(r.Context())
+	w.Header().Set(IndexHeader, strconv.FormatUint(idx, 10))
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+}
+
+// nodeDocAge is how long an encoded node document is served again to
+// requests at the same index: a change wakes every parked blocking query
+// at once (fleet controllers park thousands), and one encoding then
+// serves them all. Only its uptime can be this much behind.
+const nodeDocAge = time.Second
+
+// nodeDocument returns the node document, encoded, and its index.
+func (s *Server) nodeDocument(ctx context.Context) ([]byte, uint64) {
+	s.nodeMu.Lock()
+	defer s.nodeMu.Unlock()
+	if idx, _ := s.b.Index(); s.nodeBody != nil && idx == s.nodeIndex && time.Since(s.nodeAt) < nodeDocAge {
+		return s.nodeBody, s.nodeIndex
+	}
+	n := s.b.Node(ctx)
+	body, err := json.Marshal(n)
+	if err != nil {
+		// Node status is plain data: this cannot happen; say so rather
+		// than serve nothing.
+		body = []byte(`{}`)
+	}
+	s.nodeBody, s.nodeIndex, s.nodeAt = append(body, '\n'), n.Index, time.Now()
+	return s.nodeBody, s.nodeIndex
 }
 
 // sseKeepAlive is how often an idle event stream gets a comment line, so

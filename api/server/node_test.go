@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"os"
 	"runtime"
@@ -293,5 +294,36 @@ func TestEventStreamReconnectsWithLastEventID(t *testing.T) {
 	n, _ := resp.Body.Read(buf)
 	if !strings.Contains(string(buf[:n]), "\nevent: workload.created\ndata: {") || !strings.HasPrefix(string(buf[:n]), "id: ") {
 		t.Errorf("wire format: %q", buf[:n])
+	}
+}
+
+// The node document is encoded once per index and served again for up to
+// a second (a change wakes every parked poller at once): requests at one
+// index get the same bytes, a change gives a new document, and a second
+// later even an unchanged node's uptime moves again.
+func TestNodeDocumentSharedAtOneIndex(t *testing.T) {
+	e := newEnv(t)
+	get := func() (string, string) {
+		resp := e.do("GET", "/v1/node", "", nil)
+		defer resp.Body.Close()
+		var b strings.Builder
+		if _, err := io.Copy(&b, resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		return b.String(), resp.Header.Get("X-Berth-Index")
+	}
+	first, idx := get()
+	again, idx2 := get()
+	if again != first || idx2 != idx {
+		t.Errorf("two reads at index %s got different documents:\n%s\n%s", idx, first, again)
+	}
+	e.submitSleep(e.client())
+	changed, idx3 := get()
+	if idx3 == idx || changed == first || !strings.Contains(changed, `"running"`) && !strings.Contains(changed, `"pending"`) && !strings.Contains(changed, `"starting"`) {
+		t.Errorf("after a change: index %s (was %s), document:\n%s", idx3, idx, changed)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if later, idx4 := get(); idx4 == idx3 && later == changed {
+		t.Errorf("a second later the same bytes are served at index %s: the uptime never moves", idx4)
 	}
 }

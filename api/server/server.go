@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -119,6 +120,11 @@ type Server struct {
 	mux  chi.Router
 	// metrics is what /metrics serves.
 	metrics *Metrics
+	// The last node document encoded (nodeDocument).
+	nodeMu    sync.Mutex
+	nodeBody  []byte
+	nodeIndex uint64
+	nodeAt    time.Time
 }
 
 // New returns the API handler over b.
