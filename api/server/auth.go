@@ -149,6 +149,15 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				s.auditLog(r, st, ww.Status(), time.Since(start))
 			}
 		}()
+		if s.opts.Auth == nil && info.action != auth.ActPublic && !fromUnix(r) && !loopbackHost(r.Host) {
+			// Without tokens every caller is an admin, on loopback only. A
+			// web page that points its own name at 127.0.0.1 (DNS
+			// rebinding) is same-origin with what it reaches: its
+			// requests say its name in Host, never a loopback one.
+			writeProblem(ww, r, s.log, &api.Problem{Status: http.StatusForbidden, Reason: api.ReasonPermissionDenied, Title: "Not a loopback address",
+				Detail: fmt.Sprintf("Host %q: without a tokens file the agent answers only requests addressed to localhost, 127.0.0.1 or ::1", r.Host)})
+			return
+		}
 		if info.mutating && !sameOrigin(r) {
 			// A web page of another origin (a browser sends Origin on
 			// every cross-origin POST and WebSocket) must not act with the
@@ -302,4 +311,23 @@ func formMediaType(r *http.Request) bool {
 		return true
 	}
 	return false
+}
+
+func fromUnix(r *http.Request) bool {
+	p, ok := r.Context().Value(peerKey).(*peer)
+	return ok && p.unix
+}
+
+// loopbackHost reports whether a Host header names this machine's
+// loopback: localhost or a loopback address, with any port.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

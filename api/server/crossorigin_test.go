@@ -232,3 +232,46 @@ func TestExecAuditStartedBeforeEnd(t *testing.T) {
 		t.Errorf("the audit log holds an environment value:\n%s", audit.String())
 	}
 }
+
+// Without a tokens file, a request addressed to a name that is not a
+// loopback one (a web page that rebound its own name to 127.0.0.1) gets
+// nothing and changes nothing.
+func TestNoTokensAnswersLoopbackHostsOnly(t *testing.T) {
+	e := newEnv(t)
+	w := e.sleeper("")
+	port := e.srv.URL[strings.LastIndex(e.srv.URL, ":")+1:]
+	send := func(method, host, path, body string) int {
+		t.Helper()
+		req, _ := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
+		req.Host = host
+		req.Header.Set("Origin", "http://"+host)
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, host := range []string{"rebound.example:" + port, "127.0.0.1.nip.example:" + port, "10.0.0.1:" + port} {
+		if code := send("GET", host, "/v1/workloads", ""); code != http.StatusForbidden {
+			t.Errorf("GET /v1/workloads with Host %s = %d, want 403", host, code)
+		}
+		if code := send("POST", host, "/v1/workloads/"+w.ID+"/exec", `{"command":["true"]}`); code != http.StatusForbidden {
+			t.Errorf("POST exec with Host %s = %d, want 403", host, code)
+		}
+	}
+	if n := e.execCalls(); n != 0 {
+		t.Errorf("%d exec calls reached the driver", n)
+	}
+	for _, host := range []string{"localhost:" + port, "127.0.0.1:" + port, "LOCALHOST"} {
+		if code := send("GET", host, "/v1/workloads", ""); code != http.StatusOK {
+			t.Errorf("GET /v1/workloads with Host %s = %d, want 200", host, code)
+		}
+	}
+	if code := send("GET", "rebound.example", "/healthz", ""); code != http.StatusOK {
+		t.Errorf("a probe with any Host = %d, want 200 (it holds nothing)", code)
+	}
+}

@@ -33,15 +33,15 @@ func TestExecSimpleBodyHasReadDeadline(t *testing.T) {
 	}
 	defer conn.Close()
 	partial := `{"command":["true"`
-	fmt.Fprintf(conn, "POST /v1/workloads/%s/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n%s", w.ID, partial)
+	fmt.Fprintf(conn, "POST /v1/workloads/%s/exec HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n%s", w.ID, partial)
 	// Bounded only so a regression fails instead of hanging the suite.
 	_ = conn.SetReadDeadline(time.Now().Add(time.Minute))
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	switch {
 	case err == nil:
 		resp.Body.Close()
-		if resp.StatusCode < 400 || resp.StatusCode >= 500 {
-			t.Errorf("a body that never came = %s, want a 4xx", resp.Status)
+		if resp.StatusCode < 400 || resp.StatusCode >= 500 || resp.StatusCode == http.StatusForbidden {
+			t.Errorf("a body that never came = %s, want a 4xx about the body", resp.Status)
 		}
 	case strings.Contains(err.Error(), "i/o timeout"):
 		t.Fatal("the agent still waits for the body of a stalled request")
