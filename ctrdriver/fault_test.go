@@ -181,3 +181,34 @@ func TestRecoverAfterReboot(t *testing.T) {
 	}
 	assertNoLeaks(t, root)
 }
+
+// A runc killed halfway can leave the bind mount of its own binary in the
+// container's state directory, which runc delete cannot remove: Destroy
+// removes it, and the directory, once runc has deleted the container.
+func TestDestroyRemovesRuncLeftovers(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	d := newDriver(t, root)
+	cfg := userNSTask(t, "dt-leftover", "true")
+	runToEnd(t, d, cfg)
+	state := filepath.Join(root, "runc", cfg.ID)
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// What a killed runc leaves: a file with a read-only bind mount on it.
+	leftover := filepath.Join(state, "runc.Kaa7Ba")
+	if err := os.WriteFile(leftover, nil, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("/proc/self/exe", leftover, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(leftover, unix.MNT_DETACH) })
+	if err := d.Destroy(t.Context(), cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Errorf("runc state directory left after Destroy: %v", err)
+	}
+	assertNoLeaks(t, root)
+}

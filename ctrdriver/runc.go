@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -70,6 +73,34 @@ func (r runc) delete(ctx context.Context, id string) error {
 		return nil
 	}
 	return err
+}
+
+// removeLeftovers removes the container's runc state directory once runc
+// has deleted the container. A runc killed halfway (its session killed
+// with the monitor, or its parent gone) can leave in it the read-only
+// bind mount of its own binary it makes while it runs, which runc delete
+// cannot remove: the directory and the mount would stay for ever.
+func (r runc) removeLeftovers(id string) error {
+	dir := filepath.Join(r.root, id)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("runc state of %s: %w", id, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state.json")); err == nil {
+		return nil // runc still knows the container: not a leftover
+	}
+	for _, e := range entries {
+		if err := unmountAll(filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("runc state of %s: %w", id, err)
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("runc state of %s: %w", id, err)
+	}
+	return nil
 }
 
 func (r runc) version(ctx context.Context) (string, error) {

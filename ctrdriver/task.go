@@ -194,6 +194,8 @@ func (d *Driver) cleanup(ctx context.Context, id string) error {
 	rctx, cancel := context.WithTimeout(ctx, runcTimeout)
 	if err := d.runc.delete(rctx, id); err != nil {
 		errs = append(errs, err)
+	} else if err := d.runc.removeLeftovers(id); err != nil {
+		errs = append(errs, err)
 	}
 	cancel()
 	dir := d.taskDir(id)
