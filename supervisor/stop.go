@@ -3,10 +3,7 @@ package supervisor
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -223,43 +220,13 @@ func (s *Supervisor[T]) killSession(t *Task[T]) {
 	}
 	// The monitor first, so it starts nothing new; then its session.
 	_ = unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
-	for _, pid := range sessionMembers(rec.Pid) {
+	for _, pid := range proc.SessionMembers(rec.Pid) {
 		_ = unix.Kill(pid, unix.SIGKILL)
 	}
 	deadline := time.Now().Add(sessionWait)
 	for rec.Alive() && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// sessionMembers lists the processes whose session id is sid.
-func sessionMembers(sid int) []int {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == sid {
-			continue
-		}
-		data, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(data)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		// After the command: state ppid pgrp session ...
-		f := strings.Fields(s[i+1:])
-		if len(f) > 3 && f[3] == strconv.Itoa(sid) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // EndMonitor waits up to wait for the monitor recorded in dir (if it still

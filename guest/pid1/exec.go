@@ -3,7 +3,6 @@
 package pid1
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/guest"
+	"github.com/berthd/berth/internal/proc"
 )
 
 // execReconnectDelay is how often berth-init looks again at an exec port
@@ -274,7 +274,7 @@ func (p *execProc) Kill() {
 		return
 	}
 	_ = unix.Kill(-p.pid, unix.SIGKILL)
-	for _, pid := range sessionMembers(p.pid) {
+	for _, pid := range proc.SessionMembers(p.pid) {
 		_ = unix.Kill(pid, unix.SIGKILL)
 	}
 }
@@ -301,36 +301,6 @@ func (t ttyInput) Write(p []byte) (int, error) { return t.master.Write(p) }
 func (t ttyInput) Close() error {
 	_, err := t.master.Write([]byte{4}) // VEOF, ^D
 	return err
-}
-
-// sessionMembers lists the processes of session sid, from /proc.
-func sessionMembers(sid int) []int {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == sid {
-			continue
-		}
-		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid pgrp session ...; comm may hold spaces.
-		i := bytes.LastIndexByte(stat, ')')
-		if i < 0 {
-			continue
-		}
-		var state string
-		var ppid, pgrp, session int
-		if _, err := fmt.Sscan(string(stat[i+1:]), &state, &ppid, &pgrp, &session); err == nil && session == sid {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // openExecPort opens the exec channel's port, waiting for it (its name

@@ -58,6 +58,25 @@ func AllPids() ([]int, error) {
 	return pids, nil
 }
 
+// SessionMembers lists the live processes of session sid, other than its
+// leader.
+func SessionMembers(sid int) []int {
+	pids, err := AllPids()
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, pid := range pids {
+		if pid == sid {
+			continue
+		}
+		if info, err := ReadInfo(pid); err == nil && info.Session == sid {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
 // KillAll sends SIGKILL to every live process among candidates() that
 // match accepts, again and again (a process may fork while it is being
 // killed), until none is left; zombies count as gone. It gives up with an
