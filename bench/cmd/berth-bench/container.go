@@ -599,7 +599,7 @@ func throughput(ctx context.Context, a *agentProc, rr *rawRunc, rc *rawCNI, tota
 	for _, network := range []string{"none", "bridge"} {
 		_ = resetPeak(a.pid())
 		before, _ := readMem(a.pid())
-		peakRSS, stopSample := samplePeak(a.pid())
+		stopSample := samplePeak(a.pid())
 		var mu sync.Mutex
 		var ids []string
 		var first error
@@ -619,9 +619,8 @@ func throughput(ctx context.Context, a *agentProc, rr *rawRunc, rc *rawCNI, tota
 			}
 			return err
 		}, &first)
-		peak := max(stopSample(), 0)
 		after, _ := readMem(a.pid())
-		peak = max(after.HWM, peak, peakRSS.Load())
+		peak := max(after.HWM, stopSample())
 		deleteAll(ctx, a, ids, conc)
 		if first != nil && failed > int64(total/10) {
 			return fmt.Errorf("network %s: %d of %d workloads failed; first: %w", network, failed, total, first)
@@ -701,8 +700,8 @@ func concurrently(ctx context.Context, total, conc int, fn func() error, first *
 
 // samplePeak samples pid's RSS every 20 ms, in case clear_refs (and so
 // VmHWM) is not available; stop ends the sampling and returns the peak.
-func samplePeak(pid int) (peak *atomic.Int64, stop func() int64) {
-	peak = new(atomic.Int64)
+func samplePeak(pid int) (stop func() int64) {
+	peak := new(atomic.Int64)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -719,7 +718,7 @@ func samplePeak(pid int) (peak *atomic.Int64, stop func() int64) {
 			}
 		}
 	}()
-	return peak, func() int64 {
+	return func() int64 {
 		close(done)
 		wg.Wait()
 		return peak.Load()
