@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -24,18 +25,28 @@ func requireLoop(t *testing.T) {
 	}
 }
 
-// loopsOf lists the loop devices whose backing file is img.
+// loopsOf lists the loop devices whose backing file is img, once they
+// have had up to five seconds to go: an autoclear device is released when
+// its last opener closes it, and a short-lived opener elsewhere on the node
+// (a blkid, another test's scan of /dev) may hold it a moment past the
+// unmount. A device still attached after that is a leak.
 func loopsOf(t *testing.T, img string) []string {
 	t.Helper()
-	paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	var out []string
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err == nil && strings.TrimSpace(string(b)) == img {
-			out = append(out, p)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+		var out []string
+		for _, p := range paths {
+			b, err := os.ReadFile(p)
+			if err == nil && strings.TrimSpace(string(b)) == img {
+				out = append(out, p)
+			}
 		}
+		if len(out) == 0 || time.Now().After(deadline) {
+			return out
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	return out
 }
 
 // makers are the two ways to make a filesystem: mkfs for each, or a copy
