@@ -88,6 +88,13 @@ type TaskConfig struct {
 	Network *Network
 	// Mounts are the task's volumes, staged by the agent (see Mount).
 	Mounts []Mount
+	// Stdin keeps the main process's standard input open for attach
+	// sessions (see Attacher); without it the process reads /dev/null.
+	Stdin bool
+	// TTY runs the main process on a terminal of its own (80x24 until an
+	// attach resizes it); its output, stdout and stderr together, is
+	// written to StdoutLog.
+	TTY bool
 }
 
 // Mount is a host directory a task sees at Target. The agent has staged
