@@ -40,7 +40,8 @@ type Harness struct {
 
 // Run runs every case.
 // The exec and signal cases run too when the driver implements
-// driver.Execer and driver.Signaler.
+// driver.Execer and driver.Signaler, the attach cases when it implements
+// driver.Attacher.
 func Run(t *testing.T, h Harness) {
 	h = h.defaults()
 	d := h.New(t)
@@ -62,6 +63,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("InvalidIDs", s.invalidIDs)
 	t.Run("Close", s.close)
 	s.runExec(t)
+	s.runAttach(t)
 }
 
 func (h Harness) defaults() Harness {
