@@ -6,6 +6,7 @@ package fake
 
 import (
 	"context"
+	"io"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,8 +17,12 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/attachio"
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 // Node holds the fake's processes. Two Drivers over one Node behave like a
@@ -67,6 +72,14 @@ type task struct {
 	deadline *time.Timer
 	killAt   time.Time
 	sessions map[*session]struct{} // exec sessions, guarded by stopMu
+
+	// The task's own streams, for attach sessions: its output's hubs
+	// (stderr nil on a terminal), its terminal and its stdin.
+	stdoutHub, stderrHub *attachio.Hub
+	pty                  *os.File
+	stdin                io.WriteCloser
+	stdinMu              sync.Mutex
+	copiers              sync.WaitGroup
 }
 
 // Call is one recorded driver call.
@@ -226,21 +239,97 @@ func (t *task) run() error {
 	if err := os.MkdirAll(t.cfg.LogDir, 0o755); err != nil {
 		return err
 	}
-	var files []*os.File
-	for _, name := range []string{driver.StdoutLog, driver.StderrLog} {
+	// Output goes through the fake's own copiers, as through a real
+	// driver's monitor: into the logs and to attached sessions.
+	var childEnds []*os.File
+	defer func() {
+		for _, f := range childEnds {
+			f.Close()
+		}
+	}()
+	streams := []string{driver.StdoutLog, driver.StderrLog}
+	var readers []io.Reader
+	if t.cfg.TTY {
+		master, slave, err := openPty()
+		if err != nil {
+			return err
+		}
+		childEnds = append(childEnds, slave)
+		if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 24, Col: 80}); err != nil {
+			master.Close()
+			return err
+		}
+		t.pty = master
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+		if t.cfg.Stdin {
+			t.stdin = &ptyio.Stdin{F: master}
+		}
+		streams, readers = streams[:1], []io.Reader{ptyio.Reader{F: master}}
+	} else {
+		for range streams {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return err
+			}
+			childEnds = append(childEnds, w)
+			readers = append(readers, r)
+		}
+		cmd.Stdout, cmd.Stderr = childEnds[0], childEnds[1]
+		if t.cfg.Stdin {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return err
+			}
+			childEnds = append(childEnds, r)
+			cmd.Stdin, t.stdin = r, w
+		}
+	}
+	hubs := make([]*attachio.Hub, len(streams))
+	var logs []*os.File
+	for i, name := range streams {
 		f, err := os.OpenFile(filepath.Join(t.cfg.LogDir, name), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
 		if err != nil {
 			return err
 		}
-		files = append(files, f)
+		logs = append(logs, f)
+		hubs[i] = attachio.NewHub(driver.AttachReplayMax, attachBacklog)
 	}
-	cmd.Stdout, cmd.Stderr = files[0], files[1]
-	err := cmd.Start()
-	for _, f := range files {
+	if t.cfg.TTY {
+		// The terminal writes both streams into one; stderr's log stays
+		// empty.
+		f, err := os.OpenFile(filepath.Join(t.cfg.LogDir, driver.StderrLog), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return err
+		}
 		f.Close()
 	}
+	t.stdoutHub = hubs[0]
+	if len(hubs) > 1 {
+		t.stderrHub = hubs[1]
+	}
+	err := cmd.Start()
 	if err != nil {
+		for i := range logs {
+			logs[i].Close()
+			if c, ok := readers[i].(io.Closer); ok {
+				c.Close()
+			}
+		}
+		if t.pty != nil {
+			t.pty.Close()
+		}
 		return fmt.Errorf("start fake task: %w", err)
+	}
+	for i := range readers {
+		t.copiers.Go(func() {
+			_, _ = io.Copy(io.MultiWriter(logs[i], hubs[i]), readers[i])
+			logs[i].Close()
+			if c, ok := readers[i].(io.Closer); ok {
+				c.Close()
+			}
+			hubs[i].Close()
+		})
 	}
 	t.cmd, t.started = cmd, time.Now().UTC()
 	go func() {
@@ -256,6 +345,12 @@ func (t *task) run() error {
 			}
 		} else if err != nil {
 			res.ExitCode, res.Err = -1, err.Error()
+		}
+		// The task's end is known once its output is all in the logs
+		// (what it left running may hold a pipe: not for long).
+		waitCopiers(&t.copiers, 2*time.Second)
+		if t.pty != nil {
+			t.pty.Close()
 		}
 		t.exit = res
 		close(t.done)
