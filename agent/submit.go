@@ -218,6 +218,12 @@ func diskSpec(spec api.WorkloadSpec) (api.WorkloadSpec, error) {
 	if len(spec.Volumes) > 0 {
 		v.Add("volumes", "a whole-disk image boots its own OS, which berth cannot mount volumes in")
 	}
+	if spec.Stdin {
+		v.Add("stdin", "a whole-disk image boots its own OS; its console is not the workload's stdin")
+	}
+	if spec.TTY {
+		v.Add("tty", "a whole-disk image boots its own OS; berth gives it no terminal")
+	}
 	if err := v.Err(); err != nil {
 		return spec, err
 	}

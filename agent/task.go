@@ -74,6 +74,8 @@ func (a *Agent) taskConfig(ctx context.Context, w *api.Workload) (*driver.TaskCo
 		Labels:    w.Spec.Labels,
 		LogDir:    logDir,
 		Logs:      taskLogs(w.Spec.Logs),
+		Stdin:     w.Spec.Stdin,
+		TTY:       w.Spec.TTY,
 	}, nil
 }
 

@@ -88,3 +88,26 @@ const (
 	ControlExit       = "exit"
 	ControlError      = "error"
 )
+
+// AttachSubprotocol is the WebSocket subprotocol of attach sessions
+// (GET /v1/workloads/{id}/attach, docs/exec.md): the exec protocol's
+// framing, where the process is the workload's own. The client may send
+// stdin (with stdin=true), resize, signal (to the workload's main
+// process) and stdin_close (the workload reads end of file); it detaches
+// by closing the WebSocket, and the workload runs on. When the workload
+// ends, the agent sends its exit (exit_code, signal) after the last
+// output; error (problem) ends a session that broke or fell behind.
+const AttachSubprotocol = "berth.attach.v1"
+
+// AttachRequest is an attach session's request (the handshake's query:
+// stdin, logs, rows, cols).
+type AttachRequest struct {
+	// Stdin: the session types into the workload (its spec must have
+	// stdin).
+	Stdin bool `json:"stdin,omitempty"`
+	// Logs: the session's output begins with the workload's newest
+	// output from before the attach (up to 64 KiB), each byte once.
+	Logs bool `json:"logs,omitempty"`
+	// Size resizes the workload's terminal on attach.
+	Size *TermSize `json:"size,omitempty"`
+}

@@ -108,6 +108,14 @@ type WorkloadSpec struct {
 	// Volumes are named volumes and allowed host directories mounted into
 	// the workload (api/volumes.go).
 	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Stdin keeps the workload's standard input open for attach sessions
+	// (GET /v1/workloads/{id}/attach, `berth attach`); without it the
+	// workload reads end of file.
+	Stdin bool `json:"stdin,omitempty"`
+	// TTY runs the workload on a terminal of its own: its output (stdout
+	// and stderr together, as a terminal writes them) goes to the stdout
+	// log, and attach sessions type into it (`berth run -it`).
+	TTY bool `json:"tty,omitempty"`
 }
 
 // Resources are the workload's requests: what admission counts against

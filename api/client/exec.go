@@ -69,14 +69,38 @@ func (c *Client) ExecStream(ctx context.Context, ref string, req api.ExecRequest
 		q.Set("rows", strconv.Itoa(int(req.Size.Rows)))
 		q.Set("cols", strconv.Itoa(int(req.Size.Cols)))
 	}
-	conn, resp, err := websocket.Dial(ctx, c.url("/v1/workloads/"+url.PathEscape(ref)+"/exec", q), &websocket.DialOptions{
-		HTTPClient: c.http, Subprotocols: []string{api.ExecSubprotocol},
+	return c.dialSession(ctx, ref, "exec", q, api.ExecSubprotocol)
+}
+
+// Attach attaches to a running workload's own streams (its terminal with
+// tty, its stdin with stdin). The session is an ExecSession whose process
+// is the workload: Wait returns when the workload ended (with its exit
+// code); Close detaches, and the workload runs on.
+func (c *Client) Attach(ctx context.Context, ref string, req api.AttachRequest) (*ExecSession, error) {
+	q := url.Values{}
+	if req.Stdin {
+		q.Set("stdin", "true")
+	}
+	if req.Logs {
+		q.Set("logs", "true")
+	}
+	if req.Size != nil {
+		q.Set("rows", strconv.Itoa(int(req.Size.Rows)))
+		q.Set("cols", strconv.Itoa(int(req.Size.Cols)))
+	}
+	return c.dialSession(ctx, ref, "attach", q, api.AttachSubprotocol)
+}
+
+// dialSession opens the WebSocket of a workload's exec or attach session.
+func (c *Client) dialSession(ctx context.Context, ref, what string, q url.Values, subprotocol string) (*ExecSession, error) {
+	conn, resp, err := websocket.Dial(ctx, c.url("/v1/workloads/"+url.PathEscape(ref)+"/"+what, q), &websocket.DialOptions{
+		HTTPClient: c.http, Subprotocols: []string{subprotocol},
 	})
 	if err != nil {
 		if resp != nil && resp.StatusCode >= 300 && resp.Body != nil {
 			return nil, decodeProblem(resp)
 		}
-		return nil, fmt.Errorf("berth agent at %s: exec session: %w", c.base.Host, err)
+		return nil, fmt.Errorf("berth agent at %s: %s session: %w", c.base.Host, what, err)
 	}
 	conn.SetReadLimit(1 << 20)
 	sctx, cancel := context.WithCancel(context.Background())

@@ -71,6 +71,7 @@ type request struct {
 	image     string
 	exec      *execAudit // an exec session's command and end
 	signal    string     // a signal sent to the workload
+	attach    *api.AttachRequest
 }
 
 func requestState(r *http.Request) *request {
@@ -216,6 +217,12 @@ func (s *Server) auditLog(r *http.Request, st *request, status int, took time.Du
 // who runs what in which workload, before the process exists (the
 // request's own record follows at its end, with the exit code).
 func (s *Server) auditExecStart(r *http.Request, st *request) {
+	s.auditStart(r, st, "exec started")
+}
+
+// auditStart writes the record of a session (exec, attach) about to
+// start.
+func (s *Server) auditStart(r *http.Request, st *request, msg string) {
 	if s.opts.Audit == nil || st == nil {
 		return
 	}
@@ -223,7 +230,7 @@ func (s *Server) auditExecStart(r *http.Request, st *request) {
 	if st.workload == "" {
 		attrs = append(attrs, slog.String("workload", refParam(r)))
 	}
-	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, "exec started", st.auditAttrs(attrs)...)
+	s.opts.Audit.LogAttrs(context.Background(), slog.LevelInfo, msg, st.auditAttrs(attrs)...)
 }
 
 // requestAttrs are what every audit record says of its request.
@@ -272,6 +279,9 @@ func (st *request) auditAttrs(attrs []slog.Attr) []slog.Attr {
 	}
 	if st.signal != "" {
 		attrs = append(attrs, slog.String("signal", st.signal))
+	}
+	if st.attach != nil {
+		attrs = append(attrs, slog.Bool("attach_stdin", st.attach.Stdin))
 	}
 	return attrs
 }

@@ -79,6 +79,7 @@ var routeTable = map[string]routeInfo{
 	// exec and signals: whoever may stop the workload.
 	"POST /v1/workloads/{ref}/exec":   {action: auth.ActWorkloadStop, class: classExec, mutating: true},
 	"GET /v1/workloads/{ref}/exec":    {action: auth.ActWorkloadStop, class: classExec, mutating: true},
+	"GET /v1/workloads/{ref}/attach":  {action: auth.ActWorkloadStop, class: classExec, mutating: true},
 	"POST /v1/workloads/{ref}/signal": {action: auth.ActWorkloadStop, mutating: true},
 }
 

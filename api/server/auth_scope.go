@@ -218,6 +218,14 @@ func (b *scoped) Exec(ctx context.Context, ref string, req api.ExecRequest) (dri
 	return b.Backend.Exec(ctx, id, req)
 }
 
+func (b *scoped) Attach(ctx context.Context, ref string, req api.AttachRequest) (driver.AttachSession, error) {
+	id, err := b.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return b.Backend.Attach(ctx, id, req)
+}
+
 func (b *scoped) Signal(ctx context.Context, ref, sig string) (*api.Workload, error) {
 	id, err := b.resolve(ctx, ref)
 	if err != nil {

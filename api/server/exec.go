@@ -256,7 +256,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	}
 	// Everything websocket.Accept checks is checked here first: a
 	// handshake it would refuse must not have run the command already.
-	if p := checkHandshake(r); p != nil {
+	if p := checkHandshakeFor(r, api.ExecSubprotocol, "an exec session"); p != nil {
 		writeProblem(w, r, s.log, p)
 		return
 	}
@@ -279,12 +279,13 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// checkHandshake refuses what is not a WebSocket handshake for an exec
-// session, or one from a web page of another origin.
-func checkHandshake(r *http.Request) *api.Problem {
+// checkHandshakeFor refuses what is not a WebSocket handshake offering
+// subprotocol (for what, "an exec session"), or one from a web page of
+// another origin.
+func checkHandshakeFor(r *http.Request, subprotocol, what string) *api.Problem {
 	if !sameOrigin(r) {
 		return &api.Problem{Status: http.StatusForbidden, Reason: api.ReasonPermissionDenied, Title: "Cross-origin request refused",
-			Detail: fmt.Sprintf("Origin %q is not this agent (%s): an exec session is opened by berth's own pages or a client that is not a browser", r.Header.Get("Origin"), r.Host)}
+			Detail: fmt.Sprintf("Origin %q is not this agent (%s): %s is opened by berth's own pages or a client that is not a browser", r.Header.Get("Origin"), r.Host, what)}
 	}
 	var wrong string
 	switch key := r.Header.Values("Sec-WebSocket-Key"); {
@@ -296,12 +297,12 @@ func checkHandshake(r *http.Request) *api.Problem {
 		wrong = "only WebSocket version 13 is spoken"
 	case len(key) != 1 || !validWebSocketKey(key[0]):
 		wrong = "the handshake needs one Sec-WebSocket-Key of 16 base64-encoded bytes"
-	case !slices.Contains(websocketProtocols(r), api.ExecSubprotocol):
-		wrong = "the handshake must offer the subprotocol " + api.ExecSubprotocol
+	case !slices.Contains(websocketProtocols(r), subprotocol):
+		wrong = "the handshake must offer the subprotocol " + subprotocol
 	default:
 		return nil
 	}
-	return badRequest(api.ReasonInvalidArgument, "an exec session is a WebSocket with subprotocol "+api.ExecSubprotocol+" (docs/exec.md): "+wrong)
+	return badRequest(api.ReasonInvalidArgument, what+" is a WebSocket with subprotocol "+subprotocol+" (docs/exec.md): "+wrong)
 }
 
 func headerHasToken(h http.Header, name, token string) bool {
@@ -345,7 +346,13 @@ func relay(parent context.Context, c *websocket.Conn, sess driver.ExecSession) (
 	pumps := pumpAll(map[io.Writer]io.Reader{writer(api.StreamStdout): sess.Stdout(), writer(api.StreamStderr): sess.Stderr()})
 
 	clientGone := make(chan error, 1)
-	go func() { clientGone <- readClient(ctx, c, sess) }()
+	go func() {
+		clientGone <- readClient(ctx, c, clientControls{stdin: sess.Stdin(), resize: sess.Resize, signal: func(name string) {
+			if sig, err := driver.ParseSignal(name); err == nil {
+				_ = sess.Signal(sig)
+			}
+		}})
+	}()
 	go keepalive(ctx, c, cancel)
 
 	waited := make(chan *driver.ExitResult, 1)
@@ -400,10 +407,18 @@ func (w wsWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// clientControls is what a session's client may act on: its stdin,
+// resize and signals.
+type clientControls struct {
+	stdin  io.WriteCloser
+	resize func(driver.TermSize) error
+	signal func(string)
+}
+
 // readClient applies the client's messages to the session until the
 // client closes or fails.
-func readClient(ctx context.Context, c *websocket.Conn, sess driver.ExecSession) error {
-	stdin := sess.Stdin()
+func readClient(ctx context.Context, c *websocket.Conn, cc clientControls) error {
+	stdin := cc.stdin
 	for {
 		typ, data, err := c.Read(ctx)
 		if err != nil {
@@ -426,11 +441,9 @@ func readClient(ctx context.Context, c *websocket.Conn, sess driver.ExecSession)
 		}
 		switch m.Type {
 		case api.ControlResize:
-			_ = sess.Resize(driver.TermSize{Rows: m.Rows, Cols: m.Cols})
+			_ = cc.resize(driver.TermSize{Rows: m.Rows, Cols: m.Cols})
 		case api.ControlSignal:
-			if sig, err := driver.ParseSignal(m.Signal); err == nil {
-				_ = sess.Signal(sig)
-			}
+			cc.signal(m.Signal)
 		case api.ControlStdinClose:
 			if stdin != nil {
 				_ = stdin.Close()

@@ -62,6 +62,7 @@ var routeTenancy = map[string]struct {
 	"GET /v1/workloads/{ref}/stats":   {t: scoped},
 	"POST /v1/workloads/{ref}/exec":   {t: scoped},
 	"GET /v1/workloads/{ref}/exec":    {t: scoped},
+	"GET /v1/workloads/{ref}/attach":  {t: scoped},
 	"POST /v1/workloads/{ref}/signal": {t: scoped},
 	"GET /v1/workloads": {t: scoped, check: func(t *testing.T, e *authEnv) {
 		_, body := e.do("sub-a", "GET", "/v1/workloads", "")

@@ -73,6 +73,9 @@ type Backend interface {
 	// Signal delivers a signal (name or number) to a running workload's
 	// main process.
 	Signal(ctx context.Context, ref, sig string) (*api.Workload, error)
+	// Attach connects to a running workload's own streams; the caller
+	// relays the session and closes it (a detach).
+	Attach(ctx context.Context, ref string, req api.AttachRequest) (driver.AttachSession, error)
 }
 
 // Options configure the server.
@@ -185,6 +188,7 @@ func New(b Backend, opts Options) *Server {
 				r.Post("/stop", s.stopWorkload)
 				r.Post("/exec", s.execWorkload)
 				r.Get("/exec", s.execWorkload)
+				r.Get("/attach", s.attachWorkload)
 				r.Post("/signal", s.signalWorkload)
 				r.Get("/logs", s.workloadLogs)
 				r.Get("/stats", s.workloadStats)
