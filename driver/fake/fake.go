@@ -6,8 +6,8 @@ package fake
 
 import (
 	"context"
-	"io"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
