@@ -74,6 +74,20 @@ type Config struct {
 	ExecChannel bool `json:"exec_channel,omitempty"`
 	// Volumes are host directories mounted in the workload (volumes.go).
 	Volumes []Volume `json:"volumes,omitempty"`
+	// Stdin keeps the main process's standard input open for attach
+	// sessions (see Console): a pipe berth-init holds, or the terminal
+	// with TTY. Without it the process reads /dev/null (or, with TTY, a
+	// terminal nobody types on).
+	Stdin bool `json:"stdin,omitempty"`
+	// TTY runs the main process on a terminal berth-init allocates (80x24
+	// until an attach resizes it), as its controlling terminal; the
+	// terminal's output goes to StdoutPort.
+	//
+	// Both fields are left out of the JSON when false, so a berth-init
+	// older than them reads every config that does not ask for them, and
+	// refuses (as an unknown field) one that does rather than run the
+	// workload without its terminal.
+	TTY bool `json:"tty,omitempty"`
 }
 
 // Network is a guest's network configuration: one virtio-net interface on

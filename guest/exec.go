@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/attachio"
 )
 
 // The exec channel carries exec sessions and signals for the workload
@@ -59,7 +60,9 @@ const (
 	frameExit       byte = 13 // g>h: exit code, signal (4 bytes each)
 	frameSignalMain byte = 14 // h>g: signal number for the workload's main process
 	frameDone       byte = 15 // g>h: answer to signal-main
-	frameMax             = frameDone
+	frameAttach     byte = 16 // h>g: JSON AttachRequest; answered like open
+	frameEnded      byte = 17 // g>h: JSON ExecError: berth-init ended the session (an attach that fell behind)
+	frameMax             = frameEnded
 )
 
 // Streams named by window frames.
@@ -184,6 +187,9 @@ const (
 	ExecExhausted ExecErrorKind = "exhausted"
 	// ExecInternal: berth-init failed.
 	ExecInternal ExecErrorKind = "internal"
+	// ExecSlow: an attach session fell further behind the workload's
+	// output than berth-init holds for it, and was ended (frameEnded).
+	ExecSlow ExecErrorKind = "slow"
 )
 
 // ExecError is berth-init's refusal of an exec or signal request.
@@ -203,6 +209,8 @@ func (e *ExecError) Unwrap() error {
 		return errdefs.ErrConflict
 	case ExecExhausted:
 		return errdefs.ErrResourceExhausted
+	case ExecSlow:
+		return attachio.ErrSlow
 	}
 	return nil
 }

@@ -115,13 +115,20 @@ type pair struct {
 
 func newPair(t *testing.T) *pair {
 	t.Helper()
-	host, guestEnd := socketPair(t)
-	p := &pair{be: &hostBackend{}, served: make(chan error, 1), guest: guestEnd}
-	p.srv = NewExecServer(p.be, t.Logf)
+	be := &hostBackend{}
+	return newPairWith(t, be, be)
+}
+
+// newPairWith serves backend, whose exec'd processes host starts.
+func newPairWith(t *testing.T, backend ExecBackend, host *hostBackend) *pair {
+	t.Helper()
+	hostEnd, guestEnd := socketPair(t)
+	p := &pair{be: host, served: make(chan error, 1), guest: guestEnd}
+	p.srv = NewExecServer(backend, t.Logf)
 	go func() { p.served <- p.srv.Serve(guestEnd, guestEnd) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := DialExec(ctx, host)
+	c, err := DialExec(ctx, hostEnd)
 	if err != nil {
 		t.Fatalf("DialExec: %v", err)
 	}

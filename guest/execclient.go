@@ -250,6 +250,26 @@ func (c *ExecClient) Exec(ctx context.Context, req *ExecRequest) (*ExecSession, 
 	return s, nil
 }
 
+// Attach attaches a session to the workload's main process (see Console).
+// tty says the process runs on a terminal: the session's Stderr is then
+// empty. ctx bounds the attach only. The session's Close detaches, and
+// its output ends (io.EOF) after the last of the main process's; a session
+// berth-init ended because it fell behind fails with an error that
+// matches attachio.ErrSlow.
+func (c *ExecClient) Attach(ctx context.Context, req *AttachRequest, tty bool) (*ExecSession, error) {
+	data, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	s := newSession(c, &ExecRequest{TTY: tty})
+	s.attach = true
+	if err := c.request(ctx, s, frameAttach, data); err != nil {
+		c.forget(s.id)
+		return nil, err
+	}
+	return s, nil
+}
+
 // SignalMain delivers sig to the workload's main process.
 func (c *ExecClient) SignalMain(ctx context.Context, sig int) error {
 	s := newSession(c, nil)
@@ -259,10 +279,11 @@ func (c *ExecClient) SignalMain(ctx context.Context, sig int) error {
 
 // ExecSession is one process started through an ExecClient.
 type ExecSession struct {
-	c     *ExecClient
-	id    uint32
-	tty   bool
-	reply chan error // the answer to open or signal-main
+	c      *ExecClient
+	id     uint32
+	tty    bool
+	attach bool       // an attach session: Close detaches
+	reply  chan error // the answer to open, attach or signal-main
 
 	mu          sync.Mutex
 	cond        *sync.Cond // stdin credit
@@ -294,6 +315,9 @@ func (s *ExecSession) handle(f frame) error {
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
+		if s.err != nil {
+			return nil // berth-init ended the session: nothing follows
+		}
 		if len(f.data) == 0 {
 			o.eof = true
 		} else if o.buf.Len()+len(f.data) > ExecWindow {
@@ -311,6 +335,13 @@ func (s *ExecSession) handle(f frame) error {
 		s.stdinCredit += inc
 		s.cond.Broadcast()
 		s.mu.Unlock()
+	case frameEnded:
+		ee := &ExecError{}
+		if err := json.Unmarshal(f.data, ee); err != nil {
+			ee = &ExecError{Kind: ExecInternal, Message: "undecodable end of session: " + string(f.data)}
+		}
+		s.fail(ee)
+		s.c.forget(s.id)
 	case frameExit:
 		if len(f.data) != 8 {
 			return fmt.Errorf("%w: exit payload of %d bytes", ErrBadFrame, len(f.data))
@@ -431,7 +462,8 @@ func (s *ExecSession) Close() error {
 	s.closed = true
 	s.cond.Broadcast()
 	s.mu.Unlock()
-	if err := s.c.send(frameClose, s.id, nil); err == nil {
+	// A detach ends nothing in the guest: there is no end to wait for.
+	if err := s.c.send(frameClose, s.id, nil); err == nil && !s.attach {
 		select {
 		case <-s.ended:
 		case <-time.After(ExecCloseWait):

@@ -10,6 +10,8 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+
+	"github.com/berthd/berth/internal/attachio"
 )
 
 // ExecBackend starts processes for the exec server: berth-init's own in
@@ -196,6 +198,8 @@ func (s *ExecServer) handle(f frame) error {
 		return s.write(0, frameHello, 0, helloPayload())
 	case frameOpen:
 		return s.open(f)
+	case frameAttach:
+		return s.attach(f)
 	case frameSignalMain:
 		if len(f.data) != 4 {
 			return fmt.Errorf("%w: signal payload of %d bytes", ErrBadFrame, len(f.data))
@@ -221,7 +225,7 @@ func (s *ExecServer) handle(f frame) error {
 		return ss.stdinData(f.data)
 	case frameStdinEOF:
 		ss.mu.Lock()
-		ss.stdinEOF = true
+		ss.stdinEOF, ss.hostEOF = true, true
 		ss.cond.Broadcast()
 		ss.mu.Unlock()
 	case frameResize:
@@ -268,37 +272,59 @@ func (s *ExecServer) open(f frame) error {
 	if len(req.Args) == 0 || req.Args[0] == "" {
 		return s.fail(f.sid, ExecInvalid, "exec request: a command is required")
 	}
+	return s.startSession(f.sid, false, func() (ExecProcess, error) { return s.backend.Start(&req) })
+}
+
+// attach starts an attach session: berth-init's backend connects it to
+// the workload's main process (see Console).
+func (s *ExecServer) attach(f frame) error {
+	var req AttachRequest
+	if err := json.Unmarshal(f.data, &req); err != nil {
+		return s.fail(f.sid, ExecInvalid, "attach request: %v", err)
+	}
+	ab, ok := s.backend.(AttachBackend)
+	if !ok {
+		return s.fail(f.sid, ExecConflict, "this workload's main process cannot be attached to")
+	}
+	return s.startSession(f.sid, true, func() (ExecProcess, error) { return ab.Attach(&req) })
+}
+
+// startSession starts session sid's process with start and its streams.
+func (s *ExecServer) startSession(sid uint32, attach bool, start func() (ExecProcess, error)) error {
 	s.mu.Lock()
-	_, dup := s.sessions[f.sid]
+	_, dup := s.sessions[sid]
 	n := len(s.sessions)
 	s.mu.Unlock()
 	switch {
-	case f.sid == 0 || dup:
-		return s.fail(f.sid, ExecInvalid, "exec session id %d is in use", f.sid)
+	case sid == 0 || dup:
+		return s.fail(sid, ExecInvalid, "exec session id %d is in use", sid)
 	case n >= MaxExecSessions:
-		return s.fail(f.sid, ExecExhausted, "%d exec sessions are open, at most %d", n, MaxExecSessions)
+		return s.fail(sid, ExecExhausted, "%d exec sessions are open, at most %d", n, MaxExecSessions)
 	}
-	proc, err := s.backend.Start(&req)
+	proc, err := start()
 	if err != nil {
 		var ee *ExecError
 		if !errors.As(err, &ee) {
 			ee = &ExecError{Kind: ExecInternal, Message: err.Error()}
 		}
-		return s.fail(f.sid, ee.Kind, "%s", ee.Message)
+		return s.fail(sid, ee.Kind, "%s", ee.Message)
 	}
-	ss := &srvSession{s: s, id: f.sid, gen: s.gen.Load(), proc: proc}
+	ss := &srvSession{s: s, id: sid, gen: s.gen.Load(), proc: proc, attach: attach}
 	ss.cond = sync.NewCond(&ss.mu)
 	ss.credit[streamStdout], ss.credit[streamStderr] = ExecWindow, ExecWindow
 	s.mu.Lock()
-	s.sessions[f.sid] = ss
+	s.sessions[sid] = ss
 	s.mu.Unlock()
 	// Started goes out before any output of the process.
-	if err := s.write(ss.gen, frameStarted, f.sid, nil); err != nil && !errors.Is(err, errStaleSession) {
+	if err := s.write(ss.gen, frameStarted, sid, nil); err != nil && !errors.Is(err, errStaleSession) {
 		ss.close()
 		ss.run()
 		return err
 	}
 	ss.run()
+	if e, ok := proc.(interface{ onEnd(func(*ExecError)) }); ok {
+		e.onEnd(ss.ended)
+	}
 	return nil
 }
 
@@ -308,13 +334,19 @@ type srvSession struct {
 	id   uint32
 	gen  uint64
 	proc ExecProcess
+	// attach: an attach session (see Console). Closing it detaches; its
+	// process's input is shared, so only the host's end of input closes
+	// it, and what the host sent before is written even after a detach.
+	attach bool
 
 	mu       sync.Mutex
 	cond     *sync.Cond
 	credit   [3]int // by stream: what may still be sent before a window frame
 	stdin    bytes.Buffer
 	stdinEOF bool
+	hostEOF  bool // the host sent stdin-eof
 	closed   bool // the host closed it or went away
+	endSent  bool // the ended frame is sent
 }
 
 // run starts the session's goroutines: one per output stream, one for
@@ -333,6 +365,14 @@ func (ss *srvSession) run() {
 	}
 	wg.Go(func() {
 		code, sig := ss.proc.Wait()
+		if d, ok := ss.proc.(interface{ isDetached() bool }); ok && d.isDetached() {
+			// A detached attach session: the process runs on.
+			ss.mu.Lock()
+			ss.stdinEOF = true
+			ss.cond.Broadcast()
+			ss.mu.Unlock()
+			return
+		}
 		var b [8]byte
 		binary.BigEndian.PutUint32(b[:4], uint32(int32(code)))
 		binary.BigEndian.PutUint32(b[4:], uint32(sig))
@@ -388,10 +428,37 @@ func (ss *srvSession) pump(r io.Reader, stream, typ byte) {
 			}
 		}
 		if err != nil {
-			_ = ss.s.write(ss.gen, typ, ss.id, nil) // end of stream
+			if errors.Is(err, attachio.ErrSlow) {
+				ss.ended(&ExecError{Kind: ExecSlow, Message: attachio.ErrSlow.Error()})
+			} else {
+				_ = ss.s.write(ss.gen, typ, ss.id, nil) // end of stream
+			}
+			if e, ok := r.(interface{ streamEnded() }); ok {
+				e.streamEnded()
+			}
 			return
 		}
 	}
+}
+
+// ended tells the host that berth-init ended the session (once), and
+// forgets it: the host's close that follows finds nothing to do.
+func (ss *srvSession) ended(why *ExecError) {
+	ss.mu.Lock()
+	already := ss.endSent
+	ss.endSent = true
+	ss.mu.Unlock()
+	if already {
+		return
+	}
+	data, _ := json.Marshal(why)
+	_ = ss.s.write(ss.gen, frameEnded, ss.id, data)
+	ss.s.mu.Lock()
+	if ss.s.sessions[ss.id] == ss {
+		delete(ss.s.sessions, ss.id)
+	}
+	ss.s.mu.Unlock()
+	ss.close()
 }
 
 // stdinData queues data from the host. Data nobody will read any more is
@@ -417,14 +484,21 @@ func (ss *srvSession) stdinData(data []byte) error {
 // feed writes queued stdin to the process and grants the host the room
 // it freed.
 func (ss *srvSession) feed(in io.WriteCloser) {
-	defer in.Close()
+	defer func() {
+		ss.mu.Lock()
+		hostEOF := ss.hostEOF
+		ss.mu.Unlock()
+		if !ss.attach || hostEOF {
+			in.Close()
+		}
+	}()
 	var buf []byte
 	for {
 		ss.mu.Lock()
 		for ss.stdin.Len() == 0 && !ss.stdinEOF && !ss.closed {
 			ss.cond.Wait()
 		}
-		if ss.closed || ss.stdin.Len() == 0 {
+		if ss.stdin.Len() == 0 || (ss.closed && !ss.attach) {
 			ss.mu.Unlock()
 			return
 		}

@@ -71,6 +71,12 @@ func (b *execBackend) SignalMain(sig int) error {
 	return nil
 }
 
+// Attach connects a session to the workload's main process (its console,
+// set up before the exec channel is served).
+func (b *execBackend) Attach(req *guest.AttachRequest) (guest.ExecProcess, error) {
+	return b.in.main.Attach(req)
+}
+
 func (b *execBackend) Start(req *guest.ExecRequest) (guest.ExecProcess, error) {
 	userSpec := req.User
 	if userSpec == "" {
@@ -254,7 +260,13 @@ func (p *execProc) Resize(rows, cols uint16) error {
 	if p.master == nil || rows == 0 || cols == 0 {
 		return nil
 	}
-	rc, err := p.master.SyscallConn()
+	return setWinsize(p.master, rows, cols)
+}
+
+// setWinsize sets a terminal's size; the kernel tells its foreground
+// process group (SIGWINCH).
+func setWinsize(master *os.File, rows, cols uint16) error {
+	rc, err := master.SyscallConn()
 	if err != nil {
 		return err
 	}

@@ -91,6 +91,9 @@ type initProc struct {
 	reaper *reaper
 	// execPort is the exec channel's port, nil when the host has none.
 	execPort *os.File
+	// main is the main process's streams as attach sessions see them;
+	// set before the exec channel is served.
+	main *guest.Console
 
 	mu          sync.Mutex
 	pgid        int  // the workload's process group while its leader runs
@@ -200,9 +203,6 @@ func (in *initProc) run() guest.Status {
 	if err := in.mountVolumes(cfg); err != nil {
 		return in.failure(err)
 	}
-	if in.execPort != nil {
-		go in.serveExec(cfg)
-	}
 	return in.runWorkload(cfg)
 }
 
@@ -280,32 +280,28 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		return in.failure(err)
 	}
 
-	devNull, err := os.Open("/dev/null")
+	mio, err := newMainIO(cfg, user)
 	if err != nil {
-		return in.failure(fmt.Errorf("open /dev/null: %w", err))
+		return in.failure(err)
 	}
-	defer devNull.Close()
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		return in.failure(fmt.Errorf("create stdout pipe: %w", err))
+	in.main = mio.console
+	// Attach sessions need the main process's console: the channel is
+	// served from here on, before the process starts, so a client that
+	// attaches at once (berth run -it) sees its output from the start.
+	if in.execPort != nil {
+		go in.serveExec(cfg)
 	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		return in.failure(fmt.Errorf("create stderr pipe: %w", err))
+	attr := &syscall.SysProcAttr{
+		// Its own session and so process group: SIGTERM on stop reaches
+		// the whole workload and not berth-init, and no terminal of
+		// berth-init's is inherited; with TTY its own terminal becomes
+		// its controlling one.
+		Setsid:     true,
+		Setctty:    cfg.TTY,
+		Credential: &syscall.Credential{Uid: user.uid, Gid: user.gid, Groups: user.groups},
 	}
 	pid, exited, err := in.reaper.start(func() (int, error) {
-		proc, err := os.StartProcess(path, cfg.Args, &os.ProcAttr{
-			Dir:   dir,
-			Env:   env,
-			Files: []*os.File{devNull, outW, errW},
-			Sys: &syscall.SysProcAttr{
-				// Its own session and so process group: SIGTERM on stop
-				// reaches the whole workload and not berth-init, and no
-				// terminal of berth-init's is inherited.
-				Setsid:     true,
-				Credential: &syscall.Credential{Uid: user.uid, Gid: user.gid, Groups: user.groups},
-			},
-		})
+		proc, err := os.StartProcess(path, cfg.Args, &os.ProcAttr{Dir: dir, Env: env, Files: mio.child, Sys: attr})
 		if err != nil {
 			return 0, err
 		}
@@ -313,26 +309,22 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		defer proc.Release()
 		return proc.Pid, nil
 	})
-	// Only the workload may hold the write ends, or EOF never comes.
-	outW.Close()
-	errW.Close()
+	// Only the workload may hold its ends, or EOF never comes.
+	mio.closeChildEnds()
 	if err != nil {
-		outR.Close()
-		errR.Close()
-		return in.failure(commandErrorFor(cfg.Args[0], err))
+		err = commandErrorFor(cfg.Args[0], err)
+		in.main.End(exitCodeOf(err), 0)
+		mio.closeAll()
+		return in.failure(err)
 	}
 
 	var drained sync.WaitGroup
-	for _, c := range []struct {
-		dst  io.Writer
-		src  *os.File
-		name string
-	}{{in.stdout, outR, "stdout"}, {in.stderr, errR, "stderr"}} {
+	for _, c := range mio.relays(in) {
 		drained.Add(1)
 		go func() {
 			defer drained.Done()
 			defer in.recoverGoroutine(c.name + " copy")
-			in.copyOutput(c.dst, c.src, c.name)
+			in.copyOutput(c.dst, c.tee, c.src, c.name)
 		}()
 	}
 
@@ -359,6 +351,13 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 	if !waitTimeout(&drained, drainTimeout) {
 		in.logf("output not drained after %s; reporting anyway", drainTimeout)
 	}
+	// Attached sessions get the rest of the output and its end before the
+	// guest powers off.
+	in.main.End(code, sig)
+	mio.closeOurEnds()
+	if !in.main.WaitDrained(drainTimeout) {
+		in.logf("attach sessions not drained after %s; powering off anyway", drainTimeout)
+	}
 	return guest.Status{Event: guest.EventExited, ExitCode: code, Signal: sig}
 }
 
@@ -376,13 +375,17 @@ func (in *initProc) powerPressed() {
 	}
 }
 
-// copyOutput copies the workload's output to its port. If the port fails,
-// the pipe is still drained so the workload never blocks on a full pipe.
-func (in *initProc) copyOutput(dst io.Writer, src *os.File, name string) {
+// copyOutput copies the workload's output to its port, and to tee (the
+// attach sessions, which never block). If the port fails, the pipe is
+// still drained so the workload never blocks on a full pipe.
+func (in *initProc) copyOutput(dst, tee io.Writer, src *os.File, name string) {
 	defer src.Close()
 	buf := make([]byte, 32<<10)
 	for {
 		n, rerr := src.Read(buf)
+		if n > 0 {
+			_, _ = tee.Write(buf[:n])
+		}
 		if n > 0 && dst != nil {
 			if _, err := dst.Write(buf[:n]); err != nil {
 				in.logf("%s port: %v; discarding the rest", name, err)

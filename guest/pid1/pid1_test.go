@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -372,7 +373,7 @@ func TestCopyOutputDrainsAfterPortFailure(t *testing.T) {
 	in := &initProc{console: &strings.Builder{}}
 	dst := &failingWriter{}
 	done := make(chan struct{})
-	go func() { in.copyOutput(dst, r, "stdout"); close(done) }()
+	go func() { in.copyOutput(dst, io.Discard, r, "stdout"); close(done) }()
 	// More than a pipe buffer: the writer would block forever if the copy
 	// stopped reading when the port failed.
 	chunk := make([]byte, 64<<10)

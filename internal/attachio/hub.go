@@ -57,7 +57,7 @@ func (h *Hub) Write(p []byte) (int, error) {
 // between the two. On a closed hub it reads the replay (if asked), then
 // end of file.
 func (h *Hub) Subscribe(replay bool) *Sub {
-	s := &Sub{hub: h}
+	s := &Sub{hub: h, slow: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -92,7 +92,8 @@ type Sub struct {
 	cond *sync.Cond
 	buf  []byte
 	eof  bool
-	err  error // ErrSlow, or io.ErrClosedPipe after Close
+	err  error         // ErrSlow, or io.ErrClosedPipe after Close
+	slow chan struct{} // closed when dropped with ErrSlow
 }
 
 func (s *Sub) push(p []byte, backlog int) {
@@ -103,6 +104,7 @@ func (s *Sub) push(p []byte, backlog int) {
 	}
 	if backlog > 0 && len(s.buf)+len(p) > backlog {
 		s.buf, s.err = nil, ErrSlow
+		close(s.slow)
 		delete(s.hub.subs, s) // the hub's lock is held by Write
 		s.cond.Broadcast()
 		return
@@ -152,3 +154,8 @@ func (s *Sub) Close() error {
 	s.end(io.ErrClosedPipe)
 	return nil
 }
+
+// Slow is closed when the hub drops the subscriber for falling behind:
+// a reader that waits for something else before it reads (room to send
+// on, say) learns of it without a Read.
+func (s *Sub) Slow() <-chan struct{} { return s.slow }

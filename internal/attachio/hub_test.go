@@ -73,6 +73,16 @@ func TestSlowSubscriberIsDroppedWithoutBlocking(t *testing.T) {
 			t.Fatalf("the subscriber that keeps up: %v", err)
 		}
 	}
+	select {
+	case <-slow.Slow():
+	default:
+		t.Errorf("Slow() is not closed for a dropped subscriber")
+	}
+	select {
+	case <-fast.Slow():
+		t.Errorf("Slow() is closed for a subscriber that keeps up")
+	default:
+	}
 	h.Close()
 	if _, err := slow.Read(buf); !errors.Is(err, ErrSlow) {
 		t.Errorf("slow subscriber read %v, want ErrSlow", err)
