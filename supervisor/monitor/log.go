@@ -2,8 +2,10 @@ package monitor
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"strconv"
+	"time"
 )
 
 // cappedLog appends to a log file up to a size, then rotates it (path
@@ -12,7 +14,8 @@ import (
 // workload's writes never block on it: a rotation is two renames and an
 // open between two reads of the workload's pipe. With files 0 (a monitor
 // configured before rotation), output past max is dropped instead, with
-// one marker line.
+// one marker line. Beside each file it keeps the file's time index (see
+// LogIndex), rotated with it.
 type cappedLog struct {
 	path    string
 	f       *os.File
@@ -20,6 +23,9 @@ type cappedLog struct {
 	files   int
 	written int64
 	capped  bool
+	idx     *indexWriter
+	idxMax  int64
+	now     func() time.Time
 }
 
 // openLog opens path for appending, so a respawned monitor continues the
@@ -34,11 +40,33 @@ func openLog(path string, max int64, files int) (*cappedLog, error) {
 		f.Close()
 		return nil, err
 	}
-	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size()}, nil
+	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size(),
+		idx: openIndex(path), idxMax: indexMaxEntries(max), now: time.Now}, nil
+}
+
+// NewLogWriter opens the log at path as the monitor writes it: rotated at
+// max bytes with files rotated files kept, its writes timed in its index
+// by clock (time.Now when nil). It is how tests and fakes write a log the
+// agent reads as it reads a monitor's.
+func NewLogWriter(path string, max int64, files int, clock func() time.Time) (io.WriteCloser, error) {
+	l, err := openLog(path, max, files)
+	if err != nil {
+		return nil, err
+	}
+	if clock != nil {
+		l.now = clock
+	}
+	return l, nil
 }
 
 func (l *cappedLog) Write(p []byte) (int, error) {
-	if l.max > 0 && l.written > 0 && l.written+int64(len(p)) > l.max {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	now := l.now().UnixNano()
+	due := l.idx.due(now)
+	idxFull := due && l.idxMax > 0 && l.idx.n >= l.idxMax
+	if l.max > 0 && l.written > 0 && (l.written+int64(len(p)) > l.max || (idxFull && l.files > 0)) {
 		if l.files > 0 {
 			l.rotate()
 		} else {
@@ -49,6 +77,11 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 			return len(p), nil
 		}
 	}
+	// The entry goes first: a reader that sees the bytes finds their time.
+	if l.idx.due(now) && (l.idxMax == 0 || l.idx.n < l.idxMax) && !l.idx.add(l.written, now) {
+		l.idx.close()
+		l.idx = nil
+	}
 	n, err := l.f.Write(p)
 	l.written += int64(n)
 	return n, err
@@ -57,17 +90,29 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 // rotate moves the current file to path.1 (and each older one up a
 // number) and starts an empty one. A rename that fails leaves the file
 // where it is: the log then grows on rather than lose output.
+// Each file's index moves with it.
 func (l *cappedLog) rotate() {
-	_ = os.Remove(RotatedLog(l.path, l.files))
+	oldest := RotatedLog(l.path, l.files)
+	_ = os.Remove(oldest)
+	_ = os.Remove(LogIndex(oldest))
 	for i := l.files - 1; i >= 1; i-- {
-		_ = os.Rename(RotatedLog(l.path, i), RotatedLog(l.path, i+1))
+		from, to := RotatedLog(l.path, i), RotatedLog(l.path, i+1)
+		if os.Rename(from, to) == nil {
+			_ = os.Rename(LogIndex(from), LogIndex(to))
+		}
 	}
 	if err := os.Rename(l.path, RotatedLog(l.path, 1)); err != nil {
 		return
 	}
+	_ = os.Rename(LogIndex(l.path), LogIndex(RotatedLog(l.path, 1)))
+	l.idx.close()
+	l.idx = openIndex(l.path)
 	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
 	if err != nil {
-		// Write on into the renamed file; the next write tries again.
+		// Write on into the renamed file (untimed); the next write tries
+		// again.
+		l.idx.close()
+		l.idx = nil
 		return
 	}
 	l.f.Close()
@@ -77,7 +122,10 @@ func (l *cappedLog) rotate() {
 // RotatedLog is the name of a log's i-th rotated file (1 is the newest).
 func RotatedLog(path string, i int) string { return path + "." + strconv.Itoa(i) }
 
-func (l *cappedLog) Close() error { return l.f.Close() }
+func (l *cappedLog) Close() error {
+	l.idx.close()
+	return l.f.Close()
+}
 
 // errOverflow is returned by a durable file written past its cap.
 var errOverflow = fmt.Errorf("over its size limit")

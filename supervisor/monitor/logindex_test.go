@@ -1,0 +1,192 @@
+package monitor
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// fakeClock hands out the times a test sets.
+type fakeClock struct{ t time.Time }
+
+func (c *fakeClock) now() time.Time { return c.t }
+
+// Each write far enough from the last gets an entry with its offset and
+// time; Seek finds the first write at or after a time, TimeAt the time of
+// any byte.
+func TestLogIndexRecordsWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stdout.log")
+	base := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	clk := &fakeClock{t: base}
+	w, err := NewLogWriter(path, 0, 0, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		clk.t = base.Add(time.Duration(i) * time.Second)
+		fmt.Fprintf(w, "line %d\n", i) // 7 bytes each
+	}
+	w.Close()
+	r, err := OpenIndex(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for i := range 5 {
+		off, ok := r.Seek(base.Add(time.Duration(i)*time.Second - time.Millisecond))
+		if !ok || off != int64(7*i) {
+			t.Errorf("seek to write %d: %d %v, want %d", i, off, ok, 7*i)
+		}
+	}
+	if _, ok := r.Seek(base.Add(5 * time.Second)); ok {
+		t.Error("seek past the last write found one")
+	}
+	for off := range int64(35) {
+		got, ok := r.TimeAt(off)
+		if want := base.Add(time.Duration(off/7) * time.Second); !ok || !got.Equal(want) {
+			t.Errorf("time of byte %d: %v %v, want %v", off, got, ok, want)
+		}
+	}
+}
+
+// A flood of writes within the granularity costs one entry; the clock
+// stepping back does not make the index go back.
+func TestLogIndexCoalescesAndStaysMonotonic(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stdout.log")
+	base := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	clk := &fakeClock{t: base}
+	w, err := NewLogWriter(path, 0, 0, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 1000 {
+		clk.t = base.Add(time.Duration(i) * time.Microsecond / 2)
+		w.Write([]byte("x"))
+	}
+	clk.t = base.Add(time.Second)
+	w.Write([]byte("y"))
+	clk.t = base.Add(-time.Hour) // the wall clock stepped back
+	w.Write([]byte("z"))
+	w.Close()
+	fi, err := os.Stat(LogIndex(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := (fi.Size() - indexHeaderSize) / indexEntrySize; n != 2 {
+		t.Errorf("index holds %d entries, want 2 (the flood, then y and z)", n)
+	}
+	r, err := OpenIndex(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got, _ := r.TimeAt(999); !got.Equal(base) {
+		t.Errorf("the flood's last write is timed %v, want %v", got, base)
+	}
+	if got, _ := r.TimeAt(1001); !got.Equal(base.Add(time.Second)) {
+		t.Errorf("the write after a clock step back is timed %v, want %v", got, base.Add(time.Second))
+	}
+}
+
+// Indexes rotate with their logs, a full index rotates its log early, and
+// a respawned monitor continues an index whose last entry was torn.
+func TestLogIndexRotatesAndIsBounded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stdout.log")
+	base := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	clk := &fakeClock{t: base}
+	const max = 4096
+	w, err := NewLogWriter(path, max, 2, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3000 {
+		clk.t = base.Add(time.Duration(i) * time.Second)
+		w.Write([]byte("x\n")) // tiny writes far apart: an entry each
+	}
+	w.Close()
+	limit := int64(indexHeaderSize) + indexMaxEntries(max)*indexEntrySize
+	for _, p := range []string{path, RotatedLog(path, 1), RotatedLog(path, 2)} {
+		lfi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ifi, err := os.Stat(LogIndex(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ifi.Size() > limit || lfi.Size() > max {
+			t.Errorf("%s: log %d bytes (max %d), index %d bytes (max %d)", p, lfi.Size(), max, ifi.Size(), limit)
+		}
+		// Each file's index times its own bytes: entry i at offset 2i.
+		r, err := OpenIndex(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, _ := r.First()
+		last, ok := r.TimeAt(lfi.Size() - 1)
+		r.Close()
+		if !ok || first.Offset != 0 || last.Sub(first.Time) != time.Duration(lfi.Size()/2-1)*time.Second {
+			t.Errorf("%s: first entry %+v, last byte at %v: not its own writes", p, first, last)
+		}
+	}
+	if _, err := os.Stat(LogIndex(RotatedLog(path, 3))); !os.IsNotExist(err) {
+		t.Errorf("a third rotated index is kept: %v", err)
+	}
+
+	// A torn entry (a monitor killed mid-write) is cut off by the next.
+	f, err := os.OpenFile(LogIndex(path), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte{1, 2, 3})
+	f.Close()
+	clk.t = base.Add(time.Hour * 24)
+	w, err = NewLogWriter(path, max, 2, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("after\n"))
+	w.Close()
+	fi, _ := os.Stat(path)
+	r, err := OpenIndex(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if off, ok := r.Seek(base.Add(time.Hour * 23)); !ok || off != fi.Size()-6 {
+		t.Errorf("the respawned monitor's write is at %d %v, want %d", off, ok, fi.Size()-6)
+	}
+}
+
+// A log an older monitor wrote has no index; one it began has entries
+// only from where the index starts.
+func TestLogIndexMissing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stdout.log")
+	if err := os.WriteFile(path, []byte("old\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenIndex(path); err != ErrNoIndex {
+		t.Fatalf("open a missing index: %v", err)
+	}
+	w, err := NewLogWriter(path, 0, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	w.Write([]byte("new\n"))
+	after := time.Now()
+	w.Close()
+	r, err := OpenIndex(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, ok := r.TimeAt(2); ok {
+		t.Error("a byte the older monitor wrote has a time")
+	}
+	if got, ok := r.TimeAt(5); !ok || got.Before(before.Truncate(0)) || got.After(after) {
+		t.Errorf("the new write's time %v %v is outside [%v, %v]", got, ok, before, after)
+	}
+}
