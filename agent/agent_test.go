@@ -152,7 +152,7 @@ func TestSubmitRunsToExitCode(t *testing.T) {
 		t.Errorf("timestamps missing: %+v", w)
 	}
 	var lines []string
-	err := e.agent.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(s string, l []byte) error {
+	err := e.agent.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(s string, l []byte, _ time.Time) error {
 		lines = append(lines, s+":"+string(l))
 		return nil
 	})

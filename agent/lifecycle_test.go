@@ -172,7 +172,7 @@ func (e *env) runTermless() *api.Workload {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		ready := false
-		_ = e.agent.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(_ string, line []byte) error {
+		_ = e.agent.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(_ string, line []byte, _ time.Time) error {
 			ready = ready || string(line) == "ready"
 			return nil
 		})

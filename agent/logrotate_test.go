@@ -57,7 +57,7 @@ func TestLogsAcrossRotation(t *testing.T) {
 
 	read := func(tail int) string {
 		var out []string
-		err := e.agent.Logs(context.Background(), w.ID, api.LogOptions{Stream: "stdout", Tail: tail}, func(_ string, l []byte) error {
+		err := e.agent.Logs(context.Background(), w.ID, api.LogOptions{Stream: "stdout", Tail: tail}, func(_ string, l []byte, _ time.Time) error {
 			out = append(out, string(l))
 			return nil
 		})
@@ -83,7 +83,7 @@ func TestLogsAcrossRotation(t *testing.T) {
 	var seen []string
 	done := make(chan error, 1)
 	go func() {
-		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Stream: "stdout", Tail: 0, Follow: true}, func(_ string, l []byte) error {
+		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Stream: "stdout", Tail: 0, Follow: true}, func(_ string, l []byte, _ time.Time) error {
 			mu.Lock()
 			seen = append(seen, string(l))
 			mu.Unlock()

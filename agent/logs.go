@@ -29,10 +29,18 @@ const (
 // maxLine bounds one emitted line; longer output is split.
 const maxLine = 64 << 10
 
+// LogEmit receives one line of a workload's output: its stream, the line
+// without its newline (valid only during the call) and the time it was
+// written (zero when unknown).
+type LogEmit = func(stream string, line []byte, at time.Time) error
+
 // Logs streams a workload's output to emit, one line at a time (without the
-// newline). Lines of stdout and stderr are each in order; between the two
-// streams, order is only as good as the wake-ups (each a read of both).
-func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {
+// newline), with the time of the write that completed the line (zero when
+// the log records none: see monitor.LogIndex). Lines of stdout and stderr
+// are each in order; between the two streams, order is only as good as the
+// wake-ups (each a read of both). With opts.Since, lines written before it
+// are left out.
+func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit LogEmit) error {
 	r, err := a.get(ref)
 	if err != nil {
 		return err
@@ -53,7 +61,7 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 		if s == "stderr" {
 			name = driver.StderrLog
 		}
-		lr, err := openLogReader(filepath.Join(a.logDir(id), name), s, opts.Tail)
+		lr, err := openLogReader(filepath.Join(a.logDir(id), name), s, opts.Tail, opts.Since, opts.Timestamps || !opts.Since.IsZero())
 		if err != nil {
 			return err
 		}
@@ -110,7 +118,9 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 // logReader reads complete lines from a growing log file and the files
 // its monitor rotated it into (path.1 the newest; see monitor.RotatedLog):
 // the older files first, then the live one, which it follows across
-// rotations.
+// rotations. A timed reader also reads each file's time index, to give
+// each line the time of the write that completed it and to leave out the
+// lines written before since.
 type logReader struct {
 	path   string
 	stream string
@@ -122,13 +132,17 @@ type logReader struct {
 	live     bool // f is the live file (not a rotated one)
 	br       *bufio.Reader
 	partial  []byte
+	timed    bool
+	since    time.Time
+	idx      *monitor.IndexReader // f's index (nil: none, or untimed)
+	pos      int64                // f's offset of the next byte br yields
 }
 
 // maxRotated bounds the rotated files a reader looks for.
 const maxRotated = 1000
 
-func openLogReader(path, stream string, tail int) (*logReader, error) {
-	lr := &logReader{path: path, stream: stream}
+func openLogReader(path, stream string, tail int, since time.Time, timed bool) (*logReader, error) {
+	lr := &logReader{path: path, stream: stream, timed: timed, since: since}
 	// Newest first: the live file, then path.1, path.2, ...
 	files := []string{path}
 	for i := 1; i <= maxRotated; i++ {
@@ -159,6 +173,16 @@ func openLogReader(path, stream string, tail int) (*logReader, error) {
 				need++
 			}
 		}
+		off = max(off, 0)
+	}
+	if !since.IsZero() {
+		si, so, err := sinceOffset(files, since)
+		if err != nil {
+			return nil, err
+		}
+		if si < first || (si == first && so > off) {
+			first, off = si, so // the later of the two starts
+		}
 	}
 	for i := first; i >= 1; i-- {
 		lr.older = append(lr.older, files[i])
@@ -167,22 +191,159 @@ func openLogReader(path, stream string, tail int) (*logReader, error) {
 		lr.olderOff = off
 		return lr, nil
 	}
-	f, err := os.Open(path)
+	if err := lr.open(path, off, true); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return lr, nil // not written yet; opened on a later drain
+		}
+		return nil, err
+	}
+	return lr, nil
+}
+
+// sinceOffset finds where in files (newest first) the first line written
+// at or after since begins, by binary search in each file's index from the
+// newest back. A file without an index (an older monitor's) counts as
+// written at its modification time: all before since when that is, else
+// all of it is read.
+func sinceOffset(files []string, since time.Time) (int, int64, error) {
+	ci, co := 0, int64(0) // nothing before now: the live file's end
+	if fi, err := os.Stat(files[0]); err == nil {
+		co = fi.Size()
+	}
+	for i, p := range files {
+		off, all, err := sinceInFile(p, since)
+		if err != nil {
+			return 0, 0, err
+		}
+		if off < 0 {
+			break // all before since
+		}
+		if all {
+			ci, co = i, 0
+			continue
+		}
+		ci, co = i, off
+		break
+	}
+	return lineStart(files, ci, co)
+}
+
+// sinceInFile says where in the log at path the bytes written at or after
+// since begin: -1 when none are, and all when every byte of it is (or may
+// be: bytes an older monitor wrote before the index began).
+func sinceInFile(path string, since time.Time) (off int64, all bool, err error) {
+	idx, err := monitor.OpenIndex(path)
+	if err != nil && !errors.Is(err, monitor.ErrNoIndex) {
+		return 0, false, err
+	}
+	if idx != nil {
+		defer idx.Close()
+		if first, ok := idx.First(); ok {
+			off, ok := idx.Seek(since)
+			if !ok {
+				return -1, false, nil
+			}
+			return off, off <= first.Offset, nil
+		}
+	}
+	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return lr, nil // not written yet; opened on a later drain
+		return 0, true, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open log: %w", err)
+		return 0, false, err
 	}
-	if off < 0 {
-		off = 0
+	if fi.ModTime().Before(since) {
+		return -1, false, nil
+	}
+	return 0, true, nil
+}
+
+// lineStart moves an offset in files[i] back to the start of its line,
+// into the older file where the rotation split that line.
+func lineStart(files []string, i int, off int64) (int, int64, error) {
+	if off > 0 {
+		f, err := os.Open(files[i])
+		if errors.Is(err, os.ErrNotExist) {
+			return i, 0, nil
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("open log: %w", err)
+		}
+		defer f.Close()
+		const block = 32 << 10
+		buf := make([]byte, block)
+		for end := off; end > 0; {
+			start := max(end-block, 0)
+			chunk := buf[:end-start]
+			if _, err := f.ReadAt(chunk, start); err != nil && !errors.Is(err, io.EOF) {
+				return 0, 0, err
+			}
+			if j := bytes.LastIndexByte(chunk, '\n'); j >= 0 {
+				return i, start + int64(j) + 1, nil
+			}
+			end = start
+		}
+	}
+	if i+1 < len(files) && !endsLine(files[i+1]) {
+		o, _, err := tailOffsetOf(files[i+1], 1)
+		return i + 1, o, err
+	}
+	return i, 0, nil
+}
+
+// open makes the file at p, from off, the one the reader reads, with its
+// index when timed. The log and its index are opened by name, so a
+// rotation between the two opens would pair a file with its successor's
+// index: the reader checks that p still names the file it opened, and
+// tries again when not.
+func (lr *logReader) open(p string, off int64, live bool) error {
+	var f *os.File
+	var idx *monitor.IndexReader
+	for range 3 {
+		var err error
+		if f, err = os.Open(p); err != nil {
+			return err
+		}
+		if !lr.timed {
+			break
+		}
+		if idx, err = monitor.OpenIndex(p); err != nil {
+			if !errors.Is(err, monitor.ErrNoIndex) {
+				f.Close()
+				return err
+			}
+			idx = nil
+		}
+		held, err1 := f.Stat()
+		cur, err2 := os.Stat(p)
+		if err1 == nil && err2 == nil && os.SameFile(held, cur) {
+			break
+		}
+		if idx != nil {
+			idx.Close()
+			idx = nil
+		}
+		f.Close()
+		f = nil
+	}
+	if f == nil {
+		// Rotated under us each time: read the file untimed.
+		var err error
+		if f, err = os.Open(p); err != nil {
+			return err
+		}
 	}
 	if _, err := f.Seek(off, io.SeekStart); err != nil {
 		f.Close()
-		return nil, err
+		if idx != nil {
+			idx.Close()
+		}
+		return err
 	}
-	lr.f, lr.live, lr.br = f, true, bufio.NewReaderSize(f, 32<<10)
-	return lr, nil
+	lr.f, lr.idx, lr.live, lr.pos = f, idx, live, off
+	lr.br = bufio.NewReaderSize(f, 32<<10)
+	return nil
 }
 
 // tailOffsetOf is tailOffset of the file at path, with how many lines it
@@ -219,44 +380,42 @@ func endsLine(path string) bool {
 	return b[0] == '\n'
 }
 
-func (lr *logReader) close() {
-	if lr.f != nil {
-		lr.f.Close()
-	}
-}
-
-// next opens the file to read after the current one: the next rotated
-// file, or the live file. It reports false when there is none yet.
-func (lr *logReader) next() (bool, error) {
+func (lr *logReader) closeFile() {
 	if lr.f != nil {
 		lr.f.Close()
 		lr.f = nil
 	}
+	if lr.idx != nil {
+		lr.idx.Close()
+		lr.idx = nil
+	}
+}
+
+func (lr *logReader) close() { lr.closeFile() }
+
+// next opens the file to read after the current one: the next rotated
+// file, or the live file. It reports false when there is none yet.
+func (lr *logReader) next() (bool, error) {
+	lr.closeFile()
 	for len(lr.older) > 0 {
 		p, off := lr.older[0], lr.olderOff
 		lr.older, lr.olderOff = lr.older[1:], 0
-		f, err := os.Open(p)
+		err := lr.open(p, off, false)
 		if errors.Is(err, os.ErrNotExist) {
 			continue // rotated away meanwhile: its lines are lost to this reader
 		}
 		if err != nil {
 			return false, err
 		}
-		if _, err := f.Seek(off, io.SeekStart); err != nil {
-			f.Close()
-			return false, err
-		}
-		lr.f, lr.live, lr.br = f, false, bufio.NewReaderSize(f, 32<<10)
 		return true, nil
 	}
-	f, err := os.Open(lr.path)
+	err := lr.open(lr.path, 0, true)
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
 	if err != nil {
 		return false, err
 	}
-	lr.f, lr.live, lr.br = f, true, bufio.NewReaderSize(f, 32<<10)
 	return true, nil
 }
 
@@ -273,10 +432,23 @@ func (lr *logReader) rotated() bool {
 	return err == nil && !os.SameFile(held, cur)
 }
 
+// emitLine emits the pending line, which ends at lr.pos (exclusive), with
+// the time of its last byte; a line written before since is left out.
+func (lr *logReader) emitLine(emit LogEmit, line []byte) error {
+	var at time.Time
+	if lr.idx != nil && lr.pos > 0 {
+		at, _ = lr.idx.TimeAt(lr.pos - 1)
+	}
+	if !at.IsZero() && at.Before(lr.since) {
+		return nil
+	}
+	return emit(lr.stream, line, at)
+}
+
 // drain emits every complete line available now; with final it also emits
 // a trailing line that has no newline. A line the rotation split between
 // two files is emitted whole.
-func (lr *logReader) drain(emit func(string, []byte) error, final bool) error {
+func (lr *logReader) drain(emit LogEmit, final bool) error {
 	if lr.f == nil {
 		if ok, err := lr.next(); !ok {
 			return err
@@ -285,16 +457,17 @@ func (lr *logReader) drain(emit func(string, []byte) error, final bool) error {
 	for {
 		chunk, err := lr.br.ReadSlice('\n')
 		lr.partial = append(lr.partial, chunk...)
+		lr.pos += int64(len(chunk))
 		switch {
 		case err == nil:
 			line := bytes.TrimSuffix(lr.partial, []byte{'\n'})
-			if e := emit(lr.stream, line); e != nil {
+			if e := lr.emitLine(emit, line); e != nil {
 				return e
 			}
 			lr.partial = lr.partial[:0]
 		case errors.Is(err, bufio.ErrBufferFull):
 			if len(lr.partial) >= maxLine {
-				if e := emit(lr.stream, lr.partial); e != nil {
+				if e := lr.emitLine(emit, lr.partial); e != nil {
 					return e
 				}
 				lr.partial = lr.partial[:0]
@@ -326,29 +499,35 @@ func (lr *logReader) drain(emit func(string, []byte) error, final bool) error {
 }
 
 // drainRest reads what is left of a file rotated away, to its end.
-func (lr *logReader) drainRest(emit func(string, []byte) error) error {
+func (lr *logReader) drainRest(emit LogEmit) error {
 	rest, err := io.ReadAll(lr.br)
 	if err != nil {
 		return err
 	}
+	// Offsets of what rest adds to partial end at pos+len(rest).
+	end := lr.pos + int64(len(rest))
+	base := end - int64(len(lr.partial)) - int64(len(rest)) // f's offset of partial[0]
 	lr.partial = append(lr.partial, rest...)
 	for {
 		i := bytes.IndexByte(lr.partial, '\n')
 		if i < 0 {
+			lr.pos = end
 			return nil
 		}
-		if err := emit(lr.stream, lr.partial[:i]); err != nil {
+		lr.pos = base + int64(i) + 1
+		if err := lr.emitLine(emit, lr.partial[:i]); err != nil {
 			return err
 		}
+		base += int64(i) + 1
 		lr.partial = append(lr.partial[:0], lr.partial[i+1:]...)
 	}
 }
 
-func (lr *logReader) flushPartial(emit func(string, []byte) error) error {
+func (lr *logReader) flushPartial(emit LogEmit) error {
 	if len(lr.partial) == 0 {
 		return nil
 	}
-	err := emit(lr.stream, lr.partial)
+	err := lr.emitLine(emit, lr.partial)
 	lr.partial = lr.partial[:0]
 	return err
 }

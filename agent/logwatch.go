@@ -2,9 +2,12 @@ package agent
 
 import (
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/berthd/berth/supervisor/monitor"
 )
 
 // logWatch tells log followers when a workload's log directory changes,
@@ -67,6 +70,11 @@ func (lw *logWatch) run(w *fsnotify.Watcher) {
 		case ev, ok := <-w.Events:
 			if !ok {
 				return
+			}
+			if strings.HasSuffix(ev.Name, monitor.IndexSuffix) {
+				// An index entry is written just before the output it
+				// times: the output's own event wakes the followers.
+				continue
 			}
 			lw.mu.Lock()
 			for ch := range lw.subs[filepath.Dir(ev.Name)] {

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/errdefs"
@@ -101,7 +102,7 @@ func TestSecretEnvReachesOnlyTheWorkload(t *testing.T) {
 	// Both runs (a restart reads the file again) see the secret.
 	w = e.waitFor(w.ID, func(w *api.Workload) bool { return terminal(w) && w.RestartCount == 1 })
 	var out []string
-	if err := e.agent.Logs(ctx, w.ID, api.LogOptions{Tail: -1}, func(_ string, l []byte) error {
+	if err := e.agent.Logs(ctx, w.ID, api.LogOptions{Tail: -1}, func(_ string, l []byte, _ time.Time) error {
 		out = append(out, string(l))
 		return nil
 	}); err != nil {

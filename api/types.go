@@ -289,6 +289,9 @@ func (RegistryAuth) LogValue() slog.Value { return slog.StringValue(Redacted) }
 type LogLine struct {
 	Stream string `json:"stream"`
 	Line   string `json:"line"`
+	// Time is when the line was written (the write that completed it),
+	// present when timestamps were asked for and the log records it.
+	Time *time.Time `json:"time,omitempty"`
 }
 
 // Health is the body of /healthz and /readyz.
@@ -313,6 +316,10 @@ type LogOptions struct {
 	Tail int
 	// Follow streams new output until the workload has ended for good.
 	Follow bool
+	// Since leaves out the lines written before it (zero: none).
+	Since time.Time
+	// Timestamps gives each line the time it was written.
+	Timestamps bool
 }
 
 // Verdicts of a placement decision (PlacementDecision.Verdict).

@@ -323,6 +323,12 @@ func (c *Client) Logs(ctx context.Context, ref string, opts api.LogOptions, fn f
 	if opts.Follow {
 		q.Set("follow", "true")
 	}
+	if !opts.Since.IsZero() {
+		q.Set("since", opts.Since.UTC().Format(time.RFC3339Nano))
+	}
+	if opts.Timestamps {
+		q.Set("timestamps", "true")
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/v1/workloads/"+url.PathEscape(ref)+"/logs", q), nil)
 	if err != nil {
 		return err

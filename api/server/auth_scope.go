@@ -235,7 +235,7 @@ func (b *scoped) Signal(ctx context.Context, ref, sig string) (*api.Workload, er
 	return b.Backend.Signal(ctx, id, sig)
 }
 
-func (b *scoped) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error {
+func (b *scoped) Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte, at time.Time) error) error {
 	w, err := b.Get(ctx, ref)
 	if err != nil {
 		return err

@@ -369,6 +369,18 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		opts.Tail = n
 	}
+	if v := q.Get("since"); v != "" {
+		since, err := api.ParseSince(v, time.Now())
+		if err != nil {
+			writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad query parameter", api.FieldError{Field: "since", Detail: err.Error()}))
+			return
+		}
+		opts.Since = since
+	}
+	if opts.Timestamps, p = boolParam(r, "timestamps", false); p != nil {
+		writeProblem(w, r, s.log, p)
+		return
+	}
 	ndjson := q.Get("format") == "ndjson" || strings.Contains(r.Header.Get("Accept"), "application/x-ndjson")
 	if f := q.Get("format"); f != "" && f != "ndjson" && f != "text" {
 		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad query parameter", api.FieldError{Field: "format", Detail: "must be text or ndjson"}))
@@ -388,13 +400,25 @@ func (s *Server) workloadLogs(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	enc := json.NewEncoder(w)
-	err := s.be(r).Logs(r.Context(), ref, opts, func(stream string, line []byte) error {
+	var stamp []byte
+	err := s.be(r).Logs(r.Context(), ref, opts, func(stream string, line []byte, at time.Time) error {
 		var err error
 		if ndjson {
-			err = enc.Encode(api.LogLine{Stream: stream, Line: string(line)})
+			l := api.LogLine{Stream: stream, Line: string(line)}
+			if opts.Timestamps && !at.IsZero() {
+				l.Time = &at
+			}
+			err = enc.Encode(l)
 		} else {
-			if _, err = w.Write(line); err == nil {
-				_, err = w.Write([]byte{'\n'})
+			if opts.Timestamps && !at.IsZero() {
+				// docker logs -t: the time, a space, the line.
+				stamp = append(at.UTC().AppendFormat(stamp[:0], api.LogTimeFormat), ' ')
+				_, err = w.Write(stamp)
+			}
+			if err == nil {
+				if _, err = w.Write(line); err == nil {
+					_, err = w.Write([]byte{'\n'})
+				}
 			}
 		}
 		if err == nil && opts.Follow {

@@ -31,7 +31,7 @@ type Backend interface {
 	RequestStop(ctx context.Context, ref string, timeout time.Duration) (*api.Workload, error)
 	Delete(ctx context.Context, ref string, force bool) error
 	RequestDelete(ctx context.Context, ref string, force bool) (*api.Workload, error)
-	Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte) error) error
+	Logs(ctx context.Context, ref string, opts api.LogOptions, emit func(stream string, line []byte, at time.Time) error) error
 	Stats(ctx context.Context, ref string) (*api.Stats, error)
 	// Index is the state index and a channel closed at its next change.
 	Index() (uint64, <-chan struct{})

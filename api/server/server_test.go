@@ -35,6 +35,8 @@ type env struct {
 	// metrics is the registry /metrics serves; the agent reports its
 	// starts to it.
 	metrics *server.Metrics
+	// dir is the agent's data directory.
+	dir string
 }
 
 // newEnv serves the real agent (state in bbolt, a real image store holding
@@ -81,7 +83,7 @@ func newEnv(t *testing.T) *env {
 		}
 		a.Close()
 	})
-	return &env{t: t, srv: hs, api: s, agent: a, ctr: ctr, imgs: imgs, metrics: m}
+	return &env{t: t, srv: hs, api: s, agent: a, ctr: ctr, imgs: imgs, metrics: m, dir: dir}
 }
 
 func (e *env) do(method, path, contentType string, body io.Reader) *http.Response {
@@ -206,6 +208,9 @@ func TestBadInputIsRejectedAndChangesNothing(t *testing.T) {
 		{"stop with bad timeout", "POST", "/v1/workloads/keep/stop?timeout=soon", "", "", 400, api.ReasonInvalidArgument, "timeout"},
 		{"logs with negative tail", "GET", "/v1/workloads/keep/logs?tail=-3", "", "", 400, api.ReasonInvalidArgument, "tail"},
 		{"logs of unknown stream", "GET", "/v1/workloads/keep/logs?stream=stdin", "", "", 400, api.ReasonInvalidArgument, "stream"},
+		{"logs since no time", "GET", "/v1/workloads/keep/logs?since=yesterday", "", "", 400, api.ReasonInvalidArgument, "since"},
+		{"logs since a negative duration", "GET", "/v1/workloads/keep/logs?since=-5m", "", "", 400, api.ReasonInvalidArgument, "since"},
+		{"logs with bad timestamps", "GET", "/v1/workloads/keep/logs?timestamps=maybe", "", "", 400, api.ReasonInvalidArgument, "timestamps"},
 		{"list with bad state", "GET", "/v1/workloads?state=sleeping", "", "", 400, api.ReasonInvalidArgument, "state"},
 		{"list with bad index", "GET", "/v1/workloads?index=minus-one", "", "", 400, api.ReasonInvalidArgument, "index"},
 		{"import garbage", "POST", "/v1/images", "application/x-tar", "this is not a tarball", 400, "", ""},

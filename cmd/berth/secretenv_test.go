@@ -146,7 +146,7 @@ func TestRunWithSecretEnv(t *testing.T) {
 		w, _ = a.Get(context.Background(), w.ID)
 	}
 	var lines []string
-	_ = a.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(_ string, l []byte) error {
+	_ = a.Logs(context.Background(), w.ID, api.LogOptions{Tail: -1}, func(_ string, l []byte, _ time.Time) error {
 		lines = append(lines, string(l))
 		return nil
 	})
