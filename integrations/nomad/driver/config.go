@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
@@ -52,6 +53,88 @@ type TaskConfig struct {
 	// image is pulled with before the task is submitted; berth never
 	// stores them.
 	Auth *TaskAuth `codec:"auth"`
+	// Health is berth's health check of the task (see TaskHealth).
+	Health *TaskHealth `codec:"health"`
+}
+
+// TaskHealth is a task's health block: one of exec, http or tcp, probed by
+// berth while the task runs, as a spec's health check is. The driver
+// reports each change to Nomad (a task event, and the task's "health"
+// driver attribute); it never makes berth restart the task: under Nomad,
+// the job's restart and check_restart blocks decide restarts, so berth's
+// restart.on_unhealthy stays off.
+//
+//	health {
+//	  http { port = 8080  path = "/ready" }
+//	  interval = "10s"
+//	  timeout  = "2s"
+//	  retries  = 3
+//	  start_period = "30s"
+//	}
+type TaskHealth struct {
+	Exec        []string        `codec:"exec"`
+	HTTP        *TaskHealthHTTP `codec:"http"`
+	TCP         *TaskHealthTCP  `codec:"tcp"`
+	Interval    string          `codec:"interval"`
+	Timeout     string          `codec:"timeout"`
+	Retries     int             `codec:"retries"`
+	StartPeriod string          `codec:"start_period"`
+}
+
+// TaskHealthHTTP probes http://ADDRESS:port/path.
+type TaskHealthHTTP struct {
+	Port int    `codec:"port"`
+	Path string `codec:"path"`
+}
+
+// TaskHealthTCP probes ADDRESS:port.
+type TaskHealthTCP struct {
+	Port int `codec:"port"`
+}
+
+// check is berth's health check of a health block (nil without one). The
+// durations are parsed here, so a typo fails the task's start with the
+// field named; berth validates the rest at the submit (ports, one kind of
+// probe, bounds) and its answer names the spec's field.
+func (h *TaskHealth) check() (*api.HealthCheck, error) {
+	if h == nil {
+		return nil, nil
+	}
+	hc := &api.HealthCheck{Exec: h.Exec, Retries: h.Retries}
+	if h.HTTP != nil {
+		hc.HTTP = &api.HTTPCheck{Port: h.HTTP.Port, Path: h.HTTP.Path}
+	}
+	if h.TCP != nil {
+		hc.TCP = &api.TCPCheck{Port: h.TCP.Port}
+	}
+	for _, d := range []struct {
+		name string
+		in   string
+		out  *api.Duration
+	}{{"interval", h.Interval, &hc.Interval}, {"timeout", h.Timeout, &hc.Timeout}, {"start_period", h.StartPeriod, &hc.StartPeriod}} {
+		if d.in == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.in)
+		if err != nil || v < 0 {
+			return nil, fmt.Errorf("berth: health.%s %q: want a duration such as \"10s\"", d.name, d.in)
+		}
+		*d.out = api.Duration(v)
+	}
+	n := 0
+	if len(h.Exec) > 0 {
+		n++
+	}
+	if h.HTTP != nil {
+		n++
+	}
+	if h.TCP != nil {
+		n++
+	}
+	if n != 1 {
+		return nil, fmt.Errorf("berth: the health block needs exactly one of exec, http or tcp (it has %d)", n)
+	}
+	return hc, nil
 }
 
 // TaskAuth is a task's auth block.
@@ -98,6 +181,20 @@ var (
 			"username": hclspec.NewAttr("username", "string", false),
 			"password": hclspec.NewAttr("password", "string", false),
 		})),
+		"health": hclspec.NewBlock("health", false, hclspec.NewObject(map[string]*hclspec.Spec{
+			"exec": hclspec.NewAttr("exec", "list(string)", false),
+			"http": hclspec.NewBlock("http", false, hclspec.NewObject(map[string]*hclspec.Spec{
+				"port": hclspec.NewAttr("port", "number", true),
+				"path": hclspec.NewAttr("path", "string", false),
+			})),
+			"tcp": hclspec.NewBlock("tcp", false, hclspec.NewObject(map[string]*hclspec.Spec{
+				"port": hclspec.NewAttr("port", "number", true),
+			})),
+			"interval":     hclspec.NewAttr("interval", "string", false),
+			"timeout":      hclspec.NewAttr("timeout", "string", false),
+			"retries":      hclspec.NewAttr("retries", "number", false),
+			"start_period": hclspec.NewAttr("start_period", "string", false),
+		})),
 	})
 )
 
@@ -125,6 +222,9 @@ func (c *TaskConfig) validate() error {
 	case "", api.IsolationAuto, api.IsolationContainer, api.IsolationVM:
 	default:
 		return fmt.Errorf("berth: isolation %q: want auto, container or vm", c.Isolation)
+	}
+	if _, err := c.Health.check(); err != nil {
+		return err
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"strconv"
 	"sync"
 	"time"
 
@@ -160,6 +161,8 @@ func Spec(cfg *drivers.TaskConfig, tc *TaskConfig, compute cpustats.Compute) api
 	if tc.Command != "" {
 		spec.Command = []string{tc.Command}
 	}
+	// Checked by validate; restart.on_unhealthy stays off (see TaskHealth).
+	spec.Health, _ = tc.Health.check()
 	for k, v := range cfg.Env {
 		if envKeyRE.MatchString(k) {
 			spec.Env[k] = v
@@ -396,6 +399,7 @@ func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
 			st.DriverAttributes["rule"] = w.Placement.DecidingRule
 		}
 		st.DriverAttributes["state"] = string(w.State)
+		maps.Copy(st.DriverAttributes, healthAttributes(w))
 	}
 	if h.exited() {
 		st.State = drivers.TaskStateExited
@@ -403,6 +407,23 @@ func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
 		st.CompletedAt = h.completedAt()
 	}
 	return st, nil
+}
+
+// healthAttributes are the task's driver attributes for the workload's
+// health check: health (starting, healthy or unhealthy), its failing
+// streak and the last probe's output. None without a check.
+func healthAttributes(w *api.Workload) map[string]string {
+	if w.Health == nil {
+		return nil
+	}
+	attrs := map[string]string{
+		"health":                w.Health.Status,
+		"health_failing_streak": strconv.Itoa(w.Health.FailingStreak),
+	}
+	if n := len(w.Health.Log); n > 0 {
+		attrs["health_output"] = w.Health.Log[n-1].Output
+	}
+	return attrs
 }
 
 // TaskStats implements drivers.DriverPlugin with berth's readings.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -284,6 +285,10 @@ func (h *taskHandle) forwardEvents() {
 		switch e.Type {
 		case api.EventWorkloadCreated, api.EventWorkloadPlaced:
 			return nil // StartTask reported the placement
+		case api.EventWorkloadHealth:
+			msg, attrs := healthEvent(e)
+			h.d.emit(h.cfg, msg, attrs)
+			return nil
 		}
 		h.d.emit(h.cfg, "berth: "+e.Message, e.Attrs)
 		return nil
@@ -291,4 +296,27 @@ func (h *taskHandle) forwardEvents() {
 	if err != nil && !errors.Is(err, context.Canceled) && h.ctx.Err() == nil {
 		h.d.logger.Debug("berth event stream ended", "workload_id", h.state.WorkloadID, "error", err)
 	}
+}
+
+// healthEvent is the Nomad task event of a change of the workload's health
+// (berth's workload.health event): the message says the new state (and,
+// when unhealthy, what the failing probe said); the annotations carry it
+// for tools (health, previous, output).
+func healthEvent(e api.Event) (string, map[string]string) {
+	status := e.Attrs["status"]
+	msg := "berth: health check: " + status
+	if out := strings.TrimSpace(e.Attrs["output"]); status == api.HealthUnhealthy && out != "" {
+		if len(out) > 200 {
+			out = out[:200] + "..."
+		}
+		msg += " (" + out + ")"
+	}
+	attrs := map[string]string{"health": status}
+	if p := e.Attrs["previous"]; p != "" {
+		attrs["previous"] = p
+	}
+	if o := e.Attrs["output"]; o != "" {
+		attrs["output"] = o
+	}
+	return msg, attrs
 }

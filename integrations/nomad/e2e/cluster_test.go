@@ -37,6 +37,7 @@ func TestNomadCluster(t *testing.T) {
 	t.Run("batch job runs one allocation per isolation", func(t *testing.T) { testBatchJob(t, cl) })
 	t.Run("a template reaches the task in both isolations", func(t *testing.T) { testAllocDirs(t, cl) })
 	t.Run("client restart re-attaches and job stop stops workloads", func(t *testing.T) { testRecoverAndStop(t, cl) })
+	t.Run("a job's health block is berth's check and its changes are task events", func(t *testing.T) { testHealth(t, cl) })
 	t.Run("unreachable agent makes the driver unhealthy", func(t *testing.T) { testUnhealthy(t, cl) })
 }
 
