@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -99,15 +98,15 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 		return nil, err
 	}
 	s := &execSession{d: d, id: id, tmp: tmp, pidfd: -1, done: make(chan struct{})}
-	var consoles chan consoleResult
+	var consoles <-chan monitor.ConsoleResult
 	defer func() {
 		if err != nil {
 			if consoles != nil && s.pty == nil {
 				// The terminal may still arrive (until the listener's
 				// deadline): close it then, not leak it.
 				go func() {
-					if c := <-consoles; c.master != nil {
-						c.master.Close()
+					if c := <-consoles; c.Master != nil {
+						c.Master.Close()
 					}
 				}()
 			}
@@ -135,7 +134,7 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 			return nil, fmt.Errorf("console socket directory: %w", err)
 		}
 		args.ConsoleSocket = filepath.Join(s.sockDir, "console.sock")
-		if consoles, err = s.listenConsole(args.ConsoleSocket); err != nil {
+		if consoles, err = monitor.ListenConsole(args.ConsoleSocket, d.opts.StartTimeout); err != nil {
 			return nil, err
 		}
 	}
@@ -160,10 +159,10 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	if cfg.TTY {
 		select {
 		case c := <-consoles:
-			if c.err != nil {
-				return nil, fmt.Errorf("exec into %s: receive the terminal: %w", id, c.err)
+			if c.Err != nil {
+				return nil, fmt.Errorf("exec into %s: receive the terminal: %w", id, c.Err)
 			}
-			s.pty = c.master
+			s.pty = c.Master
 		case <-startCtx.Done():
 			return nil, fmt.Errorf("exec into %s: runc never handed over the terminal: %w", id, startCtx.Err())
 		}
@@ -352,63 +351,6 @@ type execSession struct {
 
 	closeOnce sync.Once
 	closeErr  error
-}
-
-type consoleResult struct {
-	master *os.File
-	err    error
-}
-
-// listenConsole receives the terminal's master runc sends to path.
-func (s *execSession) listenConsole(path string) (chan consoleResult, error) {
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("console socket: %w", err)
-	}
-	ch := make(chan consoleResult, 1)
-	go func() {
-		defer ln.Close()
-		_ = ln.SetDeadline(time.Now().Add(s.d.opts.StartTimeout))
-		conn, err := ln.AcceptUnix()
-		if err != nil {
-			ch <- consoleResult{err: err}
-			return
-		}
-		defer conn.Close()
-		master, err := recvFd(conn)
-		ch <- consoleResult{master: master, err: err}
-	}()
-	return ch, nil
-}
-
-// recvFd reads one file descriptor sent with SCM_RIGHTS.
-func recvFd(conn *net.UnixConn) (*os.File, error) {
-	buf := make([]byte, 4096) // runc sends the terminal's name along
-	oob := make([]byte, unix.CmsgSpace(4))
-	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
-	if err != nil {
-		return nil, err
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range msgs {
-		fds, err := unix.ParseUnixRights(&m)
-		if err != nil || len(fds) == 0 {
-			continue
-		}
-		for _, extra := range fds[1:] {
-			unix.Close(extra)
-		}
-		// Non-blocking, so a Close of the session ends a pending read.
-		if err := unix.SetNonblock(fds[0], true); err != nil {
-			unix.Close(fds[0])
-			return nil, err
-		}
-		return os.NewFile(uintptr(fds[0]), string(buf[:n])), nil
-	}
-	return nil, errors.New("no file descriptor in the console socket's message")
 }
 
 // startShim starts `berth-monitor exec` with the process's stdio.

@@ -19,6 +19,8 @@
 //	monitor.pid   PidRecord   written by the monitor first thing (and by the agent)
 //	status.json   Status      written by the monitor at each step of the task
 //	stop.json     StopRequest written by the agent; SIGUSR1 tells the monitor
+//	attach.sock   a container monitor's attach socket (protocol 3 on; see
+//	              attach.go), served while its task runs
 //
 // plus one control message: SIGUSR1, "read stop.json now". The files are
 // replaced atomically but not synced: they mean nothing after a power loss
@@ -37,7 +39,11 @@ import (
 )
 
 // Version is the protocol version this package writes.
-const Version = 2
+const Version = 3
+
+// Protocol versions: 1, the layout before the supervisor was shared; 2,
+// the monitor enforces stop requests (stop.json); 3, a container monitor
+// serves AttachSocket and holds the task's stdin and terminal.
 
 // Files of the protocol, in the task directory.
 const (
@@ -103,6 +109,13 @@ type RuncConfig struct {
 	// Cgroup is the container's cgroup path (e.g. /berth/ID), read for
 	// the OOM killer's verdict once the container ended.
 	Cgroup string `json:"cgroup"`
+	// Stdin keeps the container's stdin open for attach clients: a pipe
+	// whose write end the monitor holds (without TTY).
+	Stdin bool `json:"stdin,omitempty"`
+	// TTY: the container's process runs on a terminal (the bundle says
+	// terminal: true); runc hands the monitor its master through a
+	// console socket, and the terminal's output goes to stdout.log.
+	TTY bool `json:"tty,omitempty"`
 }
 
 // PortsConfig is a VM monitor's task.

@@ -49,34 +49,16 @@ func (m *mon) runContainer() error {
 		return m.fail(fmt.Errorf("become child subreaper: %w", err))
 	}
 
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		return m.fail(err)
-	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		return m.fail(err)
-	}
-	copiers := make(chan error, 2)
-	for _, p := range []struct {
-		r    *os.File
-		name string
-	}{{outR, stdoutLog}, {errR, stderrLog}} {
-		w, err := openLog(filepath.Join(rc.LogDir, p.name), m.cfg.LogMaxBytes, m.cfg.LogMaxFiles)
-		if err != nil {
-			return m.fail(err)
-		}
-		go func(r *os.File, w *cappedLog) {
-			_, err := io.Copy(w, r)
-			w.Close()
-			copiers <- err
-		}(p.r, w)
-	}
-
 	timeout := rc.StartTimeout
 	if timeout <= 0 {
 		timeout = defaultStartTimeout
 	}
+	sio, err := m.openStdio(timeout)
+	if err != nil {
+		return m.fail(err)
+	}
+	defer sio.close()
+
 	startCtx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	// A stop request while runc creates or starts aborts the start; one
@@ -98,15 +80,23 @@ func (m *mon) runContainer() error {
 	// process's whole start-up. The container's init is re-parented to
 	// us, the subreaper, when runc exits.
 	runcLog := filepath.Join(m.dir, runcLogFile)
-	err = m.runc(startCtx, outW, errW, "--log", runcLog, "--log-format", "json",
-		"run", "--detach", "--bundle", rc.Bundle, "--pid-file", filepath.Join(m.dir, containerPidFile), m.cfg.ID)
-	outW.Close()
-	errW.Close()
+	args := []string{"--log", runcLog, "--log-format", "json", "run", "--detach"}
+	if sio.consoleSocket != "" {
+		args = append(args, "--console-socket", sio.consoleSocket)
+	}
+	args = append(args, "--bundle", rc.Bundle, "--pid-file", filepath.Join(m.dir, containerPidFile), m.cfg.ID)
+	err = m.runc(startCtx, sio.runcStdin, sio.runcStdout, sio.runcStderr, args...)
+	sio.ranRunc()
 	if err != nil {
 		// runc delete --force kills whatever of the container was made.
 		m.cleanupRunc()
 		reapAll()
 		return m.fail(fmt.Errorf("runc run: %s", m.startError(startCtx, runcLog, err)))
+	}
+	if err := sio.serve(startCtx, m.dir); err != nil {
+		m.cleanupRunc()
+		reapAll()
+		return m.fail(err)
 	}
 	pidBytes, err := os.ReadFile(filepath.Join(m.dir, containerPidFile))
 	if err != nil {
@@ -144,7 +134,7 @@ func (m *mon) runContainer() error {
 	var res waitResult
 	stopped := m.enforceStops(pidfd, m.stops, exited, &res)
 	finished := time.Now().UTC()
-	drain(copiers, 2)
+	sio.ended()
 	st := Status{
 		State: StateExited, Pid: pid, StartedAt: started, FinishedAt: finished,
 		ExitCode: res.code, Signal: res.sig, OOMKilled: oomKilled(rc.Cgroup), Stopped: stopped,
@@ -156,6 +146,8 @@ func (m *mon) runContainer() error {
 	// The exit status is safe on disk; now release the cgroup and runc's
 	// state so nothing of the container lingers while nobody asks.
 	m.cleanupRunc()
+	// Attach clients still taking their last output get a moment.
+	sio.hub.flush()
 	return nil
 }
 
@@ -214,10 +206,15 @@ func (m *mon) enforceStops(pidfd int, stops <-chan os.Signal, exited <-chan wait
 
 // runc runs one runc command in a process group of its own, killed as a
 // whole when ctx ends (a hung runc and whatever it started).
-func (m *mon) runc(ctx context.Context, stdout, stderr io.Writer, args ...string) error {
+func (m *mon) runc(ctx context.Context, stdin *os.File, stdout, stderr io.Writer, args ...string) error {
 	rc := m.cfg.Runc
 	cmd := exec.Command(rc.Runc, append([]string{"--root", rc.RuncRoot}, args...)...)
 	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if stdin != nil {
+		// Without a terminal, runc --detach hands its stdio to the
+		// container: this pipe is the workload's stdin.
+		cmd.Stdin = stdin
+	}
 	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return err
@@ -239,7 +236,7 @@ func (m *mon) cleanupRunc() {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	var stderr strings.Builder
-	if err := m.runc(ctx, nil, &stderr, "delete", "--force", m.cfg.ID); err != nil && !strings.Contains(stderr.String(), "does not exist") {
+	if err := m.runc(ctx, nil, nil, &stderr, "delete", "--force", m.cfg.ID); err != nil && !strings.Contains(stderr.String(), "does not exist") {
 		fmt.Fprintf(os.Stderr, "berth-monitor: runc delete: %v: %s\n", err, strings.TrimSpace(stderr.String()))
 	}
 }
