@@ -22,15 +22,22 @@ import (
 // and returns it with the driver.
 func execTask(t *testing.T) (*Driver, *driver.TaskConfig) {
 	t.Helper()
+	return startUserNSTask(t, "dtx", nil, "sh", "-c", "echo ready; while true; do sleep 1; done")
+}
+
+// startUserNSTask starts a container running args on a user-namespaced driver
+// (berth's default), its config changed by edit, and removes it at the
+// end of the test.
+func startUserNSTask(t *testing.T, prefix string, edit func(*driver.TaskConfig), args ...string) (*Driver, *driver.TaskConfig) {
+	t.Helper()
 	requireRunc(t)
 	root := filepath.Join(searchableTempDir(t), "containers")
 	d := newUserNSDriver(t, root, Options{})
-	cfg := &driver.TaskConfig{
-		ID: drivertest.NewID("dtx"), Image: driver.Image{Ref: "test/busybox", RootfsDir: sharedRootfs(t)},
-		Args:      []string{"sh", "-c", "echo ready; while true; do sleep 1; done"},
-		Env:       []string{"PATH=/bin"},
-		Resources: driver.Resources{CPU: 1, MemoryBytes: 128 << 20, Pids: 64},
-		LogDir:    t.TempDir(),
+	cfg := userNSTask(t, prefix, args...)
+	cfg.Image.Ref = "test/busybox"
+	cfg.Resources = driver.Resources{CPU: 1, MemoryBytes: 128 << 20, Pids: 64}
+	if edit != nil {
+		edit(cfg)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -137,7 +137,27 @@ func buildSpec(cfg *driver.TaskConfig, uid, gid uint32, swapAccounting bool) *sp
 			break
 		}
 	}
+	if cfg.TTY {
+		// runc makes the terminal in the container and hands its master
+		// to the monitor (supervisor/monitor); 24x80 until an attach
+		// resizes it.
+		s.Process.Terminal = true
+		s.Process.ConsoleSize = &specs.Box{Height: 24, Width: 80}
+		s.Process.Env = withTerm(s.Process.Env)
+	}
 	return s
+}
+
+// withTerm adds TERM=xterm to a terminal's environment unless the task
+// sets TERM itself, as docker run -t does: without it, programs on the
+// terminal do not know how to drive it.
+func withTerm(env []string) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "TERM=") {
+			return env
+		}
+	}
+	return append(append([]string(nil), env...), "TERM=xterm")
 }
 
 // userNSSpec runs the container in a user namespace of its own, its ids

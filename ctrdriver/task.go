@@ -69,6 +69,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		Runc: &monitor.RuncConfig{
 			Runc: d.runc.path, RuncRoot: d.runc.root, Bundle: bundle, LogDir: cfg.LogDir,
 			StartTimeout: d.opts.StartTimeout, Cgroup: cgroupPath(cfg.ID),
+			Stdin: cfg.Stdin, TTY: cfg.TTY,
 		},
 	})
 	if err != nil {
