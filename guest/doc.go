@@ -53,9 +53,10 @@
 //     record as the result (ReadLastStatus); a domain that ends without a
 //     terminal record crashed.
 //   - "org.berth.exec" (ExecPort), only when Config.ExecChannel is set:
-//     the exec channel, read and written by berth-init. Exec sessions and
-//     signals for the workload travel over it as frames (exec.go,
-//     ExecServer and ExecClient; docs/vm-exec.md describes the protocol).
+//     the exec channel, read and written by berth-init. Exec sessions,
+//     attach sessions and signals for the workload travel over it as
+//     frames (exec.go, ExecServer and ExecClient; docs/vm-exec.md
+//     describes the protocol).
 //
 // # Lifecycle
 //
@@ -67,7 +68,10 @@
 // does), numeric user and hostname, the loopback interface up and, when
 // Config.Network is set, eth0 (virtio-net) up with its address, the default
 // route through the gateway and the name servers in the workload's
-// /etc/resolv.conf; stdin is /dev/null. When the main
+// /etc/resolv.conf; stdin is /dev/null unless Config.Stdin or Config.TTY
+// say otherwise (a pipe berth-init holds, or a terminal it allocates, whose
+// output goes to StdoutPort; attach sessions on the exec channel reach
+// them, see Console and docs/vm-exec.md). When the main
 // process exits, every process left in the guest is killed (as when a
 // container's PID namespace ends), the output is drained, the terminal
 // status record is written, filesystems are synced and the guest powers

@@ -288,7 +288,7 @@ func guestConfig(cfg *driver.TaskConfig) (guest.Config, error) {
 	if len(host) > 63 {
 		host = host[:63]
 	}
-	gc := guest.Config{Args: cfg.Args, Env: cfg.Env, Workdir: cfg.Workdir, User: user, Hostname: host}
+	gc := guest.Config{Args: cfg.Args, Env: cfg.Env, Workdir: cfg.Workdir, User: user, Hostname: host, Stdin: cfg.Stdin, TTY: cfg.TTY}
 	if n := cfg.Network; n != nil && n.Mode == driver.NetworkBridge {
 		gc.Network = &guest.Network{Interface: "eth0", Address: n.Address, Gateway: n.Gateway, DNS: n.DNS}
 	}

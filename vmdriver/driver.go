@@ -190,6 +190,12 @@ type taskState struct {
 	// BootID is the node's boot id at Start: a task of another boot is
 	// gone with it.
 	BootID string `json:"boot_id,omitempty"`
+	// Attach says the task's berth-init serves attach sessions (a VM
+	// started by an older berth does not, and must not be sent them);
+	// Stdin and TTY are the task's driver.TaskConfig fields.
+	Attach bool `json:"attach,omitempty"`
+	Stdin  bool `json:"stdin,omitempty"`
+	TTY    bool `json:"tty,omitempty"`
 }
 
 // task is the driver's view of one VM.

@@ -36,6 +36,9 @@ func validateTask(cfg *driver.TaskConfig) error {
 	case len(cfg.Args) == 0:
 		problems = append(problems, "args: a command is required")
 	}
+	if cfg.Image.DiskPath != "" && (cfg.Stdin || cfg.TTY) {
+		problems = append(problems, "stdin, tty: a whole-disk image runs its own OS, with no berth-init to hold a terminal or stdin")
+	}
 	if cfg.Image.RootfsDir == "" && cfg.Image.DiskPath == "" {
 		problems = append(problems, "image: rootfs dir or disk path is required")
 	}
@@ -89,6 +92,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		ID: cfg.ID, Domain: d.domainName(cfg.ID), LogDir: cfg.LogDir, Accel: choice.Accel,
 		LogMaxBytes: cfg.Logs.MaxBytes, LogMaxFiles: cfg.Logs.MaxFiles,
 		MemoryBytes: cfg.Resources.MemoryBytes, WholeDisk: cfg.Image.DiskPath, BootID: d.sup.BootID(),
+		Attach: cfg.Image.DiskPath == "", Stdin: cfg.Stdin, TTY: cfg.TTY,
 	}
 	if st.MemoryBytes <= 0 {
 		st.MemoryBytes = DefaultMemoryBytes
