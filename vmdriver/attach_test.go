@@ -228,10 +228,20 @@ func TestAttachTerminal(t *testing.T) {
 // A VM started by a berth whose berth-init cannot be attached to (its
 // task.json says nothing of attach) is refused with a reason, before
 // anything reaches the guest; a whole-disk image cannot have a terminal.
-func TestAttachRefusals(t *testing.T) {
+// A session attached when the VM is forced off (a workload that ignores
+// SIGTERM, stopped) ends with end of file, as at any end of the task.
+func TestAttachRefusalsAndForcedStop(t *testing.T) {
 	setup(t)
 	d := newDriver(t, fixtures.root)
-	cfg := startRunning(t, d)
+	cfg := newTask(t, "sh", "-c", "trap '' TERM; echo ready; echo ready-err >&2; while true; do sleep 1; done")
+	if _, err := d.Start(execCtx(t), cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Destroy(context.Background(), cfg.ID); err != nil {
+			t.Errorf("Destroy: %v", err)
+		}
+	})
 	tk, err := d.sup.Get(cfg.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -250,7 +260,20 @@ func TestAttachRefusals(t *testing.T) {
 	if s.Stderr() == nil {
 		t.Fatalf("Stderr() is nil without a terminal")
 	}
-	tailOf(s.Stdout()).waitFor(t, "ready\n")
+	out, errOut := tailOf(s.Stdout()), tailOf(s.Stderr())
+	out.waitFor(t, "ready\n")
+	errOut.waitFor(t, "ready-err\n")
+	if err := d.Stop(execCtx(t), cfg.ID, 2*time.Second); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if res, err := d.Wait(execCtx(t), cfg.ID); err != nil || res.ExitCode != 137 {
+		t.Errorf("a workload that ignores SIGTERM, stopped: %+v, %v; want forced off (137)", res, err)
+	}
+	for name, o := range map[string]*outputTail{"stdout": out, "stderr": errOut} {
+		if err := o.end(t); err != io.EOF {
+			t.Errorf("%s of a session attached when the VM was forced off ended with %v, want io.EOF", name, err)
+		}
+	}
 
 	whole := newTask(t, "true")
 	whole.Image = driver.Image{Ref: "test/disk", DiskPath: filepath.Join(t.TempDir(), "disk.qcow2")}
@@ -267,5 +290,49 @@ func TestAttachRefusals(t *testing.T) {
 func TestAttachReplaySize(t *testing.T) {
 	if guest.AttachReplayMax < driver.AttachReplayMax {
 		t.Errorf("berth-init keeps %d bytes for a replay, the contract promises %d", guest.AttachReplayMax, driver.AttachReplayMax)
+	}
+}
+
+// An agent SIGKILLed while attached to a terminal, with input typed: the
+// shell runs on, and the restarted agent (a new driver, Recover) attaches
+// with a replay that has what the shell printed once, types, and sees
+// the task end with the shell's exit code.
+func TestAttachAgentKilled(t *testing.T) {
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := newTask(t, "sh")
+	cfg.Stdin, cfg.TTY = true, true
+	if _, err := d.Start(execCtx(t), cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Destroy(context.Background(), cfg.ID); err != nil {
+			t.Errorf("Destroy: %v", err)
+		}
+	})
+	m := marker()
+	killedAgent(t, d, cfg.ID, helperEnvMarker+"="+m, helperEnvAttach+"=1")
+
+	d2 := newDriver(t, fixtures.root)
+	if err := d2.Recover(execCtx(t), &driver.Handle{ID: cfg.ID, Driver: Name, Version: handleVersion}); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	s := attachT(t, d2, cfg.ID, driver.AttachOptions{Stdin: true, Replay: true})
+	out := tailOf(s.Stdout())
+	out.waitFor(t, "typed-"+m+"\r\n")
+	if _, err := io.WriteString(s.Stdin(), "exit 5\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.end(t); err != io.EOF {
+		t.Errorf("output ended with %v, want io.EOF", err)
+	}
+	if n := strings.Count(out.String(), "typed-"+m+"\r\n"); n != 1 {
+		t.Errorf("replay after the agent's death has the shell's output %d times, want once: %q", n, out.String())
+	}
+	if res, err := d2.Wait(execCtx(t), cfg.ID); err != nil || res.ExitCode != 5 {
+		t.Errorf("exit = %+v, %v; want the shell's 5", res, err)
+	}
+	if log := drivertest.ReadLog(t, cfg, driver.StdoutLog); strings.Count(log, "typed-"+m+"\r\n") != 1 {
+		t.Errorf("stdout.log %q: want the output typed through the killed agent once", log)
 	}
 }

@@ -483,6 +483,9 @@ const (
 	helperEnvMarker  = "BERTH_TEST_EXEC_AGENT_MARKER"
 	helperEnvMonitor = "BERTH_TEST_EXEC_AGENT_MONITOR"
 	helperEnvPrefix  = "BERTH_TEST_EXEC_AGENT_PREFIX"
+	// helperEnvAttach: attach to the task's terminal and type the
+	// marker, instead of starting an exec session.
+	helperEnvAttach = "BERTH_TEST_EXEC_AGENT_ATTACH"
 )
 
 // TestExecAgentHelper is not a test: run by TestExecAgentKilled in a
@@ -502,6 +505,20 @@ func TestExecAgentHelper(t *testing.T) {
 	if err := d.Recover(context.Background(), &driver.Handle{ID: id, Driver: Name, Version: handleVersion}); err != nil {
 		t.Fatalf("Recover: %v", err)
 	}
+	if os.Getenv(helperEnvAttach) != "" {
+		a, err := d.Attach(context.Background(), id, driver.AttachOptions{Stdin: true})
+		if err != nil {
+			t.Fatalf("Attach: %v", err)
+		}
+		// The quotes tell the output from the terminal's echo.
+		if _, err := io.WriteString(a.Stdin(), "echo typed-'"+os.Getenv(helperEnvMarker)+"'\n"); err != nil {
+			t.Fatalf("type: %v", err)
+		}
+		var seen bytes.Buffer
+		readUntil(t, a.Stdout(), &seen, "typed-"+os.Getenv(helperEnvMarker)+"\r\n")
+		fmt.Println("helper: session started")
+		select {} // until killed
+	}
 	s, err := d.Exec(context.Background(), id, &driver.ExecConfig{
 		Args: []string{"sh", "-c", "echo started; exec sleep " + os.Getenv(helperEnvMarker)}, TTY: true, Stdin: true,
 	})
@@ -514,20 +531,14 @@ func TestExecAgentHelper(t *testing.T) {
 	select {} // until killed
 }
 
-// An agent SIGKILLed with an exec session open: the guest kills the
-// session's processes, and a restarted agent (a new driver, Recover)
-// reconnects and execs as before.
-func TestExecAgentKilled(t *testing.T) {
-	setup(t)
-	d := newDriver(t, fixtures.root)
-	cfg := startRunning(t, d)
-	waitLog(t, cfg, driver.StdoutLog, "ready\n", slack)
-
-	m := marker()
+// killedAgent runs TestExecAgentHelper as an agent of its own (env says
+// what it does) for task id, and SIGKILLs it once its session started.
+func killedAgent(t *testing.T, d *Driver, id string, env ...string) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestExecAgentHelper$", "-test.v")
-	cmd.Env = append(os.Environ(),
-		helperEnvRoot+"="+fixtures.root, helperEnvTask+"="+cfg.ID, helperEnvMarker+"="+m,
-		helperEnvMonitor+"="+d.opts.MonitorCmd[0], helperEnvPrefix+"="+testPrefix)
+	cmd.Env = append(append(os.Environ(),
+		helperEnvRoot+"="+fixtures.root, helperEnvTask+"="+id,
+		helperEnvMonitor+"="+d.opts.MonitorCmd[0], helperEnvPrefix+"="+testPrefix), env...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -542,6 +553,19 @@ func TestExecAgentKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = cmd.Wait()
+}
+
+// An agent SIGKILLed with an exec session open: the guest kills the
+// session's processes, and a restarted agent (a new driver, Recover)
+// reconnects and execs as before.
+func TestExecAgentKilled(t *testing.T) {
+	setup(t)
+	d := newDriver(t, fixtures.root)
+	cfg := startRunning(t, d)
+	waitLog(t, cfg, driver.StdoutLog, "ready\n", slack)
+
+	m := marker()
+	killedAgent(t, d, cfg.ID, helperEnvMarker+"="+m)
 
 	// The restarted agent.
 	d2 := newDriver(t, fixtures.root)
