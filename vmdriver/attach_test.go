@@ -127,12 +127,12 @@ func TestAttachTerminal(t *testing.T) {
 	}
 	out1 := tailOf(first.Stdout())
 	// The quotes tell a command's output from the terminal's echo of it.
-	if _, err := io.WriteString(first.Stdin(), "test -t 0 && test -t 1 && echo is-a-'tty'; echo mark-'one'; stty size\n"); err != nil {
+	if _, err := io.WriteString(first.Stdin(), "test -t 0 && test -t 1 && echo is-a-'tty'; echo term-$TERM; echo mark-'one'; stty size\n"); err != nil {
 		t.Fatal(err)
 	}
 	out1.waitFor(t, "31 101")
-	if s := out1.String(); !strings.Contains(s, "is-a-tty") || !strings.Contains(s, "mark-one\r\n") {
-		t.Fatalf("terminal output %q: want is-a-tty and mark-one on a terminal", s)
+	if s := out1.String(); !strings.Contains(s, "is-a-tty") || !strings.Contains(s, "mark-one\r\n") || !strings.Contains(s, "term-xterm\r\n") {
+		t.Fatalf("terminal output %q: want is-a-tty, TERM=xterm and mark-one on a terminal", s)
 	}
 	watcher := attachT(t, d, cfg.ID, driver.AttachOptions{})
 	if watcher.Stdin() != nil {

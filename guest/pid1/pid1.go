@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -265,6 +266,11 @@ func (in *initProc) runWorkload(cfg *guest.Config) guest.Status {
 		return in.failure(err)
 	}
 	env := workloadEnv(cfg.Env, user.home)
+	if cfg.TTY && !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "TERM=") }) {
+		// As docker run -t and berth's containers: programs on the
+		// terminal need to know how to drive it.
+		env = append(env, "TERM=xterm")
+	}
 	dir := cfg.Workdir
 	if dir == "" {
 		dir = "/"
