@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -398,5 +399,49 @@ func TestAttachRefusalsAndHostGone(t *testing.T) {
 	plain := newPair(t)
 	if _, err := plain.client.Attach(ctxT(t), &AttachRequest{}, false); !errors.Is(err, errdefs.ErrConflict) {
 		t.Errorf("attach to a backend that cannot: %v, want ErrConflict", err)
+	}
+}
+
+// Many attach and detach cycles, with and without stdin, leave no
+// session, subscriber or goroutine behind on either side, and the
+// process's input open.
+func TestAttachCyclesLeaveNothing(t *testing.T) {
+	m := startMain(t, true, "cat")
+	p := newAttachPair(t, m.console)
+	baseline := runtime.NumGoroutine()
+	for i := range 100 {
+		s, err := p.client.Attach(ctxT(t), &AttachRequest{Stdin: i%2 == 0, Replay: true}, false)
+		if err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if i%2 == 0 {
+			if _, err := fmt.Fprintf(s.Stdin(), "cycle %d\n", i); err != nil {
+				t.Fatalf("cycle %d: %v", i, err)
+			}
+		}
+		var seen bytes.Buffer
+		readUntilT(t, s.Stdout(), &seen, fmt.Sprintf("cycle %d\n", i-i%2))
+		if err := s.Close(); err != nil {
+			t.Fatalf("cycle %d: close: %v", i, err)
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.srv.Sessions() != 0 || m.console.Attached() != 0 || p.client.Sessions() != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 100 detaches: %d server sessions, %d attached, %d host sessions", p.srv.Sessions(), m.console.Attached(), p.client.Sessions())
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > baseline; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines after 100 detaches, %d before:\n%s", runtime.NumGoroutine(), baseline, buf[:runtime.Stack(buf, true)])
+		}
+	}
+	select {
+	case <-m.done:
+		t.Fatalf("the main process ended after detaches")
+	default:
+	}
+	if got := m.stdout.String(); !strings.HasSuffix(got, "cycle 98\n") || strings.Count(got, "\n") != 50 {
+		t.Errorf("the process's output after the cycles: %d lines ending %q", strings.Count(got, "\n"), got[max(0, len(got)-20):])
 	}
 }

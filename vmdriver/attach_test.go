@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -263,6 +264,36 @@ func TestAttachRefusalsAndForcedStop(t *testing.T) {
 	out, errOut := tailOf(s.Stdout()), tailOf(s.Stderr())
 	out.waitFor(t, "ready\n")
 	errOut.waitFor(t, "ready-err\n")
+
+	// Attach and detach cycles leave nothing on the host.
+	goroutines, fds := runtime.NumGoroutine(), hostFDs(t)
+	for range 30 {
+		c, err := d.Attach(execCtx(t), cfg.ID, driver.AttachOptions{Replay: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := tailOf(c.Stderr())
+		o.waitFor(t, "ready-err\n")
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.end(t); err != io.EOF {
+			t.Errorf("stderr after Close: %v, want io.EOF", err)
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > goroutines || hostFDs(t) > fds; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Errorf("after 30 attach cycles the host has %d goroutines (%d before) and %d open files (%d before)",
+				runtime.NumGoroutine(), goroutines, hostFDs(t), fds)
+			break
+		}
+	}
+	d.execMu.Lock()
+	ch := d.execChans[cfg.ID]
+	d.execMu.Unlock()
+	if n := ch.client.Sessions(); n != 1 {
+		t.Errorf("%d sessions registered on the host after the cycles, want the one still attached", n)
+	}
 	if err := d.Stop(execCtx(t), cfg.ID, 2*time.Second); err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
