@@ -5,10 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
-	"strconv"
 	"strings"
-	"syscall"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -108,24 +105,7 @@ func runExec(cmd *cobra.Command, g *globals, ref string, req api.ExecRequest) (i
 		}
 		defer term.Restore(inFd, state)
 	}
-	sigs := make(chan os.Signal, 4)
-	if req.TTY {
-		signal.Notify(sigs, syscall.SIGWINCH)
-	} else {
-		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	}
-	defer signal.Stop(sigs)
-	go func() {
-		for s := range sigs {
-			if s == syscall.SIGWINCH {
-				if w, h, err := term.GetSize(outFd); err == nil {
-					_ = sess.Resize(uint16(h), uint16(w))
-				}
-				continue
-			}
-			_ = sess.Signal(strconv.Itoa(int(s.(syscall.Signal))))
-		}
-	}()
+	defer forwardSignals(sess, req.TTY)()
 	if req.Stdin {
 		go func() {
 			_, _ = io.Copy(sess, os.Stdin)

@@ -94,7 +94,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newAgentCmd(),
 		newRunCmd(g), newPsCmd(g), newInspectCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g), newStatsCmd(g),
-		newExecCmd(g), newKillCmd(g),
+		newExecCmd(g), newAttachCmd(g), newKillCmd(g),
 		newImageCmd(g), newVolumeCmd(g), newNodeCmd(g), newEventsCmd(g),
 		newPolicyCmd(g),
 		newTokenCmd(),

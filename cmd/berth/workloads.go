@@ -1,8 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"sort"
 	"strconv"
@@ -23,6 +25,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		env     []string
 		restart string
 		wait    bool
+		detach  bool
 		ports   []string
 		secrets []string
 		secFile string
@@ -39,12 +42,19 @@ as a container or in a VM; --isolation asks for at least that much.
 With --wait, berth streams the workload's output and exits with its exit
 code (125 when it could not be run at all).
 
+With -i the workload's standard input stays open, with -t it runs on a
+terminal of its own; either attaches this terminal to it (as berth attach
+does, from its first output) and exits with its exit code, unless -d. Detach
+with ctrl-p ctrl-q; the workload runs on.
+
 --secret-env and --secret-env-file set environment variables whose values
 the agent writes only into the workload: every answer shows them as
 <redacted>, and berth never prints them. --secret-env KEY takes the value
 of KEY from berth's own environment; KEY=VALUE on the command line works
 too, but other users of this host may see a command line (ps).`,
 		Example: `  berth run --wait busybox:latest -- sh -c 'echo hello; exit 7'
+  berth run -it busybox:latest -- sh
+  echo hello | berth run -i busybox:latest -- cat
   berth run --name web --memory 512 --label team=infra nginx:1
   DB_PASSWORD=... berth run --secret-env DB_PASSWORD app:1
   berth run --secret-env-file - app:1 < secrets.env`,
@@ -90,7 +100,8 @@ too, but other users of this host may see a command line (ps).`,
 				return err
 			}
 			fmt.Fprintln(os.Stderr, placedLine(w))
-			if wait && w.State == api.StatePending {
+			attaching := (spec.Stdin || spec.TTY) && !detach
+			if (wait || attaching) && w.State == api.StatePending {
 				// Its image may be downloading: a progress bar until it starts.
 				stop := pullProgress(ctx, c, w.ID, "")
 				_, werr := waitNotPending(ctx, c, w.ID)
@@ -99,7 +110,18 @@ too, but other users of this host may see a command line (ps).`,
 					return werr
 				}
 			}
-			if !wait {
+			if attaching {
+				if w, err = waitStarted(ctx, c, w.ID); err != nil {
+					return err
+				}
+				err := attachAndExit(ctx, c, w, api.AttachRequest{Stdin: spec.Stdin, Logs: true})
+				var p *api.Problem
+				if !errors.As(err, &p) || p.Status != http.StatusConflict {
+					return err
+				}
+				// It ended before the attach: its output and exit code
+				// are in its logs and record.
+			} else if !wait {
 				if g.output == "json" {
 					return printJSON(w)
 				}
@@ -135,7 +157,9 @@ too, but other users of this host may see a command line (ps).`,
 				if end.OOMKilled {
 					fmt.Fprintf(os.Stderr, "berth: workload %s was killed: out of memory\n", end.ID)
 				}
-				return exitError{*end.ExitCode}
+				if *end.ExitCode != 0 {
+					return exitError{*end.ExitCode}
+				}
 			}
 			return nil
 		},
@@ -157,6 +181,9 @@ too, but other users of this host may see a command line (ps).`,
 	f.StringVar(&restart, "restart", "", "restart policy: never, on-failure or always")
 	f.IntVar(&spec.Restart.MaxRetries, "max-retries", 0, "restarts allowed by on-failure")
 	f.BoolVar(&wait, "wait", false, "stream the output and exit with the workload's exit code")
+	f.BoolVarP(&spec.Stdin, "interactive", "i", false, "keep the workload's standard input open, and attach this terminal's input to it")
+	f.BoolVarP(&spec.TTY, "tty", "t", false, "run the workload on a terminal, and attach this terminal to it")
+	f.BoolVarP(&detach, "detach", "d", false, "with -i or -t: do not attach; print the workload's id")
 	f.StringVar((*string)(&spec.ImagePull), "pull", "", "when to pull the image: if-not-present (default), always or never")
 	f.StringVar(&spec.Network, "network", "", "bridge (default), none, or host (containers, where policy allows)")
 	f.StringArrayVarP(&ports, "publish", "p", nil, "publish a port: HOST_PORT:CONTAINER_PORT[/tcp|udp] (repeatable)")

@@ -96,7 +96,7 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (d
 		}
 	}()
 	if cfg.TTY {
-		master, slave, err := openPty()
+		master, slave, err := ptyio.Open()
 		if err != nil {
 			return nil, err
 		}

@@ -250,7 +250,7 @@ func (t *task) run() error {
 	streams := []string{driver.StdoutLog, driver.StderrLog}
 	var readers []io.Reader
 	if t.cfg.TTY {
-		master, slave, err := openPty()
+		master, slave, err := ptyio.Open()
 		if err != nil {
 			return err
 		}

@@ -1,4 +1,4 @@
-package fake
+package ptyio
 
 import (
 	"fmt"
@@ -8,8 +8,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// openPty opens a new pseudo-terminal pair.
-func openPty() (master, slave *os.File, err error) {
+// Open opens a new pseudo-terminal pair.
+func Open() (master, slave *os.File, err error) {
 	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open /dev/ptmx: %w", err)
