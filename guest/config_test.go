@@ -157,3 +157,26 @@ func FuzzDecodeConfig(f *testing.F) {
 		}
 	})
 }
+
+// Stdin and TTY travel only when set: a config without them is what an
+// older berth-init reads, and one of an older host reads as neither.
+func TestConfigStdinTTYCompatible(t *testing.T) {
+	plain, err := EncodeConfig(Config{Args: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(plain, []byte(`"stdin"`)) || bytes.Contains(plain, []byte(`"tty"`)) {
+		t.Errorf("a config without stdin or tty names them: %s", bytes.TrimRight(plain, "\x00"))
+	}
+	c, err := DecodeConfig([]byte(`{"version":1,"args":["sh"],"exec_channel":true}`))
+	if err != nil || c.Stdin || c.TTY {
+		t.Errorf("an older host's config = %+v, %v; want neither stdin nor tty", c, err)
+	}
+	data, err := EncodeConfig(Config{Args: []string{"sh"}, Stdin: true, TTY: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := DecodeConfig(data); err != nil || !c.Stdin || !c.TTY {
+		t.Errorf("round trip of stdin and tty = %+v, %v", c, err)
+	}
+}
