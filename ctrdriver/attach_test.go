@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
@@ -401,18 +404,23 @@ func TestAttachLeaksNothing(t *testing.T) {
 		out.end(t)
 	}
 	cycle() // lazily made things (the dialer's, the poller's) exist now
-	fds, goroutines := countFds(t), runtime.NumGoroutine()
+	tk, err := d.sup.Get(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	monFds := fmt.Sprintf("/proc/%d/fd", tk.Monitor().Pid)
+	fds, goroutines, mfds := countFds(t, "/proc/self/fd"), runtime.NumGoroutine(), countFds(t, monFds)
 	for range 50 {
 		cycle()
 	}
 	deadline := time.Now().Add(attachWait)
 	for {
-		nf, ng := countFds(t), runtime.NumGoroutine()
-		if nf <= fds && ng <= goroutines {
+		nf, ng, nm := countFds(t, "/proc/self/fd"), runtime.NumGoroutine(), countFds(t, monFds)
+		if nf <= fds && ng <= goroutines && nm <= mfds {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("after 50 attach cycles: %d fds (was %d), %d goroutines (was %d)", nf, fds, ng, goroutines)
+			t.Fatalf("after 50 attach cycles: %d fds (was %d), %d goroutines (was %d); the monitor %d fds (was %d)", nf, fds, ng, goroutines, nm, mfds)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -421,11 +429,38 @@ func TestAttachLeaksNothing(t *testing.T) {
 	}
 }
 
-func countFds(t *testing.T) int {
+func countFds(t *testing.T, dir string) int {
 	t.Helper()
-	entries, err := os.ReadDir("/proc/self/fd")
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return len(entries)
+}
+
+// A monitor killed under an attached session ends the session with an
+// error, not a hang and not a clean end of file; the task is reported
+// ended and nothing of it is left.
+func TestAttachMonitorKilled(t *testing.T) {
+	d, cfg := attachTask(t, true, true, "sh")
+	s := attach(t, d, cfg.ID, driver.AttachOptions{Stdin: true})
+	out := collect(s.Stdout())
+	write(t, s.Stdin(), "echo up''and''running\n")
+	out.waitFor(t, "upandrunning", 1)
+	tk, err := d.sup.Get(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Kill(tk.Monitor().Pid, unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.end(t); err == nil || err == io.EOF {
+		t.Errorf("Stdout ended with %v after the monitor was killed, want an error", err)
+	}
+	if res := waitExit(t, d, cfg.ID); res.Err == "" {
+		t.Errorf("exit %+v: want the monitor's death reported", res)
+	}
+	if _, err := d.Attach(context.Background(), cfg.ID, driver.AttachOptions{}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("attach after the end: %v, want ErrConflict", err)
+	}
 }
