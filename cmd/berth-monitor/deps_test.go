@@ -32,6 +32,7 @@ func TestMonitorLinksNothingHeavy(t *testing.T) {
 			strings.HasPrefix(d, "github.com/berthd/berth/supervisor/monitor"),
 			strings.HasPrefix(d, "github.com/berthd/berth/internal/fileutil"),
 			strings.HasPrefix(d, "github.com/berthd/berth/internal/proc"),
+			d == "github.com/berthd/berth/internal/attachio",
 			d == "github.com/berthd/berth/cmd/berth-monitor",
 			strings.HasPrefix(d, "vendor/"):
 		default:

@@ -85,9 +85,9 @@ func TestAttachReplayIsExactWhileOutputFlows(t *testing.T) {
 		for i := range lines {
 			line := fmt.Appendf(nil, "%08d\n", i)
 			all.Write(line)
-			h.publish(FrameStdout, line)
+			_, _ = h.out.Write(line)
 			// Ask for an attach at points through the output, and
-			// publish on while it happens.
+			// write on while it happens.
 			if all.Len() >= next && asked < clients {
 				attachNow <- struct{}{}
 				asked++
@@ -138,7 +138,7 @@ func TestAttachReplayIsExactWhileOutputFlows(t *testing.T) {
 }
 
 // A client that does not read is dropped with FrameSlow once its queue
-// is full; publishing never waits for it, and a reading client gets
+// is full; the output's writer never waits for it, and a reading client gets
 // everything.
 func TestAttachSlowClientIsDropped(t *testing.T) {
 	h := newHub(false, nil, nil)
@@ -146,7 +146,7 @@ func TestAttachSlowClientIsDropped(t *testing.T) {
 	slow, _ := dial(t, dir, AttachHello{})
 	fast, _ := dial(t, dir, AttachHello{})
 	const total = 8 << 20
-	// The reading client reports what it got; the publisher keeps pace
+	// The reading client reports what it got; the writer keeps pace
 	// with it, so only the stalled client falls behind.
 	progress := make(chan int, 1024)
 	fastOut := make(chan []byte, 1)
@@ -173,7 +173,7 @@ func TestAttachSlowClientIsDropped(t *testing.T) {
 		defer close(published)
 		got := 0
 		for i := range total / len(chunk) {
-			h.publish(FrameStdout, chunk)
+			_, _ = h.out.Write(chunk)
 			for got < (i+1)*len(chunk) {
 				n, ok := <-progress
 				if !ok {
@@ -187,7 +187,7 @@ func TestAttachSlowClientIsDropped(t *testing.T) {
 	select {
 	case <-published:
 	case <-time.After(time.Minute):
-		t.Fatal("publishing waits for a client that does not read")
+		t.Fatal("the output's writer waits for a client that does not read")
 	}
 	if out := <-fastOut; len(out) != total {
 		t.Errorf("the reading client got %d bytes, want %d and the end", len(out), total)

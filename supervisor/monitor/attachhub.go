@@ -4,19 +4,23 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/berthd/berth/internal/attachio"
 )
 
 const (
-	// clientQueueMax bounds the output queued for one attach client: a
-	// client further behind is dropped (FrameSlow) rather than slow the
-	// workload, its logs or the other clients.
-	clientQueueMax = 1 << 20
+	// clientBacklog bounds the output held for one attach client beyond
+	// what its socket took: a client further behind is dropped
+	// (FrameSlow) rather than slow the workload, its logs or the other
+	// clients.
+	clientBacklog = 1 << 20
 	// helloTimeout bounds a client's first frame.
 	helloTimeout = 10 * time.Second
 	// slowNoticeTimeout bounds the write of FrameSlow to a dropped client
@@ -27,13 +31,6 @@ const (
 	flushTimeout = 5 * time.Second
 )
 
-// chunk is output of one stream; its bytes are never modified once
-// published, so the ring and every client share them.
-type chunk struct {
-	typ  byte // FrameStdout or FrameStderr
-	data []byte
-}
-
 // stdinSink is the workload's standard input as the monitor holds it.
 type stdinSink interface {
 	Write(p []byte) (int, error)
@@ -41,18 +38,18 @@ type stdinSink interface {
 	End() error
 }
 
-// hub fans a task's output out to its attach clients and keeps the newest
-// AttachReplayMax bytes for replay. Publishing never blocks on a client.
+// hub is a container's streams as its attach clients see them: each
+// output stream fanned out (never blocking the workload, see attachio)
+// with its newest AttachReplayMax bytes kept for replay, and its input.
 type hub struct {
-	tty   bool
-	stdin stdinSink // nil: the task has no stdin
+	tty    bool
+	out    *attachio.Hub
+	errOut *attachio.Hub // nil with a terminal
+	stdin  stdinSink     // nil: the task has no stdin
 	// resize sets the terminal's size (nil without a terminal).
 	resize func(rows, cols uint16) error
 
-	mu      sync.Mutex
-	ring    []chunk
-	ringLen int
-	clients map[*client]struct{}
+	mu      sync.Mutex // ended, and subscribing
 	ended   bool
 	writers sync.WaitGroup
 
@@ -60,93 +57,50 @@ type hub struct {
 	stdinClosed bool
 }
 
-type client struct {
-	conn   *net.UnixConn
-	stdin  bool
-	notify chan struct{}
-	// Under hub.mu:
-	queue  []chunk
-	queued int
-	slow   bool
-	end    bool
-	gone   bool
-}
-
 func newHub(tty bool, stdin stdinSink, resize func(rows, cols uint16) error) *hub {
-	return &hub{tty: tty, stdin: stdin, resize: resize, clients: map[*client]struct{}{}}
+	h := &hub{tty: tty, stdin: stdin, resize: resize, out: attachio.NewHub(AttachReplayMax, clientBacklog)}
+	if !tty {
+		h.errOut = attachio.NewHub(AttachReplayMax, clientBacklog)
+	}
+	return h
 }
 
-// publish hands output of one stream to the ring and every client. p is
-// copied.
-func (h *hub) publish(typ byte, p []byte) {
-	if len(p) == 0 {
-		return
+// stream is the hub of output typ (FrameStdout or FrameStderr).
+func (h *hub) stream(typ byte) *attachio.Hub {
+	if typ == FrameStderr && h.errOut != nil {
+		return h.errOut
 	}
-	c := chunk{typ: typ, data: append([]byte(nil), p...)}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.ring = append(h.ring, c)
-	h.ringLen += len(c.data)
-	for h.ringLen > AttachReplayMax {
-		over := h.ringLen - AttachReplayMax
-		if over >= len(h.ring[0].data) {
-			h.ringLen -= len(h.ring[0].data)
-			h.ring[0] = chunk{}
-			h.ring = h.ring[1:]
-			continue
-		}
-		h.ring[0].data = h.ring[0].data[over:]
-		h.ringLen -= over
-	}
-	for cl := range h.clients {
-		if cl.queued+len(c.data) > clientQueueMax {
-			cl.slow, cl.queue, cl.queued = true, nil, 0
-			delete(h.clients, cl)
-		} else {
-			cl.queue = append(cl.queue, c)
-			cl.queued += len(c.data)
-		}
-		wake(cl)
-	}
+	return h.out
 }
 
-func wake(cl *client) {
-	select {
-	case cl.notify <- struct{}{}:
-	default:
-	}
-}
-
-// tee writes one stream's output to its log and publishes it. A log that
-// fails (a full disk) does not stop the stream: the workload must never
-// block on its output.
+// tee writes one stream's output to its log and its attach clients. A
+// log that fails (a full disk) does not stop the stream: the workload
+// must never block on its output.
 type tee struct {
-	h   *hub
-	typ byte
+	out *attachio.Hub
 	log *cappedLog
 }
 
 func (t tee) Write(p []byte) (int, error) {
 	_, _ = t.log.Write(p)
-	t.h.publish(t.typ, p)
+	_, _ = t.out.Write(p)
 	return len(p), nil
 }
 
-// end says the task ended and all its output was published: each client
-// gets FrameEnd after its queue, new ones are refused.
+// end says the task ended and all its output was written: each client
+// gets FrameEnd after the output it holds; new ones are refused.
 func (h *hub) end() {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	h.ended = true
-	for cl := range h.clients {
-		cl.end = true
-		delete(h.clients, cl)
-		wake(cl)
+	h.mu.Unlock()
+	h.out.Close()
+	if h.errOut != nil {
+		h.errOut.Close()
 	}
 }
 
 // flush waits, at most flushTimeout, for the clients to take their last
-// output, then closes what is left.
+// output.
 func (h *hub) flush() {
 	done := make(chan struct{})
 	go func() { h.writers.Wait(); close(done) }()
@@ -172,7 +126,33 @@ func (h *hub) serve(ln *net.UnixListener) {
 	}
 }
 
-// handle reads a client's hello, registers it and relays its input.
+// client is one attached connection.
+type client struct {
+	conn  *net.UnixConn
+	stdin bool
+	subs  []clientStream
+	wmu   sync.Mutex // frames of the stream pumps
+}
+
+type clientStream struct {
+	typ byte
+	sub *attachio.Sub
+}
+
+func (cl *client) send(typ byte, p []byte) error {
+	cl.wmu.Lock()
+	defer cl.wmu.Unlock()
+	return writeFrame(cl.conn, typ, p)
+}
+
+// unsubscribe ends the client's streams (its pumps return).
+func (cl *client) unsubscribe() {
+	for _, s := range cl.subs {
+		s.sub.Close()
+	}
+}
+
+// handle reads a client's hello, subscribes it and relays its input.
 func (h *hub) handle(conn *net.UnixConn) {
 	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
 	typ, payload, err := readFrame(conn)
@@ -191,27 +171,22 @@ func (h *hub) handle(conn *net.UnixConn) {
 	if hello.Rows > 0 && hello.Cols > 0 && h.resize != nil {
 		_ = h.resize(hello.Rows, hello.Cols)
 	}
-	cl := &client{conn: conn, stdin: hello.Stdin, notify: make(chan struct{}, 1)}
+	cl := &client{conn: conn, stdin: hello.Stdin}
 	h.mu.Lock()
 	if h.ended {
 		h.mu.Unlock()
 		h.refuse(conn, RefuseEnded, "the task has ended")
 		return
 	}
-	// The reply and the replay are queued before any later output,
-	// under the lock publish takes: nothing is lost or repeated between
-	// them.
-	reply, _ := json.Marshal(AttachReply{Version: Version, TTY: h.tty, Stdin: h.stdin != nil})
-	cl.queue = append(cl.queue, chunk{typ: FrameReply, data: reply})
-	if hello.Replay {
-		cl.queue = append(cl.queue, h.ring...)
-		cl.queued = h.ringLen
+	// Each stream's replay and what follows it come from one
+	// subscription: nothing is lost or repeated between them.
+	cl.subs = append(cl.subs, clientStream{FrameStdout, h.out.Subscribe(hello.Replay)})
+	if h.errOut != nil {
+		cl.subs = append(cl.subs, clientStream{FrameStderr, h.errOut.Subscribe(hello.Replay)})
 	}
-	h.clients[cl] = struct{}{}
 	h.writers.Add(1)
 	h.mu.Unlock()
 	_ = conn.SetDeadline(time.Time{})
-	wake(cl)
 	go h.write(cl)
 	h.read(cl)
 }
@@ -223,36 +198,67 @@ func (h *hub) refuse(conn *net.UnixConn, reason, msg string) {
 	conn.Close()
 }
 
-// write sends a client its queued output, then its end.
+// write sends a client the reply, its streams' output, then FrameEnd
+// once every stream ended, or FrameSlow when one fell behind.
 func (h *hub) write(cl *client) {
 	defer h.writers.Done()
 	defer cl.conn.Close()
-	for range cl.notify {
-		h.mu.Lock()
-		queue, slow, end, gone := cl.queue, cl.slow, cl.end, cl.gone
-		cl.queue, cl.queued = nil, 0
-		h.mu.Unlock()
-		if gone {
-			return
+	reply, _ := json.Marshal(AttachReply{Version: Version, TTY: h.tty, Stdin: h.stdin != nil})
+	if err := cl.send(FrameReply, reply); err != nil {
+		cl.unsubscribe()
+		return
+	}
+	results := make(chan error, len(cl.subs))
+	stop := make(chan struct{})
+	defer close(stop)
+	for _, s := range cl.subs {
+		go func() { results <- cl.pump(s) }()
+		go func() {
+			// A pump may be stuck in a write to a client that reads
+			// nothing: once dropped, the client has a bounded time to
+			// take what was sent and the notice.
+			select {
+			case <-s.sub.Slow():
+				_ = cl.conn.SetWriteDeadline(time.Now().Add(slowNoticeTimeout))
+			case <-stop:
+			}
+		}()
+	}
+	var slow, gone bool
+	for range cl.subs {
+		switch err := <-results; {
+		case errors.Is(err, attachio.ErrSlow):
+			slow = true
+			cl.unsubscribe()
+		case err != nil:
+			gone = true
+			cl.unsubscribe()
 		}
-		for _, c := range queue {
-			for off := 0; off < len(c.data); off += outputChunk {
-				if err := writeFrame(cl.conn, c.typ, c.data[off:min(off+outputChunk, len(c.data))]); err != nil {
-					h.detach(cl)
-					return
-				}
+	}
+	switch {
+	case slow:
+		_ = cl.send(FrameSlow, nil)
+	case !gone:
+		_ = cl.send(FrameEnd, nil)
+	}
+}
+
+// pump copies one stream to the client until the stream ends (nil), the
+// client falls behind (attachio.ErrSlow) or leaves.
+func (cl *client) pump(s clientStream) error {
+	buf := make([]byte, outputChunk)
+	for {
+		n, err := s.sub.Read(buf)
+		if n > 0 {
+			if werr := cl.send(s.typ, buf[:n]); werr != nil {
+				return werr
 			}
 		}
-		// end and slow were read with the queue: nothing is queued
-		// after either.
-		switch {
-		case slow:
-			_ = cl.conn.SetWriteDeadline(time.Now().Add(slowNoticeTimeout))
-			_ = writeFrame(cl.conn, FrameSlow, nil)
-			return
-		case end:
-			_ = writeFrame(cl.conn, FrameEnd, nil)
-			return
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
 		}
 	}
 }
@@ -262,7 +268,9 @@ func (h *hub) read(cl *client) {
 	for {
 		typ, payload, err := readFrame(cl.conn)
 		if err != nil {
-			h.detach(cl)
+			// The client left, or its writer closed the connection
+			// after the end: either way its streams are done.
+			cl.unsubscribe()
 			return
 		}
 		switch typ {
@@ -279,21 +287,6 @@ func (h *hub) read(cl *client) {
 				_ = h.resize(rows, cols)
 			}
 		}
-	}
-}
-
-// detach forgets a client that left; its writer ends.
-func (h *hub) detach(cl *client) {
-	h.mu.Lock()
-	delete(h.clients, cl)
-	// A client already told it is slow or ended gets that notice still.
-	if !cl.slow && !cl.end {
-		cl.gone = true
-	}
-	h.mu.Unlock()
-	wake(cl)
-	if !cl.slow && !cl.end {
-		cl.conn.Close()
 	}
 }
 

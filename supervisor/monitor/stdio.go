@@ -96,7 +96,7 @@ func (m *mon) openStdio(timeout time.Duration) (s *containerStdio, err error) {
 func (s *containerStdio) copy(r *os.File, typ byte, log *cappedLog) {
 	s.ncopiers++
 	go func() {
-		_, err := io.Copy(tee{h: s.hub, typ: typ, log: log}, r)
+		_, err := io.Copy(tee{out: s.hub.stream(typ), log: log}, r)
 		log.Close()
 		r.Close()
 		s.copiers <- err
