@@ -445,3 +445,38 @@ func TestAttachCyclesLeaveNothing(t *testing.T) {
 		t.Errorf("the process's output after the cycles: %d lines ending %q", strings.Count(got, "\n"), got[max(0, len(got)-20):])
 	}
 }
+
+// BenchmarkConsoleOutput is what berth-init's copy of the main process's
+// output pays for the console, per 32 KiB read (its buffer size): the
+// replay ring always, and the fan-out to attached sessions, against the
+// copy to the port alone (a copy into a reused buffer here).
+func BenchmarkConsoleOutput(b *testing.B) {
+	chunk := bytes.Repeat([]byte("0123456789abcdef"), 2<<10)
+	port := make([]byte, len(chunk))
+	b.Run("port-only", func(b *testing.B) {
+		b.SetBytes(int64(len(chunk)))
+		for b.Loop() {
+			copy(port, chunk)
+		}
+	})
+	for _, sessions := range []int{0, 2} {
+		b.Run(fmt.Sprintf("console-%d-sessions", sessions), func(b *testing.B) {
+			c := NewConsole(ConsoleOptions{})
+			var readers sync.WaitGroup
+			for range sessions {
+				p, err := c.Attach(&AttachRequest{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				readers.Go(func() { _, _ = io.Copy(io.Discard, p.Stdout()) })
+			}
+			b.SetBytes(int64(len(chunk)))
+			for b.Loop() {
+				copy(port, chunk)
+				c.Stdout().Write(chunk)
+			}
+			c.End(0, 0)
+			readers.Wait()
+		})
+	}
+}

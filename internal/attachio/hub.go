@@ -17,8 +17,12 @@ var ErrSlow = errors.New("attach session fell behind the task's output and was d
 // Hub is one output stream of a task. Write copies into every subscriber
 // and the replay ring; Close ends every subscriber (after what it holds).
 type Hub struct {
-	mu      sync.Mutex
-	ring    []byte // the newest bytes, at most replayMax
+	mu sync.Mutex
+	// ring holds the newest bytes, at most max: a circular buffer, so a
+	// write into a full ring copies the write only, not the ring.
+	ring    []byte
+	end     int // where the next byte goes
+	held    int // how many bytes ring holds
 	max     int
 	backlog int
 	subs    map[*Sub]struct{}
@@ -37,14 +41,17 @@ func (h *Hub) Write(p []byte) (int, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.max > 0 {
-		if len(p) >= h.max {
-			h.ring = append(h.ring[:0], p[len(p)-h.max:]...)
-		} else {
-			if over := len(h.ring) + len(p) - h.max; over > 0 {
-				h.ring = append(h.ring[:0], h.ring[over:]...)
-			}
-			h.ring = append(h.ring, p...)
+		if h.ring == nil {
+			h.ring = make([]byte, h.max)
 		}
+		q := p
+		if len(q) > h.max {
+			q = q[len(q)-h.max:]
+		}
+		n := copy(h.ring[h.end:], q)
+		copy(h.ring, q[n:])
+		h.end = (h.end + len(q)) % h.max
+		h.held = min(h.held+len(q), h.max)
 	}
 	for s := range h.subs {
 		s.push(p, h.backlog)
@@ -61,8 +68,13 @@ func (h *Hub) Subscribe(replay bool) *Sub {
 	s.cond = sync.NewCond(&s.mu)
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if replay {
-		s.buf = append(s.buf, h.ring...)
+	if replay && h.held > 0 {
+		start := (h.end - h.held + h.max) % h.max
+		if start+h.held <= h.max {
+			s.buf = append(s.buf, h.ring[start:start+h.held]...)
+		} else {
+			s.buf = append(append(s.buf, h.ring[start:]...), h.ring[:h.end]...)
+		}
 	}
 	if h.closed {
 		s.eof = true

@@ -106,3 +106,24 @@ func TestCloseWakesAReader(t *testing.T) {
 		t.Errorf("hub still holds %d subscribers", len(h.subs))
 	}
 }
+
+// The replay is always the newest bytes written, whatever the sizes of
+// the writes against the ring's (it wraps around).
+func TestReplayWrapsAround(t *testing.T) {
+	const ringSize = 100
+	h := NewHub(ringSize, 1<<20)
+	var all []byte
+	for i := range 500 {
+		size := []int{0, 1, 7, 33, 99, 100, 101, 250}[i%8]
+		p := bytes.Repeat([]byte{byte('a' + i%26)}, size)
+		p = append(p, fmt.Sprint(i)...)
+		h.Write(p)
+		all = append(all, p...)
+		s := h.Subscribe(true)
+		got := string(s.buf)
+		s.Close()
+		if want := string(all[max(0, len(all)-ringSize):]); got != want {
+			t.Fatalf("after write %d (%d bytes): replay %q, want %q", i, len(p), got, want)
+		}
+	}
+}
