@@ -163,8 +163,9 @@ func TestAttachPipeFanOutAndEnd(t *testing.T) {
 	}
 }
 
-// A detach leaves the process and its input alone: a later session types
-// to it, and without replay sees only what follows its attach.
+// A detach leaves the process and its input alone: input a session sent
+// right before its detach is still written, and a later session types to
+// the process too.
 func TestAttachDetachAndReattach(t *testing.T) {
 	m := startMain(t, true, "sh", "-c", "read a; echo A-is-$a; read b; echo B-is-$b")
 	p := newAttachPair(t, m.console)
@@ -172,12 +173,10 @@ func TestAttachDetachAndReattach(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Input sent just before a detach is still delivered.
+	// Input sent right before a detach is still delivered.
 	if _, err := io.WriteString(first.Stdin(), "x\n"); err != nil {
 		t.Fatal(err)
 	}
-	var seen bytes.Buffer
-	readUntilT(t, first.Stdout(), &seen, "A-is-x\n")
 	start := time.Now()
 	if err := first.Close(); err != nil {
 		t.Fatal(err)
@@ -201,16 +200,18 @@ func TestAttachDetachAndReattach(t *testing.T) {
 		t.Fatalf("the main process ended at a detach")
 	default:
 	}
-	second, err := p.client.Attach(ctxT(t), &AttachRequest{Stdin: true}, false)
+	second, err := p.client.Attach(ctxT(t), &AttachRequest{Stdin: true, Replay: true}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer second.Close()
+	var seen bytes.Buffer
+	readUntilT(t, second.Stdout(), &seen, "A-is-x\n")
 	if _, err := io.WriteString(second.Stdin(), "y\n"); err != nil {
 		t.Fatal(err)
 	}
-	if r := run(t, second); r != (result{"B-is-y\n", "", 0, 0}) {
-		t.Errorf("second session: %+v", r)
+	if r := run(t, second); r != (result{"B-is-y\n", "", 0, 0}) || seen.String() != "A-is-x\n" {
+		t.Errorf("second session: replay %q then %+v", seen.String(), r)
 	}
 }
 
