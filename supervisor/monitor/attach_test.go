@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -270,5 +271,68 @@ func TestAttachRefusals(t *testing.T) {
 	}
 	if _, _, err := DialAttach(context.Background(), t.TempDir(), AttachHello{}); !errors.Is(err, ErrNoAttachSocket) {
 		t.Errorf("no socket: %v, want ErrNoAttachSocket", err)
+	}
+}
+
+// Input a client sent right before it left reaches the workload, even
+// while output flows to the client (its writer failing on the closed
+// connection must not drop what the client sent).
+func TestAttachInputBeforeDetachIsKept(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	h := newHub(false, pipeStdin{w}, nil)
+	dir := serveHub(t, h)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		line := bytes.Repeat([]byte("o"), 4096)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				_, _ = h.out.Write(line)
+			}
+		}
+	}()
+	const rounds = 30
+	got := make(chan string, 1)
+	go func() {
+		b := make([]byte, 0, rounds*8)
+		buf := make([]byte, 64)
+		for len(b) < rounds*len("word-00;") {
+			n, err := r.Read(buf)
+			if err != nil {
+				break
+			}
+			b = append(b, buf[:n]...)
+		}
+		got <- string(b)
+	}()
+	var want strings.Builder
+	for i := range rounds {
+		c, _ := dial(t, dir, AttachHello{Stdin: true})
+		word := fmt.Sprintf("word-%02d;", i)
+		want.WriteString(word)
+		if _, err := c.WriteStdin([]byte(word)); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	select {
+	case s := <-got:
+		// Each client's input once; the clients' readers may take
+		// their turns in any order.
+		words, wantWords := strings.SplitAfter(s, ";"), strings.SplitAfter(want.String(), ";")
+		slices.Sort(words)
+		slices.Sort(wantWords)
+		if !slices.Equal(words, wantWords) {
+			t.Errorf("stdin read %q, want each of %q once", s, want.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the input of detached clients never arrived")
 	}
 }

@@ -202,7 +202,10 @@ func (h *hub) refuse(conn *net.UnixConn, reason, msg string) {
 // once every stream ended, or FrameSlow when one fell behind.
 func (h *hub) write(cl *client) {
 	defer h.writers.Done()
-	defer cl.conn.Close()
+	// Only the write side: what the client sent before it left (input
+	// typed right before a detach) is still read, and the reader
+	// closes the connection at the client's end.
+	defer cl.conn.CloseWrite()
 	reply, _ := json.Marshal(AttachReply{Version: Version, TTY: h.tty, Stdin: h.stdin != nil})
 	if err := cl.send(FrameReply, reply); err != nil {
 		cl.unsubscribe()
@@ -268,9 +271,9 @@ func (h *hub) read(cl *client) {
 	for {
 		typ, payload, err := readFrame(cl.conn)
 		if err != nil {
-			// The client left, or its writer closed the connection
-			// after the end: either way its streams are done.
+			// The client left: its streams are done.
 			cl.unsubscribe()
+			cl.conn.Close()
 			return
 		}
 		switch typ {
