@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -240,8 +241,11 @@ func TestAttachReplayExactlyOnce(t *testing.T) {
 			default:
 			}
 			emit(fmt.Sprintf("live %d\n", i))
-			if i%100 == 0 {
-				time.Sleep(time.Millisecond) // let the sessions keep up
+			if i%10 == 0 {
+				// Slow enough that a reading session keeps up on a busy
+				// machine: it would have to stall for seconds to fall
+				// behind by a window and a backlog.
+				time.Sleep(time.Millisecond)
 			}
 		}
 	}()
@@ -308,7 +312,7 @@ func TestAttachSlowSessionEnded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fast.Close()
-	var got bytes.Buffer
+	var got countingWriter
 	read := make(chan error, 1)
 	go func() {
 		_, err := io.Copy(&got, fast.Stdout())
@@ -318,13 +322,15 @@ func TestAttachSlowSessionEnded(t *testing.T) {
 	chunk := bytes.Repeat([]byte("0123456789abcdef"), 64)
 	written := 0
 	for written < total {
+		// The reading session keeps within half a window, however slow
+		// this machine: it must never be the one that falls behind.
+		for int64(written)-got.n.Load() > ExecWindow/2 {
+			time.Sleep(time.Millisecond)
+		}
 		n := min(len(chunk), total-written)
 		// Never blocks, never fails: nobody reads the slow session.
 		c.Stdout().Write(chunk[:n])
 		written += n
-		if written%(64<<10) == 0 {
-			time.Sleep(time.Millisecond) // the reading session keeps up
-		}
 	}
 	// berth-init ends the slow session as soon as it falls behind, without
 	// waiting for its host to read: the server forgets it.
@@ -335,8 +341,8 @@ func TestAttachSlowSessionEnded(t *testing.T) {
 	}
 	c.Stderr().Write([]byte("err\n"))
 	c.End(0, 0)
-	if err := <-read; err != nil || got.Len() != total {
-		t.Errorf("the reading session got %d bytes (%v), want %d", got.Len(), err, total)
+	if err := <-read; err != nil || got.n.Load() != total {
+		t.Errorf("the reading session got %d bytes (%v), want %d", got.n.Load(), err, total)
 	}
 	n, err := io.Copy(io.Discard, slow.Stdout())
 	if !errors.Is(err, attachio.ErrSlow) {
@@ -354,6 +360,14 @@ func TestAttachSlowSessionEnded(t *testing.T) {
 	if !c.WaitDrained(10 * time.Second) {
 		t.Errorf("not drained after the reading session read everything and the slow one was ended")
 	}
+}
+
+// countingWriter counts what is written to it.
+type countingWriter struct{ n atomic.Int64 }
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(len(p)))
+	return len(p), nil
 }
 
 // Stdin on a process started without it is refused; a server whose
