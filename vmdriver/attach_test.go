@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -326,8 +327,8 @@ func TestAttachReplaySize(t *testing.T) {
 
 // An agent SIGKILLed while attached to a terminal, with input typed: the
 // shell runs on, and the restarted agent (a new driver, Recover) attaches
-// with a replay that has what the shell printed once, types, and sees
-// the task end with the shell's exit code.
+// with a replay that has what the shell printed once, types, and signals
+// the shell (berth kill), whose end ends the session's output.
 func TestAttachAgentKilled(t *testing.T) {
 	setup(t)
 	d := newDriver(t, fixtures.root)
@@ -351,8 +352,14 @@ func TestAttachAgentKilled(t *testing.T) {
 	s := attachT(t, d2, cfg.ID, driver.AttachOptions{Stdin: true, Replay: true})
 	out := tailOf(s.Stdout())
 	out.waitFor(t, "typed-"+m+"\r\n")
-	if _, err := io.WriteString(s.Stdin(), "exit 5\n"); err != nil {
+	if _, err := io.WriteString(s.Stdin(), "echo before-'signal'\n"); err != nil {
 		t.Fatal(err)
+	}
+	out.waitFor(t, "before-signal\r\n")
+	// berth kill reaches the shell on its terminal (an interactive shell
+	// ignores TERM, not HUP).
+	if err := d2.Signal(execCtx(t), cfg.ID, syscall.SIGHUP); err != nil {
+		t.Fatalf("Signal: %v", err)
 	}
 	if err := out.end(t); err != io.EOF {
 		t.Errorf("output ended with %v, want io.EOF", err)
@@ -360,8 +367,8 @@ func TestAttachAgentKilled(t *testing.T) {
 	if n := strings.Count(out.String(), "typed-"+m+"\r\n"); n != 1 {
 		t.Errorf("replay after the agent's death has the shell's output %d times, want once: %q", n, out.String())
 	}
-	if res, err := d2.Wait(execCtx(t), cfg.ID); err != nil || res.ExitCode != 5 {
-		t.Errorf("exit = %+v, %v; want the shell's 5", res, err)
+	if res, err := d2.Wait(execCtx(t), cfg.ID); err != nil || res.ExitCode != 129 || res.Signal != int(syscall.SIGHUP) {
+		t.Errorf("exit = %+v, %v; want 129 by SIGHUP", res, err)
 	}
 	if log := drivertest.ReadLog(t, cfg, driver.StdoutLog); strings.Count(log, "typed-"+m+"\r\n") != 1 {
 		t.Errorf("stdout.log %q: want the output typed through the killed agent once", log)
