@@ -94,6 +94,8 @@ type dbSpec struct {
 	Network    string            `json:"network,omitempty"`
 	Ports      []dbPort          `json:"ports,omitempty"`
 	Volumes    []dbVolumeMount   `json:"volumes,omitempty"`
+	Stdin      bool              `json:"stdin,omitempty"`
+	TTY        bool              `json:"tty,omitempty"`
 }
 
 type dbVolumeMount struct {
@@ -268,6 +270,7 @@ func specToDB(s api.WorkloadSpec) dbSpec {
 		Health:    healthToDB(s.Health),
 		Network:   s.Network, Ports: portsToDB(s.Ports),
 		Volumes: convertSlice(s.Volumes, func(m api.VolumeMount) dbVolumeMount { return dbVolumeMount(m) }),
+		Stdin:   s.Stdin, TTY: s.TTY,
 	}
 }
 
@@ -343,6 +346,7 @@ func fromDB(d *dbRecord) *record {
 				Health:  healthFromDB(s.Health),
 				Network: s.Network, Ports: portsFromDB(s.Ports),
 				Volumes: convertSlice(s.Volumes, func(m dbVolumeMount) api.VolumeMount { return api.VolumeMount(m) }),
+				Stdin:   s.Stdin, TTY: s.TTY,
 			},
 			State: api.State(d.State), Isolation: api.Isolation(d.Isolation),
 			ExitCode: d.ExitCode, OOMKilled: d.OOMKilled, Error: d.Error,
