@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/berthd/berth/api"
@@ -136,13 +137,13 @@ type Agent struct {
 	// the one before it.
 	writeMu sync.Mutex
 
-	mu      sync.Mutex // guards the fields below
-	recs    map[string]*record
-	names   map[string]string // api.Ref(tenant, name) -> id
-	index   uint64
-	changed chan struct{}                   // closed and replaced on every commit
-	sups    map[string]*supervisor          // each workload's supervisor, while one runs
-	pulls   map[string]*api.ImagePullStatus // by workload id, while its image downloads
+	mu       sync.Mutex // guards the fields below
+	recs     map[string]*record
+	names    map[string]string // api.Ref(tenant, name) -> id
+	index    uint64
+	indexNow atomic.Pointer[indexState]      // the index and its change channel, replaced on every commit
+	sups     map[string]*supervisor          // each workload's supervisor, while one runs
+	pulls    map[string]*api.ImagePullStatus // by workload id, while its image downloads
 	// admitting counts the submits in flight per image digest: image
 	// collection leaves their images alone.
 	admitting map[string]int
@@ -219,7 +220,6 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		logsDir: filepath.Join(opts.DataDir, "logs"),
 		recs:    map[string]*record{},
 		names:   map[string]string{},
-		changed: make(chan struct{}),
 		sups:    map[string]*supervisor{},
 		pulls:   map[string]*api.ImagePullStatus{},
 
@@ -233,6 +233,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		capacity:  hostCapacity(),
 		recovered: make(chan struct{}),
 	}
+	a.indexNow.Store(&indexState{changed: make(chan struct{})})
 	if opts.Capacity != nil {
 		a.capacity = *opts.Capacity
 	}

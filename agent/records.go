@@ -193,11 +193,9 @@ func (a *Agent) commitLocked(r *record) error {
 		return fmt.Errorf("persist workload %s: %w", r.Workload.ID, err)
 	}
 	a.mu.Lock()
-	a.index = idx
 	a.recs[r.Workload.ID] = r
 	a.bindNameLocked(r)
-	close(a.changed)
-	a.changed = make(chan struct{})
+	a.advanceLocked(idx)
 	a.mu.Unlock()
 	a.publishTransition(prev, r)
 	if needsSupervisor(r) {
@@ -289,9 +287,7 @@ func (a *Agent) removeRecordLocked(id string) (uint64, error) {
 	}
 	delete(a.recs, id)
 	delete(a.healths, id)
-	a.index = idx
-	close(a.changed)
-	a.changed = make(chan struct{})
+	a.advanceLocked(idx)
 	a.mu.Unlock()
 	return idx, nil
 }
@@ -310,18 +306,32 @@ func (a *Agent) bumpIndex() {
 		return
 	}
 	a.mu.Lock()
-	a.index = idx
-	close(a.changed)
-	a.changed = make(chan struct{})
+	a.advanceLocked(idx)
 	a.mu.Unlock()
+}
+
+// indexState is the state index and the channel closed when it moves on,
+// published together so blocking queries read them without a.mu: a change
+// wakes every parked query at once, and thousands of them must not queue
+// on one lock to learn the new index.
+type indexState struct {
+	index   uint64
+	changed chan struct{}
+}
+
+// advanceLocked moves the index to idx and wakes what waits for a change.
+// The caller holds a.mu.
+func (a *Agent) advanceLocked(idx uint64) {
+	a.index = idx
+	old := a.indexNow.Swap(&indexState{index: idx, changed: make(chan struct{})})
+	close(old.changed)
 }
 
 // Index returns the current state index and a channel closed at the next
 // change, for blocking queries.
 func (a *Agent) Index() (uint64, <-chan struct{}) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.index, a.changed
+	st := a.indexNow.Load()
+	return st.index, st.changed
 }
 
 // waitRecord blocks until the workload's record satisfies ok, it is gone

@@ -19,6 +19,7 @@ func (a *Agent) recover(ctx context.Context) error {
 	}
 	// Index 0 means "do not block" to clients: a fresh node starts at 1.
 	a.index = max(index, 1)
+	a.indexNow.Store(&indexState{index: a.index, changed: make(chan struct{})})
 	for _, r := range recs {
 		r.Workload.Deleting = r.Deleting
 		a.recs[r.Workload.ID] = r
