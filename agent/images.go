@@ -64,8 +64,16 @@ func (a *Agent) PullImage(ctx context.Context, req api.PullRequest) (*api.Image,
 		o.Auth = &image.Credentials{Username: auth.Username, Password: auth.Password, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken}
 		o.Owners = []string{req.Tenant}
 	}
-	o.Progress = a.pullEvents("", req.Ref, "")
-	img, err := a.images.PullWith(ctx, req.Ref, o)
+	var img *image.Image
+	var err error
+	if o.Auth == nil {
+		img, err = a.pullNodeImage(ctx, req.Ref)
+	} else {
+		// A pull's own credentials never ride on another pull's: the
+		// registry checks them.
+		o.Progress = a.pullEvents("", req.Ref, "")
+		img, err = a.images.PullWith(ctx, req.Ref, o)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/berthd/berth/api"
@@ -137,9 +138,64 @@ func (a *Agent) pullEvents(workload, ref, digest string) func(done, total int64)
 	return func(done, total int64) {
 		if now := time.Now(); now.Sub(last) >= pullEventEvery || done == total {
 			last = now
-			a.events.publish(api.Event{Type: api.EventImagePullProgress, WorkloadID: workload,
-				Message: fmt.Sprintf("pulling %s: %d of %d bytes", ref, done, total),
-				Attrs:   map[string]string{"ref": ref, "digest": digest, "bytes_done": strconv.FormatInt(done, 10), "bytes_total": strconv.FormatInt(total, 10)}})
+			a.publishPullProgress(workload, ref, digest, done, total)
 		}
 	}
+}
+
+func (a *Agent) publishPullProgress(workload, ref, digest string, done, total int64) {
+	a.events.publish(api.Event{Type: api.EventImagePullProgress, WorkloadID: workload,
+		Message: fmt.Sprintf("pulling %s: %d of %d bytes", ref, done, total),
+		Attrs:   map[string]string{"ref": ref, "digest": digest, "bytes_done": strconv.FormatInt(done, 10), "bytes_total": strconv.FormatInt(total, 10)}})
+}
+
+// pullNodeImage is POST /v1/images/pull with the node's credentials: it
+// joins a download of the same image already under way (a submit's, or
+// another pull's) rather than start a second one, and its progress starts
+// where that download is. While it waits, the latest progress is published
+// again every pullEventEvery even when no byte arrived (a stalled layer),
+// so a client that subscribes to the events after the download began
+// (berth image pull draws from them) sees where it is within that time.
+func (a *Agent) pullNodeImage(ctx context.Context, ref string) (*image.Image, error) {
+	resolved, err := a.images.Resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	var done, total int64
+	var last time.Time
+	report := func(d, t int64, force bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !force {
+			done, total = d, t
+		}
+		if total == 0 {
+			return // nothing known yet
+		}
+		if now := time.Now(); force || now.Sub(last) >= pullEventEvery || done == total {
+			last = now
+			a.publishPullProgress("", ref, resolved.Digest, done, total)
+		}
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		tick := time.NewTicker(pullEventEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				mu.Lock()
+				quiet := time.Since(last) >= pullEventEvery
+				mu.Unlock()
+				if quiet {
+					report(0, 0, true)
+				}
+			}
+		}
+	}()
+	return a.images.PullShared(ctx, ref, resolved.Digest, func(d, t int64) { report(d, t, false) })
 }

@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/term"
@@ -22,28 +24,60 @@ func pullProgress(ctx context.Context, c *client.Client, workload, ref string) (
 	if !term.IsTerminal(int(os.Stderr.Fd())) {
 		return func() {}
 	}
+	return drawPullProgress(ctx, c, workload, ref, os.Stderr)
+}
+
+// drawPullProgress is pullProgress onto out. A download another submit
+// started may be under way already, and its progress events published
+// before this subscribed: the bar starts from where it is, read from the
+// workload (its pull status) for a workload, and for berth image pull
+// from the progress the agent publishes as the pull joins the download
+// (and again every second while it waits). Progress never goes back on
+// the bar: an older reading that arrives late is not drawn.
+func drawPullProgress(ctx context.Context, c *client.Client, workload, ref string, out io.Writer) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
+	var mu sync.Mutex
 	drawn := false
+	var shown [2]int64
+	draw := func(ref string, done, total int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		if total <= 0 || (total == shown[1] && done < shown[0]) {
+			return
+		}
+		shown = [2]int64{done, total}
+		fmt.Fprintf(out, "\r%s", progressLine(ref, done, total))
+		drawn = true
+	}
+	finished := make(chan struct{})
 	go func() {
-		defer close(done)
+		defer close(finished)
 		_ = c.Events(ctx, client.EventOptions{WorkloadID: workload, Types: []string{api.EventImagePullProgress}}, func() {}, func(e api.Event) error {
 			if ref != "" && !strings.HasSuffix(e.Attrs["ref"], ref) && e.Attrs["ref"] != ref {
 				return nil
 			}
 			done, _ := strconv.ParseInt(e.Attrs["bytes_done"], 10, 64)
 			total, _ := strconv.ParseInt(e.Attrs["bytes_total"], 10, 64)
-			fmt.Fprintf(os.Stderr, "\r%s", progressLine(e.Attrs["ref"], done, total))
-			drawn = true
+			draw(e.Attrs["ref"], done, total)
 			return nil
 		})
 	}()
-	return func() {
-		cancel()
-		<-done
-		if drawn {
-			fmt.Fprint(os.Stderr, "\r\033[K")
+	if workload != "" {
+		if w, _, err := c.Get(ctx, workload, nil); err == nil && w.Pull != nil {
+			draw(w.Pull.Ref, w.Pull.BytesDone, w.Pull.BytesTotal)
 		}
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			cancel()
+			<-finished
+			mu.Lock()
+			defer mu.Unlock()
+			if drawn {
+				fmt.Fprint(out, "\r\033[K")
+			}
+		})
 	}
 }
 
