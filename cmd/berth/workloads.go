@@ -489,9 +489,11 @@ func printWorkload(w *api.Workload) {
 
 func newLogsCmd(g *globals) *cobra.Command {
 	var (
-		follow bool
-		tail   int
-		stream string
+		follow     bool
+		tail       int
+		stream     string
+		since      string
+		timestamps bool
 	)
 	cmd := &cobra.Command{
 		Use:   "logs WORKLOAD",
@@ -502,13 +504,23 @@ func newLogsCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return c.Logs(cmd.Context(), args[0], api.LogOptions{Follow: follow, Tail: tail, Stream: stream}, func(l api.LogLine) error {
+			opts := api.LogOptions{Follow: follow, Tail: tail, Stream: stream, Timestamps: timestamps}
+			if since != "" {
+				if opts.Since, err = api.ParseSince(since, time.Now()); err != nil {
+					return fmt.Errorf("--since: %w", err)
+				}
+			}
+			return c.Logs(cmd.Context(), args[0], opts, func(l api.LogLine) error {
 				if g.output == "json" {
 					return printJSONLine(l)
 				}
 				out := os.Stdout
 				if l.Stream == "stderr" {
 					out = os.Stderr
+				}
+				if timestamps && l.Time != nil {
+					_, err := fmt.Fprintln(out, l.Time.UTC().Format(api.LogTimeFormat), l.Line)
+					return err
 				}
 				_, err := fmt.Fprintln(out, l.Line)
 				return err
@@ -518,6 +530,8 @@ func newLogsCmd(g *globals) *cobra.Command {
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the workload ends")
 	cmd.Flags().IntVarP(&tail, "tail", "n", -1, "only the last N lines (of each stream)")
 	cmd.Flags().StringVar(&stream, "stream", "", "stdout or stderr only")
+	cmd.Flags().StringVar(&since, "since", "", "only lines written since a time: a duration before now (10m, 1h30m) or an RFC 3339 time")
+	cmd.Flags().BoolVarP(&timestamps, "timestamps", "t", false, "prefix each line with the time it was written (RFC 3339, nanoseconds)")
 	return cmd
 }
 
