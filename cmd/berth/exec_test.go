@@ -42,6 +42,13 @@ func execAgent(t *testing.T) (string, *client.Client) {
 	if _, err := imgs.Import(context.Background(), &buf, ""); err != nil {
 		t.Fatal(err)
 	}
+	return serveAgent(t, dir, imgs)
+}
+
+// serveAgent serves an agent over the fake driver with its data in dir and
+// its images in imgs, and returns its address and a client.
+func serveAgent(t *testing.T, dir string, imgs *image.Store) (string, *client.Client) {
+	t.Helper()
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 64, MemoryMB: 1 << 16},
 		DataDir: dir, Drivers: []driver.Driver{fake.New("container", fake.NewNode())}, Images: imgs,

@@ -17,12 +17,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
-	"github.com/berthd/berth/agent"
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
-	"github.com/berthd/berth/api/server"
-	"github.com/berthd/berth/driver"
-	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/image"
 	"github.com/berthd/berth/internal/ociimage"
 	"github.com/berthd/berth/internal/testimage"
@@ -54,7 +50,6 @@ func heldPullAgent(t *testing.T) (c *client.Client, ref string, release func()) 
 	hold := make(chan struct{})
 	var once sync.Once
 	release = func() { once.Do(func() { close(hold) }) }
-	t.Cleanup(release)
 	base, err := ociimage.Busybox()
 	if err != nil {
 		t.Fatal(err)
@@ -88,30 +83,14 @@ func heldPullAgent(t *testing.T) (c *client.Client, ref string, release func()) 
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	imgs, err := image.New(filepath.Join(dir, "images"), image.WithRegistries(image.Registries{Allowed: []string{"*"}, Insecure: []string{host}}), image.WithLogger(quiet))
+	imgs, err := image.New(filepath.Join(dir, "images"), image.WithRegistries(image.Registries{Allowed: []string{"*"}, Insecure: []string{host}}), image.WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := agent.New(context.Background(), agent.Options{Capacity: &api.NodeResources{CPU: 64, MemoryMB: 1 << 16},
-		DataDir: dir, Drivers: []driver.Driver{fake.New("container", fake.NewNode())}, Images: imgs,
-		Defaults: agent.Defaults{CPU: 1, MemoryMB: 128, Pids: 256}, StopTimeout: 2 * time.Second, Logger: quiet,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(server.New(a, server.Options{Logger: quiet}))
-	t.Cleanup(func() {
-		release()
-		hs.Close()
-		for _, w := range a.List(context.Background(), api.ListFilter{}) {
-			_ = a.Delete(context.Background(), w.ID, true)
-		}
-		a.Close()
-	})
-	if c, err = client.New(hs.URL); err != nil {
-		t.Fatal(err)
-	}
+	_, c = serveAgent(t, dir, imgs)
+	// Registered after the agent's: runs before its server waits for the
+	// held request to end.
+	t.Cleanup(release)
 	return c, ref, release
 }
 

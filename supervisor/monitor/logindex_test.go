@@ -190,3 +190,60 @@ func TestLogIndexMissing(t *testing.T) {
 		t.Errorf("the new write's time %v %v is outside [%v, %v]", got, ok, before, after)
 	}
 }
+
+// An index that cannot be written never fails or stops the log: the
+// output is all there, untimed.
+func TestLogIndexUnwritableLeavesTheLogAlone(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stdout.log")
+	if err := os.Mkdir(LogIndex(path), 0o755); err != nil { // not a file
+		t.Fatal(err)
+	}
+	w, err := NewLogWriter(path, 64, 2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if _, err := fmt.Fprintf(w, "line %02d\n", i); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+	w.Close()
+	data, err := os.ReadFile(path)
+	if err != nil || len(data) == 0 {
+		t.Fatalf("the live log: %q %v", data, err)
+	}
+	if _, err := os.Stat(RotatedLog(path, 1)); err != nil {
+		t.Errorf("the log did not rotate: %v", err)
+	}
+}
+
+// The cost of timing a log: writes of one line each without the index
+// (the baseline), with it (a flood: writes within a millisecond share an
+// entry), and with an entry for every write (a clock that moves 1 ms a
+// write: the worst case), in the same run.
+func BenchmarkLogWrite(b *testing.B) {
+	line := []byte("a line of output of an ordinary length, as services write them\n")
+	for _, mode := range []string{"untimed", "timed", "timed-entry-per-write"} {
+		b.Run(mode, func(b *testing.B) {
+			l, err := openLog(filepath.Join(b.TempDir(), "stdout.log"), 64<<20, 3)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer l.Close()
+			switch mode {
+			case "untimed":
+				l.idx.close()
+				l.idx = nil
+			case "timed-entry-per-write":
+				t := time.Now()
+				l.now = func() time.Time { t = t.Add(IndexGranularity); return t }
+			}
+			b.SetBytes(int64(len(line)))
+			for b.Loop() {
+				if _, err := l.Write(line); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
