@@ -464,3 +464,37 @@ func TestAttachMonitorKilled(t *testing.T) {
 		t.Errorf("attach after the end: %v, want ErrConflict", err)
 	}
 }
+
+// A terminal's output rotates in stdout.log like any output: nothing of
+// it is lost to the rotation, and stderr.log stays empty.
+func TestAttachTerminalOutputRotates(t *testing.T) {
+	d, cfg := startUserNSTask(t, "dta", func(cfg *driver.TaskConfig) {
+		cfg.TTY = true
+		cfg.Logs = driver.LogLimits{MaxBytes: 16 << 10, MaxFiles: 3}
+	}, "sh", "-c", "i=0; while [ $i -lt 1500 ]; do echo line-$i-0123456789012345678901234567890123456789; i=$((i+1)); done")
+	if res := waitExit(t, d, cfg.ID); res.ExitCode != 0 {
+		t.Fatalf("exit %+v", res)
+	}
+	var all string
+	for _, name := range []string{"stdout.log.3", "stdout.log.2", "stdout.log.1", "stdout.log"} {
+		data, err := os.ReadFile(filepath.Join(cfg.LogDir, name))
+		if err != nil {
+			t.Fatalf("%s: %v (the terminal's ~80 KB should have rotated it)", name, err)
+		}
+		if len(data) > 16<<10 {
+			t.Errorf("%s has %d bytes, over the 16 KiB limit", name, len(data))
+		}
+		all += string(data)
+	}
+	// The newest lines are all there, in order (the oldest file may have
+	// gone with a fourth rotation).
+	for i := 1000; i < 1500; i++ {
+		line := fmt.Sprintf("line-%d-0123456789012345678901234567890123456789\r\n", i)
+		if !strings.Contains(all, line) {
+			t.Fatalf("the rotated logs lack %q", line)
+		}
+	}
+	if data, _ := os.ReadFile(filepath.Join(cfg.LogDir, "stderr.log")); len(data) != 0 {
+		t.Errorf("stderr.log of a terminal task: %q", data)
+	}
+}
