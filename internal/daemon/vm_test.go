@@ -132,6 +132,31 @@ func TestSameSpecContainerAndVM(t *testing.T) {
 	if vm.w.Placement == nil || vm.w.Placement.Isolation != api.IsolationVM {
 		t.Errorf("vm placement %+v", vm.w.Placement)
 	}
+	// Both monitors time every line (a VM's output comes through its
+	// virtio-serial ports into the same writer), within the workload's
+	// life; since after its end leaves nothing.
+	for iso, r := range results {
+		n := 0
+		err := c.Logs(context.Background(), r.w.ID, api.LogOptions{Tail: -1, Timestamps: true}, func(l api.LogLine) error {
+			n++
+			if l.Time == nil || l.Time.Before(r.w.CreatedAt) || (r.w.FinishedAt != nil && l.Time.After(*r.w.FinishedAt)) {
+				t.Errorf("%s: %q at %v, outside [%v, %v]", iso, l.Line, l.Time, r.w.CreatedAt, r.w.FinishedAt)
+			}
+			return nil
+		})
+		if err != nil || n != 4 {
+			t.Errorf("%s: logs with timestamps: %d lines, %v", iso, n, err)
+		}
+		if r.w.FinishedAt != nil {
+			err = c.Logs(context.Background(), r.w.ID, api.LogOptions{Tail: -1, Since: r.w.FinishedAt.Add(time.Nanosecond)}, func(l api.LogLine) error {
+				t.Errorf("%s: %q is since the workload's end", iso, l.Line)
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		}
+	}
 }
 
 // TestVMWorkloadSurvivesAgentSIGKILL: the agent dies while a VM workload
