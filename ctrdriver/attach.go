@@ -32,8 +32,10 @@ func (d *Driver) Attach(ctx context.Context, id string, opts driver.AttachOption
 			return nil, fmt.Errorf("attach to container task %s: %w", id, err)
 		}
 		if rec := t.Monitor(); rec.Version < monitor.AttachVersion {
+			// The task runs (not ErrConflict, which says it does not):
+			// its monitor cannot do this.
 			return nil, fmt.Errorf("container task %s runs under a monitor of protocol %d, started by an earlier berth, which cannot attach (protocol %d and later can); restart the workload to attach to it: %w",
-				id, rec.Version, monitor.AttachVersion, errdefs.ErrConflict)
+				id, rec.Version, monitor.AttachVersion, errdefs.ErrFailedPrecondition)
 		}
 		// The socket goes with the monitor, when the task has ended.
 		return nil, fmt.Errorf("container task %s is not running (its monitor has ended): %w", id, errdefs.ErrConflict)

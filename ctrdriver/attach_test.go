@@ -379,8 +379,8 @@ func TestAttachRefusals(t *testing.T) {
 		t.Fatalf("Recover: %v", err)
 	}
 	_, err := d2.Attach(ctx, cfg.ID, driver.AttachOptions{})
-	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "protocol 2") {
-		t.Errorf("a protocol 2 monitor: %v, want ErrConflict naming the protocol", err)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "protocol 2") {
+		t.Errorf("a protocol 2 monitor: %v, want ErrFailedPrecondition naming the protocol", err)
 	}
 	if err := d2.Stop(ctx, cfg.ID, time.Second); err != nil {
 		t.Fatal(err)
