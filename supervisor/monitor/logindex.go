@@ -146,7 +146,15 @@ type IndexReader struct {
 	cur     IndexEntry
 	next    IndexEntry
 	hasNext bool
+	// blk caches whole entries read from entry blkStart on: entries are
+	// never changed once written, so a reader going forward reads the
+	// index a block at a time.
+	blk      []byte
+	blkStart int64
 }
+
+// indexBlock is how many bytes of entries a reader reads at once.
+const indexBlock = 256 * indexEntrySize
 
 // IndexEntry is one entry of an index: the bytes from Offset on were
 // written at Time (to IndexGranularity).
@@ -184,10 +192,17 @@ func (r *IndexReader) Close() error { return r.f.Close() }
 
 // entry reads entry i, if the index holds it yet.
 func (r *IndexReader) entry(i int64) (IndexEntry, bool) {
-	var b [indexEntrySize]byte
-	if _, err := r.f.ReadAt(b[:], indexHeaderSize+i*indexEntrySize); err != nil {
-		return IndexEntry{}, false
+	if i < r.blkStart || i >= r.blkStart+int64(len(r.blk)/indexEntrySize) {
+		if r.blk == nil {
+			r.blk = make([]byte, indexBlock)
+		}
+		n, _ := r.f.ReadAt(r.blk[:cap(r.blk)], indexHeaderSize+i*indexEntrySize)
+		r.blk, r.blkStart = r.blk[:n/indexEntrySize*indexEntrySize], i
+		if len(r.blk) == 0 {
+			return IndexEntry{}, false
+		}
 	}
+	b := r.blk[(i-r.blkStart)*indexEntrySize:]
 	return IndexEntry{
 		Offset: int64(binary.LittleEndian.Uint64(b[:8])),
 		Time:   time.Unix(0, int64(binary.LittleEndian.Uint64(b[8:]))).UTC(),

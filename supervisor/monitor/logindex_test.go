@@ -247,3 +247,32 @@ func BenchmarkLogWrite(b *testing.B) {
 		})
 	}
 }
+
+// Reading every byte's time of a log of 100,000 entries, forward, as the
+// agent does for --timestamps.
+func BenchmarkIndexTimeAt(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "stdout.log")
+	t := time.Now()
+	w, err := NewLogWriter(path, 0, 0, func() time.Time { t = t.Add(IndexGranularity); return t })
+	if err != nil {
+		b.Fatal(err)
+	}
+	const n = 100_000
+	for range n {
+		w.Write([]byte("a line\n"))
+	}
+	w.Close()
+	b.ResetTimer()
+	for b.Loop() {
+		r, err := OpenIndex(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for off := int64(6); off < 7*n; off += 7 {
+			if _, ok := r.TimeAt(off); !ok {
+				b.Fatal("no time")
+			}
+		}
+		r.Close()
+	}
+}
