@@ -514,7 +514,7 @@ func (s *execSession) Resize(size driver.TermSize) error {
 	if s.pty == nil {
 		return nil
 	}
-	return unix.IoctlSetWinsize(int(s.pty.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: size.Rows, Col: size.Cols})
+	return ptyio.Resize(s.pty, size.Rows, size.Cols)
 }
 
 func (s *execSession) Signal(sig syscall.Signal) error {

@@ -33,6 +33,7 @@ func TestMonitorLinksNothingHeavy(t *testing.T) {
 			strings.HasPrefix(d, "github.com/berthd/berth/internal/fileutil"),
 			strings.HasPrefix(d, "github.com/berthd/berth/internal/proc"),
 			d == "github.com/berthd/berth/internal/attachio",
+			d == "github.com/berthd/berth/internal/ptyio",
 			d == "github.com/berthd/berth/cmd/berth-monitor",
 			strings.HasPrefix(d, "vendor/"):
 		default:

@@ -211,7 +211,7 @@ func TestAttachStdin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	h := newHub(false, pipeStdin{w}, nil)
+	h := newHub(false, w, nil)
 	dir := serveHub(t, h)
 	reader, _ := dial(t, dir, AttachHello{})
 	writer, reply := dial(t, dir, AttachHello{Stdin: true})
@@ -283,7 +283,7 @@ func TestAttachInputBeforeDetachIsKept(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	h := newHub(false, pipeStdin{w}, nil)
+	h := newHub(false, w, nil)
 	dir := serveHub(t, h)
 	stop := make(chan struct{})
 	defer close(stop)

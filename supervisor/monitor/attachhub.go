@@ -6,11 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/internal/attachio"
 )
@@ -31,13 +28,6 @@ const (
 	flushTimeout = 5 * time.Second
 )
 
-// stdinSink is the workload's standard input as the monitor holds it.
-type stdinSink interface {
-	Write(p []byte) (int, error)
-	// End gives the workload end of file.
-	End() error
-}
-
 // hub is a container's streams as its attach clients see them: each
 // output stream fanned out (never blocking the workload, see attachio)
 // with its newest AttachReplayMax bytes kept for replay, and its input.
@@ -45,7 +35,10 @@ type hub struct {
 	tty    bool
 	out    *attachio.Hub
 	errOut *attachio.Hub // nil with a terminal
-	stdin  stdinSink     // nil: the task has no stdin
+	// stdin is the workload's standard input, whose Close is its end of
+	// file: a pipe's write end, or a terminal's master as ptyio.Stdin
+	// (nil: the task has no stdin).
+	stdin io.WriteCloser
 	// resize sets the terminal's size (nil without a terminal).
 	resize func(rows, cols uint16) error
 
@@ -57,7 +50,7 @@ type hub struct {
 	stdinClosed bool
 }
 
-func newHub(tty bool, stdin stdinSink, resize func(rows, cols uint16) error) *hub {
+func newHub(tty bool, stdin io.WriteCloser, resize func(rows, cols uint16) error) *hub {
 	h := &hub{tty: tty, stdin: stdin, resize: resize, out: attachio.NewHub(AttachReplayMax, clientBacklog)}
 	if !tty {
 		h.errOut = attachio.NewHub(AttachReplayMax, clientBacklog)
@@ -309,34 +302,6 @@ func (h *hub) endStdin() {
 	defer h.stdinMu.Unlock()
 	if !h.stdinClosed {
 		h.stdinClosed = true
-		_ = h.stdin.End()
+		_ = h.stdin.Close()
 	}
-}
-
-// pipeStdin is a pipe's write end as the workload's stdin.
-type pipeStdin struct{ f *os.File }
-
-func (p pipeStdin) Write(b []byte) (int, error) { return p.f.Write(b) }
-func (p pipeStdin) End() error                  { return p.f.Close() }
-
-// ttyStdin writes to a terminal's master; its end is the terminal's
-// end-of-file character (^D), as a user at the terminal types it.
-type ttyStdin struct{ f *os.File }
-
-func (t ttyStdin) Write(b []byte) (int, error) { return t.f.Write(b) }
-func (t ttyStdin) End() error                  { _, err := t.f.Write([]byte{4}); return err }
-
-// setWinsize resizes the terminal whose master is f.
-func setWinsize(f *os.File, rows, cols uint16) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ierr error
-	if err := rc.Control(func(fd uintptr) {
-		ierr = unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, &unix.Winsize{Row: rows, Col: cols})
-	}); err != nil {
-		return err
-	}
-	return ierr
 }

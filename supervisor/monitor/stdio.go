@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 // containerStdio is what a container monitor holds of its container's
@@ -129,13 +131,13 @@ func (s *containerStdio) serve(ctx context.Context, dir string) error {
 		_ = os.RemoveAll(s.consoleDir)
 		s.consoleDir = ""
 		master := s.master
-		s.hub.resize = func(rows, cols uint16) error { return setWinsize(master, rows, cols) }
+		s.hub.resize = func(rows, cols uint16) error { return ptyio.Resize(master, rows, cols) }
 		if s.stdin {
-			s.hub.stdin = ttyStdin{master}
+			s.hub.stdin = &ptyio.Stdin{F: master}
 		}
 		s.copy(master, FrameStdout, s.outLog)
 	} else if s.stdinW != nil {
-		s.hub.stdin = pipeStdin{s.stdinW}
+		s.hub.stdin = s.stdinW
 	}
 	s.sock = filepath.Join(dir, AttachSocket)
 	ln, err := listenUnix(s.sock)
