@@ -1,16 +1,23 @@
 package driver
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
 	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/api/client"
 )
 
 // A job's health block, as Nomad decodes it from HCL, becomes the spec's
@@ -110,5 +117,68 @@ func TestHealthIsReportedToNomad(t *testing.T) {
 	}
 	if got := healthAttributes(&api.Workload{}); got != nil {
 		t.Errorf("a workload without a check has health attributes %v", got)
+	}
+}
+
+// Through the driver: a berth workload.health event of a task's workload
+// becomes a Nomad task event, and InspectTask carries the workload's
+// health in the task's driver attributes.
+func TestHealthReachesNomadThroughTheDriver(t *testing.T) {
+	const id = "w1"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/events":
+			if r.URL.Query().Get("workload") != id {
+				http.Error(w, "wrong workload", http.StatusBadRequest)
+				return
+			}
+			w.Header().Set("Content-Type", "text/event-stream")
+			data, _ := json.Marshal(api.Event{ID: 1, Type: api.EventWorkloadHealth, WorkloadID: id, Message: "workload w1 is unhealthy",
+				Attrs: map[string]string{"status": "unhealthy", "previous": "healthy", "output": "exit status 1"}})
+			fmt.Fprintf(w, "id: 1\ndata: %s\n\n", data)
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		case "/v1/workloads/" + id:
+			json.NewEncoder(w).Encode(api.Workload{ID: id, State: api.StateRunning,
+				Health: &api.HealthStatus{Status: api.HealthUnhealthy, FailingStreak: 2, Log: []api.HealthResult{{Output: "exit status 1"}}}})
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	c, err := client.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.client = c
+	cfg := &drivers.TaskConfig{ID: "a/web/1", AllocID: "a", Name: "web"}
+	h := newTaskHandle(d, cfg, State{WorkloadID: id, Isolation: "container", StartedAt: time.Now()})
+	d.tasks[cfg.ID] = h
+	defer h.close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	events, err := d.TaskEvents(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go h.forwardEvents()
+	select {
+	case ev := <-events:
+		if ev.TaskID != cfg.ID || ev.Message != "berth: health check: unhealthy (exit status 1)" || ev.Annotations["health"] != "unhealthy" {
+			t.Errorf("task event %+v", ev)
+		}
+	case <-ctx.Done():
+		t.Fatal("no task event")
+	}
+
+	st, err := d.InspectTask(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := st.DriverAttributes; a["health"] != "unhealthy" || a["health_failing_streak"] != "2" || a["health_output"] != "exit status 1" {
+		t.Errorf("driver attributes %v", a)
 	}
 }
