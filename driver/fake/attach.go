@@ -8,11 +8,10 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/attachio"
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 var _ driver.Attacher = (*Driver)(nil)
@@ -70,7 +69,7 @@ func (s *attachSession) Resize(size driver.TermSize) error {
 	if s.t.pty == nil {
 		return nil
 	}
-	return unix.IoctlSetWinsize(int(s.t.pty.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: size.Rows, Col: size.Cols})
+	return ptyio.Resize(s.t.pty, size.Rows, size.Cols)
 }
 
 func (s *attachSession) Close() error {

@@ -11,8 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/proc"
@@ -102,7 +100,7 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (d
 		}
 		childEnds = append(childEnds, slave)
 		s.pty = master
-		if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: cfg.Size.Rows, Col: cfg.Size.Cols}); err != nil {
+		if err := ptyio.Resize(master, cfg.Size.Rows, cfg.Size.Cols); err != nil {
 			master.Close()
 			return nil, fmt.Errorf("size the terminal: %w", err)
 		}
@@ -202,7 +200,7 @@ func (s *session) Resize(size driver.TermSize) error {
 	if s.pty == nil {
 		return nil
 	}
-	return unix.IoctlSetWinsize(int(s.pty.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: size.Rows, Col: size.Cols})
+	return ptyio.Resize(s.pty, size.Rows, size.Cols)
 }
 
 func (s *session) Signal(sig syscall.Signal) error {

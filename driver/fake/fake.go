@@ -17,8 +17,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/attachio"
@@ -255,7 +253,7 @@ func (t *task) run() error {
 			return err
 		}
 		childEnds = append(childEnds, slave)
-		if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 24, Col: 80}); err != nil {
+		if err := ptyio.Resize(master, 24, 80); err != nil {
 			master.Close()
 			return err
 		}

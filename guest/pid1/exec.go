@@ -16,6 +16,7 @@ import (
 
 	"github.com/berthd/berth/guest"
 	"github.com/berthd/berth/internal/proc"
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 // execReconnectDelay is how often berth-init looks again at an exec port
@@ -260,23 +261,7 @@ func (p *execProc) Resize(rows, cols uint16) error {
 	if p.master == nil || rows == 0 || cols == 0 {
 		return nil
 	}
-	return setWinsize(p.master, rows, cols)
-}
-
-// setWinsize sets a terminal's size; the kernel tells its foreground
-// process group (SIGWINCH).
-func setWinsize(master *os.File, rows, cols uint16) error {
-	rc, err := master.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ioErr error
-	if err := rc.Control(func(fd uintptr) {
-		ioErr = unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, &unix.Winsize{Row: rows, Col: cols})
-	}); err != nil {
-		return err
-	}
-	return ioErr
+	return ptyio.Resize(p.master, rows, cols)
 }
 
 // Kill ends the process's session: its process group, and any group a

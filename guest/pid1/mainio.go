@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/berthd/berth/guest"
+	"github.com/berthd/berth/internal/ptyio"
 )
 
 // The size of the main process's terminal until an attach sets one, as a
@@ -43,11 +44,11 @@ func newMainIO(cfg *guest.Config, user *userSpec) (*mainIO, error) {
 			return nil, fmt.Errorf("the workload's terminal: %w", err)
 		}
 		m.master, m.childEnds, m.child = master, []*os.File{slave}, []*os.File{slave, slave, slave}
-		if err := setWinsize(master, defaultRows, defaultCols); err != nil {
+		if err := ptyio.Resize(master, defaultRows, defaultCols); err != nil {
 			m.closeAll()
 			return nil, fmt.Errorf("the workload's terminal: %w", err)
 		}
-		opts.Resize = func(rows, cols uint16) error { return setWinsize(master, rows, cols) }
+		opts.Resize = func(rows, cols uint16) error { return ptyio.Resize(master, rows, cols) }
 		if cfg.Stdin {
 			opts.Stdin = ttyInput{master}
 		}
