@@ -26,8 +26,11 @@ func (s *Server) getNode(w http.ResponseWriter, r *http.Request) {
 		return idx, true
 	})
 	body, idx := s.nodeDocument(r.Context())
-	w.Header().Set(IndexHeader, strconv.FormatUint(idx, 10))
-	w.Header().Set("Content-Type", "application/json")
+	h := w.Header()
+	h.Set(IndexHeader, strconv.FormatUint(idx, 10))
+	h.Set("Content-Type", "application/json")
+	// Its length, so the answer goes out in one piece rather than chunks.
+	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(body)
 }
@@ -38,12 +41,29 @@ func (s *Server) getNode(w http.ResponseWriter, r *http.Request) {
 // serves them all. Only its uptime can be this much behind.
 const nodeDocAge = time.Second
 
-// nodeDocument returns the node document, encoded, and its index.
+// encodedNode is a node document as served, and when it was encoded.
+type encodedNode struct {
+	body  []byte
+	index uint64
+	at    time.Time
+}
+
+// fresh says whether d may be served at the agent's current index.
+func (d *encodedNode) fresh(idx uint64) bool {
+	return d != nil && d.index == idx && time.Since(d.at) < nodeDocAge
+}
+
+// nodeDocument returns the node document, encoded, and its index. The
+// cached encoding is read without a lock: thousands of pollers woken by
+// one change read it at once, and only one of them encodes.
 func (s *Server) nodeDocument(ctx context.Context) ([]byte, uint64) {
+	if d := s.nodeDoc.Load(); d.fresh(s.indexNow()) {
+		return d.body, d.index
+	}
 	s.nodeMu.Lock()
 	defer s.nodeMu.Unlock()
-	if idx, _ := s.b.Index(); s.nodeBody != nil && idx == s.nodeIndex && time.Since(s.nodeAt) < nodeDocAge {
-		return s.nodeBody, s.nodeIndex
+	if d := s.nodeDoc.Load(); d.fresh(s.indexNow()) {
+		return d.body, d.index
 	}
 	n := s.b.Node(ctx)
 	body, err := json.Marshal(n)
@@ -52,8 +72,14 @@ func (s *Server) nodeDocument(ctx context.Context) ([]byte, uint64) {
 		// than serve nothing.
 		body = []byte(`{}`)
 	}
-	s.nodeBody, s.nodeIndex, s.nodeAt = append(body, '\n'), n.Index, time.Now()
-	return s.nodeBody, s.nodeIndex
+	d := &encodedNode{body: append(body, '\n'), index: n.Index, at: time.Now()}
+	s.nodeDoc.Store(d)
+	return d.body, d.index
+}
+
+func (s *Server) indexNow() uint64 {
+	idx, _ := s.b.Index()
+	return idx
 }
 
 // sseKeepAlive is how often an idle event stream gets a comment line, so

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -124,10 +125,8 @@ type Server struct {
 	// metrics is what /metrics serves.
 	metrics *Metrics
 	// The last node document encoded (nodeDocument).
-	nodeMu    sync.Mutex
-	nodeBody  []byte
-	nodeIndex uint64
-	nodeAt    time.Time
+	nodeMu  sync.Mutex // held by the one request that encodes a new node document
+	nodeDoc atomic.Pointer[encodedNode]
 }
 
 // New returns the API handler over b.

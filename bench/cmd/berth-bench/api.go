@@ -220,7 +220,14 @@ func establishedTo(port int) int {
 
 // pollers measures the latency from a state change (a submit) to the
 // return of k parked blocking GET /v1/node queries.
-func pollers(ctx context.Context, a *agentProc, k int) (Summary, []float64, error) {
+//
+// With decode, each poller is the Go client, which decodes the node
+// document into its struct; without, a bare HTTP GET that reads the answer
+// to its last byte and keeps it as bytes. The answer the agent sends is the
+// same; decoding it is the load generator's own work, and on these 2
+// shared cores 10,000 JSON decodes take longer than the agent takes to
+// answer (both are reported).
+func pollers(ctx context.Context, a *agentProc, k int, decode bool) (Summary, []float64, error) {
 	_, portStr, _ := net.SplitHostPort(a.addr)
 	port, _ := strconv.Atoi(portStr)
 	_, idx, err := a.c.Node(ctx, nil)
@@ -234,6 +241,10 @@ func pollers(ctx context.Context, a *agentProc, k int) (Summary, []float64, erro
 	if err != nil {
 		return Summary{}, nil, err
 	}
+	// Each round's 10,000 connections go when it ends: the next round's
+	// must fit in the file limit too.
+	defer c.CloseIdleConnections()
+	defer rawHTTP.CloseIdleConnections()
 	rets := make([]time.Time, k)
 	errs := make([]error, k)
 	var wg sync.WaitGroup
@@ -241,7 +252,11 @@ func pollers(ctx context.Context, a *agentProc, k int) (Summary, []float64, erro
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, _, errs[i] = c.Node(pctx, &client.QueryOptions{WaitIndex: idx, WaitTime: time.Minute})
+			if decode {
+				_, _, errs[i] = c.Node(pctx, &client.QueryOptions{WaitIndex: idx, WaitTime: time.Minute})
+			} else {
+				errs[i] = rawPoll(pctx, a.addr, idx)
+			}
 			rets[i] = time.Now()
 		}()
 	}
@@ -280,9 +295,9 @@ func pollers(ctx context.Context, a *agentProc, k int) (Summary, []float64, erro
 var errEarly = errors.New("a poller returned before the state change")
 
 // pollRound runs pollers, retrying rounds that something else woke.
-func pollRound(ctx context.Context, a *agentProc, k int, early *int) (Summary, []float64, error) {
+func pollRound(ctx context.Context, a *agentProc, k int, decode bool, early *int) (Summary, []float64, error) {
 	for try := 0; ; try++ {
-		s, lat, err := pollers(ctx, a, k)
+		s, lat, err := pollers(ctx, a, k, decode)
 		if errors.Is(err, errEarly) && try < 3 {
 			*early++
 			continue
@@ -297,20 +312,25 @@ func nodePollers(ctx context.Context, a *agentProc, k, rounds int, rep *Report) 
 	var one []float64
 	early := 0
 	for i := 0; i < rounds; i++ {
-		s, _, err := pollRound(ctx, a, 1, &early)
+		s, _, err := pollRound(ctx, a, 1, false, &early)
 		if err != nil {
 			return err
 		}
 		one = append(one, s.Max)
 	}
-	var all, p50 []float64
+	// Interleaved: bare GETs (the target's figure) and the Go client.
+	var all, p50, allGo, p50Go []float64
 	var last []float64
 	for i := 0; i < rounds; i++ {
-		s, lat, err := pollRound(ctx, a, k, &early)
+		s, lat, err := pollRound(ctx, a, k, false, &early)
 		if err != nil {
 			return err
 		}
 		all, p50, last = append(all, s.Max), append(p50, s.Median), lat
+		if s, _, err = pollRound(ctx, a, k, true, &early); err != nil {
+			return err
+		}
+		allGo, p50Go = append(allGo, s.Max), append(p50Go, s.Median)
 	}
 	sec := fmt.Sprintf("Node status blocking queries (state change = a submit; %d rounds)", rounds)
 	o := summarize(one)
@@ -320,14 +340,42 @@ func nodePollers(ctx context.Context, a *agentProc, k, rounds int, rep *Report) 
 	rep.add(Result{Section: sec, Name: fmt.Sprintf("%d blocking pollers, change → last returns", k), Unit: "ms", Summary: &m,
 		Baseline: "1 poller", Ratio: ratio(m.Median, o.Median)})
 	rep.add(Result{Section: sec, Name: fmt.Sprintf("%d blocking pollers, change → median poller returns", k), Unit: "ms", Summary: &md,
-		Baseline: "1 poller", Ratio: ratio(md.Median, o.Median)})
+		Baseline: "1 poller", Ratio: ratio(md.Median, o.Median), Note: fmt.Sprintf("bare GETs; each answer %d bytes", nodeAnswerBytes.Load())})
+	mg, mdg := summarize(allGo), summarize(p50Go)
+	rep.add(Result{Section: sec, Name: fmt.Sprintf("%d blocking pollers through the Go client (each decodes the document), change → last returns", k), Unit: "ms", Summary: &mg,
+		Baseline: "bare GETs", Ratio: ratio(mg.Median, m.Median), Note: fmt.Sprintf("median poller %.0f ms; the same answers, plus 10,000 JSON decodes by the load generator on the same 2 cores", mdg.Median)})
 	rep.target(Target{Name: fmt.Sprintf("%d parked pollers of GET /v1/node all answered after a change (median of %d rounds)", k, rounds),
 		Goal:     "≤ 250 ms (10,000 pollers)",
-		Measured: fmt.Sprintf("%.0f ms until the last returned (median poller %.0f ms)", m.Median, md.Median),
+		Measured: fmt.Sprintf("%.0f ms until the last answer was read (median poller %.0f ms; bare GETs reading the answer's bytes; through the Go client, which decodes each, %.0f ms)", m.Median, md.Median, mg.Median),
 		Met:      k >= 10000 && m.Median <= 250, By: fmt.Sprintf("%+.0f ms", m.Median-250)})
 	rep.raw["pollers_last_round_ms"] = last
 	if early > 0 {
 		rep.errorf("node pollers: %d round(s) discarded: pollers woke before the harness changed anything (the node index moved by itself)", early)
 	}
 	return nil
+}
+
+// nodeAnswerBytes is the size of the last node document a bare poller read.
+var nodeAnswerBytes atomic.Int64
+
+// rawHTTP carries the bare pollers, one connection each.
+var rawHTTP = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 20000}}
+
+// rawPoll is one bare blocking GET /v1/node, read to its last byte.
+func rawPoll(ctx context.Context, addr string, index uint64) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/v1/node?index="+strconv.FormatUint(index, 10)+"&wait=1m", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := rawHTTP.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	n, err := io.Copy(io.Discard, resp.Body)
+	nodeAnswerBytes.Store(n)
+	if err == nil && (resp.StatusCode != http.StatusOK || n == 0) {
+		err = fmt.Errorf("GET /v1/node: %s, %d bytes", resp.Status, n)
+	}
+	return err
 }
