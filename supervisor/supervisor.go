@@ -348,7 +348,9 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 		endedR.Close()
 		close(exited)
 	}()
-	go func() { _ = cmd.Wait() }() // our child while this agent lives: reap it
+	// Our child while this agent lives: reap it, parked on the poller
+	// rather than holding a thread for each running workload.
+	go func() { _ = proc.Reap(cmd.Process) }()
 	readCh := make(chan struct{})
 	go func() {
 		var b [1]byte
