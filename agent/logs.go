@@ -81,8 +81,11 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 		}
 		return nil
 	}
+	// A follower that starts before the workload does (berth run, a
+	// client right after its submit) finds no log directory to watch yet:
+	// it polls, and watches as soon as the directory is there.
 	wake, unsubscribe := a.logWatch.subscribe(a.logDir(id))
-	defer unsubscribe()
+	defer func() { unsubscribe() }()
 	tick := followTick
 	if wake == nil {
 		tick = followPoll
@@ -104,6 +107,15 @@ func (a *Agent) Logs(ctx context.Context, ref string, opts api.LogOptions, emit 
 		}
 		if ended {
 			return nil
+		}
+		if wake == nil {
+			if w, u := a.logWatch.subscribe(a.logDir(id)); w != nil {
+				// Watched from now on; what was written before the
+				// watch began is read by draining once more.
+				wake, unsubscribe = w, u
+				ticker.Reset(followTick)
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():

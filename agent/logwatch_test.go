@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/berthd/berth/api"
 )
 
 // A write into a watched log directory wakes its followers (and only
@@ -43,4 +46,50 @@ func TestLogWatchWakesFollowers(t *testing.T) {
 	if n := lw.watching(); n != 0 {
 		t.Errorf("watching %d directories after every follower left, want 0", n)
 	}
+}
+
+// A follower that starts before its workload's log directory exists (a
+// client right after its submit) polls at first, then watches the
+// directory once it is there: its output is not left to the poll.
+func TestFollowerStartedBeforeTheLogsWatchesThem(t *testing.T) {
+	e := newEnv(t)
+	e.ctr.Delay("Start", time.Second)
+	w := e.submit(sh("echo first; sleep 1000"))
+	e.waitFor(w.ID, func(w *api.Workload) bool { return w.State == api.StateStarting })
+	// The directory is made before the driver starts: take it away, as
+	// it is for a follower that comes before the start.
+	dir := e.agent.logDir(w.ID)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lines := make(chan string, 10)
+	done := make(chan error, 1)
+	go func() {
+		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Tail: -1, Follow: true}, func(_ string, l []byte, _ time.Time) error {
+			lines <- string(l)
+			return nil
+		})
+	}()
+	time.Sleep(100 * time.Millisecond) // the follower runs, with nothing to watch
+	if n := e.agent.logWatch.watching(); n != 0 {
+		t.Fatalf("watching %d directories before the log directory exists", n)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case l := <-lines:
+		if l != "first" {
+			t.Errorf("first line %q", l)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the follower never saw the output")
+	}
+	if n := e.agent.logWatch.watching(); n != 1 {
+		t.Errorf("watching %d directories once the log directory exists, want 1", n)
+	}
+	cancel()
+	<-done
 }
