@@ -2,7 +2,10 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -174,7 +177,14 @@ func (s *Supervisor[T]) enforce(t *Task[T], e Ender) {
 func (s *Supervisor[T]) Kill(ctx context.Context, t *Task[T], e Ender) error {
 	if !t.Exited() {
 		if err := s.requestStop(t, 0); err != nil {
-			return err
+			if _, serr := os.Stat(t.Dir); !errors.Is(serr, fs.ErrNotExist) {
+				return err
+			}
+			// Its directory is gone: another agent (or another driver
+			// over the same root, after a restart) destroyed the task
+			// before this one saw it end. Leave nothing of its session.
+			s.killSession(t)
+			return nil
 		}
 		s.enforce(t, e)
 		select {

@@ -60,6 +60,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("RecoverFromID", s.recoverFromID)
 	t.Run("StopOutlivesCaller", s.stopOutlivesCaller)
 	t.Run("StopResumedAfterRestart", s.stopResumed)
+	t.Run("DestroyAfterAnotherDestroyed", s.destroyTwice)
 	t.Run("InvalidIDs", s.invalidIDs)
 	t.Run("Close", s.close)
 	s.runExec(t)
@@ -419,6 +420,28 @@ func (s *suite) stopResumed(t *testing.T) {
 	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
 	if res := s.wait(t, d2, cfg.ID, s.h.StopTimeout); res.ExitCode != 137 {
 		t.Errorf("exit code = %d, want 137: a stop asked before a restart must be enforced after it (%+v)", res.ExitCode, res)
+	}
+}
+
+// destroyTwice: a task a second driver over the same state destroyed (an
+// agent restart) is gone for the first one too: its Destroy succeeds, and
+// the task stays unknown.
+func (s *suite) destroyTwice(t *testing.T) {
+	cfg := s.task(t, "sh", "-c", "echo ready; sleep 1000")
+	h := s.start(t, s.d, cfg)
+	s.waitOutput(t, cfg, "ready\n")
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	if err := d2.Destroy(s.ctx(t, 0), cfg.ID); err != nil {
+		t.Fatalf("Destroy by the second driver: %v", err)
+	}
+	if err := s.d.Destroy(s.ctx(t, 0), cfg.ID); err != nil {
+		t.Errorf("Destroy by the first driver after the second's: %v, want nil", err)
+	}
+	if _, err := d2.Inspect(s.ctx(t, 0), cfg.ID); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Inspect after both destroyed it: %v, want ErrNotFound", err)
 	}
 }
 
