@@ -583,3 +583,46 @@ func TestLibvirtdRestart(t *testing.T) {
 		t.Errorf("stdout = %q", got)
 	}
 }
+
+// A domain an interrupted start left behind (libvirtd finished creating it
+// after the agent that asked was killed, and recovery had already removed
+// the task's directory) does not keep the task from starting again: the
+// new start destroys it and runs the task once, in a domain of its own.
+func TestStartReplacesADomainAnInterruptedStartLeft(t *testing.T) {
+	setup(t)
+	root := filepath.Join(fixtures.work, "leftover")
+	d1 := newDriver(t, root)
+	cfg := newTask(t, "sh", "-c", "echo run; exit 4")
+	ctx, cancel := context.WithTimeout(context.Background(), slack)
+	defer cancel()
+	if _, err := d1.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	_ = d1.Close(context.Background())
+	// What a recovery that found no domain yet does: the directory goes,
+	// the domain (created later by libvirtd) stays.
+	dir := d1.taskDir(cfg.ID)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if alive, err := d1.domainAlive(ctx, cfg.ID); err != nil || !alive {
+		t.Fatalf("the leftover domain: alive %v, %v", alive, err)
+	}
+	cfg.LogDir = t.TempDir()
+	d2 := newDriver(t, root)
+	defer d2.Destroy(context.Background(), cfg.ID)
+	if _, err := d2.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start over a leftover domain: %v", err)
+	}
+	res, err := d2.Wait(ctx, cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 4 || drivertest.ReadLog(t, cfg, driver.StdoutLog) != "run\n" {
+		t.Errorf("exit %+v, stdout %q; want 4 and one run's output", res, drivertest.ReadLog(t, cfg, driver.StdoutLog))
+	}
+	if err := d2.Destroy(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	assertNoLeaks(t, d2, root)
+}

@@ -154,18 +154,34 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if spec.WholeDisk {
 		createFlags = libvirt.DOMAIN_START_PAUSED
 	}
-	st.UUID, err = call(ctx, d.hv, func(c *libvirt.Connect) (string, error) {
-		dom, err := c.DomainCreateXML(xmlDoc, createFlags)
-		if err != nil {
-			return "", err
+	create := func() (string, error) {
+		return call(ctx, d.hv, func(c *libvirt.Connect) (string, error) {
+			dom, err := c.DomainCreateXML(xmlDoc, createFlags)
+			if err != nil {
+				return "", err
+			}
+			defer dom.Free()
+			uuid, _ := dom.GetUUIDString()
+			return uuid, nil
+		})
+	}
+	st.UUID, err = create()
+	if isAlreadyExists(err) {
+		// The task directory was new, so a domain of this task is what an
+		// interrupted earlier start left: its creation went on in
+		// libvirtd after the agent that asked for it was killed, and
+		// recovery, finding no domain yet, removed its directory (its
+		// sockets and disks with it). Nothing can reach that guest; it is
+		// destroyed (only when its metadata says it is ours) and this
+		// start creates the domain afresh.
+		d.log.Warn("destroying a domain an interrupted start of this task left", "task_id", cfg.ID, "domain", st.Domain)
+		if derr := d.destroyDomain(ctx, cfg.ID); derr != nil {
+			return nil, fmt.Errorf("vm task %s: domain %s exists (left by an interrupted start?) and cannot be removed: %w", cfg.ID, st.Domain, derr)
 		}
-		defer dom.Free()
-		uuid, _ := dom.GetUUIDString()
-		return uuid, nil
-	})
+		st.UUID, err = create()
+	}
 	if err != nil {
-		var le libvirt.Error
-		if errors.As(err, &le) && le.Code == libvirt.ERR_OPERATION_FAILED && strings.Contains(le.Message, "already exists") {
+		if isAlreadyExists(err) {
 			return nil, fmt.Errorf("vm task %s: domain %s: %w", cfg.ID, st.Domain, errdefs.ErrAlreadyExists)
 		}
 		return nil, fmt.Errorf("start domain %s: %w", st.Domain, lvError(err))
@@ -248,4 +264,11 @@ func findQEMU(domain string) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("no qemu process for domain %s", domain)
+}
+
+// isAlreadyExists reports libvirt's refusal to create a domain whose name
+// is taken.
+func isAlreadyExists(err error) bool {
+	var le libvirt.Error
+	return errors.As(err, &le) && le.Code == libvirt.ERR_OPERATION_FAILED && strings.Contains(le.Message, "already exists")
 }
