@@ -4,10 +4,12 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/berthd/berth/api"
+	"github.com/berthd/berth/driver/fake"
 )
 
 // A write into a watched log directory wakes its followers (and only
@@ -55,9 +57,14 @@ func TestFollowerStartedBeforeTheLogsWatchesThem(t *testing.T) {
 	e := newEnv(t)
 	e.ctr.Delay("Start", time.Second)
 	w := e.submit(sh("echo first; sleep 1000"))
-	e.waitFor(w.ID, func(w *api.Workload) bool { return w.State == api.StateStarting })
-	// The directory is made before the driver starts: take it away, as
-	// it is for a follower that comes before the start.
+	// The directory is made before the driver's Start is called (which
+	// then takes a second): take it away once Start is called, as it is
+	// for a follower that comes before the start.
+	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(e.ctr.Calls(), fake.Call{Method: "Start", ID: w.ID}); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the driver's Start was never called")
+		}
+	}
 	dir := e.agent.logDir(w.ID)
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
