@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strconv"
 	"time"
 
 	"github.com/coder/websocket"
@@ -64,23 +63,7 @@ func (s *Server) attachWorkload(w http.ResponseWriter, r *http.Request) {
 func attachQuery(q url.Values) (api.AttachRequest, *api.Problem) {
 	var req api.AttachRequest
 	var bad []api.FieldError
-	for name, dst := range map[string]*bool{"stdin": &req.Stdin, "logs": &req.Logs} {
-		if v := q.Get(name); v != "" {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				bad = append(bad, api.FieldError{Field: name, Detail: "must be true or false"})
-			}
-			*dst = b
-		}
-	}
-	if q.Has("rows") || q.Has("cols") {
-		rows, err1 := strconv.ParseUint(q.Get("rows"), 10, 16)
-		cols, err2 := strconv.ParseUint(q.Get("cols"), 10, 16)
-		if err1 != nil || err2 != nil {
-			bad = append(bad, api.FieldError{Field: "rows", Detail: "rows and cols go together, each a number up to 65535"})
-		}
-		req.Size = &api.TermSize{Rows: uint16(rows), Cols: uint16(cols)}
-	}
+	req.Size, bad = sessionQuery(q, map[string]*bool{"stdin": &req.Stdin, "logs": &req.Logs}, bad)
 	if len(bad) > 0 {
 		return req, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", bad...)
 	}

@@ -224,7 +224,18 @@ func execQuery(q url.Values) (api.ExecRequest, *api.Problem) {
 		}
 		req.Env[k] = v
 	}
-	for name, dst := range map[string]*bool{"stdin": &req.Stdin, "tty": &req.TTY} {
+	req.Size, bad = sessionQuery(q, map[string]*bool{"stdin": &req.Stdin, "tty": &req.TTY}, bad)
+	if len(bad) > 0 {
+		return req, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", bad...)
+	}
+	return req, nil
+}
+
+// sessionQuery reads what exec and attach sessions share in their
+// handshake's query: boolean flags (into flags' targets) and a terminal
+// size (rows and cols, together). Bad values are added to bad.
+func sessionQuery(q url.Values, flags map[string]*bool, bad []api.FieldError) (*api.TermSize, []api.FieldError) {
+	for name, dst := range flags {
 		if v := q.Get(name); v != "" {
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -233,18 +244,15 @@ func execQuery(q url.Values) (api.ExecRequest, *api.Problem) {
 			*dst = b
 		}
 	}
-	if q.Has("rows") || q.Has("cols") {
-		rows, err1 := strconv.ParseUint(q.Get("rows"), 10, 16)
-		cols, err2 := strconv.ParseUint(q.Get("cols"), 10, 16)
-		if err1 != nil || err2 != nil {
-			bad = append(bad, api.FieldError{Field: "rows", Detail: "rows and cols go together, each a number up to 65535"})
-		}
-		req.Size = &api.TermSize{Rows: uint16(rows), Cols: uint16(cols)}
+	if !q.Has("rows") && !q.Has("cols") {
+		return nil, bad
 	}
-	if len(bad) > 0 {
-		return req, badRequest(api.ReasonInvalidArgument, "the request has invalid fields; see fields", bad...)
+	rows, err1 := strconv.ParseUint(q.Get("rows"), 10, 16)
+	cols, err2 := strconv.ParseUint(q.Get("cols"), 10, 16)
+	if err1 != nil || err2 != nil {
+		bad = append(bad, api.FieldError{Field: "rows", Detail: "rows and cols go together, each a number up to 65535"})
 	}
-	return req, nil
+	return &api.TermSize{Rows: uint16(rows), Cols: uint16(cols)}, bad
 }
 
 // execStream serves an exec session over a WebSocket.
