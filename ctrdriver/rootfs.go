@@ -56,7 +56,12 @@ func (d *Driver) mountRootfs(ctx context.Context, cfg *driver.TaskConfig, dir st
 	if err := os.Mkdir(rootfs, 0o755); err != nil {
 		return "", nil, fmt.Errorf("create the root filesystem's mount point: %w", err)
 	}
-	if err := mountIDMappedOverlay(cfg.Image.RootfsDir, filepath.Join(dir, "lower"), upper, work, rootfs, m); err != nil {
+	ns, err := d.userns.pool.get(m)
+	if err != nil {
+		return "", nil, err
+	}
+	defer ns.Close()
+	if err := mountIDMappedOverlay(cfg.Image.RootfsDir, filepath.Join(dir, "lower"), upper, work, rootfs, ns); err != nil {
 		return "", nil, err
 	}
 	return rootfs, &m, nil
@@ -81,16 +86,11 @@ func mountOverlay(lower, upper, work, target string) error {
 }
 
 // mountIDMappedOverlay mounts an overlay on target whose lower layer is
-// lower id-mapped into m, through a mount at stage that is gone again once
-// the overlay holds its own. Files the container makes or copies up are
+// lower id-mapped into the user namespace ns, through a mount at stage
+// that is gone again once the overlay holds its own. Files the container makes or copies up are
 // owned by its mapped ids in upper, as the host sees them: a setuid
 // binary its root writes is no host root's.
-func mountIDMappedOverlay(lower, stage, upper, work, target string, m idMap) error {
-	ns, err := usernsFile(m)
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
+func mountIDMappedOverlay(lower, stage, upper, work, target string, ns *os.File) error {
 	if err := os.Mkdir(stage, 0o700); err != nil {
 		return fmt.Errorf("create overlay dir: %w", err)
 	}
@@ -160,10 +160,13 @@ func (d *Driver) mountScratch(dir string, size int64) error {
 	if size < loopfs.MinBytes {
 		size = loopfs.MinBytes
 	}
-	if err := d.scratch.Create(img, size, 0, 0); err != nil {
+	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fmt.Errorf("the writable layer's filesystem: %w", err)
 	}
-	if err := os.Mkdir(dir, 0o700); err != nil {
+	if d.layers.take(size, img, dir) {
+		return nil
+	}
+	if err := d.scratch.Create(img, size, 0, 0); err != nil {
 		return fmt.Errorf("the writable layer's filesystem: %w", err)
 	}
 	if err := loopfs.Mount(img, dir, unix.MS_NODEV|unix.MS_NOSUID); err != nil {

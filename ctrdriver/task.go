@@ -53,7 +53,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err := setupUserNS(spec, cfg, dir, rootfs, ids); err != nil {
 		return nil, err
 	}
-	if err := addVolumes(spec, cfg, ids, filepath.Dir(rootfs)); err != nil {
+	if err := addVolumes(spec, cfg, ids, d.userns.pool, filepath.Dir(rootfs)); err != nil {
 		return nil, err
 	}
 	if err := writeNetworkFiles(dir, cfg, spec); err != nil {

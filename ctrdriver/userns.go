@@ -116,6 +116,9 @@ type userns struct {
 
 	mu   sync.Mutex // serializes this process's allocations ahead of the file lock
 	next uint32     // where the next allocation starts looking
+	// pool holds the user namespaces of the ranges given next and of those
+	// in use, for the id-mapped mounts (nspool.go).
+	pool *nsPool
 }
 
 func newUserNS(opts UserNSOptions, root, tasksDir string, log *slog.Logger) *userns {
@@ -124,7 +127,7 @@ func newUserNS(opts UserNSOptions, root, tasksDir string, log *slog.Logger) *use
 	if dir == "" {
 		dir = filepath.Join(root, "userns")
 	}
-	return &userns{opts: opts, root: root, dir: dir, tasksDir: tasksDir, log: log}
+	return &userns{opts: opts, root: root, dir: dir, tasksDir: tasksDir, log: log, pool: newNSPool()}
 }
 
 // enabled reports whether containers get user namespaces, and why not.
@@ -409,22 +412,35 @@ func (u *userns) allocate(ctx context.Context, taskDir string) (idMap, error) {
 	if err != nil {
 		return idMap{}, err
 	}
-	rs := u.opts.RangeSize
 	for i := uint32(0); i < u.slots; i++ {
 		s := (u.next + i) % u.slots
 		if used[s] {
 			continue
 		}
-		m := idMap{UID: u.uid + s*rs, GID: u.gid + s*rs, Size: rs}
-		if err := fileutil.WriteJSON(filepath.Join(taskDir, usernsRecord), m); err != nil {
+		m := u.slot(s)
+		// Not synced: after a crash of the agent the page cache still
+		// has it, and after a power loss no container of the task runs
+		// any more (a record that was lost frees a range no one uses).
+		if err := fileutil.ReplaceJSON(filepath.Join(taskDir, usernsRecord), m); err != nil {
 			return idMap{}, err
 		}
 		// Rotating rather than lowest-first: a range just released is
 		// the last to be given again.
-		u.next = s + 1
+		u.next = (s + 1) % u.slots
+		next := make([]idMap, 0, nsAhead)
+		for i := range uint32(nsAhead) {
+			next = append(next, u.slot((u.next+i)%u.slots))
+		}
+		u.pool.prepare(next)
 		return m, nil
 	}
 	return idMap{}, fmt.Errorf("all %d user namespace id ranges are in use (raise container.userns.size): %w", u.slots, errdefs.ErrResourceExhausted)
+}
+
+// slot is the range of slot s.
+func (u *userns) slot(s uint32) idMap {
+	rs := u.opts.RangeSize
+	return idMap{UID: u.uid + s*rs, GID: u.gid + s*rs, Size: rs}
 }
 
 // used returns the ranges that the task directories hold.

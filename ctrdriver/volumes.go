@@ -26,14 +26,14 @@ const volumesDir = "volumes"
 // has, and a VM (whose virtiofsd writes as the guest's ids) sees the same
 // files: nothing is chowned, and two containers with different mappings
 // share a volume as the same root.
-func addVolumes(s *specs.Spec, cfg *driver.TaskConfig, ids *idMap, rdir string) error {
+func addVolumes(s *specs.Spec, cfg *driver.TaskConfig, ids *idMap, namespaces *nsPool, rdir string) error {
 	if len(cfg.Mounts) == 0 {
 		return nil
 	}
 	var ns *os.File
 	if ids != nil {
 		var err error
-		if ns, err = usernsFile(*ids); err != nil {
+		if ns, err = namespaces.get(*ids); err != nil {
 			return err
 		}
 		defer ns.Close()
