@@ -68,7 +68,13 @@ type Options struct {
 	// UserNS configures the containers' user namespaces (userns.go); the
 	// default is on where the kernel supports them.
 	UserNS UserNSOptions
-	Logger *slog.Logger
+	// LayerPool is how many filesystems for writable layers of
+	// LayerPoolBytes (the default disk budget) are kept made and mounted
+	// ahead of the starts that take them (layerpool.go); 0 makes each at
+	// its start.
+	LayerPool      int
+	LayerPoolBytes int64
+	Logger         *slog.Logger
 }
 
 // Driver is the runc container driver.
@@ -82,6 +88,8 @@ type Driver struct {
 	// scratch makes the filesystems writable layers with a disk budget
 	// live on.
 	scratch *loopfs.Templates
+	// layers are the writable layers' filesystems made ahead (nil: none).
+	layers *layerPool
 }
 
 type task = supervisor.Task[struct{}]
@@ -134,6 +142,9 @@ func New(opts Options) (*Driver, error) {
 	if d.scratch, err = loopfs.NewTemplates(filepath.Join(opts.Root, "scratch-templates")); err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
+	if d.layers, err = newLayerPool(filepath.Join(opts.Root, poolDir), opts.LayerPoolBytes, opts.LayerPool, d.scratch, log); err != nil {
+		return nil, fmt.Errorf("ctrdriver: %w", err)
+	}
 	return d, nil
 }
 
@@ -142,7 +153,10 @@ func (d *Driver) Name() string { return Name }
 
 // Close implements driver.Driver. The driver holds no connection: tasks
 // belong to their monitors and keep running.
-func (d *Driver) Close(ctx context.Context) error { return nil }
+func (d *Driver) Close(ctx context.Context) error {
+	d.userns.pool.close()
+	return d.layers.close()
+}
 
 // Fingerprint implements driver.Driver.
 func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
@@ -151,6 +165,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 		Details:      map[string]string{"cgroup_mode": cgroupMode(), "runc_path": d.runc.path},
 	}
 	d.userns.describe(fp.Details)
+	d.layers.describe(fp.Details)
 	fp.Capabilities.UserNS = fp.Details["userns"] == "on"
 	v, err := d.runc.version(ctx)
 	if err != nil {

@@ -29,7 +29,7 @@ func BenchmarkStart(b *testing.B) {
 			Args: []string{"/bin/true"}, Env: []string{"PATH=/bin"}, LogDir: b.TempDir(),
 			Resources: driver.Resources{MemoryBytes: 32 << 20, Pids: 16}}
 	}
-	startAll := func(b *testing.B, diskBytes int64) {
+	startAll := func(b *testing.B, d *Driver, diskBytes int64) {
 		for b.Loop() {
 			c := cfg()
 			c.Resources.DiskBytes = diskBytes
@@ -42,10 +42,19 @@ func BenchmarkStart(b *testing.B) {
 			b.StartTimer()
 		}
 	}
-	b.Run("berth", func(b *testing.B) { startAll(b, 0) })
+	b.Run("berth", func(b *testing.B) { startAll(b, d, 0) })
 	// The writable layer on a 1 GiB filesystem of its own (the default
 	// disk budget): what the budget costs a start.
-	b.Run("berth-disk-budget", func(b *testing.B) { startAll(b, 1<<30) })
+	b.Run("berth-disk-budget", func(b *testing.B) { startAll(b, d, 1<<30) })
+	// The same with filesystems made ahead (container.prepared_layers).
+	b.Run("berth-disk-budget-prepared", func(b *testing.B) {
+		pd, err := New(Options{Root: b.TempDir(), MonitorCmd: d.opts.MonitorCmd, LayerPool: 4, LayerPoolBytes: 1 << 30})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer pd.Close(ctx)
+		startAll(b, pd, 1<<30)
+	})
 	b.Run("runc-create-start", func(b *testing.B) {
 		// berth's own bundle, as Start wrote it, over a plain bind of the rootfs.
 		c := cfg()

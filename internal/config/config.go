@@ -120,7 +120,10 @@ type Container struct {
 	// StartTimeout bounds runc create and start: a runc that hangs fails
 	// the start instead of wedging the workload.
 	StartTimeout time.Duration `mapstructure:"start_timeout"`
-	UserNS       UserNS        `mapstructure:"userns"`
+	// PreparedLayers is how many filesystems for writable layers of the
+	// default disk budget are kept made ahead of the starts that take them.
+	PreparedLayers int    `mapstructure:"prepared_layers"`
+	UserNS         UserNS `mapstructure:"userns"`
 }
 
 // UserNS puts each container in a user namespace of its own: its root is
@@ -421,6 +424,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Container.StartTimeout < time.Second {
 		bad("container.start_timeout", "must be at least 1s")
+	}
+	if c.Container.PreparedLayers < 0 || c.Container.PreparedLayers > 64 {
+		bad("container.prepared_layers", "%d must be between 0 (none) and 64", c.Container.PreparedLayers)
 	}
 	c.validateUserNS(bad)
 	switch c.VM.Accel {

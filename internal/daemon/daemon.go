@@ -238,9 +238,11 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 				RangeSize: uint32(d.cfg.Container.UserNS.RangeSize),
 				Dir:       filepath.Join(d.cfg.DataDir, "userns"),
 			},
-			MonitorCmd: monitorCmd,
-			BootID:     bootID,
-			Logger:     d.log,
+			MonitorCmd:     monitorCmd,
+			BootID:         bootID,
+			LayerPool:      d.cfg.Container.PreparedLayers,
+			LayerPoolBytes: d.cfg.WorkloadDefaults.DiskMB << 20,
+			Logger:         d.log,
 		})
 		if err != nil {
 			return nil, err
