@@ -73,7 +73,10 @@ type Options struct {
 	RestartBackoff time.Duration
 	// Version is the agent's version, reported in node status.
 	Version string
-	Logger  *slog.Logger
+	// BootID is the node's boot id (the drivers' too): a start the node's
+	// reboot interrupted is told from one the agent's crash interrupted.
+	BootID string
+	Logger *slog.Logger
 	// PolicyFile is the isolation policy, watched and reloaded when it
 	// changes; empty means the embedded default (configs/policy.yaml).
 	PolicyFile string

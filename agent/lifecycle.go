@@ -215,17 +215,24 @@ func (a *Agent) start(id string, s *supervisor) {
 			return
 		}
 	}
-	r, err := a.mutate(id, func(r *record) error {
+	r, err := a.mutateLocked(id, func(r *record) error {
 		if r.Workload.State != api.StatePending || r.StopRequested || r.Deleting {
 			return errSkip
 		}
 		r.Workload.State = api.StateStarting
 		r.NextStart = nil
+		r.StartBoot = a.opts.BootID
 		return nil
 	})
 	if err != nil || r.Workload.State != api.StateStarting {
 		return
 	}
+	// The driver prepares the task while starting goes to disk, and waits
+	// for it (Commit) before anything of the workload can run: a crash or
+	// a power loss before then finds the workload pending on disk with
+	// nothing of it run (recovery releases what was prepared), one after
+	// finds it starting.
+	committed := sync.OnceValue(func() error { return a.commits.durable(r.Workload.ModifyIndex) })
 	run := r.Workload.RestartCount
 	began := time.Now()
 	d, err := a.driverFor(r.Workload.Isolation)
@@ -245,7 +252,17 @@ func (a *Agent) start(id string, s *supervisor) {
 		}
 		if err == nil {
 			var h *driver.Handle
+			cfg.Commit = committed
 			h, err = d.Start(sctx, cfg)
+			if cerr := committed(); cerr != nil {
+				// The state database failed (the agent reports itself
+				// not ready): nothing more can be recorded.
+				a.log.Error("record starting workload", "workload_id", id, "err", cerr)
+				if err == nil {
+					_ = d.Destroy(context.WithoutCancel(a.ctx), id)
+				}
+				return
+			}
 			if err == nil {
 				now := time.Now().UTC()
 				_, cerr := a.mutate(id, func(r *record) error {

@@ -593,6 +593,54 @@ func TestInterruptedStartStartsOnce(t *testing.T) {
 	}
 }
 
+// A start interrupted by a reboot of the node, whose task nothing is left
+// of (a driver's files are not kept across a power loss, only the agent's
+// record is): it may have run, so it is not run again without a restart
+// policy; a start the agent's own death interrupted in the same boot, with
+// nothing made, starts afresh.
+func TestStartInterruptedByARebootIsNotRunAgain(t *testing.T) {
+	for _, rebooted := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rebooted=%v", rebooted), func(t *testing.T) {
+			e := newLifeEnv(t)
+			boot := "boot-1"
+			change := e.change
+			e.change = func(o *Options) {
+				change(o)
+				o.BootID = boot
+			}
+			e.restart()
+			e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
+			w := e.submit(sh("exit 0"))
+			<-e.f.starting
+			if err := e.agent.Close(); err != nil {
+				t.Fatal(err)
+			}
+			st, err := openStore(e.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			recs, _, err := st.loadAll()
+			st.close()
+			if err != nil || len(recs) != 1 || recs[0].Workload.State != api.StateStarting || recs[0].StartBoot != "boot-1" {
+				t.Fatalf("persisted: %+v, %v; want the workload starting in boot-1", recs, err)
+			}
+			e.f.set(func(f *faults) { f.hangStart = false })
+			if rebooted {
+				boot = "boot-2"
+			}
+			e.start()
+			got := e.waitFor(w.ID, terminal)
+			starts := e.f.startsOf(w.ID)
+			switch {
+			case rebooted && (got.State != api.StateFailed || got.Error != "node rebooted" || starts != 1):
+				t.Errorf("after a reboot: %s %q, %d starts; want failed with \"node rebooted\" and no second start", got.State, got.Error, starts)
+			case !rebooted && (got.State != api.StateExited || exitOf(got) != 0 || starts != 2):
+				t.Errorf("after the agent's restart: %s exit %d (%q), %d starts; want exited 0 on a second start", got.State, exitOf(got), got.Error, starts)
+			}
+		})
+	}
+}
+
 // Tasks of an earlier boot are dead: a workload with a restart policy
 // starts again (a restart), the others end failed with "node rebooted".
 func TestTasksOfAnEarlierBoot(t *testing.T) {

@@ -41,6 +41,10 @@ type record struct {
 	DeleteError    string
 	// NextStart is when a backed-off restart is due.
 	NextStart *time.Time
+	// StartBoot is the node's boot id when the current run's start began:
+	// a start the node's reboot interrupted may have run the workload even
+	// when nothing of its task survived (recover.go).
+	StartBoot string
 }
 
 // clone is a deep copy of r: nothing of it is shared with r.

@@ -41,6 +41,10 @@ func (a *Agent) recover(ctx context.Context) error {
 				a.reattach(ctx, r)
 				continue
 			}
+		case api.StatePending:
+			if !r.Deleting && a.releaseUnstarted(ctx, r) {
+				continue
+			}
 		}
 		if needsSupervisor(r) {
 			// Pending ones start (or wait for their backoff), deletes
@@ -114,6 +118,15 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 			a.endStopped(id, msgStoppedStarting)
 			return
 		}
+		if r.StartBoot != "" && a.opts.BootID != "" && r.StartBoot != a.opts.BootID {
+			// The node rebooted during the start. What the driver made
+			// is not kept across a power loss (only the record is), so
+			// finding nothing does not mean nothing ran: the run ends as
+			// one the reboot ended, and the restart policy decides.
+			a.log.Warn("the node rebooted while the workload was starting", "workload_id", id)
+			a.finish(id, run, nil, driver.ErrRebooted)
+			return
+		}
 		// The agent died before the driver made anything: start afresh.
 		_, _ = a.mutate(id, func(r *record) error {
 			if r.Workload.State != api.StateStarting {
@@ -125,6 +138,44 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 	default:
 		a.finish(id, run, nil, fmt.Errorf("the workload's task could not be found after the agent restarted: %w", err))
 	}
+}
+
+// releaseUnstarted releases what a start prepared for a workload that is
+// pending on disk: the agent died while the start's record was on its way
+// to disk, before the driver ran anything of it (the driver waits for that
+// record first). It reports true when the driver holds a live task of it
+// after all (a record from before that rule), which is then re-attached as
+// a start that was interrupted.
+func (a *Agent) releaseUnstarted(ctx context.Context, r *record) bool {
+	if r.Handle != nil {
+		return false // the previous run's task: the next start releases it
+	}
+	d, err := a.driverFor(r.Workload.Isolation)
+	if err != nil {
+		return false
+	}
+	err = d.Recover(ctx, &driver.Handle{ID: r.Workload.ID, Driver: d.Name()})
+	switch {
+	case err == nil:
+		a.log.Warn("a pending workload's task runs; re-attached as started", "workload_id", r.Workload.ID)
+		started, merr := a.mutate(r.Workload.ID, func(r *record) error {
+			if r.Workload.State != api.StatePending {
+				return errSkip
+			}
+			r.Workload.State = api.StateStarting
+			return nil
+		})
+		if merr != nil || started.Workload.State != api.StateStarting {
+			return false
+		}
+		a.reattach(ctx, started)
+		return true
+	case errors.Is(err, errdefs.ErrNotFound), errors.Is(err, driver.ErrRebooted):
+		// Nothing of it ran; the driver removed what was prepared.
+	default:
+		a.log.Warn("release what an interrupted start prepared", "workload_id", r.Workload.ID, "err", err)
+	}
+	return false
 }
 
 // settleStarted records as running a workload whose start was interrupted

@@ -72,6 +72,8 @@ type dbRecord struct {
 	Stop          *dbStop    `json:"stop,omitempty"`
 	Delete        *dbDelete  `json:"delete,omitempty"`
 	NextStart     *time.Time `json:"next_start,omitempty"`
+	// StartBoot is the node's boot id when the run's start began.
+	StartBoot string `json:"start_boot,omitempty"`
 }
 
 type dbSpec struct {
@@ -236,6 +238,7 @@ func toDB(r *record) dbRecord {
 		ImageDigest: w.ImageDigest, RestartCount: w.RestartCount, LastExitCode: clonePtr(w.LastExitCode),
 		CreatedAt: w.CreatedAt, StartedAt: clonePtr(w.StartedAt), FinishedAt: clonePtr(w.FinishedAt),
 		ModifyIndex: w.ModifyIndex, StopRequested: r.StopRequested, NextStart: clonePtr(r.NextStart),
+		StartBoot: r.StartBoot,
 	}
 	if p := w.Placement; p != nil {
 		d.Placement = &dbPlacement{Isolation: string(p.Isolation), Denied: p.Denied, DecidingRule: p.DecidingRule,
@@ -357,6 +360,7 @@ func fromDB(d *dbRecord) *record {
 		StopRequested: d.StopRequested || d.Stop != nil,
 		Deleting:      d.Delete != nil,
 		NextStart:     d.NextStart,
+		StartBoot:     d.StartBoot,
 	}
 	if p := d.Placement; p != nil {
 		r.Workload.Placement = &api.Placement{Isolation: api.Isolation(p.Isolation), Denied: p.Denied, DecidingRule: p.DecidingRule,

@@ -75,6 +75,9 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err != nil {
 		return nil, err
 	}
+	if err := cfg.RunCommit(); err != nil {
+		return nil, err
+	}
 	exited, err := d.sup.Spawn(ctx, t)
 	if err != nil {
 		return nil, err

@@ -95,6 +95,23 @@ type TaskConfig struct {
 	// attach resizes it); its output, stdout and stderr together, is
 	// written to StdoutLog.
 	TTY bool
+	// Commit, when set, is called by Start once everything of the task is
+	// prepared and before anything of the workload can run (the monitor
+	// that runs it is spawned, the domain created): the agent's record
+	// that the start began is on disk by its return. An error aborts the
+	// start, which then removes what it made.
+	Commit func() error
+}
+
+// RunCommit calls cfg.Commit when there is one.
+func (cfg *TaskConfig) RunCommit() error {
+	if cfg.Commit == nil {
+		return nil
+	}
+	if err := cfg.Commit(); err != nil {
+		return fmt.Errorf("record the start: %w", err)
+	}
+	return nil
 }
 
 // Mount is a host directory a task sees at Target. The agent has staged

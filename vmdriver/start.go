@@ -141,6 +141,9 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err != nil {
 		return nil, err
 	}
+	if err := cfg.RunCommit(); err != nil {
+		return nil, err
+	}
 	// task.json before the domain: a Recover after a crash right after
 	// CreateXML must know the domain is ours and where its logs go.
 	if err := fileutil.WriteJSON(filepath.Join(dir, taskStateFile), st); err != nil {

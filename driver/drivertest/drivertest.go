@@ -54,6 +54,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("DestroyRemovesTask", s.destroy)
 	t.Run("UnknownTask", s.unknown)
 	t.Run("DuplicateStart", s.duplicate)
+	t.Run("CommitBeforeRun", s.commitBeforeRun)
 	t.Run("Stats", s.stats)
 	t.Run("Concurrent", s.concurrent)
 	t.Run("Recover", s.recover)
@@ -292,6 +293,44 @@ func (s *suite) duplicate(t *testing.T) {
 	s.start(t, s.d, cfg)
 	if _, err := s.d.Start(s.ctx(t, 0), cfg); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("second Start with the same id: %v, want ErrAlreadyExists", err)
+	}
+}
+
+// commitBeforeRun: Start calls Commit once, before anything of the
+// workload ran, and a Commit that fails aborts the start with nothing left.
+func (s *suite) commitBeforeRun(t *testing.T) {
+	cfg := s.task(t, "sh", "-c", "echo ran")
+	calls := 0
+	cfg.Commit = func() error {
+		calls++
+		if b, _ := os.ReadFile(filepath.Join(cfg.LogDir, driver.StdoutLog)); len(b) != 0 {
+			t.Errorf("the workload wrote %q before Commit", b)
+		}
+		return nil
+	}
+	s.start(t, s.d, cfg)
+	if res := s.wait(t, s.d, cfg.ID, 0); res.ExitCode != 0 {
+		t.Errorf("exit %d (%s)", res.ExitCode, res.Err)
+	}
+	if calls != 1 {
+		t.Errorf("Commit called %d times, want once", calls)
+	}
+
+	failed := s.task(t, "sh", "-c", "echo ran")
+	refused := errors.New("the state database refused the record")
+	failed.Commit = func() error { return refused }
+	if _, err := s.d.Start(s.ctx(t, 0), failed); !errors.Is(err, refused) {
+		t.Fatalf("Start whose Commit fails: %v, want its error", err)
+	}
+	ctx := s.ctx(t, 0)
+	if ids, err := s.d.List(ctx); err != nil || slices.Contains(ids, failed.ID) {
+		t.Errorf("List after a start whose Commit failed = %v, %v; want %s absent", ids, err, failed.ID)
+	}
+	if _, err := s.d.Inspect(ctx, failed.ID); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Inspect after a start whose Commit failed: %v, want ErrNotFound", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(failed.LogDir, driver.StdoutLog)); len(b) != 0 {
+		t.Errorf("a start whose Commit failed ran the workload: %q", b)
 	}
 }
 

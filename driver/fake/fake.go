@@ -214,7 +214,11 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Han
 	d.node.tasks[cfg.ID] = t
 	d.node.mu.Unlock()
 
-	if err := t.run(); err != nil {
+	err := cfg.RunCommit()
+	if err == nil {
+		err = t.run()
+	}
+	if err != nil {
 		d.node.mu.Lock()
 		delete(d.node.tasks, cfg.ID)
 		d.node.mu.Unlock()

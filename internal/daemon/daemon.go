@@ -106,6 +106,10 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 		}
 	}
 	d.drivers = drivers
+	bootID, err := supervisor.BootID(cfg.Node.BootIDFile)
+	if err != nil {
+		return nil, err
+	}
 	var netw *network.Manager
 	if cfg.Network.Enabled {
 		dns := cfg.Network.DNS
@@ -133,6 +137,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (*Daemon, error)
 	// to it, the API serves it.
 	metrics := server.NewMetrics()
 	ag, err = agent.New(ctx, agent.Options{
+		BootID:        bootID,
 		Volumes:       vols,
 		VMVolumeOwner: vmOwner,
 		OnStart:       metrics.ObserveStart,
