@@ -81,7 +81,12 @@ func Watch(id Ident) (<-chan struct{}, error) {
 	}
 	// The pidfd pins the process: if the start time still matches now, the
 	// fd refers to the process we mean and not a successor.
-	if st, err := startTime(id.Pid); err != nil || st != id.StartTime {
+	st, err := startTime(id.Pid)
+	if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ESRCH) {
+		unix.Close(fd)
+		return nil, fmt.Errorf("watch %d: %w", id.Pid, err) // not known to be gone
+	}
+	if err != nil || st != id.StartTime {
 		unix.Close(fd)
 		return nil, ErrGone
 	}
@@ -96,10 +101,24 @@ func Watch(id Ident) (<-chan struct{}, error) {
 		defer close(done)
 		defer f.Close()
 		// A pidfd becomes readable when the process exits.
-		_ = rc.Read(func(fd uintptr) bool {
-			n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
-			return err != nil || n > 0
-		})
+		_ = rc.Read(func(fd uintptr) bool { return exitedNow(int(fd)) })
 	}()
 	return done, nil
+}
+
+// exitedNow reports whether the process of pidfd has exited, without
+// waiting. A signal that interrupts the check (the runtime's own, a
+// SIGCHLD) is not an exit: the check is made again at once. Returning false
+// for it instead would wait for a readiness the poller may have reported
+// already, and treating it as an exit would declare a live process gone.
+func exitedNow(pidfd int) bool {
+	for {
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		// Another error: the fd cannot tell; the caller finds out from
+		// the process's records what happened.
+		return err != nil || n > 0
+	}
 }

@@ -31,10 +31,12 @@ func Reap(p *os.Process) error {
 	err = rc.Read(func(fd uintptr) bool {
 		var info unix.Siginfo
 		werr = unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG, nil)
-		switch {
-		case errors.Is(werr, unix.EINTR):
-			return false
-		case werr != nil:
+		for errors.Is(werr, unix.EINTR) {
+			// A signal is not the child's exit; ask again at once (the
+			// poller's readiness may have been reported already).
+			werr = unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG, nil)
+		}
+		if werr != nil {
 			return true // ECHILD: not ours, or reaped elsewhere
 		}
 		// With WNOHANG, a child that has not exited leaves info zero.
