@@ -282,9 +282,8 @@ func TestChaosSIGKILL(t *testing.T) {
 	for _, e := range runcEntries {
 		t.Errorf("runc state left after deleting everything: %s", e.Name())
 	}
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	if strings.Contains(string(mounts), dataDir) {
-		t.Errorf("mounts left under %s", dataDir)
+	if left := leftMounts(dataDir, cfgFile); len(left) > 0 {
+		t.Errorf("mounts left under %s:\n%s", dataDir, strings.Join(left, "\n"))
 	}
 	l.mu.Lock()
 	t.Logf("%d rounds: %d workloads acknowledged, %d stops, %d deletes", rounds, len(l.submitted), len(l.stopped), len(l.deleted))

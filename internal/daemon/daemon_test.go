@@ -7,6 +7,7 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -468,10 +469,42 @@ type agentProcess struct {
 	config string
 	cmd    *exec.Cmd
 	stderr *bytes.Buffer
+	// cleanup is set once the process's leftovers are released at the
+	// test's end.
+	cleanup bool
+}
+
+// releaseLeftovers registers, at the first start, what the next agent on
+// the data directory would do at the test's end: an agent killed last
+// leaves its prepared writable layers mounted (ctrdriver's layer pool),
+// which the next agent's start releases and a test's end must.
+func (p *agentProcess) releaseLeftovers() {
+	if p.cleanup {
+		return
+	}
+	p.cleanup = true
+	cfg, err := config.Load(p.config, nil)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() {
+		if p.cmd != nil && p.cmd.ProcessState == nil {
+			p.kill()
+		}
+		mounts, _ := filepath.Glob(filepath.Join(cfg.DataDir, "containers", "layer-pool", "*"))
+		for _, m := range mounts {
+			if fi, err := os.Stat(m); err == nil && fi.IsDir() {
+				if err := syscall.Unmount(m, 0); err != nil && !errors.Is(err, syscall.EINVAL) {
+					p.t.Errorf("release a prepared layer of the killed agent: %v", err)
+				}
+			}
+		}
+	})
 }
 
 func (p *agentProcess) start(addr string) *client.Client {
 	p.t.Helper()
+	p.releaseLeftovers()
 	exe, err := os.Executable()
 	if err != nil {
 		p.t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/api/client"
+	"github.com/berthd/berth/internal/config"
 )
 
 // faultAgent is an agent process (a test may SIGKILL it) on a bridge and
@@ -87,17 +88,33 @@ func (a *faultAgent) assertNothingLeft(t *testing.T, ids []string) {
 	}
 }
 
+// leftMounts lists the mounts under dataDir that an agent configured by
+// cfgFile holds for no workload. Its prepared writable layers are its own,
+// not a workload's: they count only past their bound.
+func leftMounts(dataDir, cfgFile string) []string {
+	var left, pool []string
+	pooled := filepath.Join(dataDir, "containers", "layer-pool") + "/"
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mounts), "\n") {
+		switch {
+		case strings.Contains(line, " "+pooled):
+			pool = append(pool, "prepared layer: "+line)
+		case strings.Contains(line, dataDir):
+			left = append(left, "mount: "+line)
+		}
+	}
+	if cfg, err := config.Load(cfgFile, nil); err != nil || len(pool) > cfg.Container.PreparedLayers {
+		left = append(left, pool...)
+	}
+	return left
+}
+
 func (a *faultAgent) leftovers(ids []string) []string {
 	var left []string
 	if out, _ := exec.Command("pgrep", "-af", a.dataDir).Output(); len(out) > 0 {
 		left = append(left, "processes: "+strings.TrimSpace(string(out)))
 	}
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(mounts), "\n") {
-		if strings.Contains(line, a.dataDir) {
-			left = append(left, "mount: "+line)
-		}
-	}
+	left = append(left, leftMounts(a.dataDir, a.config)...)
 	for _, id := range ids {
 		for _, ctl := range []string{"memory", "pids", "cpu"} {
 			if _, err := os.Stat(filepath.Join("/sys/fs/cgroup", ctl, "berth", id)); err == nil {
