@@ -265,7 +265,11 @@ func (a *Agent) start(id string, s *supervisor) {
 			}
 			if err == nil {
 				now := time.Now().UTC()
-				_, cerr := a.mutate(id, func(r *record) error {
+				// Published at once, not waited for on disk: what follows
+				// (waiting for the end, a stop) needs no more, and a crash
+				// before it is written finds the task through the starting
+				// record (reattach). A short run's end is seen sooner.
+				_, cerr := a.mutateLocked(id, func(r *record) error {
 					r.Handle = h
 					r.Workload.State = api.StateRunning
 					if r.StopRequested {

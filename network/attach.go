@@ -121,7 +121,11 @@ func (m *Manager) Attach(ctx context.Context, id string, kind Kind, ports []api.
 		}
 	}
 	a.State = StateAttached
-	if err := fileutil.WriteJSON(m.recordPath(id), a); err != nil {
+	// Not synced: the intent above is on disk, and after a power loss
+	// (which takes the namespace, the veth and the rules with it) the
+	// teardown from the intent releases what is left (the lease); after a
+	// crash of the agent alone the page cache still has this record.
+	if err := fileutil.ReplaceJSON(m.recordPath(id), a); err != nil {
 		return m.undo(ctx, a, err)
 	}
 	m.crash("attached")
