@@ -29,41 +29,55 @@ type nsPool struct {
 	order   []idMap // insertion order, for eviction
 	filling bool
 	closed  bool
-	// made counts namespaces made, for tests.
+	// made counts the namespaces the pool kept.
 	made int
 }
 
 func newNSPool() *nsPool { return &nsPool{ns: map[idMap]*os.File{}} }
 
 // get returns a file of m's namespace the caller owns (and closes): the
-// pool's, duplicated, or a new one when the pool has none.
+// pool's, duplicated, or a new one when the pool has none (kept for the
+// next start of the range).
 func (p *nsPool) get(m idMap) (*os.File, error) {
-	p.mu.Lock()
-	f, ok := p.ns[m]
-	if ok {
-		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		p.mu.Unlock()
-		if err != nil {
-			return nil, err
-		}
-		return os.NewFile(uintptr(fd), f.Name()), nil
+	if f, ok, err := p.dup(m); ok || err != nil {
+		return f, err
 	}
-	p.mu.Unlock()
 	f, err := usernsFile(m)
 	if err != nil {
 		return nil, err
 	}
-	p.put(m, f)
-	return p.get(m)
+	if !p.put(m, f) {
+		return f, nil // not kept: the caller has the only file
+	}
+	if kept, ok, err := p.dup(m); ok || err != nil {
+		return kept, err
+	}
+	return usernsFile(m) // evicted at once by other starts' namespaces
 }
 
-// put keeps f as m's namespace, evicting the oldest beyond nsKept.
-func (p *nsPool) put(m idMap, f *os.File) {
+// dup returns a duplicate of the pool's file of m's namespace, if it has one.
+func (p *nsPool) dup(m idMap) (*os.File, bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	f, ok := p.ns[m]
+	if !ok {
+		return nil, false, nil
+	}
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, false, err
+	}
+	return os.NewFile(uintptr(fd), f.Name()), true, nil
+}
+
+// put keeps f as m's namespace, evicting the oldest beyond nsKept, and
+// reports whether it did: a pool that is closed, or has the namespace
+// already, keeps nothing, and f stays the caller's.
+func (p *nsPool) put(m idMap, f *os.File) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if _, ok := p.ns[m]; ok || p.closed {
-		f.Close()
-		return
+		return false
 	}
 	p.made++
 	p.ns[m] = f
@@ -76,6 +90,7 @@ func (p *nsPool) put(m idMap, f *os.File) {
 			delete(p.ns, old)
 		}
 	}
+	return true
 }
 
 // prepare makes the namespaces of next in the background (one filler at a
@@ -109,7 +124,9 @@ func (p *nsPool) prepare(next []idMap) {
 			if err != nil {
 				return // the start that needs it makes it, and says why
 			}
-			p.put(m, f)
+			if !p.put(m, f) {
+				f.Close()
+			}
 		}
 	}()
 }
