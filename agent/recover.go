@@ -144,8 +144,9 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 // pending on disk: the agent died while the start's record was on its way
 // to disk, before the driver ran anything of it (the driver waits for that
 // record first). It reports true when the driver holds a live task of it
-// after all (a record from before that rule), which is then re-attached as
-// a start that was interrupted.
+// after all, which no start leaves (every agent has recorded starting
+// before its driver ran anything): should one be there, it is re-attached
+// as an interrupted start, never started a second time.
 func (a *Agent) releaseUnstarted(ctx context.Context, r *record) bool {
 	if r.Handle != nil {
 		return false // the previous run's task: the next start releases it
