@@ -160,6 +160,37 @@ func newLifeEnv(t *testing.T) *lifeEnv {
 	return e
 }
 
+// interruptStart submits spec while the driver's starts hang, and closes
+// the agent once the start is in the driver (as if the agent died there);
+// starts no longer hang afterwards.
+func (e *lifeEnv) interruptStart(spec api.WorkloadSpec) *api.Workload {
+	e.t.Helper()
+	e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
+	w := e.submit(spec)
+	<-e.f.starting
+	if err := e.agent.Close(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.f.set(func(f *faults) { f.hangStart = false })
+	return w
+}
+
+// persisted is what the closed agent left in its state database: the
+// records and the index.
+func (e *lifeEnv) persisted() ([]*record, uint64) {
+	e.t.Helper()
+	st, err := openStore(e.dir)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer st.close()
+	recs, index, err := st.loadAll()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return recs, index
+}
+
 // ignoresTerm runs until it is killed: SIGTERM is ignored by the shell and
 // by its child. It says "ready" once it ignores SIGTERM (runTermless).
 func ignoresTerm() api.WorkloadSpec { return sh(`trap "" TERM; echo ready; sleep 1000`) }
@@ -557,18 +588,12 @@ func TestInterruptedStartStartsOnce(t *testing.T) {
 		for _, made := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/task_made=%v", iso, made), func(t *testing.T) {
 				e := newLifeEnv(t)
-				e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
 				spec := sh("exit 5")
 				spec.Isolation = iso
-				w := e.submit(spec)
+				w := e.interruptStart(spec)
 				if w.Isolation != iso {
 					t.Fatalf("placed as %s, want %s", w.Isolation, iso)
 				}
-				<-e.f.starting
-				if err := e.agent.Close(); err != nil {
-					t.Fatal(err)
-				}
-				e.f.set(func(f *faults) { f.hangStart = false })
 				if made {
 					// The driver made the task before the agent died.
 					cfg := &driver.TaskConfig{ID: w.ID, Args: []string{"sh", "-c", "exit 6"}, LogDir: filepath.Join(e.dir, "logs", w.ID)}
@@ -609,22 +634,10 @@ func TestStartInterruptedByARebootIsNotRunAgain(t *testing.T) {
 				o.BootID = boot
 			}
 			e.restart()
-			e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
-			w := e.submit(sh("exit 0"))
-			<-e.f.starting
-			if err := e.agent.Close(); err != nil {
-				t.Fatal(err)
+			w := e.interruptStart(sh("exit 0"))
+			if recs, _ := e.persisted(); len(recs) != 1 || recs[0].Workload.State != api.StateStarting || recs[0].StartBoot != "boot-1" {
+				t.Fatalf("persisted: %+v; want the workload starting in boot-1", recs)
 			}
-			st, err := openStore(e.dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			recs, _, err := st.loadAll()
-			st.close()
-			if err != nil || len(recs) != 1 || recs[0].Workload.State != api.StateStarting || recs[0].StartBoot != "boot-1" {
-				t.Fatalf("persisted: %+v, %v; want the workload starting in boot-1", recs, err)
-			}
-			e.f.set(func(f *faults) { f.hangStart = false })
 			if rebooted {
 				boot = "boot-2"
 			}
@@ -673,37 +686,32 @@ func TestInterruptedStartThatNeverRan(t *testing.T) {
 	for _, stopped := range []bool{true, false} {
 		t.Run(fmt.Sprintf("stop_asked=%v", stopped), func(t *testing.T) {
 			e := newLifeEnv(t)
-			e.f.set(func(f *faults) { f.hangStart, f.starting = true, make(chan string, 1) })
-			w := e.submit(sh("sleep 1000"))
-			<-e.f.starting
-			if err := e.agent.Close(); err != nil {
-				t.Fatal(err)
-			}
+			w := e.interruptStart(sh("sleep 1000"))
 			// What the agent had persisted when it died: the record left
 			// starting (and the stop, when one was asked).
-			st, err := openStore(e.dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			recs, index, err := st.loadAll()
-			if err != nil || len(recs) != 1 || recs[0].Workload.State != api.StateStarting {
-				t.Fatalf("persisted: %v, %v; want the workload starting", recs, err)
+			recs, index := e.persisted()
+			if len(recs) != 1 || recs[0].Workload.State != api.StateStarting {
+				t.Fatalf("persisted: %v; want the workload starting", recs)
 			}
 			if stopped {
+				st, err := openStore(e.dir)
+				if err != nil {
+					t.Fatal(err)
+				}
 				now := time.Now().UTC()
 				recs[0].StopRequested, recs[0].StopAt, recs[0].StopGrace = true, &now, time.Second
-				if err := st.put(recs[0], index+1); err != nil {
+				err = st.put(recs[0], index+1)
+				st.close()
+				if err != nil {
 					t.Fatal(err)
 				}
 			}
-			st.close()
 			// The task the driver made: it never ran.
 			cfg := &driver.TaskConfig{ID: w.ID, Args: []string{"true"}, LogDir: filepath.Join(e.dir, "logs", w.ID)}
 			if _, err := fake.New("container", e.node).Start(context.Background(), cfg); err != nil {
 				t.Fatal(err)
 			}
 			e.f.set(func(f *faults) {
-				f.hangStart = false
 				f.neverRan[w.ID] = "runc create: stopped before it started"
 			})
 			e.start()
