@@ -218,3 +218,59 @@ func loopsUnder(root string) []string {
 	}
 	return out
 }
+
+// An ended container is released (its cgroups in every hierarchy runc
+// made one in, runc's state) by its monitor, without a runc delete
+// process, and removing the task then starts no runc process either.
+func TestEndedContainerIsReleasedWithoutRunc(t *testing.T) {
+	requireRunc(t)
+	real, _ := exec.LookPath("runc")
+	dir := t.TempDir()
+	calls := filepath.Join(dir, "calls")
+	wrapper := filepath.Join(dir, "runc")
+	script := "#!/bin/sh\necho \"$@\" >> " + calls + "\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	d, err := New(Options{Root: root, Runc: wrapper, MonitorCmd: []string{monitortest.Path(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	cfg := &driver.TaskConfig{ID: drivertest.NewID("dt-release"), Image: driver.Image{RootfsDir: sharedRootfs(t)},
+		Args: []string{"/bin/true"}, Env: []string{"PATH=/bin"}, LogDir: t.TempDir()}
+	if _, err := d.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	res, err := d.Wait(ctx, cfg.ID)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("wait: %+v, %v", res, err)
+	}
+	// The monitor released the container right after recording its end,
+	// before the driver saw it end.
+	if cgroupExists(cfg.ID) {
+		t.Errorf("cgroup %s left after the end", cgroupPath(cfg.ID))
+	}
+	for _, h := range []string{"systemd", "unified"} {
+		if _, err := os.Stat(filepath.Join("/sys/fs/cgroup", h) + cgroupPath(cfg.ID)); err == nil {
+			t.Errorf("cgroup %s left in the %s hierarchy", cgroupPath(cfg.ID), h)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "runc", cfg.ID)); !os.IsNotExist(err) {
+		t.Errorf("runc state left after the end: %v", err)
+	}
+	if err := d.Destroy(ctx, cfg.ID); err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.ReadFile(calls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One runc process in all: the one that ran the container.
+	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], " run --detach ") {
+		t.Errorf("runc was called %d times, want once (run): %q", len(lines), lines)
+	}
+	assertNoLeaks(t, root)
+}

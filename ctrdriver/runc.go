@@ -68,6 +68,12 @@ func (r runc) kill(ctx context.Context, id, signal string) error {
 }
 
 func (r runc) delete(ctx context.Context, id string) error {
+	// runc knows a container by its state directory: without one there is
+	// nothing for runc delete to do (the monitor released the ended
+	// container itself), and no runc process is started to be told so.
+	if _, err := os.Lstat(filepath.Join(r.root, id)); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	_, err := r.run(ctx, "delete", "--force", id)
 	if err != nil && strings.Contains(err.Error(), "does not exist") {
 		return nil

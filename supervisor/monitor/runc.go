@@ -144,8 +144,12 @@ func (m *mon) runContainer() error {
 	}
 	signalEnded()
 	// The exit status is safe on disk; now release the cgroup and runc's
-	// state so nothing of the container lingers while nobody asks.
-	m.cleanupRunc()
+	// state so nothing of the container lingers while nobody asks: here,
+	// or through runc delete when anything is not as expected.
+	if err := releaseStopped(rc.RuncRoot, m.cfg.ID); err != nil {
+		fmt.Fprintf(os.Stderr, "berth-monitor: release the ended container without runc (runc delete follows): %v\n", err)
+		m.cleanupRunc()
+	}
 	// Attach clients still taking their last output get a moment.
 	sio.hub.flush()
 	return nil
