@@ -116,6 +116,11 @@ type userns struct {
 
 	mu   sync.Mutex // serializes this process's allocations ahead of the file lock
 	next uint32     // where the next allocation starts looking
+	// ranges caches the range records of the task directories by task,
+	// each read from disk once: a record is written once, when its task's
+	// range is given, and goes with its directory, so a start reads no
+	// other task's record. A directory without one (yet) is read again.
+	ranges map[string]idMap
 	// pool holds the user namespaces of the ranges given next and of those
 	// in use, for the id-mapped mounts (nspool.go).
 	pool *nsPool
@@ -127,7 +132,7 @@ func newUserNS(opts UserNSOptions, root, tasksDir string, log *slog.Logger) *use
 	if dir == "" {
 		dir = filepath.Join(root, "userns")
 	}
-	return &userns{opts: opts, root: root, dir: dir, tasksDir: tasksDir, log: log, pool: newNSPool()}
+	return &userns{opts: opts, root: root, dir: dir, tasksDir: tasksDir, log: log, pool: newNSPool(), ranges: map[string]idMap{}}
 }
 
 // enabled reports whether containers get user namespaces, and why not.
@@ -424,6 +429,7 @@ func (u *userns) allocate(ctx context.Context, taskDir string) (idMap, error) {
 		if err := fileutil.ReplaceJSON(filepath.Join(taskDir, usernsRecord), m); err != nil {
 			return idMap{}, err
 		}
+		u.ranges[filepath.Base(taskDir)] = m
 		// Rotating rather than lowest-first: a range just released is
 		// the last to be given again.
 		u.next = (s + 1) % u.slots
@@ -443,7 +449,7 @@ func (u *userns) slot(s uint32) idMap {
 	return idMap{UID: u.uid + s*rs, GID: u.gid + s*rs, Size: rs}
 }
 
-// used returns the ranges that the task directories hold.
+// used returns the ranges that the task directories hold. Called under mu.
 func (u *userns) used() (map[uint32]bool, error) {
 	entries, err := os.ReadDir(u.tasksDir)
 	if err != nil {
@@ -464,15 +470,28 @@ func (u *userns) used() (map[uint32]bool, error) {
 			used[uint32(s)] = true
 		}
 	}
+	present := make(map[string]bool, len(entries))
 	for _, e := range entries {
-		m, err := readIDMap(filepath.Join(u.tasksDir, e.Name()))
-		if err != nil {
-			u.log.Warn("unreadable user namespace record; its range may be given again", "task_id", e.Name(), "err", err)
-			continue
+		present[e.Name()] = true
+		m, ok := u.ranges[e.Name()]
+		if !ok {
+			rec, err := readIDMap(filepath.Join(u.tasksDir, e.Name()))
+			if err != nil {
+				u.log.Warn("unreadable user namespace record; its range may be given again", "task_id", e.Name(), "err", err)
+				continue
+			}
+			if rec == nil {
+				continue
+			}
+			m = *rec
+			u.ranges[e.Name()] = m
 		}
-		if m != nil {
-			mark(u.uid, m.UID, m.Size)
-			mark(u.gid, m.GID, m.Size)
+		mark(u.uid, m.UID, m.Size)
+		mark(u.gid, m.GID, m.Size)
+	}
+	for name := range u.ranges {
+		if !present[name] {
+			delete(u.ranges, name) // the task is gone, and its range free
 		}
 	}
 	return used, nil
