@@ -8,8 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -45,28 +45,14 @@ func runTermless(t *testing.T, c *client.Client) string {
 
 // startLifecycleAgent runs an agent in its own process (a test may
 // SIGKILL it) without networks or VMs, and returns it with a client, its
-// address and data dir. With slowDelete, every `runc delete` takes 2 s
-// more, so a delete outlasts a client that leaves after 100 ms.
-func startLifecycleAgent(t *testing.T, slowDelete bool) (p *agentProcess, c *client.Client, addr, dataDir string) {
+// address and data dir.
+func startLifecycleAgent(t *testing.T) (p *agentProcess, c *client.Client, addr, dataDir string) {
 	t.Helper()
 	requireRunc(t)
 	dataDir = t.TempDir()
 	addr = freeAddr(t)
-	runc := ""
-	if slowDelete {
-		real, err := exec.LookPath("runc")
-		if err != nil {
-			real = "/usr/sbin/runc"
-		}
-		runc = filepath.Join(t.TempDir(), "runc")
-		script := fmt.Sprintf("#!/bin/sh\nfor a in \"$@\"; do\n\tif [ \"$a\" = delete ]; then sleep 2; break; fi\ndone\nexec %q \"$@\"\n", real)
-		if err := os.WriteFile(runc, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		runc = "container:\n  runc: " + runc + "\n"
-	}
 	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
-	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\n%svm:\n  enabled: false\nnetwork:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir, runc)
+	cfg := fmt.Sprintf("listen: %s\ndata_dir: %s\nvm:\n  enabled: false\nnetwork:\n  enabled: false\nworkload_defaults:\n  stop_timeout: 2s\n  cpu: 0.05\n", addr, dataDir)
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +86,7 @@ func askAndLeave(t *testing.T, what string, f func(ctx context.Context) error) {
 // workload, which ignores SIGTERM, is killed (137) when its grace period
 // ends.
 func TestStopOutlivesItsClient(t *testing.T) {
-	_, c, _, _ := startLifecycleAgent(t, false)
+	_, c, _, _ := startLifecycleAgent(t)
 	id := runTermless(t, c)
 	const grace, margin = 2 * time.Second, 8 * time.Second
 	asked := time.Now()
@@ -124,7 +110,7 @@ func TestStopOutlivesItsClient(t *testing.T) {
 // after, is carried out while no agent runs: the workload is killed when
 // its grace period ends, and the next agent reports it exited 137.
 func TestStopOutlivesItsClientAndAgent(t *testing.T) {
-	p, c, addr, _ := startLifecycleAgent(t, false)
+	p, c, addr, _ := startLifecycleAgent(t)
 	id := runTermless(t, c)
 	const grace, margin = 2 * time.Second, 5 * time.Second
 	asked := time.Now()
@@ -175,6 +161,25 @@ func traces(dataDir, id string) []string {
 	return found
 }
 
+// waitDeleting waits until the workload answers as deleting (or is gone).
+func waitDeleting(t *testing.T, c *client.Client, id string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		w, _, err := c.Get(context.Background(), id, nil)
+		if client.IsReason(err, api.ReasonNotFound) || err == nil && w.Deleting {
+			return
+		}
+		if err != nil {
+			t.Fatalf("get %s: %v", id, err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("workload %s is %s and not deleting 10 s after a delete was sent", id, w.State)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // waitGone waits until the workload answers 404; until then it must
 // answer as deleting (never vanish while it holds something).
 func waitGone(t *testing.T, c *client.Client, id string, within time.Duration) {
@@ -199,15 +204,26 @@ func waitGone(t *testing.T, c *client.Client, id string, within time.Duration) {
 
 // A delete whose client disconnects is carried out: the workload answers
 // as deleting, then 404, and nothing of it is left on the node. The same
-// when the agent is SIGKILLed right after the client left.
+// when the agent is SIGKILLed right after the client left (once the delete
+// is recorded: one the agent never took is not a delete it owes).
 func TestDeleteOutlivesItsClient(t *testing.T) {
-	p, c, addr, dataDir := startLifecycleAgent(t, true)
+	p, c, addr, dataDir := startLifecycleAgent(t)
 	for _, killAgent := range []bool{false, true} {
 		id := runTermless(t, c)
 		if left := traces(dataDir, id); len(left) < 4 {
 			t.Fatalf("a running workload should have a task dir, runc state, logs, cgroups and a mount; found only %v", left)
 		}
-		askAndLeave(t, "forced delete", func(ctx context.Context) error { return c.Delete(ctx, id, true) })
+		// The client hangs up as soon as its request is out, before any
+		// answer: the agent handles it with its context already ended.
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fmt.Fprintf(conn, "DELETE /v1/workloads/%s?force=true HTTP/1.1\r\nHost: %s\r\n\r\n", id, addr); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+		waitDeleting(t, c, id)
 		if killAgent {
 			p.kill()
 			c = p.start(addr)
