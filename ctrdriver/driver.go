@@ -74,7 +74,10 @@ type Options struct {
 	// its start.
 	LayerPool      int
 	LayerPoolBytes int64
-	Logger         *slog.Logger
+	// Monitors is how many monitors are kept started ahead of the starts
+	// that hand them their task (supervisor.Options.Spares).
+	Monitors int
+	Logger   *slog.Logger
 }
 
 // Driver is the runc container driver.
@@ -122,6 +125,7 @@ func New(opts Options) (*Driver, error) {
 	sup, err := supervisor.New[struct{}](supervisor.Options{
 		Kind: monitor.KindRunc, Noun: "container task",
 		Monitor: opts.MonitorCmd, Env: opts.MonitorEnv, BootID: opts.BootID, Logger: log,
+		Spares: opts.Monitors,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
@@ -152,9 +156,11 @@ func New(opts Options) (*Driver, error) {
 func (d *Driver) Name() string { return Name }
 
 // Close implements driver.Driver. The driver holds no connection: tasks
-// belong to their monitors and keep running.
+// belong to their monitors and keep running. What it made ahead (user
+// namespaces, spare monitors, prepared layers) is released.
 func (d *Driver) Close(ctx context.Context) error {
 	d.userns.pool.close()
+	d.sup.Close()
 	return d.layers.close()
 }
 
@@ -166,6 +172,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	}
 	d.userns.describe(fp.Details)
 	d.layers.describe(fp.Details)
+	fp.Details["prepared_monitors"] = d.sup.SpareStatus()
 	fp.Capabilities.UserNS = fp.Details["userns"] == "on"
 	v, err := d.runc.version(ctx)
 	if err != nil {

@@ -22,8 +22,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/fileutil"
@@ -52,13 +50,18 @@ type Options struct {
 	Kind monitor.Kind
 	// Noun names the driver's tasks in errors: "container task", "vm task".
 	Noun string
-	// Monitor is the monitor command; the task directory is appended.
+	// Monitor is the monitor command; the task directory is appended (a
+	// spare's arguments, monitor.SpareArg and SpareTitle).
 	// Default: berth-monitor next to this executable, else on PATH.
 	Monitor []string
 	// Env is the monitor's environment.
 	Env []string
 	// BootID is the node's current boot id (default: the kernel's).
 	BootID string
+	// Spares is how many monitors are kept started ahead of the starts
+	// (spares, waiting for their task): a start then hands one its task
+	// instead of waiting for a process to be made and to start up.
+	Spares int
 	Logger *slog.Logger
 }
 
@@ -70,6 +73,14 @@ type Supervisor[T any] struct {
 
 	mu    sync.Mutex
 	tasks map[string]*Task[T]
+
+	// spares are monitors started ahead, waiting for a task (spares.go).
+	spares       []*started
+	sparesServed uint64
+	sparesClosed bool
+	spareErr     string
+	filling      bool
+	fill         sync.WaitGroup
 }
 
 // New returns a supervisor. It fails only when the boot id cannot be read.
@@ -87,7 +98,9 @@ func New[T any](opts Options) (*Supervisor[T], error) {
 	if len(opts.Monitor) == 0 {
 		opts.Monitor = []string{DefaultMonitorPath()}
 	}
-	return &Supervisor[T]{opts: opts, log: opts.Logger, tasks: map[string]*Task[T]{}}, nil
+	s := &Supervisor[T]{opts: opts, log: opts.Logger, tasks: map[string]*Task[T]{}}
+	s.fillSpares()
+	return s, nil
 }
 
 // DefaultMonitorPath is berth-monitor next to this executable if it is
@@ -288,53 +301,29 @@ func (s *Supervisor[T]) WriteConfig(t *Task[T], cfg monitor.Config) error {
 	return fileutil.ReplaceJSON(filepath.Join(t.Dir, monitor.ConfigFile), cfg)
 }
 
-// Spawn starts the task's monitor (its config already written) and waits
+// Spawn starts the task's monitor (its config already written), or hands
+// the task to a spare monitor started ahead (Options.Spares), and waits
 // until it reports the task running or failed (read its status). The
 // returned channel closes when the monitor says the task's end is recorded,
 // or exits. When ctx ends first, the
 // start is called off: the monitor is told to stop at once, then its
 // session is killed, and ctx's error is returned.
 func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{}, error) {
-	logf, err := os.OpenFile(filepath.Join(t.Dir, monitor.LogFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	defer logf.Close()
-	readyR, readyW, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	defer readyR.Close()
-	endedR, endedW, err := os.Pipe()
-	if err != nil {
-		readyW.Close()
-		return nil, err
-	}
 	// A previous monitor's record (a respawn) must not be mistaken for
 	// this one's.
 	_ = os.Remove(filepath.Join(t.Dir, monitor.PidFile))
-	args := append(append([]string(nil), s.opts.Monitor[1:]...), t.Dir)
-	cmd := exec.Command(s.opts.Monitor[0], args...)
-	// One P is all a monitor needs (it waits, mostly), and each P costs
-	// memory that every workload pays once more.
-	cmd.Env = append(append([]string(nil), s.opts.Env...), "GOMAXPROCS=1")
-	cmd.Dir = t.Dir
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{readyW, endedW} // fds 3 and 4: monitor.ReadyFD, EndedFD
-	// Its own session: the agent's death or its terminal's signals must not
-	// reach the monitor, and Kill can end everything it started at once.
-	cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		readyW.Close()
-		endedR.Close()
-		endedW.Close()
-		return nil, fmt.Errorf("start monitor %s: %w", s.opts.Monitor[0], err)
+	m := s.takeSpare(t.Dir)
+	if m == nil {
+		var err error
+		if m, err = s.startMonitor(t.Dir); err != nil {
+			return nil, err
+		}
 	}
-	readyW.Close()
-	endedW.Close()
-	ident, _ := proc.Identify(cmd.Process.Pid)
+	readyR, endedR := m.ready, m.ended
+	defer readyR.Close()
+	ident, _ := proc.Identify(m.pid)
 	if ident.Pid == 0 {
-		ident = proc.Ident{Pid: cmd.Process.Pid}
+		ident = proc.Ident{Pid: m.pid}
 	}
 	t.mu.Lock()
 	t.monitor = monitor.PidRecord{Ident: ident}
@@ -348,9 +337,6 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 		endedR.Close()
 		close(exited)
 	}()
-	// Our child while this agent lives: reap it, parked on the poller
-	// rather than holding a thread for each running workload.
-	go func() { _ = proc.Reap(cmd.Process) }()
 	readCh := make(chan struct{})
 	go func() {
 		var b [1]byte

@@ -122,8 +122,11 @@ type Container struct {
 	StartTimeout time.Duration `mapstructure:"start_timeout"`
 	// PreparedLayers is how many filesystems for writable layers of the
 	// default disk budget are kept made ahead of the starts that take them.
-	PreparedLayers int    `mapstructure:"prepared_layers"`
-	UserNS         UserNS `mapstructure:"userns"`
+	PreparedLayers int `mapstructure:"prepared_layers"`
+	// PreparedMonitors is how many container monitors are kept started
+	// ahead of the starts that hand them their task.
+	PreparedMonitors int    `mapstructure:"prepared_monitors"`
+	UserNS           UserNS `mapstructure:"userns"`
 }
 
 // UserNS puts each container in a user namespace of its own: its root is
@@ -427,6 +430,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Container.PreparedLayers < 0 || c.Container.PreparedLayers > 64 {
 		bad("container.prepared_layers", "%d must be between 0 (none) and 64", c.Container.PreparedLayers)
+	}
+	if c.Container.PreparedMonitors < 0 || c.Container.PreparedMonitors > 16 {
+		bad("container.prepared_monitors", "%d must be between 0 (none) and 16", c.Container.PreparedMonitors)
 	}
 	c.validateUserNS(bad)
 	switch c.VM.Accel {

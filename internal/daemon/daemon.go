@@ -247,6 +247,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			BootID:         bootID,
 			LayerPool:      d.cfg.Container.PreparedLayers,
 			LayerPoolBytes: d.cfg.WorkloadDefaults.DiskMB << 20,
+			Monitors:       d.cfg.Container.PreparedMonitors,
 			Logger:         d.log,
 		})
 		if err != nil {

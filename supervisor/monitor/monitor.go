@@ -3,10 +3,13 @@ package monitor
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -15,14 +18,23 @@ import (
 )
 
 // Main is the monitor's main function: args are the command line after the
-// program name, the task directory alone. It returns the exit code.
+// program name, the task directory alone (or SpareArg: it comes on
+// TaskDirFD). It returns the exit code.
 func Main(args []string) int {
+	// The agent's death must not reach us, nor a stray terminal signal.
+	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGPIPE)
+	if len(args) >= 1 && args[0] == SpareArg {
+		dir, ok := awaitTask()
+		if !ok {
+			return 0
+		}
+		retitle(dir)
+		args = []string{dir}
+	}
 	if len(args) != 1 || !filepath.IsAbs(args[0]) {
 		fmt.Fprintln(os.Stderr, "berth-monitor: needs the absolute task directory; it is started by the berth agent")
 		return 2
 	}
-	// The agent's death must not reach us, nor a stray terminal signal.
-	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGPIPE)
 	dir := args[0]
 	ready := os.NewFile(ReadyFD, "ready")
 	if err := run(dir, ready); err != nil {
@@ -30,6 +42,60 @@ func Main(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// awaitTask waits, as a spare, for the task directory, and then takes on
+// what a monitor started for its task has from the start: the directory
+// as working directory, its log as stdout and stderr. It reports false
+// when the agent lets it go unused (or is gone).
+func awaitTask() (string, bool) {
+	f := os.NewFile(TaskDirFD, "task")
+	data, err := io.ReadAll(io.LimitReader(f, unix.PathMax))
+	f.Close()
+	dir := strings.TrimSpace(string(data))
+	if err != nil || dir == "" {
+		return "", false
+	}
+	if !filepath.IsAbs(dir) {
+		return dir, true // Main refuses it
+	}
+	if err := os.Chdir(dir); err != nil {
+		fmt.Fprintf(os.Stderr, "berth-monitor: %v\n", err)
+		return "", false
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, LogFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "berth-monitor: %v\n", err)
+		return "", false
+	}
+	defer logf.Close()
+	for _, fd := range []int{1, 2} {
+		if err := unix.Dup3(int(logf.Fd()), fd, 0); err != nil {
+			fmt.Fprintf(os.Stderr, "berth-monitor: log to %s: %v\n", logf.Name(), err)
+			return "", false
+		}
+	}
+	return dir, true
+}
+
+// retitle makes a spare's command line name its task directory, as a
+// monitor's started for its task does: the arguments are rewritten where
+// the kernel keeps them (setproctitle), over the room SpareTitle kept.
+// os.Args is not read afterwards.
+func retitle(dir string) {
+	if len(os.Args) < 3 {
+		return
+	}
+	first := unsafe.StringData(os.Args[1])
+	last := os.Args[len(os.Args)-1]
+	end := unsafe.Add(unsafe.Pointer(unsafe.StringData(last)), len(last))
+	n := int(uintptr(end) - uintptr(unsafe.Pointer(first)))
+	if len(dir) >= n {
+		return
+	}
+	area := unsafe.Slice(first, n)
+	copy(area, dir)
+	clear(area[len(dir):])
 }
 
 func run(dir string, ready *os.File) error {

@@ -33,6 +33,7 @@
 package monitor
 
 import (
+	"strings"
 	"time"
 
 	"github.com/berthd/berth/internal/proc"
@@ -63,6 +64,22 @@ const ReadyFD = 3
 // the agent reports the exit without waiting for that clean-up. Its EOF,
 // when the monitor exits, says the same.
 const EndedFD = 4
+
+// SpareArg, as the monitor's first argument, makes a monitor started
+// ahead of its task (a spare): it waits for the task directory on
+// TaskDirFD, so a start does not wait for a process to be created and a Go
+// program to start up. SpareTitle follows it: the room its command line
+// (ps, /proc/PID/cmdline) needs to name the task directory once it has it,
+// as a monitor started for its task does.
+const SpareArg = "-"
+
+// SpareTitle is a spare's second argument: "spare", padded.
+var SpareTitle = "spare" + strings.Repeat(" ", 250)
+
+// TaskDirFD is the pipe (fd 5) on which a spare monitor is handed its task
+// directory, followed by end of file. End of file with nothing before it
+// lets the spare go unused.
+const TaskDirFD = 5
 
 // Kind says what a monitor supervises.
 type Kind string
