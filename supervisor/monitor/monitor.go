@@ -24,9 +24,15 @@ func Main(args []string) int {
 	// The agent's death must not reach us, nor a stray terminal signal.
 	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGPIPE)
 	if len(args) >= 1 && args[0] == SpareArg {
-		dir, ok := awaitTask()
-		if !ok {
-			return 0
+		dir, err := awaitTask()
+		if err != nil {
+			// The agent finds no status and says the monitor ended
+			// without one; this goes where the task's log would.
+			fmt.Fprintf(os.Stderr, "berth-monitor: %v\n", err)
+			return 1
+		}
+		if dir == "" {
+			return 0 // let go unused
 		}
 		retitle(dir)
 		args = []string{dir}
@@ -46,40 +52,37 @@ func Main(args []string) int {
 
 // awaitTask waits, as a spare, for the task directory, and then takes on
 // what a monitor started for its task has from the start: the directory
-// as working directory, its log as stdout and stderr. It reports false
-// when the agent lets it go unused (or is gone).
-func awaitTask() (string, bool) {
+// as working directory, its log as stdout and stderr. It returns "" when
+// the agent lets it go unused (or is gone).
+func awaitTask() (string, error) {
 	f := os.NewFile(TaskDirFD, "task")
 	data, err := io.ReadAll(io.LimitReader(f, unix.PathMax))
 	f.Close()
 	dir := strings.TrimSpace(string(data))
 	if err != nil || dir == "" {
-		return "", false
+		return "", nil
 	}
 	if !filepath.IsAbs(dir) {
-		return dir, true // Main refuses it
+		return dir, nil // Main refuses it
 	}
 	if err := os.Chdir(dir); err != nil {
-		fmt.Fprintf(os.Stderr, "berth-monitor: %v\n", err)
-		return "", false
+		return "", err
 	}
 	logf, err := os.OpenFile(filepath.Join(dir, LogFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "berth-monitor: %v\n", err)
-		return "", false
+		return "", err
 	}
 	defer logf.Close()
 	for _, fd := range []int{1, 2} {
 		if err := unix.Dup3(int(logf.Fd()), fd, 0); err != nil {
-			fmt.Fprintf(os.Stderr, "berth-monitor: log to %s: %v\n", logf.Name(), err)
-			return "", false
+			return "", fmt.Errorf("log to %s: %w", logf.Name(), err)
 		}
 	}
-	return dir, true
+	return dir, nil
 }
 
-// retitle makes a spare's command line name its task directory, as a
-// monitor's started for its task does: the arguments are rewritten where
+// retitle makes a spare's command line name its task directory, as that of
+// a monitor started for its task does: the arguments are rewritten where
 // the kernel keeps them (setproctitle), over the room SpareTitle kept.
 // os.Args is not read afterwards.
 func retitle(dir string) {
