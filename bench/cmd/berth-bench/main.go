@@ -348,46 +348,51 @@ var targetLimits = map[string]string{
 		"follower of the monitor and the reader of the monitor's ended pipe: stacks of 8 KiB and up), its record with its spec, and its events. " +
 		"This round removed a blocked OS thread per workload (the monitor is reaped through a pidfd on the poller, not os.Process.Wait: " +
 		"109 -> 78 KiB) and set the agent's GC target to 50% (78 -> 64 KiB, at about a millisecond of collection per few MiB allocated).",
-	"container submit→running, network none, within 1.15× runc create+start (median)": "what berth adds to runc's own work, after this round: the submit's HTTP request, validation, placement and its fsynced commit " +
-		"(the answer waits for it); the monitor process that runs runc (a fork and exec, about 1.5 ms); and runc itself on an overlay root, which costs " +
-		"runc 2-4 ms more than the plain directory the baseline's bundle uses (runc run of the same bundle by hand, overlay root against plain directory: " +
-		"32.3 against 30.3 ms). Taken off the start path this round: the writable layer's filesystem comes from a pool made ahead " +
-		"(container.prepared_layers; BenchmarkStart/berth-disk-budget-prepared: the driver's root filesystem set-up 1.2 ms instead of 2.3 ms), the user " +
-		"namespaces the id-mapped overlay needs are made ahead for the ranges given next (userns cost 4.6 ms a start in this run, 6.3 ms last round), " +
-		"the starting commit goes to disk while the driver prepares the task, and the range record is no longer synced: 58 -> 56.5 ms, 1.35x -> 1.20x " +
-		"(runc create+start is 47 ms in this run, 43 ms last). With user namespaces off the same path is 1.10x. Not built: monitors made ahead (the " +
-		"fork and exec), which would take about 1.5 ms more off.",
+	"container submit→running, network none, within 1.15× runc create+start (median)": "what berth adds to runc's own work, timed step by step in the agent and the monitor (medians of 156 sequential starts of this round's code): " +
+		"the driver's preparation 3.5 ms (the prepared layer taken 0.65 ms, the range record 0.4 ms, the id-mapped overlay 1.0 ms, the bundle and the " +
+		"monitor's config 0.55 ms), the monitor's own work before runc 2.6 ms (handed its task 0.5 ms, its config read and its pid record 1.2 ms, its " +
+		"log files 0.8 ms), after runc 1.1 ms (attach socket, pid file, running record), and the submit's request and commit about 1 ms. Most of " +
+		"these steps create files in the data directory, and on this machine's root filesystem (ext4 without a journal) a new inode costs 0.2 to 0.4 " +
+		"ms under a start benchmark's churn (the kernel searches past recently deleted inodes: __ext4_new_inode is 5% of all CPU in a throughput " +
+		"run). Taken off this round: the monitor's process start (container.prepared_monitors: a monitor started ahead is handed its task; 2.7 -> 1.7 " +
+		"ms from the driver's hand-over to the monitor's pid record) and the range allocation's reading of every task's record " +
+		"(BenchmarkUserNSAllocate with 500 running containers: 3.5 -> 0.37 ms). Full runs: 1.20x -> 1.19x, on a busier machine (runc create+start " +
+		"47.2 -> 49.7 ms); a container-only run measured 1.18x. Not built: task directories on tmpfs (nothing in them but the writable layer needs to " +
+		"outlive a boot), which would take most of those file creations off the start.",
 	"container submit→running, bridge network, within 1.15× runc create+start + CNI ADD by hand (median)": "the network-none path above, plus berth's " +
 		"crash-safe attach records around CNI ADD (an intent before, the result after, each written and renamed into place).",
-	"client sees exited (/bin/true, network none) within runc run + 10 ms (median)": "the start path above (berth's submit→running is 12.7 ms over runc run in this run), then the exit: the monitor sees it through its " +
-		"pidfd, records it and tells the agent over its pipe, the agent publishes exited and the client's blocking GET answers. Neither the running " +
-		"nor the exited record is waited for on disk any more on that path (both are visible before they are written). What is left over runc run is " +
-		"the start path's own: the monitor and the overlay root.",
-	"throughput, network none: 200 × /bin/true at concurrency 16, within 0.9× runc run, none failed": "CPU on 2 cores: runc's own work is the same on both sides, " +
-		"and berth adds per workload a monitor process (fork and exec of berth-monitor), the writable layer's filesystem (made ahead, but its making, " +
-		"its unmount and its loop device's release still take the same CPU on a saturated node), the id-mapped overlay, three HTTP requests (submit, " +
-		"wait, delete) and its state commits, shared by concurrent workloads (group commit; the first round measured 0.21x with every commit serialized " +
-		"behind its fsync). A pool moves work off a start's path, not off the node's CPU: at 16 concurrent starts on 2 cores there is no idle time to " +
-		"fill it in.",
-	"throughput, network bridge: 200 × /bin/true at concurrency 16, within 0.9× runc run + CNI ADD/DEL by hand, none failed": "the network-none costs above, " +
-		"plus berth's attach and detach records around the same CNI plugin executions; the CNI plugins themselves (four executions each way) dominate both sides.",
-	"10000 parked pollers of GET /v1/node all answered after a change (median of 3 rounds)": "one encoding of the node document serves every poller woken " +
-		"at an index, and the woken pollers read the index and the cached encoding without a lock; each answer (about 2.5 KB) goes out in one write " +
-		"with its length. What is left is the kernel's and Go's per-connection work: 10,000 goroutines woken at once, each writing its answer to its " +
-		"socket, and the harness's 10,000 connections reading them, on the same 2 cores. This run's machine was busier than last round's (15-minute " +
-		"load 2.5): one poller alone took 12.9 ms from the change (1.1 ms last round), and the previous commit of berth, measured with the same " +
-		"harness within minutes of this run, took 627 ms for 10,000 pollers and 17 ms for one; last round's full run on a quiet machine measured 277 ms. " +
-		"The Go client's pollers (the row after) also decode each answer.",
+	"client sees exited (/bin/true, network none) within runc run + 10 ms (median)": "the start path above (berth's submit→running is 12.8 ms over runc run in this run), then the exit: the monitor sees it through its pidfd, " +
+		"records it and tells the agent over its pipe, the driver unmounts the root filesystem, the agent publishes exited and the client's blocking " +
+		"GET answers. Neither the running nor the exited record is waited for on disk on that path. 18.3 -> 16.9 ms over runc run this round (the " +
+		"monitor started ahead); what is left is the start path's.",
+	"throughput, network none: 200 × /bin/true at concurrency 16, within 0.9× runc run, none failed": "CPU on 2 cores (perf over a run of this round's code: runc and its init 60% of all CPU, the agent 14%, the monitors 9%, the load generator " +
+		"4%). Taken off this round: an ended container is released by its monitor (its cgroups and runc's state, as runc delete would) instead of a " +
+		"runc delete process (5.4 ms of CPU each, and another at the task's removal), user namespaces are made by a clone that shares the agent's " +
+		"memory instead of a fork that copies its page tables (BenchmarkUserNS: 2.1 ms -> 0.1 ms), and a start no longer reads every task's range " +
+		"record: 0.64x -> 0.69x (0.73x in a throughput-only run). What berth still adds per workload: a monitor process, three HTTP requests (submit, " +
+		"wait, delete) with their JSON and state commits (group commit), the writable layer's filesystem (made ahead, but its making and release take " +
+		"the same CPU on a saturated node), the id-mapped overlay, and some twenty file creations in the data directory (see above). A pool moves " +
+		"work off a start's path, not off a saturated node's CPU.",
+	"throughput, network bridge: 200 × /bin/true at concurrency 16, within 0.9× runc run + CNI ADD/DEL by hand, none failed": "the network-none costs above, plus berth's attach and detach records around the same CNI plugin executions; the CNI plugins themselves (four " +
+		"executions each way) dominate both sides. 0.87x -> 0.88x in the full runs this round; throughput-only runs measured 0.89x and 0.90x.",
+	"10000 parked pollers of GET /v1/node all answered after a change (median of 3 rounds)": "one encoding of the node document serves every poller woken at an index, and the woken pollers read the index and the cached encoding " +
+		"without a lock; each answer (about 2.6 KB) goes out in one write with its length. What is left is the kernel's and Go's per-connection work: " +
+		"10,000 goroutines woken at once, each writing its answer to its socket, and the harness's 10,000 connections reading them, on the same 2 " +
+		"cores (the median poller has its answer after 177 ms). Quiet runs measured 277 ms, busier ones 385-402 ms; the Go client's pollers (the row " +
+		"after) also decode each answer.",
 	"placement dry-runs over HTTP on 2 cores": "the HTTP stack, not Decide: even GET /healthz on the same server stays far below 20,000 req/s here, " +
 		"with the load generator sharing the 2 cores; Decide is ~1.4 µs of a several-ms request. JSON decoding, validation and encoding of the decision make the rest.",
-	"VM submit→first output within 1.1× raw QEMU PVH boot of the same guest (median)": "a fixed cost on a boot of about 3 s: libvirt's domain set-up " +
-		"(QEMU started paused, QMP negotiation, cgroups, security labels: the virsh create row) and berth's own path (submit and its state commits, " +
-		"the overlay and config disk, monitor spawn and socket relay; the log follower is woken by inotify). Single TCG boots on this shared machine " +
-		"vary by several hundred ms: the VM-only run of the previous round (bench/results/vm-only) measured 1.12x on a quieter moment, this full run " +
-		"1.20x.",
-	"VM submit→first output within 0.6× raw QEMU of the node's bzImage with a minimal busybox initramfs (median)": "the guest kernel's own boot to init (about 2 s under TCG: " +
-		"ACPI and PCI enumeration, alternatives patching) is the floor; on top of it berth-init loads its modules (virtio, ext4: about half a second under TCG), " +
-		"mounts the root disk and starts the workload, and berth adds libvirt's set-up and the log follower's poll.",
+	"VM submit→first output within 1.1× raw QEMU PVH boot of the same guest (median)": "a fixed cost of 300-450 ms on a boot of about 3 s, most of it libvirt's: between QEMU's start and its `cont`, libvirt 9.0 reads the vCPU's " +
+		"features one QMP round trip at a time (398 qom-get commands, one per CPU feature property, unconditional on x86: 150-230 ms in libvirtd's " +
+		"debug log; the same 400 commands sent straight to a paused QEMU take 140-164 ms), besides its cgroups, namespace and security labels (the " +
+		"virsh create row, 1.04-1.11x of the PVH baseline). berth's own path (submit, commits, overlay and config disk, monitor spawn, the log " +
+		"follower woken by inotify) adds 0-200 ms to virsh create's. Single TCG boots on this shared machine vary by several hundred ms: the " +
+		"full run's VM phase met a busier machine (its PVH baseline's p95 3959 ms against a median of 3070 ms) and measured 1.31x; runs of the VM " +
+		"phases alone measured 1.20x (bench/results/vm-only, as noisy) and 1.16x (bench/results/vm-start, berth 1.06x of virsh create), the round " +
+		"before's 1.12x.",
+	"VM submit→first output within 0.6× raw QEMU of the node's bzImage with a minimal busybox initramfs (median)": "the guest kernel's own boot to init (about 2 s under TCG: ACPI and PCI enumeration, alternatives patching) is the floor; on top of it " +
+		"berth-init loads its modules (virtio, ext4: about half a second under TCG), mounts the root disk and starts the workload, and berth adds " +
+		"libvirt's set-up (see the row above). Met in quieter runs (0.54x-0.58x); missed by this run's VM phase on a busier machine.",
 	"QEMU RSS of an idle busybox VM": "under TCG, of about 220 MiB: guest RAM the guest touched, some 105 MiB (the kernel image alone is 59 MiB, then slab, " +
 		"the unpacked initramfs, module memory and the root disk's page cache); the kernel file QEMU maps to load it through PVH, 36 MiB of page cache " +
 		"shared by every VM (PSS splits it); TCG's translation cache, capped at 32 MiB; QEMU's own binary, libraries and heap, some 45 MiB. " +
