@@ -69,6 +69,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		"lisen: 127.0.0.1:1\n":                      "lisen",
 		"container:\n  runc_path: /usr/bin/runc\n":  "container.runc_path",
 		"workload_defaults:\n  memory_mb: lots\n":   "memory_mb",
+		"container:\n  prepared_layers: 65\n":       "container.prepared_layers:",
+		"container:\n  prepared_monitors: -1\n":     "container.prepared_monitors:",
+		"container:\n  prepared_monitors: 17\n":     "container.prepared_monitors:",
 	}
 	for content, want := range cases {
 		_, err := Load(writeFile(t, content), nil)
