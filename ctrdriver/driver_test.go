@@ -12,8 +12,11 @@ import (
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
+	"github.com/berthd/berth/internal/fileutil"
 	"github.com/berthd/berth/internal/testrootfs"
+	"github.com/berthd/berth/supervisor/monitor"
 	"github.com/berthd/berth/supervisor/monitortest"
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {
@@ -243,12 +246,22 @@ func TestEndedContainerIsReleasedWithoutRunc(t *testing.T) {
 	if _, err := d.Start(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
+	var mon monitor.PidRecord
+	if err := fileutil.ReadJSON(filepath.Join(d.taskDir(cfg.ID), monitor.PidFile), &mon); err != nil {
+		t.Fatal(err)
+	}
 	res, err := d.Wait(ctx, cfg.ID)
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("wait: %+v, %v", res, err)
 	}
-	// The monitor released the container right after recording its end,
-	// before the driver saw it end.
+	// The monitor tells the agent the end first, then releases the
+	// container and exits: once it is gone, so is everything of the
+	// container.
+	for deadline := time.Now().Add(10 * time.Second); unix.Kill(mon.Pid, 0) == nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the monitor %d still runs 10 s after the container ended", mon.Pid)
+		}
+	}
 	if cgroupExists(cfg.ID) {
 		t.Errorf("cgroup %s left after the end", cgroupPath(cfg.ID))
 	}
