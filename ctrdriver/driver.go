@@ -27,6 +27,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/berthd/berth/driver"
@@ -93,6 +94,11 @@ type Driver struct {
 	scratch *loopfs.Templates
 	// layers are the writable layers' filesystems made ahead (nil: none).
 	layers *layerPool
+	// volatile: writable layers are volatile overlays (overlayOptions).
+	volatile bool
+	// unmounts holds, per task id, a channel closed when the unmount that
+	// follows the report of its end is done (finish); Destroy waits for it.
+	unmounts sync.Map
 }
 
 type task = supervisor.Task[struct{}]
@@ -143,6 +149,12 @@ func New(opts Options) (*Driver, error) {
 			return nil, fmt.Errorf("ctrdriver: %w", err)
 		}
 	}
+	if d.volatile, err = probeVolatile(opts.Root); err != nil {
+		return nil, fmt.Errorf("ctrdriver: %w", err)
+	}
+	if !d.volatile {
+		log.Info("overlayfs takes no volatile option on this kernel: each ended container's writable layer is synced at its unmount")
+	}
 	if d.scratch, err = loopfs.NewTemplates(filepath.Join(opts.Root, "scratch-templates")); err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
@@ -173,6 +185,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	d.userns.describe(fp.Details)
 	d.layers.describe(fp.Details)
 	fp.Details["prepared_monitors"] = d.sup.SpareStatus()
+	fp.Details["overlay_volatile"] = map[bool]string{true: "on", false: "off"}[d.volatile]
 	fp.Capabilities.UserNS = fp.Details["userns"] == "on"
 	v, err := d.runc.version(ctx)
 	if err != nil {

@@ -200,13 +200,74 @@ func TestEndedContainerIsUnmounted(t *testing.T) {
 	if _, err := d.Wait(ctx, cfg.ID); err != nil {
 		t.Fatal(err)
 	}
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	if strings.Contains(string(mounts), filepath.Join(root, "tasks", cfg.ID)) {
-		t.Errorf("the root filesystem of an ended container is still mounted")
+	// The end is reported before the unmount; the unmount follows on its
+	// own, without a Destroy.
+	for {
+		mounts, _ := os.ReadFile("/proc/self/mountinfo")
+		if !strings.Contains(string(mounts), filepath.Join(root, "tasks", cfg.ID)) {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("the root filesystem of an ended container is still mounted")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "gone\n" {
 		t.Errorf("stdout %q", got)
 	}
+}
+
+// TestWritableLayerIsVolatile: a container's root filesystem is a volatile
+// overlay (its writable layer is never synced), and a Destroy right after
+// the end (while the unmount that follows it may still run) leaves nothing.
+func TestWritableLayerIsVolatile(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	d := newDriver(t, root)
+	if !d.volatile {
+		t.Fatalf("this kernel's overlayfs should take the volatile option (Linux 5.10 and later)")
+	}
+	if got := d.Fingerprint(context.Background()).Details["overlay_volatile"]; got != "on" {
+		t.Errorf("fingerprint overlay_volatile = %q, want on", got)
+	}
+	for i := range 5 {
+		cfg := &driver.TaskConfig{
+			ID:     drivertest.NewID("dt-volatile"),
+			Image:  driver.Image{RootfsDir: sharedRootfs(t)},
+			Args:   []string{"sh", "-c", "echo data > /f && sync"},
+			Env:    []string{"PATH=/bin"},
+			LogDir: t.TempDir(),
+		}
+		if i%2 == 1 {
+			cfg.Resources.DiskBytes = 16 << 20 // the upper layer on a filesystem of its own
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if _, err := d.Start(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+		mounts, _ := os.ReadFile("/proc/self/mountinfo")
+		found := false
+		for _, line := range strings.Split(string(mounts), "\n") {
+			if strings.Contains(line, " overlay ") && strings.Contains(line, cfg.ID) {
+				found = true
+				if !strings.Contains(line, "volatile") {
+					t.Errorf("the container's overlay is not volatile: %s", line)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("no overlay of %s in mountinfo", cfg.ID)
+		}
+		res, err := d.Wait(ctx, cfg.ID)
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("wait: %+v %v", res, err)
+		}
+		if err := d.Destroy(ctx, cfg.ID); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+	}
+	assertNoLeaks(t, root)
 }
 
 // loopsUnder lists the loop devices whose backing file is under root.

@@ -131,10 +131,32 @@ func (d *Driver) finish(t *task) {
 	}
 	// The container is gone: its root filesystem need not stay mounted
 	// until the workload is deleted (the writable layer stays on disk).
+	// The end is reported first: the unmount (the writable layer's own
+	// filesystem written back, its loop device let go: some milliseconds)
+	// is nothing its waiter needs, and a Destroy waits for it.
+	unmounted := make(chan struct{})
+	d.unmounts.Store(t.ID, unmounted)
+	t.Finish(res)
 	if err := d.unmountRootfs(t.Dir); err != nil {
 		d.log.Warn("unmount the root filesystem of an ended container", "task_id", t.ID, "err", err)
 	}
-	t.Finish(res)
+	d.unmounts.CompareAndDelete(t.ID, unmounted)
+	close(unmounted)
+}
+
+// awaitUnmount waits until the unmount that followed the end of task id,
+// if one still runs, is done.
+func (d *Driver) awaitUnmount(ctx context.Context, id string) error {
+	v, ok := d.unmounts.Load(id)
+	if !ok {
+		return nil
+	}
+	select {
+	case <-v.(chan struct{}):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Wait implements driver.Driver.
@@ -194,6 +216,9 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 // cleanup removes every resource of a task: runc state, cgroup, overlay
 // mount, task directory. It is idempotent.
 func (d *Driver) cleanup(ctx context.Context, id string) error {
+	if err := d.awaitUnmount(ctx, id); err != nil {
+		return err
+	}
 	var errs []error
 	rctx, cancel := context.WithTimeout(ctx, runcTimeout)
 	if err := d.runc.delete(rctx, id); err != nil {

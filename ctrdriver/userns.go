@@ -389,7 +389,7 @@ func probeIDMappedOverlay(dir string, m idMap) (err error) {
 		return err
 	}
 	defer unmountAll(stage)
-	if err := unix.Mount("overlay", merged, "overlay", unix.MS_NODEV, overlayOptions(stage, upper, work)); err != nil {
+	if err := unix.Mount("overlay", merged, "overlay", unix.MS_NODEV, overlayOptions(stage, upper, work, false)); err != nil {
 		return fmt.Errorf("mount overlay on an id-mapped lower layer: %w", err)
 	}
 	defer unmountAll(merged)
