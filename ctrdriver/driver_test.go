@@ -222,8 +222,18 @@ func TestEndedContainerIsUnmounted(t *testing.T) {
 // the end (while the unmount that follows it may still run) leaves nothing.
 func TestWritableLayerIsVolatile(t *testing.T) {
 	requireRunc(t)
-	root := t.TempDir()
-	d := newDriver(t, root)
+	t.Run("userns=off", func(t *testing.T) {
+		root := t.TempDir()
+		testVolatileLayers(t, root, newDriver(t, root))
+	})
+	t.Run("userns=auto", func(t *testing.T) {
+		root := searchableTempDir(t)
+		testVolatileLayers(t, root, newUserNSDriver(t, root, Options{}))
+	})
+}
+
+func testVolatileLayers(t *testing.T, root string, d *Driver) {
+	t.Helper()
 	if !d.volatile {
 		t.Fatalf("this kernel's overlayfs should take the volatile option (Linux 5.10 and later)")
 	}
