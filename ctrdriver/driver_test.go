@@ -217,9 +217,10 @@ func TestEndedContainerIsUnmounted(t *testing.T) {
 	}
 }
 
-// TestWritableLayerIsVolatile: a container's root filesystem is a volatile
-// overlay (its writable layer is never synced), and a Destroy right after
-// the end (while the unmount that follows it may still run) leaves nothing.
+// TestWritableLayerIsVolatile: a running container's root filesystem is a
+// volatile overlay (its writable layer is never synced), and a Destroy
+// right after the end (while the unmount that follows it may still run)
+// leaves nothing.
 func TestWritableLayerIsVolatile(t *testing.T) {
 	requireRunc(t)
 	t.Run("userns=off", func(t *testing.T) {
@@ -242,9 +243,10 @@ func testVolatileLayers(t *testing.T, root string, d *Driver) {
 	}
 	for i := range 5 {
 		cfg := &driver.TaskConfig{
-			ID:     drivertest.NewID("dt-volatile"),
-			Image:  driver.Image{RootfsDir: sharedRootfs(t)},
-			Args:   []string{"sh", "-c", "echo data > /f && sync"},
+			ID:    drivertest.NewID("dt-volatile"),
+			Image: driver.Image{RootfsDir: sharedRootfs(t)},
+			// Runs until stopped: its overlay is looked at while it runs.
+			Args:   []string{"sh", "-c", "echo data > /f && sync && exec sleep 60"},
 			Env:    []string{"PATH=/bin"},
 			LogDir: t.TempDir(),
 		}
@@ -268,9 +270,11 @@ func testVolatileLayers(t *testing.T, root string, d *Driver) {
 		if !found {
 			t.Errorf("no overlay of %s in mountinfo", cfg.ID)
 		}
-		res, err := d.Wait(ctx, cfg.ID)
-		if err != nil || res.ExitCode != 0 {
-			t.Fatalf("wait: %+v %v", res, err)
+		if err := d.Stop(ctx, cfg.ID, time.Millisecond); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Wait(ctx, cfg.ID); err != nil {
+			t.Fatalf("wait: %v", err)
 		}
 		if err := d.Destroy(ctx, cfg.ID); err != nil {
 			t.Fatal(err)
