@@ -284,6 +284,23 @@ func testVolatileLayers(t *testing.T, root string, d *Driver) {
 	assertNoLeaks(t, root)
 }
 
+// awaitMonitorExit waits until the monitor of an ended task has exited:
+// it tells the agent of the end first, then releases the container (its
+// cgroups and runc's state) and exits, so a test that looks at (or fakes)
+// what runc left must wait for it.
+func awaitMonitorExit(t *testing.T, d *Driver, id string) {
+	t.Helper()
+	var mon monitor.PidRecord
+	if err := fileutil.ReadJSON(filepath.Join(d.taskDir(id), monitor.PidFile), &mon); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); unix.Kill(mon.Pid, 0) == nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the monitor %d still runs 10 s after the container ended", mon.Pid)
+		}
+	}
+}
+
 // loopsUnder lists the loop devices whose backing file is under root.
 func loopsUnder(root string) []string {
 	paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
@@ -321,22 +338,12 @@ func TestEndedContainerIsReleasedWithoutRunc(t *testing.T) {
 	if _, err := d.Start(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	var mon monitor.PidRecord
-	if err := fileutil.ReadJSON(filepath.Join(d.taskDir(cfg.ID), monitor.PidFile), &mon); err != nil {
-		t.Fatal(err)
-	}
 	res, err := d.Wait(ctx, cfg.ID)
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("wait: %+v, %v", res, err)
 	}
-	// The monitor tells the agent the end first, then releases the
-	// container and exits: once it is gone, so is everything of the
-	// container.
-	for deadline := time.Now().Add(10 * time.Second); unix.Kill(mon.Pid, 0) == nil; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the monitor %d still runs 10 s after the container ended", mon.Pid)
-		}
-	}
+	// Once the monitor is gone, so is everything of the container.
+	awaitMonitorExit(t, d, cfg.ID)
 	if cgroupExists(cfg.ID) {
 		t.Errorf("cgroup %s left after the end", cgroupPath(cfg.ID))
 	}

@@ -180,8 +180,9 @@ func assertNoRanges(t *testing.T, root string) {
 	}
 }
 
-// runToEnd starts cfg, waits for its end and returns its stdout; the
-// task is destroyed when the test ends.
+// runToEnd starts cfg, waits for its end and for its monitor's exit (the
+// container released) and returns its stdout; the task is destroyed when
+// the test ends.
 func runToEnd(t *testing.T, d *Driver, cfg *driver.TaskConfig) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -198,6 +199,7 @@ func runToEnd(t *testing.T, d *Driver, cfg *driver.TaskConfig) string {
 	if res.ExitCode != 0 {
 		t.Fatalf("exit %d: stdout %q stderr %q", res.ExitCode, out, drivertest.ReadLog(t, cfg, driver.StderrLog))
 	}
+	awaitMonitorExit(t, d, cfg.ID)
 	return out
 }
 
