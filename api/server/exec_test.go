@@ -305,16 +305,22 @@ func processRuns(marker string) bool {
 
 func TestSignal(t *testing.T) {
 	e := newEnv(t)
-	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap 'exit 7' HUP; while true; do sleep 0.1; done"]}`)
+	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap 'exit 7' HUP; echo trapped; while true; do sleep 0.1; done"]}`)
 	c := e.client()
 	ctx := context.Background()
+	// A HUP before the trap is set would be ignored: the shell is its
+	// PID namespace's init, which takes no signal it has no handler for.
+	e.waitWorkload(w.ID, func(*api.Workload) bool {
+		var buf bytes.Buffer
+		_ = c.Logs(ctx, w.ID, api.LogOptions{Tail: -1}, func(l api.LogLine) error { buf.WriteString(l.Line); return nil })
+		return strings.Contains(buf.String(), "trapped")
+	})
 	if _, err := c.Signal(ctx, w.ID, "FOO"); !client.IsReason(err, api.ReasonInvalidArgument) {
 		t.Errorf("signal FOO: %v, want invalid_argument", err)
 	}
 	if _, err := c.Signal(ctx, w.ID, "99"); !client.IsReason(err, api.ReasonInvalidArgument) {
 		t.Errorf("signal 99: %v, want invalid_argument", err)
 	}
-	time.Sleep(100 * time.Millisecond) // the trap is set by the shell's first command
 	if _, err := c.Signal(ctx, w.ID, "hup"); err != nil {
 		t.Fatalf("signal hup: %v", err)
 	}
