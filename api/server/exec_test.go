@@ -305,11 +305,13 @@ func processRuns(marker string) bool {
 
 func TestSignal(t *testing.T) {
 	e := newEnv(t)
-	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap 'exit 7' HUP; echo trapped; while true; do sleep 0.1; done"]}`)
+	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap 'exit 7' USR1; echo trapped; while true; do sleep 0.1; done"]}`)
 	c := e.client()
 	ctx := context.Background()
-	// A HUP before the trap is set would be ignored: the shell is its
-	// PID namespace's init, which takes no signal it has no handler for.
+	// The signal goes once the trap is set (before, it would end the
+	// shell with 128+10). USR1 rather than HUP: a test run under nohup
+	// hands the shell HUP ignored, and a shell cannot trap a signal it was
+	// started with ignored.
 	e.waitWorkload(w.ID, func(*api.Workload) bool {
 		var buf bytes.Buffer
 		_ = c.Logs(ctx, w.ID, api.LogOptions{Tail: -1}, func(l api.LogLine) error { buf.WriteString(l.Line); return nil })
@@ -321,12 +323,12 @@ func TestSignal(t *testing.T) {
 	if _, err := c.Signal(ctx, w.ID, "99"); !client.IsReason(err, api.ReasonInvalidArgument) {
 		t.Errorf("signal 99: %v, want invalid_argument", err)
 	}
-	if _, err := c.Signal(ctx, w.ID, "hup"); err != nil {
-		t.Fatalf("signal hup: %v", err)
+	if _, err := c.Signal(ctx, w.ID, "usr1"); err != nil {
+		t.Fatalf("signal usr1: %v", err)
 	}
 	ended := e.waitWorkload(w.ID, func(w *api.Workload) bool { return w.State == api.StateExited })
 	if ended.ExitCode == nil || *ended.ExitCode != 7 {
-		t.Errorf("after HUP: %+v, want exit 7 from the trap", ended)
+		t.Errorf("after USR1: %+v, want exit 7 from the trap", ended)
 	}
 	_, err := c.Signal(ctx, w.ID, "1")
 	var p *api.Problem
