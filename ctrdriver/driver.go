@@ -185,7 +185,10 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	d.userns.describe(fp.Details)
 	d.layers.describe(fp.Details)
 	fp.Details["prepared_monitors"] = d.sup.SpareStatus()
-	fp.Details["overlay_volatile"] = map[bool]string{true: "on", false: "off"}[d.volatile]
+	fp.Details["overlay_volatile"] = "off"
+	if d.volatile {
+		fp.Details["overlay_volatile"] = "on"
+	}
 	fp.Capabilities.UserNS = fp.Details["userns"] == "on"
 	v, err := d.runc.version(ctx)
 	if err != nil {

@@ -2,6 +2,7 @@ package ctrdriver
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -282,6 +283,38 @@ func testVolatileLayers(t *testing.T, root string, d *Driver) {
 		cancel()
 	}
 	assertNoLeaks(t, root)
+}
+
+// TestDestroyWaitsForTheUnmountAfterTheEnd: the unmount that follows the
+// report of a container's end may still run when a Destroy comes; the
+// Destroy removes nothing until it is done (or its context ends).
+func TestDestroyWaitsForTheUnmountAfterTheEnd(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	d := newDriver(t, root)
+	id := drivertest.NewID("dt-unmounting")
+	dir := d.taskDir(id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	unmounted := make(chan struct{})
+	d.unmounts.Store(id, unmounted) // as finish does before it reports the end
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := d.Destroy(ctx, id); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Destroy during the unmount: %v, want it to wait until its context ends", err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("Destroy removed the task directory while the unmount ran: %v", err)
+	}
+	d.unmounts.CompareAndDelete(id, unmounted)
+	close(unmounted)
+	if err := d.Destroy(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("task directory left after the Destroy that followed the unmount: %v", err)
+	}
 }
 
 // awaitMonitorExit waits until the monitor of an ended task has exited:
