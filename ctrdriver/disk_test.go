@@ -38,7 +38,7 @@ func TestDiskBudgetIsENOSPCInTheContainer(t *testing.T) {
 				t.Errorf("the container could not write once it freed its space: %q", out)
 			}
 			var st unix.Stat_t
-			if err := unix.Stat(filepath.Join(d.taskDir(cfg.ID), scratchImage), &st); err != nil {
+			if err := unix.Stat(filepath.Join(d.layerDir(cfg.ID), scratchImage), &st); err != nil {
 				t.Fatal(err)
 			}
 			if used := st.Blocks * 512; used > 16<<20 {
@@ -52,10 +52,10 @@ func TestDiskBudgetIsENOSPCInTheContainer(t *testing.T) {
 	}
 }
 
-// TestNoDiskBudgetKeepsTheLayerInTheTaskDir: a task without a budget
+// TestNoDiskBudgetKeepsTheLayerInItsDirectory: a task without a budget
 // (one recorded before budgets existed) runs as before, with no
-// filesystem of its own.
-func TestNoDiskBudgetKeepsTheLayerInTheTaskDir(t *testing.T) {
+// filesystem of its own: its layer is a directory on the data disk.
+func TestNoDiskBudgetKeepsTheLayerInItsDirectory(t *testing.T) {
 	requireRunc(t)
 	root := t.TempDir()
 	d := newDriver(t, root)
@@ -63,10 +63,10 @@ func TestNoDiskBudgetKeepsTheLayerInTheTaskDir(t *testing.T) {
 	if out := runToEnd(t, d, cfg); out != "data\n" {
 		t.Fatalf("output %q", out)
 	}
-	if _, err := os.Stat(filepath.Join(d.taskDir(cfg.ID), scratchImage)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(d.layerDir(cfg.ID), scratchImage)); !os.IsNotExist(err) {
 		t.Errorf("a task without a disk budget got a filesystem of its own: %v", err)
 	}
-	if b, err := os.ReadFile(filepath.Join(d.taskDir(cfg.ID), "upper", "file")); err != nil || string(b) != "data\n" {
-		t.Errorf("the writable layer is not in the task dir: %q %v", b, err)
+	if b, err := os.ReadFile(filepath.Join(d.layerDir(cfg.ID), "upper", "file")); err != nil || string(b) != "data\n" {
+		t.Errorf("the writable layer is not in its directory: %q %v", b, err)
 	}
 }

@@ -1,19 +1,25 @@
 // Package ctrdriver runs berth tasks as OCI containers under runc.
 //
-// Each task gets a directory under the driver's root:
+// Each task gets a directory under the driver's state directory (a tmpfs
+// such as /run/berth/containers on a node: none of it outlives the boot):
 //
 //	tasks/<id>/bundle/config.json   OCI runtime spec (runtime-spec types)
 //	tasks/<id>/bundle/rootfs        overlay mount: image rootfs + upper
 //	                                (with user namespaces on, the overlay is
 //	                                at <data_dir>/userns/<uid>.<gid>/rootfs,
 //	                                reachable only by the range's root)
-//	tasks/<id>/upper, work          the task's copy-on-write layer
 //	tasks/<id>/monitor.json, monitor.pid, status.json, stop.json
 //	                                the monitor protocol (supervisor/monitor)
 //	tasks/<id>/runc.log, monitor.log
 //
-// and runc keeps its state under runc/ so berth never sees other runtimes'
-// containers. A per-task monitor process (cmd/berth-monitor, started and
+// runc keeps its state under runc/ there, so berth never sees other
+// runtimes' containers. The writable layer is on disk, under the driver's
+// root:
+//
+//	layers/<id>/scratch, scratch.img  the layer's own filesystem (a disk
+//	                                  budget) and its file
+//	layers/<id>/upper, work           the layer without a budget A per-task monitor process (cmd/berth-monitor, started and
+//
 // followed by package supervisor) is the container's parent, so the agent
 // can restart without the workload noticing.
 package ctrdriver
@@ -49,8 +55,17 @@ const DefaultStartTimeout = 2 * time.Minute
 
 // Options configure the driver.
 type Options struct {
-	// Root is the driver's state directory, e.g. /var/lib/berth/containers.
+	// Root is the driver's directory on disk, e.g.
+	// /var/lib/berth/containers: the writable layers and what is made
+	// ahead of starts.
 	Root string
+	// StateDir holds the running tasks' runtime files: each task's
+	// directory (its bundle, its monitor's config, records, logs and
+	// sockets) and runc's state. None of it means anything after the
+	// node's boot (a task of an earlier boot is released), so it belongs
+	// on a tmpfs, e.g. /run/berth/containers, where a start's dozen new
+	// files cost no disk inode. Default: Root.
+	StateDir string
 	// Runc is the runc binary; default "runc" from PATH.
 	Runc string
 	// MonitorCmd starts a monitor; the task directory is appended.
@@ -86,9 +101,11 @@ type Driver struct {
 	opts     Options
 	runc     runc
 	tasksDir string
-	log      *slog.Logger
-	sup      *supervisor.Supervisor[struct{}]
-	userns   *userns
+	// layersDir holds the writable layers (on disk, under Root).
+	layersDir string
+	log       *slog.Logger
+	sup       *supervisor.Supervisor[struct{}]
+	userns    *userns
 	// scratch makes the filesystems writable layers with a disk budget
 	// live on.
 	scratch *loopfs.Templates
@@ -127,6 +144,9 @@ func New(opts Options) (*Driver, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.StateDir == "" {
+		opts.StateDir = opts.Root
+	}
 	log := opts.Logger.With("driver", Name)
 	sup, err := supervisor.New[struct{}](supervisor.Options{
 		Kind: monitor.KindRunc, Noun: "container task",
@@ -136,18 +156,26 @@ func New(opts Options) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
+	tasksDir := filepath.Join(opts.StateDir, "tasks")
 	d := &Driver{
-		opts:     opts,
-		runc:     runc{path: opts.Runc, root: filepath.Join(opts.Root, "runc")},
-		tasksDir: filepath.Join(opts.Root, "tasks"),
-		log:      log,
-		sup:      sup,
-		userns:   newUserNS(opts.UserNS, opts.Root, filepath.Join(opts.Root, "tasks"), log),
+		opts:      opts,
+		runc:      runc{path: opts.Runc, root: filepath.Join(opts.StateDir, "runc")},
+		tasksDir:  tasksDir,
+		layersDir: filepath.Join(opts.Root, "layers"),
+		log:       log,
+		sup:       sup,
+		userns:    newUserNS(opts.UserNS, opts.Root, tasksDir, log),
 	}
-	for _, dir := range []string{d.tasksDir, d.runc.root} {
+	if err := checkMovedState(opts.Root, opts.StateDir); err != nil {
+		return nil, fmt.Errorf("ctrdriver: %w", err)
+	}
+	for _, dir := range []string{d.tasksDir, d.runc.root, d.layersDir} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("ctrdriver: %w", err)
 		}
+	}
+	if err := d.sweepLayers(); err != nil {
+		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
 	if d.volatile, err = probeVolatile(opts.Root); err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
@@ -214,6 +242,58 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 }
 
 func (d *Driver) taskDir(id string) string { return filepath.Join(d.tasksDir, id) }
+
+// layerDir is where task id's writable layer is, on disk.
+func (d *Driver) layerDir(id string) string { return filepath.Join(d.layersDir, id) }
+
+// sweepLayers removes the writable layers no task directory refers to:
+// those of tasks that a reboot took with the state directory (a tmpfs),
+// and those of starts a crash cut short before the task directory was
+// made. It runs before any start.
+func (d *Driver) sweepLayers() error {
+	entries, err := os.ReadDir(d.layersDir)
+	if err != nil {
+		return fmt.Errorf("list writable layers: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		if _, err := os.Lstat(d.taskDir(e.Name())); !errors.Is(err, os.ErrNotExist) {
+			continue // the task's, released with it
+		}
+		dir := d.layerDir(e.Name())
+		if err := unmountAll(filepath.Join(dir, scratchDir)); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove the writable layer of a task that is gone: %w", err))
+			continue
+		}
+		d.log.Info("removed the writable layer of a task that is gone (the node rebooted, or a start was cut short)", "task", e.Name())
+	}
+	return errors.Join(errs...)
+}
+
+// checkMovedState refuses a state directory moved away from tasks that
+// still live in the old one (Root, before StateDir was set): the driver
+// would not find them, and they would run on unsupervised.
+func checkMovedState(root, stateDir string) error {
+	if filepath.Clean(root) == filepath.Clean(stateDir) {
+		return nil
+	}
+	old := filepath.Join(root, "tasks")
+	entries, err := os.ReadDir(old)
+	if err != nil {
+		return nil // none
+	}
+	for _, e := range entries {
+		if e.IsDir() && driver.CheckID(e.Name()) == nil {
+			return fmt.Errorf("container tasks of the agent's earlier state directory are still in %s (%s, ...): "+
+				"run the agent with its earlier state_dir (the data directory) until they are deleted, then change it", old, e.Name())
+		}
+	}
+	return nil
+}
 
 // Stats implements driver.Driver.
 func (d *Driver) Stats(ctx context.Context, id string) (*driver.Stats, error) {

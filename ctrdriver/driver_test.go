@@ -98,6 +98,10 @@ func assertNoLeaks(t *testing.T, root string) {
 	for _, e := range runcEntries {
 		t.Errorf("runc state left behind: %s", e.Name())
 	}
+	layers, _ := os.ReadDir(filepath.Join(root, "layers"))
+	for _, e := range layers {
+		t.Errorf("writable layer left behind: %s", e.Name())
+	}
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	if strings.Contains(string(mounts), root) {
 		t.Errorf("mounts under %s left behind:\n%s", root, mounts)
@@ -205,7 +209,7 @@ func TestEndedContainerIsUnmounted(t *testing.T) {
 	// own, without a Destroy.
 	for {
 		mounts, _ := os.ReadFile("/proc/self/mountinfo")
-		if !strings.Contains(string(mounts), filepath.Join(root, "tasks", cfg.ID)) {
+		if !strings.Contains(string(mounts), d.taskDir(cfg.ID)) && !strings.Contains(string(mounts), d.layerDir(cfg.ID)) {
 			break
 		}
 		if ctx.Err() != nil {

@@ -64,8 +64,8 @@ func TestLayerPoolServesStartsAndIsReleased(t *testing.T) {
 		t.Fatalf("%d starts served from the pool, want 1", d.layers.taken)
 	}
 	var st unix.Stat_t
-	if err := unix.Stat(filepath.Join(d.taskDir(cfg.ID), scratchImage), &st); err != nil {
-		t.Fatalf("the task's filesystem is not in its directory: %v", err)
+	if err := unix.Stat(filepath.Join(d.layerDir(cfg.ID), scratchImage), &st); err != nil {
+		t.Fatalf("the task's filesystem is not in its layer directory: %v", err)
 	}
 	if used := st.Blocks * 512; used > 16<<20 {
 		t.Errorf("the prepared layer takes %d bytes of the node's disk, past its 16 MiB budget", used)

@@ -19,12 +19,16 @@ import (
 // is shown to it through an id-mapped mount (nothing is chowned, the image
 // stays shared): ids returns the range.
 func (d *Driver) mountRootfs(ctx context.Context, cfg *driver.TaskConfig, dir string) (rootfs string, ids *idMap, err error) {
-	upper, work := filepath.Join(dir, "upper"), filepath.Join(dir, "work")
+	layer := d.layerDir(cfg.ID)
+	upper, work := filepath.Join(layer, "upper"), filepath.Join(layer, "work")
 	if err := os.MkdirAll(filepath.Join(dir, "bundle"), 0o755); err != nil {
 		return "", nil, fmt.Errorf("create bundle dir: %w", err)
 	}
+	if err := os.Mkdir(layer, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", nil, fmt.Errorf("create the writable layer's directory: %w", err)
+	}
 	if size := cfg.Resources.DiskBytes; size > 0 {
-		scratch := filepath.Join(dir, scratchDir)
+		scratch := filepath.Join(layer, scratchDir)
 		if err := d.mountScratch(scratch, size); err != nil {
 			return "", nil, err
 		}
@@ -159,7 +163,8 @@ func mountIDMappedOverlay(lower, stage, upper, work, target string, ns *os.File,
 }
 
 // unmountRootfs unmounts the task's root filesystem and whatever else
-// was mounted for it; the writable layer stays on disk.
+// was mounted for it; the writable layer stays on disk. dir is the task's
+// directory.
 func (d *Driver) unmountRootfs(dir string) error {
 	errs := []error{unmountAll(filepath.Join(dir, "bundle", "rootfs"))}
 	m, err := readIDMap(dir)
@@ -173,8 +178,10 @@ func (d *Driver) unmountRootfs(dir string) error {
 			unmountAll(filepath.Join(dir, "lower")),
 			unmountAll(filepath.Join(dir, "sys")))
 	}
-	// Last: the overlay above held it.
-	errs = append(errs, unmountAll(filepath.Join(dir, scratchDir)))
+	// Last: the overlay above held it. (A task of a release before the
+	// layers' own directory has it in the task directory.)
+	errs = append(errs, unmountAll(filepath.Join(d.layerDir(filepath.Base(dir)), scratchDir)),
+		unmountAll(filepath.Join(dir, scratchDir)))
 	return errors.Join(errs...)
 }
 

@@ -231,6 +231,9 @@ func (d *Driver) cleanup(ctx context.Context, id string) error {
 	if err := d.releaseRootfs(dir); err != nil {
 		errs = append(errs, err)
 	}
+	if err := os.RemoveAll(d.layerDir(id)); err != nil {
+		errs = append(errs, fmt.Errorf("remove the writable layer: %w", err))
+	}
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove task dir: %w", err))
 	}

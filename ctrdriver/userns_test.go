@@ -281,7 +281,7 @@ func TestUserNSUpperLayerOwnedByMappedIDs(t *testing.T) {
 	if err != nil || m == nil {
 		t.Fatalf("no range: %v", err)
 	}
-	upper := filepath.Join(d.taskDir(cfg.ID), "upper")
+	upper := filepath.Join(d.layerDir(cfg.ID), "upper")
 	for name, want := range map[string]uint32{"written": m.UID, "written2": m.UID + 1000, "etc/group": m.UID, "suid": m.UID, ".": m.UID} {
 		var st syscall.Stat_t
 		if err := syscall.Stat(filepath.Join(upper, name), &st); err != nil {
