@@ -156,6 +156,11 @@ func New(opts Options) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
+	if old := liveTasksAt(opts.Root, opts.StateDir); old != "" {
+		log.Warn("container tasks of an earlier state directory are still running: it stays in use until none is left there, and the configured one takes effect at a later start of the agent",
+			"in_use", opts.Root, "configured", opts.StateDir, "task", old)
+		opts.StateDir = opts.Root
+	}
 	tasksDir := filepath.Join(opts.StateDir, "tasks")
 	d := &Driver{
 		opts:      opts,
@@ -165,9 +170,6 @@ func New(opts Options) (*Driver, error) {
 		log:       log,
 		sup:       sup,
 		userns:    newUserNS(opts.UserNS, opts.Root, tasksDir, log),
-	}
-	if err := checkMovedState(opts.Root, opts.StateDir); err != nil {
-		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
 	for _, dir := range []string{d.tasksDir, d.runc.root, d.layersDir} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -213,6 +215,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	d.userns.describe(fp.Details)
 	d.layers.describe(fp.Details)
 	fp.Details["prepared_monitors"] = d.sup.SpareStatus()
+	fp.Details["state_dir"] = d.opts.StateDir
 	fp.Details["overlay_volatile"] = "off"
 	if d.volatile {
 		fp.Details["overlay_volatile"] = "on"
@@ -274,25 +277,22 @@ func (d *Driver) sweepLayers() error {
 	return errors.Join(errs...)
 }
 
-// checkMovedState refuses a state directory moved away from tasks that
-// still live in the old one (Root, before StateDir was set): the driver
-// would not find them, and they would run on unsupervised.
-func checkMovedState(root, stateDir string) error {
+// liveTasksAt names a task left in root's own task directory when the
+// state directory has moved away from root (an agent upgraded to a
+// configuration with a state directory, with workloads running): the
+// driver keeps root as its state directory while any is there, or it would
+// not find them. Empty when there is none.
+func liveTasksAt(root, stateDir string) string {
 	if filepath.Clean(root) == filepath.Clean(stateDir) {
-		return nil
+		return ""
 	}
-	old := filepath.Join(root, "tasks")
-	entries, err := os.ReadDir(old)
-	if err != nil {
-		return nil // none
-	}
+	entries, _ := os.ReadDir(filepath.Join(root, "tasks"))
 	for _, e := range entries {
 		if e.IsDir() && driver.CheckID(e.Name()) == nil {
-			return fmt.Errorf("container tasks of the agent's earlier state directory are still in %s (%s, ...): "+
-				"run the agent with its earlier state_dir (the data directory) until they are deleted, then change it", old, e.Name())
+			return e.Name()
 		}
 	}
-	return nil
+	return ""
 }
 
 // Stats implements driver.Driver.

@@ -171,19 +171,28 @@ func TestRebootTakesTheStateDir(t *testing.T) {
 }
 
 // A state directory moved while tasks still live in the old one (the
-// root) is refused: the driver would not find them.
-func TestMovedStateDirWithTasksIsRefused(t *testing.T) {
+// root, an agent upgraded with workloads running) waits for them: the
+// driver keeps the old one, or it would not find them, and says so.
+func TestMovedStateDirWaitsForTheTasksOfTheOldOne(t *testing.T) {
 	root, state := t.TempDir(), t.TempDir()
-	if err := os.MkdirAll(filepath.Join(root, "tasks", "dt-old-task"), 0o700); err != nil {
+	old := filepath.Join(root, "tasks", "dt-old-task")
+	if err := os.MkdirAll(old, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	_, err := New(Options{Root: root, StateDir: state, MonitorCmd: []string{monitortest.Path(t)}})
-	if err == nil || !strings.Contains(err.Error(), "state_dir") || !strings.Contains(err.Error(), "dt-old-task") {
-		t.Fatalf("New with the state directory moved from live tasks = %v, want a refusal naming them", err)
+	d := newDriverApart(t, root, state, "")
+	if d.taskDir("dt-old-task") != old {
+		t.Errorf("with a task in the old state directory, tasks are looked for in %s, want %s", d.taskDir("dt-old-task"), old)
 	}
-	d, err := New(Options{Root: root, MonitorCmd: []string{monitortest.Path(t)}})
-	if err != nil {
-		t.Fatalf("New with the state directory where the tasks are: %v", err)
+	if got := d.Fingerprint(t.Context()).Details["state_dir"]; got != root {
+		t.Errorf("node status state_dir = %q, want the old one %q while its task is there", got, root)
 	}
-	d.Close(context.Background())
+	d.Close(t.Context())
+	if err := os.Remove(old); err != nil {
+		t.Fatal(err)
+	}
+	d = newDriverApart(t, root, state, "")
+	defer d.Close(t.Context())
+	if got := d.Fingerprint(t.Context()).Details["state_dir"]; got != state {
+		t.Errorf("node status state_dir = %q, want the configured %q once the old one holds no task", got, state)
+	}
 }
