@@ -6,6 +6,8 @@ GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X main.version=$(VERSION)
 DATA_DIR ?= /var/lib/berth
+# Running containers' runtime files: a tmpfs on a node (/run).
+STATE_DIR ?= /run/berth
 LISTEN   ?= 127.0.0.1:7470
 DEMO_IMAGE := bin/busybox.tar
 # Tests that boot VMs and run containers take a while on 2 cores.
@@ -54,7 +56,7 @@ run: deps build demo-image
 	@echo "berth: agent on $(LISTEN), data in $(DATA_DIR); in another terminal:"
 	@echo "  bin/berth image import $(DEMO_IMAGE)"
 	@echo "  bin/berth run --wait berth.local/demo/busybox -- sh -c 'echo hello from berth; exit 7'"
-	./bin/berth agent --listen $(LISTEN) --data-dir $(DATA_DIR)
+	./bin/berth agent --listen $(LISTEN) --data-dir $(DATA_DIR) --state-dir $(STATE_DIR)
 
 test: deps build
 	$(GO) vet ./...

@@ -755,3 +755,43 @@ func TestAdmissionCountsDeletingWorkloads(t *testing.T) {
 	e.waitGone(w.ID)
 	e.submit(sh("sleep 1000"))
 }
+
+// A running workload whose task the driver no longer has after the node
+// rebooted (its runtime files were on a tmpfs the reboot emptied) ended
+// with the reboot: failed with "node rebooted", not started again without
+// a restart policy. In the same boot, a task gone missing is a failure of
+// its own.
+func TestRunningTaskTheRebootTook(t *testing.T) {
+	for _, rebooted := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rebooted=%v", rebooted), func(t *testing.T) {
+			e := newLifeEnv(t)
+			boot := "boot-1"
+			change := e.change
+			e.change = func(o *Options) {
+				change(o)
+				o.BootID = boot
+			}
+			e.restart()
+			w := e.submit(sh("sleep 1000"))
+			e.waitFor(w.ID, running)
+			if err := e.agent.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if rebooted {
+				boot = "boot-2"
+			}
+			e.f.set(func(f *faults) { f.recoverErr = fmt.Errorf("no such task: %w", errdefs.ErrNotFound) })
+			e.start()
+			got := e.waitFor(w.ID, terminal)
+			if starts := e.f.startsOf(w.ID); starts != 1 {
+				t.Errorf("%d starts, want 1", starts)
+			}
+			switch {
+			case rebooted && (got.State != api.StateFailed || got.Error != "node rebooted"):
+				t.Errorf("after a reboot: %s %q; want failed with \"node rebooted\"", got.State, got.Error)
+			case !rebooted && (got.State != api.StateFailed || !strings.Contains(got.Error, "could not be found")):
+				t.Errorf("after the agent's restart: %s %q; want failed, the task not found", got.State, got.Error)
+			}
+		})
+	}
+}

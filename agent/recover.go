@@ -74,7 +74,9 @@ func (a *Agent) recover(ctx context.Context) error {
 //     (ErrNotFound) starts afresh, once, unless a stop was asked;
 //   - a task of an earlier boot of the node (ErrRebooted) is dead: the
 //     run ends failed with "node rebooted", and a restart policy starts
-//     the workload again;
+//     the workload again; so is a run that started in an earlier boot
+//     and whose task the driver no longer has (its runtime files were on
+//     a tmpfs the reboot emptied);
 //   - anything else ends the run failed with the driver's reason.
 func (a *Agent) reattach(ctx context.Context, r *record) {
 	id, run := r.Workload.ID, r.Workload.RestartCount
@@ -118,7 +120,7 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 			a.endStopped(id, msgStoppedStarting)
 			return
 		}
-		if r.StartBoot != "" && a.opts.BootID != "" && r.StartBoot != a.opts.BootID {
+		if a.startedInAnEarlierBoot(r) {
 			// The node rebooted during the start. What the driver made
 			// is not kept across a power loss (only the record is), so
 			// finding nothing does not mean nothing ran: the run ends as
@@ -135,9 +137,19 @@ func (a *Agent) reattach(ctx context.Context, r *record) {
 			r.Workload.State = api.StatePending
 			return nil
 		})
+	case errors.Is(err, errdefs.ErrNotFound) && a.startedInAnEarlierBoot(r):
+		// The run's task went with the reboot, its runtime files too.
+		a.log.Warn("workload's task belongs to an earlier boot of the node, which took it", "workload_id", id)
+		a.finish(id, run, nil, driver.ErrRebooted)
 	default:
 		a.finish(id, run, nil, fmt.Errorf("the workload's task could not be found after the agent restarted: %w", err))
 	}
+}
+
+// startedInAnEarlierBoot reports whether r's current run started before
+// the node's last boot.
+func (a *Agent) startedInAnEarlierBoot(r *record) bool {
+	return r.StartBoot != "" && a.opts.BootID != "" && r.StartBoot != a.opts.BootID
 }
 
 // releaseUnstarted releases what a start prepared for a workload that is

@@ -43,6 +43,7 @@ when the agent stops; the next start re-attaches to them.`,
 	f.StringVar(&file, "config", "", "config file (YAML); see configs/berth.yaml for every key")
 	f.String("listen", "", "API listen address HOST:PORT (default 127.0.0.1:7470)")
 	f.String("data-dir", "", "state, images, bundles and logs (default /var/lib/berth)")
+	f.String("state-dir", "", "running containers' runtime files, best on a tmpfs such as /run/berth (default: the data dir)")
 	f.String("log-level", "", "debug, info, warn or error (default info)")
 	f.String("policy", "", "isolation policy file (default: the built-in policy)")
 	f.String("tokens", "", "tokens file: turns authentication on (berth token add writes it)")

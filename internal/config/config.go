@@ -25,8 +25,12 @@ import (
 
 // Config is the agent's configuration.
 type Config struct {
-	Listen           string           `mapstructure:"listen"`
-	DataDir          string           `mapstructure:"data_dir"`
+	Listen  string `mapstructure:"listen"`
+	DataDir string `mapstructure:"data_dir"`
+	// StateDir holds what running workloads need only until the node
+	// reboots (container tasks' bundles, monitor records and sockets,
+	// runc's state); empty: DataDir. See State.
+	StateDir         string           `mapstructure:"state_dir"`
 	Log              Log              `mapstructure:"log"`
 	Policy           Policy           `mapstructure:"policy"`
 	WorkloadDefaults WorkloadDefaults `mapstructure:"workload_defaults"`
@@ -248,6 +252,7 @@ func IsLoopback(hostport string) bool {
 var Flags = map[string]string{
 	"listen":      "listen",
 	"data-dir":    "data_dir",
+	"state-dir":   "state_dir",
 	"log-level":   "log.level",
 	"policy":      "policy.file",
 	"tokens":      "auth.tokens_file",
@@ -352,6 +357,9 @@ func (c *Config) Validate() error {
 	c.validateSecurity(bad)
 	if !filepath.IsAbs(c.DataDir) {
 		bad("data_dir", "%q must be an absolute path", c.DataDir)
+	}
+	if c.StateDir != "" && !filepath.IsAbs(c.StateDir) {
+		bad("state_dir", "%q must be an absolute path (or empty for data_dir)", c.StateDir)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
@@ -585,4 +593,13 @@ func (c *Config) validateSecurity(bad func(key, format string, args ...any)) {
 			bad(key, "%v must be between 100ms and 1h", d)
 		}
 	}
+}
+
+// State is the directory for state that ends with the node's boot:
+// state_dir, or data_dir when it is empty.
+func (c *Config) State() string {
+	if c.StateDir != "" {
+		return c.StateDir
+	}
+	return c.DataDir
 }
