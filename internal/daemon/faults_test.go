@@ -19,19 +19,21 @@ import (
 
 // faultAgent is an agent process (a test may SIGKILL it) on a bridge and
 // subnet of its own, optionally with VMs, with a boot id file the test can
-// change to simulate a host reboot.
+// change to simulate a host reboot. Its state directory is apart from its
+// data directory, as on a node where it is a tmpfs.
 type faultAgent struct {
 	*agentProcess
-	addr, dataDir, bridge, subnet, bootFile string
+	addr, dataDir, stateDir, bridge, subnet, bootFile string
 }
 
 func startFaultAgent(t *testing.T, vm bool) (*faultAgent, *client.Client) {
 	t.Helper()
 	a := &faultAgent{
-		dataDir: vmDataDir(t),
-		addr:    freeAddr(t),
-		bridge:  fmt.Sprintf("bf%04x", rand.IntN(1<<16)),
-		subnet:  fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(256)),
+		dataDir:  vmDataDir(t),
+		stateDir: t.TempDir(),
+		addr:     freeAddr(t),
+		bridge:   fmt.Sprintf("bf%04x", rand.IntN(1<<16)),
+		subnet:   fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(256)),
 	}
 	a.bootFile = filepath.Join(t.TempDir(), "boot_id")
 	if err := os.WriteFile(a.bootFile, []byte("boot-1\n"), 0o600); err != nil {
@@ -43,6 +45,7 @@ func startFaultAgent(t *testing.T, vm bool) (*faultAgent, *client.Client) {
 	}
 	cfg := fmt.Sprintf(`listen: %s
 data_dir: %s
+state_dir: %s
 %snode:
   boot_id_file: %s
 network:
@@ -55,7 +58,7 @@ workload_defaults:
   stop_timeout: 1s
   cpu: 0.01
   memory_mb: 64
-`, a.addr, a.dataDir, vmCfg, a.bootFile, a.bridge, a.bridge, a.subnet)
+`, a.addr, a.dataDir, a.stateDir, vmCfg, a.bootFile, a.bridge, a.bridge, a.subnet)
 	cfgFile := filepath.Join(t.TempDir(), "berth.yaml")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -111,10 +114,13 @@ func leftMounts(dataDir, cfgFile string) []string {
 
 func (a *faultAgent) leftovers(ids []string) []string {
 	var left []string
-	if out, _ := exec.Command("pgrep", "-af", a.dataDir).Output(); len(out) > 0 {
-		left = append(left, "processes: "+strings.TrimSpace(string(out)))
+	for _, dir := range []string{a.dataDir, a.stateDir} {
+		if out, _ := exec.Command("pgrep", "-af", dir).Output(); len(out) > 0 {
+			left = append(left, "processes: "+strings.TrimSpace(string(out)))
+		}
 	}
 	left = append(left, leftMounts(a.dataDir, a.config)...)
+	left = append(left, leftMounts(a.stateDir, a.config)...)
 	for _, id := range ids {
 		for _, ctl := range []string{"memory", "pids", "cpu"} {
 			if _, err := os.Stat(filepath.Join("/sys/fs/cgroup", ctl, "berth", id)); err == nil {
@@ -125,10 +131,13 @@ func (a *faultAgent) leftovers(ids []string) []string {
 			left = append(left, "domain: berth-"+id+" "+strings.TrimSpace(string(out)))
 		}
 	}
-	for _, sub := range []string{"containers/tasks", "vms/tasks"} {
-		entries, _ := os.ReadDir(filepath.Join(a.dataDir, sub))
+	for _, dir := range []string{
+		filepath.Join(a.stateDir, "containers", "tasks"), filepath.Join(a.stateDir, "containers", "runc"),
+		filepath.Join(a.dataDir, "containers", "layers"), filepath.Join(a.dataDir, "vms", "tasks"),
+	} {
+		entries, _ := os.ReadDir(dir)
 		for _, e := range entries {
-			left = append(left, "task dir: "+sub+"/"+e.Name())
+			left = append(left, "task's: "+filepath.Join(dir, e.Name()))
 		}
 	}
 	// Network: namespace files, records and leases live under network/;
@@ -294,9 +303,10 @@ func TestChaosExitCodesVM(t *testing.T) {
 }
 
 // reboot simulates a host reboot under a killed agent: every process,
-// domain, mount and veth the node held is gone (cgroups, runc state,
-// iptables rules and the files under the data dir are left for berth to
-// release), and the node has a new boot id.
+// domain, mount and veth the node held is gone, and so is everything in
+// the state directory (a tmpfs); cgroups, iptables rules and the files
+// under the data dir are left for berth to release; the node has a new
+// boot id.
 func (a *faultAgent) reboot(t *testing.T, ids []string) {
 	t.Helper()
 	a.kill()
@@ -308,11 +318,12 @@ func (a *faultAgent) reboot(t *testing.T, ids []string) {
 		}
 	}
 	_ = exec.Command("pkill", "-9", "-f", a.dataDir).Run()
+	_ = exec.Command("pkill", "-9", "-f", a.stateDir).Run()
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	lines := strings.Split(string(mounts), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
 		f := strings.Fields(lines[i])
-		if len(f) > 4 && strings.HasPrefix(f[4], a.dataDir) {
+		if len(f) > 4 && (strings.HasPrefix(f[4], a.dataDir) || strings.HasPrefix(f[4], a.stateDir)) {
 			if out, err := exec.Command("umount", "-l", f[4]).CombinedOutput(); err != nil {
 				t.Logf("umount %s: %v: %s", f[4], err, out)
 			}
@@ -323,6 +334,12 @@ func (a *faultAgent) reboot(t *testing.T, ids []string) {
 		if f := strings.Fields(line); len(f) > 1 {
 			name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
 			_ = exec.Command("ip", "link", "del", name).Run()
+		}
+	}
+	entries, _ := os.ReadDir(a.stateDir)
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(a.stateDir, e.Name())); err != nil {
+			t.Fatalf("empty the state directory as a reboot does: %v", err)
 		}
 	}
 	if err := os.WriteFile(a.bootFile, []byte(fmt.Sprintf("boot-%d\n", time.Now().UnixNano())), 0o600); err != nil {
