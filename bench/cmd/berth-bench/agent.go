@@ -28,19 +28,22 @@ type agentProc struct {
 	done    chan struct{}
 	addr    string
 	dataDir string
-	logPath string
-	c       *client.Client
+	// stateDir is the agent's state_dir, on the run's tmpfs.
+	stateDir string
+	logPath  string
+	c        *client.Client
 }
 
 // agentConfig is the bench agent's configuration. Workloads ask for 1 core
 // (no CFS throttling of runc init or the workload) and admission lets 128
 // of them in on a 2-core node through cpu_overcommit. VMs run under TCG
 // unless the caller says KVM works here.
-func agentConfig(addr, dataDir, accel string) string {
+func agentConfig(addr, dataDir, stateDir, accel string) string {
 	// No unix socket: the node's own agent may hold the default one.
 	return fmt.Sprintf(`listen: %s
 listen_unix: ""
 data_dir: %s
+state_dir: %s
 log:
   level: warn
 workload_defaults:
@@ -53,7 +56,26 @@ node:
   cpu_overcommit: 64
 vm:
   accel: %s
-`, addr, dataDir, accel)
+`, addr, dataDir, stateDir, accel)
+}
+
+// runDir is the run's tmpfs, mounted at <scratch>/run: what /run is on a
+// node (berth's state_dir is there, as the Debian package sets it), and
+// where the raw runc baselines keep their state too, as runc does by
+// default (/run/runc).
+func runDir(benchDir string) string { return filepath.Join(benchDir, "run") }
+
+// mountRunDir mounts the run's tmpfs; the cleaner's unmountUnder removes
+// it with the rest of the scratch directory.
+func mountRunDir(benchDir string) error {
+	dir := runDir(benchDir)
+	if err := os.Mkdir(dir, 0o711); err != nil {
+		return err
+	}
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV, "mode=0711,size=1g"); err != nil {
+		return fmt.Errorf("mount the run's tmpfs on %s: %w", dir, err)
+	}
+	return nil
 }
 
 // freePort asks the kernel for a free loopback port.
@@ -66,15 +88,15 @@ func freePort() (string, error) {
 	return ln.Addr().String(), nil
 }
 
-// startAgent runs `berth agent` on dataDir and a free loopback port and
-// waits until it is ready.
-func startAgent(ctx context.Context, berth, dataDir, accel string) (*agentProc, error) {
+// startAgent runs `berth agent` on dataDir/agent (its state directory:
+// stateDir) and a free loopback port and waits until it is ready.
+func startAgent(ctx context.Context, berth, dataDir, stateDir, accel string) (*agentProc, error) {
 	addr, err := freePort()
 	if err != nil {
 		return nil, err
 	}
 	cfgPath := filepath.Join(dataDir, "bench-agent.yaml")
-	if err := os.WriteFile(cfgPath, []byte(agentConfig(addr, filepath.Join(dataDir, "agent"), accel)), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(agentConfig(addr, filepath.Join(dataDir, "agent"), stateDir, accel)), 0o600); err != nil {
 		return nil, err
 	}
 	logPath := filepath.Join(dataDir, "agent.log")
@@ -91,7 +113,7 @@ func startAgent(ctx context.Context, berth, dataDir, accel string) (*agentProc, 
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start agent: %w", err)
 	}
-	a := &agentProc{cmd: cmd, done: make(chan struct{}), addr: addr, dataDir: filepath.Join(dataDir, "agent"), logPath: logPath}
+	a := &agentProc{cmd: cmd, done: make(chan struct{}), addr: addr, dataDir: filepath.Join(dataDir, "agent"), stateDir: stateDir, logPath: logPath}
 	go func() { _ = cmd.Wait(); close(a.done) }()
 	a.c, err = client.New(addr)
 	if err != nil {

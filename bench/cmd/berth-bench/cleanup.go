@@ -69,14 +69,15 @@ func (c *cleaner) run() {
 	}
 
 	// Containers left in berth's runc root, and their monitors.
-	runcRoot := filepath.Join(agentDir, "containers", "runc")
+	stateDir := filepath.Join(runDir(c.dir), "agent")
+	runcRoot := filepath.Join(stateDir, "containers", "runc")
 	if out, err := exec.CommandContext(ctx, "runc", "--root", runcRoot, "list", "-q").Output(); err == nil {
 		for _, id := range strings.Fields(string(out)) {
 			_ = exec.CommandContext(ctx, "runc", "--root", runcRoot, "delete", "--force", id).Run()
 		}
 	}
-	for _, kind := range []string{"containers", "vms"} {
-		tasks, _ := filepath.Glob(filepath.Join(agentDir, kind, "tasks", "*"))
+	for kind, dir := range map[string]string{"containers": stateDir, "vms": agentDir} {
+		tasks, _ := filepath.Glob(filepath.Join(dir, kind, "tasks", "*"))
 		for _, t := range tasks {
 			if pid := jsonPid(filepath.Join(t, "monitor.pid"), "pid"); pid > 0 && cmdlineHas(pid, c.dir) {
 				_ = syscall.Kill(pid, syscall.SIGKILL)

@@ -52,8 +52,8 @@ type captured struct {
 // gone once the overlay is mounted). Files berth bind-mounts from the
 // task's directory (resolv.conf, hosts) are copied into keep, since the
 // task's directory goes with the workload.
-func captureBundle(dataDir, id, imageDigest, keep string) (*captured, error) {
-	taskDir := filepath.Join(dataDir, "containers", "tasks", id)
+func captureBundle(dataDir, stateDir, id, imageDigest, keep string) (*captured, error) {
+	taskDir := filepath.Join(stateDir, "containers", "tasks", id)
 	bundle := filepath.Join(taskDir, "bundle")
 	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
 	if err != nil {
@@ -428,7 +428,7 @@ func startAgentWith(ctx context.Context, a *agentProc, name string, env map[stri
 			defer os.Unsetenv(k)
 		}
 	}
-	b, err := startAgent(ctx, a.cmd.Path, dir, "tcg")
+	b, err := startAgent(ctx, a.cmd.Path, dir, filepath.Join(runDir(filepath.Dir(a.dataDir)), name), "tcg")
 	if err != nil {
 		return nil, err
 	}
@@ -814,7 +814,7 @@ func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, 
 	if err != nil {
 		return nil, err
 	}
-	cap, err := captureBundle(a.dataDir, ids[0], first.ImageDigest, keep)
+	cap, err := captureBundle(a.dataDir, a.stateDir, ids[0], first.ImageDigest, keep)
 	if err != nil {
 		return nil, err
 	}
@@ -824,7 +824,7 @@ func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, 
 	if err != nil {
 		return nil, err
 	}
-	pids := monitorPids(filepath.Join(a.dataDir, "containers", "tasks"), ids)
+	pids := monitorPids(filepath.Join(a.stateDir, "containers", "tasks"), ids)
 	var rss, pss []float64
 	for _, pid := range pids {
 		if m, err := readMem(pid); err == nil {

@@ -78,7 +78,7 @@ func execBench(ctx context.Context, a *agentProc, berth string, n int, rep *Repo
 	if err := waitRunning(ctx, a, []string{w.ID}, time.Minute); err != nil {
 		return Summary{}, err
 	}
-	runcRoot := filepath.Join(a.dataDir, "containers", "runc")
+	runcRoot := filepath.Join(a.stateDir, "containers", "runc")
 	var rs, cs, ss []float64
 	for range n {
 		t := time.Now()
