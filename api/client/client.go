@@ -211,14 +211,22 @@ func (c *Client) Submit(ctx context.Context, spec api.WorkloadSpec) (*api.Worklo
 type QueryOptions struct {
 	WaitIndex uint64
 	WaitTime  time.Duration
+	// UntilEnded waits, up to WaitTime, for the workload's run to end
+	// (GET /v1/workloads/{id}?until=ended); WaitIndex is not needed.
+	UntilEnded bool
 }
 
 func (o *QueryOptions) values(q url.Values) url.Values {
 	if q == nil {
 		q = url.Values{}
 	}
-	if o != nil && o.WaitIndex > 0 {
-		q.Set("index", strconv.FormatUint(o.WaitIndex, 10))
+	if o != nil && o.UntilEnded {
+		q.Set("until", "ended")
+	}
+	if o != nil && (o.WaitIndex > 0 || o.UntilEnded) {
+		if o.WaitIndex > 0 {
+			q.Set("index", strconv.FormatUint(o.WaitIndex, 10))
+		}
 		if o.WaitTime > 0 {
 			q.Set("wait", o.WaitTime.String())
 		}
@@ -407,7 +415,9 @@ func (c *Client) Ready(ctx context.Context) error {
 func (c *Client) WaitExit(ctx context.Context, ref string) (*api.Workload, error) {
 	var index uint64
 	for {
-		w, idx, err := c.Get(ctx, ref, &QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
+		// until=ended answers once, at the end; an agent from before it
+		// answers at once and then at each change past index.
+		w, idx, err := c.Get(ctx, ref, &QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute, UntilEnded: true})
 		if err != nil {
 			return nil, err
 		}

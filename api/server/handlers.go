@@ -163,19 +163,32 @@ func parseDuration(v string) (time.Duration, error) {
 // or the client goes away. It costs the waiting request nothing but a
 // parked goroutine: the agent closes one channel per change.
 func (s *Server) block(r *http.Request, index uint64, wait time.Duration, current func() (uint64, bool)) {
-	if index == 0 || wait == 0 {
+	if index == 0 {
+		return
+	}
+	s.waitUntil(r, wait, func(global uint64) bool {
+		if global < index {
+			// The client holds an index from the future: the agent's
+			// state was reset. Answer at once so it starts over.
+			return true
+		}
+		cur, ok := current()
+		return !ok || cur > index
+	})
+}
+
+// waitUntil waits until done, asked again at each change of the agent's
+// state (global is its index), holds, the wait ends or the client goes
+// away.
+func (s *Server) waitUntil(r *http.Request, wait time.Duration, done func(global uint64) bool) {
+	if wait == 0 {
 		return
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
 		global, changed := s.b.Index()
-		if global < index {
-			// The client holds an index from the future: the agent's
-			// state was reset. Answer at once so it starts over.
-			return
-		}
-		if cur, ok := current(); !ok || cur > index {
+		if done(global) {
 			return
 		}
 		select {
@@ -229,6 +242,10 @@ func (s *Server) listWorkloads(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, api.WorkloadList{Workloads: list})
 }
 
+// getWorkload answers with the workload; a blocking query (?index=N)
+// waits for a change past N, and ?until=ended for the run's end (exited or
+// failed: what a client that only wants the exit waits for, in one
+// request instead of one per state on the way).
 func (s *Server) getWorkload(w http.ResponseWriter, r *http.Request) {
 	ref := refParam(r)
 	index, wait, p := s.blockingParams(r)
@@ -236,13 +253,25 @@ func (s *Server) getWorkload(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, s.log, p)
 		return
 	}
-	s.block(r, index, wait, func() (uint64, bool) {
-		wl, err := s.be(r).Get(r.Context(), ref)
-		if err != nil {
-			return 0, false
-		}
-		return wl.ModifyIndex, true
-	})
+	switch until := r.URL.Query().Get("until"); until {
+	case "":
+		s.block(r, index, wait, func() (uint64, bool) {
+			wl, err := s.be(r).Get(r.Context(), ref)
+			if err != nil {
+				return 0, false
+			}
+			return wl.ModifyIndex, true
+		})
+	case "ended":
+		s.waitUntil(r, wait, func(uint64) bool {
+			wl, err := s.be(r).Get(r.Context(), ref)
+			return err != nil || wl.State.Terminal()
+		})
+	default:
+		writeProblem(w, r, s.log, badRequest(api.ReasonInvalidArgument, "bad blocking query",
+			api.FieldError{Field: "until", Detail: fmt.Sprintf("%q is not ended (the only condition)", until)}))
+		return
+	}
 	wl, err := s.be(r).Get(r.Context(), ref)
 	if err != nil {
 		s.fail(w, r, err)

@@ -122,6 +122,45 @@ func TestBlockingWorkloadQuery(t *testing.T) {
 	}
 }
 
+// ?until=ended holds a GET through every change on the way (a label of
+// the workload's, the stop's own state changes) and answers once, when
+// the run has ended; without an end it answers when the wait ends, with
+// the workload as it is.
+func TestWaitUntilEnded(t *testing.T) {
+	e := newEnv(t)
+	c := e.client()
+	ctx := context.Background()
+	w := e.submitSleep(c)
+	e.waitRunning(w.ID)
+
+	cur, _, err := c.Get(ctx, w.ID, &client.QueryOptions{UntilEnded: true, WaitTime: 300 * time.Millisecond})
+	if err != nil || cur.State != api.StateRunning {
+		t.Fatalf("until=ended with nothing ending, after its wait: %v %+v; want the workload running", err, cur)
+	}
+
+	type answer struct {
+		w   *api.Workload
+		err error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		cur, _, err := c.Get(ctx, w.ID, &client.QueryOptions{UntilEnded: true, WaitTime: 30 * time.Second})
+		done <- answer{cur, err}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if _, err := c.Stop(ctx, w.ID, 500*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case a := <-done:
+		if a.err != nil || !a.w.State.Terminal() {
+			t.Fatalf("until=ended answered %v %+v; want the workload ended", a.err, a.w)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("until=ended did not answer after the workload ended")
+	}
+}
+
 func rssKiB(t *testing.T) int64 {
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {

@@ -213,6 +213,7 @@ func TestBadInputIsRejectedAndChangesNothing(t *testing.T) {
 		{"logs with bad timestamps", "GET", "/v1/workloads/keep/logs?timestamps=maybe", "", "", 400, api.ReasonInvalidArgument, "timestamps"},
 		{"list with bad state", "GET", "/v1/workloads?state=sleeping", "", "", 400, api.ReasonInvalidArgument, "state"},
 		{"list with bad index", "GET", "/v1/workloads?index=minus-one", "", "", 400, api.ReasonInvalidArgument, "index"},
+		{"get until an unknown condition", "GET", "/v1/workloads/keep?until=running", "", "", 400, api.ReasonInvalidArgument, "until"},
 		{"import garbage", "POST", "/v1/images", "application/x-tar", "this is not a tarball", 400, "", ""},
 		{"pull without ref", "POST", "/v1/images/pull", "application/json", `{}`, 400, api.ReasonInvalidArgument, "ref"},
 		{"remove image in use", "DELETE", "/v1/images?ref=" + testImage, "", "", 409, api.ReasonFailedPrecondition, ""},
