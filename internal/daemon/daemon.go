@@ -232,6 +232,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 	if d.cfg.Container.Enabled {
 		cd, err := ctrdriver.New(ctrdriver.Options{
 			Root:         filepath.Join(d.cfg.DataDir, "containers"),
+			StateDir:     filepath.Join(d.cfg.State(), "containers"),
 			Runc:         d.cfg.Container.Runc,
 			LogMaxBytes:  d.cfg.Container.LogMaxBytes,
 			StartTimeout: d.cfg.Container.StartTimeout,
