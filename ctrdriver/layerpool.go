@@ -91,13 +91,8 @@ func (p *layerPool) mnt(name string) string { return filepath.Join(p.dir, name) 
 func (p *layerPool) img(name string) string { return filepath.Join(p.dir, name+".img") }
 
 // fill makes filesystems in the background until want are ready (one
-// filler at a time). A start calls it once it is done (Start), not when
-// it takes a layer: the making would otherwise compete with the rest of
-// that start for the CPU.
+// filler at a time).
 func (p *layerPool) fill() {
-	if p == nil {
-		return
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.filling || p.closed || len(p.ready) >= p.want {
@@ -183,11 +178,13 @@ func (p *layerPool) take(size int64, img, target string) bool {
 	p.mu.Lock()
 	if len(p.ready) == 0 || p.closed {
 		p.mu.Unlock()
+		p.fill()
 		return false
 	}
 	name := p.ready[0]
 	p.ready = p.ready[1:]
 	p.mu.Unlock()
+	defer p.fill()
 	if err := os.Rename(p.img(name), img); err != nil {
 		p.log.Warn("take a prepared writable layer", "err", err)
 		p.remove(name)

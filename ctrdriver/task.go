@@ -25,9 +25,6 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	if err := validateTask(cfg); err != nil {
 		return nil, fmt.Errorf("container task: %w: %w", err, errdefs.ErrInvalidArgument)
 	}
-	// What this start takes of the prepared layers and monitors is made
-	// again once it is done, not while it runs.
-	defer d.layers.fill()
 	dir := d.taskDir(cfg.ID)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		if errors.Is(err, os.ErrExist) {

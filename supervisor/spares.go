@@ -110,12 +110,13 @@ func (s *Supervisor[T]) startMonitor(dir string) (m *started, err error) {
 }
 
 // takeSpare hands dir to a spare monitor, or returns nil when none is
-// ready (or the one taken has died: the caller starts one). The caller
-// has another spare made once its start is done (fillSpares).
+// ready (or the one taken has died: the caller starts one). It starts
+// another spare in the background.
 func (s *Supervisor[T]) takeSpare(dir string) *started {
 	s.mu.Lock()
 	if len(s.spares) == 0 {
 		s.mu.Unlock()
+		s.fillSpares()
 		return nil
 	}
 	m := s.spares[len(s.spares)-1]
@@ -123,6 +124,7 @@ func (s *Supervisor[T]) takeSpare(dir string) *started {
 	s.sparesServed++
 	s.mu.Unlock()
 	close(m.taken)
+	s.fillSpares()
 	_, err := m.task.WriteString(dir + "\n")
 	if cerr := m.task.Close(); err == nil {
 		err = cerr

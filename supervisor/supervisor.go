@@ -312,10 +312,6 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 	// A previous monitor's record (a respawn) must not be mistaken for
 	// this one's.
 	_ = os.Remove(filepath.Join(t.Dir, monitor.PidFile))
-	// The spare taken is replaced once the task runs (or the start
-	// failed): starting a monitor while this one starts its task would
-	// take the CPU from it.
-	defer s.fillSpares()
 	m := s.takeSpare(t.Dir)
 	if m == nil {
 		var err error
