@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/internal/loopfs"
+	"github.com/berthd/berth/internal/proc"
 )
 
 // layerPool keeps filesystems for the writable layers of the next
@@ -112,7 +113,8 @@ func (p *layerPool) fill() {
 			p.seq++
 			name := strconv.Itoa(p.seq)
 			p.mu.Unlock()
-			err := p.make(name)
+			// In the background: a layer is made while a start runs.
+			err := proc.InBackground(func() error { return p.make(name) })
 			p.mu.Lock()
 			if err != nil {
 				// The start that finds the pool empty makes its own, and

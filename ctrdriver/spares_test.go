@@ -14,6 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/internal/fileutil"
+	"github.com/berthd/berth/internal/proc"
+	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/supervisor/monitor"
 	"github.com/berthd/berth/supervisor/monitortest"
 )
@@ -37,6 +39,31 @@ func spareMonitors(t *testing.T) []int {
 	}
 	slices.Sort(pids)
 	return pids
+}
+
+// threadNices reads the niceness of each thread of pid (field 19 of
+// /proc/PID/task/TID/stat).
+func threadNices(t *testing.T, pid int) []int {
+	t.Helper()
+	stats, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+	var nices []int
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		_, rest, _ := strings.Cut(string(b), ") ")
+		fields := strings.Fields(rest)
+		if len(fields) < 17 {
+			t.Fatalf("%s: %q", f, b)
+		}
+		n, _ := strconv.Atoi(fields[16])
+		nices = append(nices, n)
+	}
+	if len(nices) == 0 {
+		t.Fatalf("no threads of %d", pid)
+	}
+	return nices
 }
 
 // waitSpares waits until n spare monitors wait, and returns their pids.
@@ -133,6 +160,33 @@ func TestSpareMonitorsServeStartsAndAreReleased(t *testing.T) {
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", namedRec.Pid))
 	if args := strings.Fields(strings.ReplaceAll(string(cmdline), "\x00", " ")); len(args) != 2 || args[1] != d.taskDir(named.ID) {
 		t.Errorf("the monitor's command line is %q, want it to name %s", cmdline, d.taskDir(named.ID))
+	}
+	// Spares wait in the background; the one handed its task, and the
+	// container it started, run at the agent's niceness.
+	agentNice, err := proc.Nice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range threadNices(t, namedRec.Pid) {
+		if n != agentNice {
+			t.Errorf("a thread of the task's monitor runs at niceness %d, want the agent's %d", n, agentNice)
+		}
+	}
+	st, err := supervisor.Status(d.taskDir(named.ID))
+	if err != nil || st.Pid == 0 {
+		t.Fatalf("status of the running task: %+v %v", st, err)
+	}
+	for _, n := range threadNices(t, st.Pid) {
+		if n != agentNice {
+			t.Errorf("the container runs at niceness %d, want the agent's %d", n, agentNice)
+		}
+	}
+	for _, pid := range waitSpares(t, d, 2) {
+		for _, n := range threadNices(t, pid) {
+			if n != proc.BackgroundNice {
+				t.Errorf("a thread of spare monitor %d runs at niceness %d, want %d", pid, n, proc.BackgroundNice)
+			}
+		}
 	}
 	waitSpares(t, d, 2)
 	if fp := d.Fingerprint(ctx); !strings.HasPrefix(fp.Details["prepared_monitors"], "2 of 2 ready, ") {

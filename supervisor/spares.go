@@ -96,7 +96,17 @@ func (s *Supervisor[T]) startMonitor(dir string) (m *started, err error) {
 	// Its own session: the agent's death or its terminal's signals must not
 	// reach the monitor, and Kill can end everything it started at once.
 	m.cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
-	if err := m.cmd.Start(); err != nil {
+	start := m.cmd.Start
+	if dir == "" {
+		// A spare starts in the background: its exec and start-up yield
+		// the CPU to the starts under way (it is made while one of them
+		// runs). Handed its task, it comes back to the agent's niceness.
+		if nice, err := proc.Nice(); err == nil {
+			m.cmd.Env = append(m.cmd.Env, fmt.Sprintf("%s=%d", monitor.NiceEnv, nice))
+			start = func() error { return proc.InBackground(m.cmd.Start) }
+		}
+	}
+	if err := start(); err != nil {
 		return nil, fmt.Errorf("start monitor %s: %w", s.opts.Monitor[0], err)
 	}
 	m.pid = m.cmd.Process.Pid

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 	"unsafe"
@@ -36,6 +37,10 @@ func Main(args []string) int {
 		}
 		retitle(dir)
 		args = []string{dir}
+		if err := foreground(); err != nil {
+			// The task is not run in the background: it fails.
+			return failed(dir, err)
+		}
 	}
 	if len(args) != 1 || !filepath.IsAbs(args[0]) {
 		fmt.Fprintln(os.Stderr, "berth-monitor: needs the absolute task directory; it is started by the berth agent")
@@ -48,6 +53,32 @@ func Main(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// foreground gives every thread the niceness NiceEnv names: a spare was
+// started in the background, and what it starts for its task (runc, the
+// container) inherits the niceness of the thread that starts it.
+func foreground() error {
+	v := os.Getenv(NiceEnv)
+	if v == "" {
+		return nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return fmt.Errorf("%s=%q: %w", NiceEnv, v, err)
+	}
+	if err := proc.SetNice(n); err != nil {
+		return fmt.Errorf("leave the background (niceness %d) for the task: %w", n, err)
+	}
+	return nil
+}
+
+// failed records err as the start's failure in dir, and returns the
+// monitor's exit code.
+func failed(dir string, err error) int {
+	m := &mon{dir: dir, ready: os.NewFile(ReadyFD, "ready")}
+	fmt.Fprintf(os.Stderr, "berth-monitor %s: %v\n", dir, m.fail(err))
+	return 1
 }
 
 // awaitTask waits, as a spare, for the task directory, and then takes on

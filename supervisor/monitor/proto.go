@@ -76,6 +76,11 @@ const SpareArg = "-"
 // SpareTitle is a spare's second argument: "spare", padded.
 var SpareTitle = "spare" + strings.Repeat(" ", 250)
 
+// NiceEnv names the niceness a spare monitor takes when it is handed its
+// task: the agent starts spares in the background (proc.BackgroundNice),
+// and the task's monitor, runc and the container run at the agent's own.
+const NiceEnv = "BERTH_MONITOR_NICE"
+
 // TaskDirFD is the pipe (fd 5) on which a spare monitor is handed its task
 // directory, followed by end of file. End of file with nothing before it
 // lets the spare go unused.
