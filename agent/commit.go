@@ -40,7 +40,8 @@ type committer struct {
 	done    chan struct{} // closed when the writer has returned
 	// txs and writes count transactions and the changes they carried.
 	txs, writes uint64
-	// beforeWrite, when set (by tests), runs before each transaction.
+	// beforeWrite, when set (by tests, under mu), runs before each
+	// transaction.
 	beforeWrite func()
 }
 
@@ -154,6 +155,7 @@ func (c *committer) run() {
 			batch := c.queue
 			c.queue = nil
 			closing := c.closing
+			beforeWrite := c.beforeWrite
 			c.mu.Unlock()
 			if len(batch) == 0 {
 				if closing {
@@ -161,8 +163,8 @@ func (c *committer) run() {
 				}
 				break
 			}
-			if c.beforeWrite != nil {
-				c.beforeWrite()
+			if beforeWrite != nil {
+				beforeWrite()
 			}
 			c.mu.Lock()
 			failed := c.err != nil

@@ -98,7 +98,7 @@ func (a *Agent) run(id string, s *supervisor) {
 		if r == nil {
 			return
 		}
-		if !a.onDisk(r) {
+		if !startsUnseen(r) && !a.onDisk(r) {
 			return
 		}
 		switch {
@@ -247,6 +247,11 @@ func (a *Agent) start(id string, s *supervisor) {
 		var cfg *driver.TaskConfig
 		cfg, err = a.taskConfig(sctx, &r.Workload)
 		var netStatus *api.NetworkStatus
+		if err == nil && r.Workload.Network != nil && r.Workload.Network.Mode == api.NetworkBridge {
+			// Nothing is attached to the node's network for a record a
+			// crash could take back (startsUnseen).
+			err = committed()
+		}
 		if err == nil {
 			cfg.Network, netStatus, err = a.attachNetwork(sctx, &r.Workload)
 		}
@@ -603,6 +608,18 @@ func backoff(w *api.Workload, base time.Duration) time.Duration {
 	}
 	d = min(d, backoffCap)
 	return d + time.Duration(rand.Int64N(int64(d/10)+1))
+}
+
+// startsUnseen reports whether r is a first start that may begin before
+// its record is on disk: a submitted workload, pending, with no task of an
+// earlier run. Its start prepares the task while the submit's record and
+// the starting record go to disk, and the driver waits for the starting
+// record (TaskConfig.Commit) before anything of the workload runs, as the
+// network attach does; a crash before then leaves a task no record on
+// disk claims, which reconciliation removes. A restart (the previous
+// run's task is destroyed first), a stop or a delete waits as onDisk says.
+func startsUnseen(r *record) bool {
+	return r.Workload.State == api.StatePending && r.Handle == nil && r.Workload.RestartCount == 0 && !r.StopRequested && !r.Deleting
 }
 
 // onDisk waits until r's version of its record is on disk: a supervisor

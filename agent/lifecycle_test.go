@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -793,5 +794,64 @@ func TestRunningTaskTheRebootTook(t *testing.T) {
 				t.Errorf("after the agent's restart: %s %q; want failed, the task not found", got.State, got.Error)
 			}
 		})
+	}
+}
+
+// A submitted workload's start begins while its record goes to disk (the
+// driver prepares the task meanwhile), but nothing of it runs, and the
+// submit is not answered, before its records are there.
+func TestStartPreparesWhileTheRecordGoesToDisk(t *testing.T) {
+	e := newLifeEnv(t)
+	c := e.agent.commits
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	c.mu.Lock()
+	c.beforeWrite = func() { <-release }
+	c.mu.Unlock()
+	defer func() {
+		unblock()
+		c.mu.Lock()
+		c.beforeWrite = nil
+		c.mu.Unlock()
+	}()
+	marker := filepath.Join(t.TempDir(), "ran")
+	type answer struct {
+		w   *api.Workload
+		err error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		spec := sh("touch " + marker)
+		spec.Image = testImage
+		w, _, err := e.agent.Submit(context.Background(), spec)
+		done <- answer{w, err}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.ContainsFunc(e.ctr.Calls(), func(c fake.Call) bool { return c.Method == "Start" }) {
+		if time.Now().After(deadline) {
+			t.Fatal("the driver got no start while the submit's record went to disk")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("the workload ran before its records were on disk")
+	}
+	select {
+	case a := <-done:
+		t.Fatalf("the submit was answered before its record was on disk: %+v %v", a.w, a.err)
+	default:
+	}
+	unblock()
+	a := <-done
+	if a.err != nil {
+		t.Fatal(a.err)
+	}
+	if got := e.waitFor(a.w.ID, terminal); got.State != api.StateExited || exitOf(got) != 0 {
+		t.Fatalf("after the records reached the disk: %s exit %d (%q)", got.State, exitOf(got), got.Error)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Errorf("the workload did not run: %v", err)
 	}
 }
