@@ -209,3 +209,35 @@ func TestSpareMonitorsServeStartsAndAreReleased(t *testing.T) {
 	}
 	assertNoLeaks(t, root)
 }
+
+// A monitor binary that cannot be started (missing) fails the starts that
+// need one, says why in node status, and crashes nothing: the spares'
+// filler and a start release what they made.
+func TestMissingMonitorFailsStartsWithoutACrash(t *testing.T) {
+	root := t.TempDir()
+	missing := filepath.Join(t.TempDir(), "berth-monitor")
+	d, err := New(Options{Root: root, MonitorCmd: []string{missing}, Monitors: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(context.Background())
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(d.sup.SpareStatus(), "last failure") {
+		if time.Now().After(deadline) {
+			t.Fatalf("node status says prepared_monitors %q, want the spares' failure", d.sup.SpareStatus())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if fp := d.Fingerprint(context.Background()); fp.Healthy || !strings.Contains(fp.Reason, "monitor") {
+		t.Errorf("fingerprint with the monitor missing: healthy %v, reason %q", fp.Healthy, fp.Reason)
+	}
+	if os.Geteuid() != 0 {
+		return
+	}
+	requireRunc(t)
+	cfg := userNSTask(t, "dt-nomon", "true")
+	if _, err := d.Start(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("Start with the monitor missing = %v, want an error naming it", err)
+	}
+	assertNoLeaks(t, root)
+}

@@ -39,11 +39,12 @@ func (m *started) release() {
 
 // startMonitor starts a monitor for the task directory dir, or, with dir
 // "", a spare that waits for its task on monitor.TaskDirFD.
-func (s *Supervisor[T]) startMonitor(dir string) (m *started, err error) {
-	m = &started{gone: make(chan struct{}), taken: make(chan struct{})}
+func (s *Supervisor[T]) startMonitor(dir string) (*started, error) {
+	m := &started{gone: make(chan struct{}), taken: make(chan struct{})}
+	started := false
 	defer func() {
-		if err != nil {
-			m.release()
+		if !started {
+			m.release() // m, not the nil an error returns
 		}
 	}()
 	var theirs []*os.File // the monitor's ends, closed here once it has them
@@ -76,6 +77,7 @@ func (s *Supervisor[T]) startMonitor(dir string) (m *started, err error) {
 	var logf *os.File
 	if dir != "" {
 		arg = []string{dir}
+		var err error
 		if logf, err = os.OpenFile(filepath.Join(dir, monitor.LogFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600); err != nil {
 			return nil, err
 		}
@@ -110,6 +112,7 @@ func (s *Supervisor[T]) startMonitor(dir string) (m *started, err error) {
 		return nil, fmt.Errorf("start monitor %s: %w", s.opts.Monitor[0], err)
 	}
 	m.pid = m.cmd.Process.Pid
+	started = true
 	// Our child while this agent lives: reap it, parked on the poller
 	// rather than holding a thread for each running workload.
 	go func() {
