@@ -382,6 +382,7 @@ func TestContainerWorkloads(t *testing.T) {
 				filepath.Join(dataDir, "containers", "tasks", id),
 				filepath.Join(dataDir, "containers", "runc", id),
 				filepath.Join(dataDir, "logs", id),
+				filepath.Join(dataDir, "containers", "layers", id),
 				"/sys/fs/cgroup/memory/berth/" + id,
 				"/sys/fs/cgroup/pids/berth/" + id,
 				"/sys/fs/cgroup/cpu/berth/" + id,

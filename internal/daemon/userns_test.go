@@ -122,8 +122,10 @@ func TestUserNSContainerRootIsUnprivileged(t *testing.T) {
 		}
 		var fst syscall.Stat_t
 		// The writable layer is on the workload's own filesystem (its
-		// disk budget, workload_defaults.disk_mb), mounted at scratch/.
-		if err := syscall.Stat(filepath.Join(task, "scratch", "upper", "written-by-root"), &fst); err != nil {
+		// disk budget, workload_defaults.disk_mb), mounted at scratch/ in
+		// the layer's directory on the data disk.
+		layer := filepath.Join(dataDir, "containers", "layers", w.ID)
+		if err := syscall.Stat(filepath.Join(layer, "scratch", "upper", "written-by-root"), &fst); err != nil {
 			t.Fatal(err)
 		}
 		if uint64(fst.Uid) != uid[0] || fst.Uid == 0 {
