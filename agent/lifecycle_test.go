@@ -161,6 +161,21 @@ func newLifeEnv(t *testing.T) *lifeEnv {
 	return e
 }
 
+// newLifeEnvInBoot is newLifeEnv on a node whose boot id is *boot: a test
+// sets it to another before the agent's next start to simulate a reboot.
+func newLifeEnvInBoot(t *testing.T, id string) (*lifeEnv, *string) {
+	t.Helper()
+	e := newLifeEnv(t)
+	boot := id
+	change := e.change
+	e.change = func(o *Options) {
+		change(o)
+		o.BootID = boot
+	}
+	e.restart()
+	return e, &boot
+}
+
 // interruptStart submits spec while the driver's starts hang, and closes
 // the agent once the start is in the driver (as if the agent died there);
 // starts no longer hang afterwards.
@@ -627,20 +642,13 @@ func TestInterruptedStartStartsOnce(t *testing.T) {
 func TestStartInterruptedByARebootIsNotRunAgain(t *testing.T) {
 	for _, rebooted := range []bool{false, true} {
 		t.Run(fmt.Sprintf("rebooted=%v", rebooted), func(t *testing.T) {
-			e := newLifeEnv(t)
-			boot := "boot-1"
-			change := e.change
-			e.change = func(o *Options) {
-				change(o)
-				o.BootID = boot
-			}
-			e.restart()
+			e, boot := newLifeEnvInBoot(t, "boot-1")
 			w := e.interruptStart(sh("exit 0"))
 			if recs, _ := e.persisted(); len(recs) != 1 || recs[0].Workload.State != api.StateStarting || recs[0].StartBoot != "boot-1" {
 				t.Fatalf("persisted: %+v; want the workload starting in boot-1", recs)
 			}
 			if rebooted {
-				boot = "boot-2"
+				*boot = "boot-2"
 			}
 			e.start()
 			got := e.waitFor(w.ID, terminal)
@@ -765,21 +773,14 @@ func TestAdmissionCountsDeletingWorkloads(t *testing.T) {
 func TestRunningTaskTheRebootTook(t *testing.T) {
 	for _, rebooted := range []bool{false, true} {
 		t.Run(fmt.Sprintf("rebooted=%v", rebooted), func(t *testing.T) {
-			e := newLifeEnv(t)
-			boot := "boot-1"
-			change := e.change
-			e.change = func(o *Options) {
-				change(o)
-				o.BootID = boot
-			}
-			e.restart()
+			e, boot := newLifeEnvInBoot(t, "boot-1")
 			w := e.submit(sh("sleep 1000"))
 			e.waitFor(w.ID, running)
 			if err := e.agent.Close(); err != nil {
 				t.Fatal(err)
 			}
 			if rebooted {
-				boot = "boot-2"
+				*boot = "boot-2"
 			}
 			e.f.set(func(f *faults) { f.recoverErr = fmt.Errorf("no such task: %w", errdefs.ErrNotFound) })
 			e.start()

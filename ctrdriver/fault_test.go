@@ -123,6 +123,28 @@ func TestHungRuncStartCalledOff(t *testing.T) {
 	assertNoLeaks(t, root)
 }
 
+// killTasks kills the containers and the monitors of cfgs, as a node's
+// reboot would, and waits until the driver has seen each task end.
+func killTasks(ctx context.Context, t *testing.T, d *Driver, cfgs []*driver.TaskConfig) {
+	t.Helper()
+	for _, cfg := range cfgs {
+		tk, err := d.sup.Get(cfg.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = d.runc.kill(ctx, cfg.ID, "KILL")
+		_ = unix.Kill(tk.Monitor().Pid, unix.SIGKILL)
+	}
+	for _, cfg := range cfgs {
+		tk, _ := d.sup.Get(cfg.ID)
+		select {
+		case <-tk.Done():
+		case <-ctx.Done():
+			t.Fatal("tasks did not end after their monitors were killed")
+		}
+	}
+}
+
 // A node reboot, simulated: every monitor and container of the driver is
 // killed and its overlay unmounted, and the next driver runs under another
 // boot id. Recover answers ErrRebooted and releases what is left; Destroy
@@ -145,21 +167,8 @@ func TestRecoverAfterReboot(t *testing.T) {
 	// What a reboot leaves: files, no processes, no mounts. (runc's state
 	// directory and the cgroups would be gone too on a real reboot; here
 	// they are what Recover must clean up.)
+	killTasks(ctx, t, d, cfgs)
 	for _, cfg := range cfgs {
-		tk, err := d.sup.Get(cfg.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = unix.Kill(tk.Monitor().Pid, unix.SIGKILL)
-		_ = d.runc.kill(ctx, cfg.ID, "KILL")
-	}
-	for _, cfg := range cfgs {
-		tk, _ := d.sup.Get(cfg.ID)
-		select {
-		case <-tk.Done():
-		case <-ctx.Done():
-			t.Fatal("tasks did not end after their monitors were killed")
-		}
 		_ = unmountAll(filepath.Join(root, "tasks", cfg.ID, "bundle", "rootfs"))
 	}
 

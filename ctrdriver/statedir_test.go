@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/supervisor/monitor"
@@ -121,19 +119,7 @@ func TestRebootTakesTheStateDir(t *testing.T) {
 		cfgs = append(cfgs, cfg)
 	}
 	// The reboot: processes and mounts go, and the tmpfs with them.
-	for _, cfg := range cfgs {
-		tk, err := d.sup.Get(cfg.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = d.runc.kill(ctx, cfg.ID, "KILL")
-		_ = unix.Kill(tk.Monitor().Pid, unix.SIGKILL)
-		select {
-		case <-tk.Done():
-		case <-ctx.Done():
-			t.Fatal("tasks did not end after their monitors were killed")
-		}
-	}
+	killTasks(ctx, t, d, cfgs)
 	for _, cfg := range cfgs {
 		// The end's own unmount may have run already; what is left goes
 		// as a reboot takes it, the cgroups too.

@@ -1,6 +1,7 @@
 package proc
 
 import (
+	"errors"
 	"os"
 	"runtime"
 	"strconv"
@@ -66,7 +67,8 @@ func SetNice(n int) error {
 			if err != nil {
 				continue
 			}
-			if err := unix.Setpriority(unix.PRIO_PROCESS, tid, n); err != nil && first == nil && !os.IsNotExist(err) && err != unix.ESRCH {
+			// ESRCH: the thread ended since the listing.
+			if err := unix.Setpriority(unix.PRIO_PROCESS, tid, n); err != nil && first == nil && !errors.Is(err, unix.ESRCH) {
 				first = err
 			}
 		}
