@@ -1,7 +1,6 @@
 package monitor
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"os"
@@ -24,9 +23,6 @@ type cappedLog struct {
 	files   int
 	written int64
 	capped  bool
-	// midLine: the file does not end with a newline (a pipe read ended
-	// inside a line).
-	midLine bool
 	idx     *indexWriter
 	idxMax  int64
 	now     func() time.Time
@@ -44,18 +40,7 @@ func openLog(path string, max int64, files int) (*cappedLog, error) {
 		f.Close()
 		return nil, err
 	}
-	midLine := false
-	if size := fi.Size(); size > 0 {
-		// A respawned monitor continues a file that may end inside a line.
-		if r, err := os.Open(path); err == nil {
-			var last [1]byte
-			if _, err := r.ReadAt(last[:], size-1); err == nil {
-				midLine = last[0] != '\n'
-			}
-			r.Close()
-		}
-	}
-	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size(), midLine: midLine,
+	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size(),
 		idx: openIndex(path), idxMax: indexMaxEntries(max), now: time.Now}, nil
 }
 
@@ -83,19 +68,6 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 	idxFull := due && l.idxMax > 0 && l.idx.n >= l.idxMax
 	if l.max > 0 && l.written > 0 && (l.written+int64(len(p)) > l.max || (idxFull && l.files > 0)) {
 		if l.files > 0 {
-			// Rotate at a line's end: a read of the workload's pipe may
-			// end inside a line, and a file that began with the rest of
-			// it would show a line whose start was rotated away. The
-			// file then runs past its size by at most that line's rest.
-			if j := bytes.IndexByte(p, '\n'); l.midLine && j >= 0 {
-				n, err := l.put(p[:j+1], now)
-				if err != nil || n == len(p) {
-					return n, err
-				}
-				l.rotate()
-				m, err := l.put(p[n:], now)
-				return n + m, err
-			}
 			l.rotate()
 		} else {
 			if !l.capped {
@@ -105,21 +77,13 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 			return len(p), nil
 		}
 	}
-	return l.put(p, now)
-}
-
-// put appends p to the current file, its time index entry first (a reader
-// that sees the bytes finds their time).
-func (l *cappedLog) put(p []byte, now int64) (int, error) {
+	// The entry goes first: a reader that sees the bytes finds their time.
 	if l.idx.due(now) && (l.idxMax == 0 || l.idx.n < l.idxMax) && !l.idx.add(l.written, now) {
 		l.idx.close()
 		l.idx = nil
 	}
 	n, err := l.f.Write(p)
 	l.written += int64(n)
-	if n > 0 {
-		l.midLine = p[n-1] != '\n'
-	}
 	return n, err
 }
 

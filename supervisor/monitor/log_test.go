@@ -51,59 +51,6 @@ func TestLogRotates(t *testing.T) {
 	l.Close()
 }
 
-// Reads of the workload's pipe end anywhere, inside a line too: a
-// rotation waits for that line's end, so every kept file starts with a
-// whole line and ends with one (a file may run past its size by the rest
-// of a line), and the files together hold the lines whole, in order. The
-// same for a monitor that continues a file ending inside a line.
-func TestLogRotatesAtLineEnds(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "stdout.log")
-	var out strings.Builder
-	for i := range 400 {
-		fmt.Fprintf(&out, "line %04d of the flood\n", i)
-	}
-	stream := out.String()
-	l, err := openLog(path, 1000, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Chunks of 37 bytes: most end inside a line.
-	for i := 0; i < len(stream); i += 37 {
-		if i == 20*37 {
-			// A respawned monitor: the file it continues ends mid-line.
-			l.Close()
-			if l, err = openLog(path, 1000, 2); err != nil {
-				t.Fatal(err)
-			}
-			if !l.midLine {
-				t.Fatal("a reopened log that ends inside a line is not seen as such")
-			}
-		}
-		if _, err := l.Write([]byte(stream[i:min(i+37, len(stream))])); err != nil {
-			t.Fatal(err)
-		}
-	}
-	l.Close()
-	const lineLen = len("line 0000 of the flood\n")
-	var all string
-	for _, p := range []string{RotatedLog(path, 2), RotatedLog(path, 1), path} {
-		data, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !strings.HasPrefix(string(data), "line ") || !strings.HasSuffix(string(data), "\n") {
-			t.Errorf("%s starts %q and ends %q: not at line boundaries", p, data[:min(10, len(data))], data[max(0, len(data)-10):])
-		}
-		if len(data) > 1000+lineLen {
-			t.Errorf("%s holds %d bytes, past the size and a line's rest", p, len(data))
-		}
-		all += string(data)
-	}
-	if !strings.HasSuffix(stream, all) {
-		t.Errorf("the kept files are not the stream's end, whole: %q...", all[:40])
-	}
-}
-
 // Files 0 is the monitor of an older agent: capped, not rotated.
 func TestLogCappedWithoutFiles(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "stdout.log")
