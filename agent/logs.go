@@ -147,7 +147,9 @@ type logReader struct {
 	timed    bool
 	since    time.Time
 	idx      *monitor.IndexReader // f's index (nil: none, or untimed)
-	pos      int64                // f's offset of the next byte br yields
+	// idxLooked: this drain looked for the live file's index already.
+	idxLooked bool
+	pos       int64 // f's offset of the next byte br yields
 }
 
 // maxRotated bounds the rotated files a reader looks for.
@@ -353,7 +355,7 @@ func (lr *logReader) open(p string, off int64, live bool) error {
 		}
 		return err
 	}
-	lr.f, lr.idx, lr.live, lr.pos = f, idx, live, off
+	lr.f, lr.idx, lr.live, lr.pos, lr.idxLooked = f, idx, live, off, false
 	lr.br = bufio.NewReaderSize(f, 32<<10)
 	return nil
 }
@@ -444,10 +446,35 @@ func (lr *logReader) rotated() bool {
 	return err == nil && !os.SameFile(held, cur)
 }
 
+// findIndex looks again for the index of the live file the reader holds:
+// the monitor creates a log's index with its first entry, written before
+// the bytes it times, so a reader that opened the file before any output
+// finds the index once there is output to time. An index found after the
+// file was rotated away belongs to its successor and is left alone.
+func (lr *logReader) findIndex() {
+	idx, err := monitor.OpenIndex(lr.path)
+	if err != nil {
+		return
+	}
+	held, err1 := lr.f.Stat()
+	cur, err2 := os.Stat(lr.path)
+	if err1 != nil || err2 != nil || !os.SameFile(held, cur) {
+		idx.Close()
+		return
+	}
+	lr.idx = idx
+}
+
 // emitLine emits the pending line, which ends at lr.pos (exclusive), with
 // the time of its last byte; a line written before since is left out.
 func (lr *logReader) emitLine(emit LogEmit, line []byte) error {
 	var at time.Time
+	if lr.idx == nil && lr.timed && lr.live && !lr.idxLooked {
+		// Looked for after the line's bytes were read: an index is
+		// written before the bytes it times.
+		lr.idxLooked = true
+		lr.findIndex()
+	}
 	if lr.idx != nil && lr.pos > 0 {
 		at, _ = lr.idx.TimeAt(lr.pos - 1)
 	}
@@ -466,6 +493,7 @@ func (lr *logReader) drain(emit LogEmit, final bool) error {
 			return err
 		}
 	}
+	lr.idxLooked = false
 	for {
 		chunk, err := lr.br.ReadSlice('\n')
 		lr.partial = append(lr.partial, chunk...)

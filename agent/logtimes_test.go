@@ -200,6 +200,61 @@ func TestLogsFollowSinceWithRealTimes(t *testing.T) {
 	<-done
 }
 
+// A monitor creates a log's index with its first output: a follower that
+// opened the log before there was any (and so found no index) times the
+// lines written after, and since still leaves nothing out of them.
+func TestLogsFollowTimesALogThatBeganEmpty(t *testing.T) {
+	e := newEnv(t)
+	w := e.submit(sh("sleep 1000"))
+	e.waitFor(w.ID, running)
+	path, lw := newMonitorLog(t, e, w.ID, 1<<20, nil)
+	if _, err := os.Stat(monitor.LogIndex(path)); !os.IsNotExist(err) {
+		t.Fatalf("the empty log has an index: %v", err)
+	}
+	since := time.Now()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	var seen []timedLine
+	done := make(chan error, 1)
+	go func() {
+		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Stream: "stdout", Tail: -1, Follow: true, Since: since, Timestamps: true}, func(_ string, l []byte, at time.Time) error {
+			mu.Lock()
+			seen = append(seen, timedLine{string(l), at})
+			mu.Unlock()
+			return nil
+		})
+	}()
+	time.Sleep(100 * time.Millisecond) // the follower holds the empty log
+	var from, to []time.Time
+	for i := range 3 {
+		from = append(from, time.Now())
+		fmt.Fprintf(lw, "line-%d\n", i)
+		to = append(to, time.Now())
+		time.Sleep(20 * time.Millisecond)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		got := append([]timedLine(nil), seen...)
+		mu.Unlock()
+		if linesOf(got) == "line-0,line-1,line-2" {
+			for i, l := range got {
+				if l.at.Before(from[i].Round(0)) || l.at.After(to[i].Round(0)) {
+					t.Errorf("%s at %v, written in [%v, %v]", l.line, l.at, from[i], to[i])
+				}
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("follower saw %q", linesOf(got))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
+}
+
 // A log an older monitor wrote (no index) is read as before: no times,
 // and since goes by the file's modification time (the time of its last
 // write), all of the file or none of it.

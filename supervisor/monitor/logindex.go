@@ -53,29 +53,38 @@ func indexMaxEntries(max int64) int64 {
 
 // indexWriter appends entries to one log file's index. It never fails its
 // log's writes: an index that cannot be written is dropped (its log's
-// later bytes then have no recorded time).
+// later bytes then have no recorded time). A new index is created with
+// its first entry, not with its log: a workload that writes nothing to a
+// stream costs no index file (two inodes fewer on every start of a
+// short-lived workload), and a log without bytes needs no times.
 type indexWriter struct {
-	f     *os.File
-	n     int64 // entries in the file
-	lastT int64 // time of the last entry (Unix ns)
+	path  string   // the index's own path
+	f     *os.File // nil until the first entry creates the file
+	n     int64    // entries in the file
+	lastT int64    // time of the last entry (Unix ns)
 }
 
-// openIndex opens (or creates) the index of the log at path, continuing
-// what an earlier monitor wrote: a torn last entry is cut off, and a file
-// that is not an index is started again.
+// openIndex opens the index of the log at path, continuing what an
+// earlier monitor wrote: a torn last entry is cut off, and a file that is
+// not an index is started again. A missing index is created by the first
+// entry (add).
 func openIndex(path string) *indexWriter {
-	f, err := os.OpenFile(LogIndex(path), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o640)
+	w := &indexWriter{path: LogIndex(path)}
+	f, err := os.OpenFile(w.path, os.O_RDWR|os.O_APPEND, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return w
+	}
 	if err != nil {
 		return nil
 	}
-	w := &indexWriter{f: f}
+	w.f = f
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
 		return nil
 	}
-	hdr := make([]byte, indexHeaderSize)
 	if fi.Size() >= indexHeaderSize {
+		hdr := make([]byte, indexHeaderSize)
 		if _, err := f.ReadAt(hdr, 0); err == nil && bytes.Equal(hdr[:len(indexMagic)], indexMagic) {
 			w.n = (fi.Size() - indexHeaderSize) / indexEntrySize
 			if err := f.Truncate(indexHeaderSize + w.n*indexEntrySize); err != nil {
@@ -91,17 +100,22 @@ func openIndex(path string) *indexWriter {
 			return w
 		}
 	}
-	clear(hdr)
-	copy(hdr, indexMagic)
-	if err := f.Truncate(0); err != nil {
-		f.Close()
-		return nil
-	}
-	if _, err := f.Write(hdr); err != nil {
+	if err := w.start(); err != nil {
 		f.Close()
 		return nil
 	}
 	return w
+}
+
+// start makes w.f an empty index: its header and no entry.
+func (w *indexWriter) start() error {
+	if err := w.f.Truncate(0); err != nil {
+		return err
+	}
+	hdr := make([]byte, indexHeaderSize)
+	copy(hdr, indexMagic)
+	_, err := w.f.Write(hdr)
+	return err
 }
 
 // due reports whether a write at now (Unix ns) needs an entry of its own.
@@ -110,9 +124,20 @@ func (w *indexWriter) due(now int64) bool {
 }
 
 // add records that the bytes from off on were written at now (kept from
-// going back when the wall clock steps back). It reports false when the
-// index could not be written and is closed.
+// going back when the wall clock steps back), creating the index with its
+// first entry. It reports false when the index could not be written and
+// is closed.
 func (w *indexWriter) add(off, now int64) bool {
+	if w.f == nil {
+		f, err := os.OpenFile(w.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return false
+		}
+		w.f = f
+		if err := w.start(); err != nil {
+			return false
+		}
+	}
 	now = max(now, w.lastT)
 	var e [indexEntrySize]byte
 	binary.LittleEndian.PutUint64(e[:8], uint64(off))
@@ -127,7 +152,7 @@ func (w *indexWriter) add(off, now int64) bool {
 }
 
 func (w *indexWriter) close() {
-	if w != nil {
+	if w != nil && w.f != nil {
 		w.f.Close()
 	}
 }

@@ -51,6 +51,83 @@ func TestLogIndexRecordsWrites(t *testing.T) {
 	}
 }
 
+// A log's index is made with its first entry: a stream that is never
+// written has none (a start creates no index files), the first write
+// creates it with that write's time, and a rotated file's successor gets
+// its own with its own first write.
+func TestLogIndexCreatedByTheFirstWrite(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "stdout.log")
+	base := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	clk := &fakeClock{t: base}
+	quiet, err := NewLogWriter(filepath.Join(dir, "stderr.log"), 16, 2, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewLogWriter(path, 16, 2, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the log is not there before its first write: %v", err)
+	}
+	if _, err := os.Stat(LogIndex(path)); !os.IsNotExist(err) {
+		t.Fatalf("an index before any output: %v", err)
+	}
+	if _, err := OpenIndex(path); err != ErrNoIndex {
+		t.Fatalf("open the index of an empty log: %v", err)
+	}
+	fmt.Fprint(w, "0123456789\n") // 11 bytes
+	r, err := OpenIndex(path)
+	if err != nil {
+		t.Fatalf("no index after the first write: %v", err)
+	}
+	if got, ok := r.TimeAt(0); !ok || !got.Equal(base) {
+		t.Errorf("first byte at %v %v, want %v", got, ok, base)
+	}
+	r.Close()
+	clk.t = base.Add(time.Second)
+	fmt.Fprint(w, "abcdefghij\n") // past 16 bytes: rotates first
+	w.Close()
+	quiet.Close()
+	for _, p := range []string{path, RotatedLog(path, 1)} {
+		r, err := OpenIndex(p)
+		if err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		want := base
+		if p == path {
+			want = base.Add(time.Second)
+		}
+		if got, ok := r.TimeAt(0); !ok || !got.Equal(want) {
+			t.Errorf("%s: first byte at %v %v, want %v", p, got, ok, want)
+		}
+		r.Close()
+	}
+	if _, err := os.Stat(LogIndex(filepath.Join(dir, "stderr.log"))); !os.IsNotExist(err) {
+		t.Errorf("a stream never written has an index: %v", err)
+	}
+	// A monitor started again continues the index the first one made.
+	clk.t = base.Add(2 * time.Second)
+	w, err = NewLogWriter(path, 1<<10, 2, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(w, "more\n")
+	w.Close()
+	r, err = OpenIndex(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got, ok := r.TimeAt(0); !ok || !got.Equal(base.Add(time.Second)) {
+		t.Errorf("byte 0 after the restart at %v %v, want %v", got, ok, base.Add(time.Second))
+	}
+	if got, ok := r.TimeAt(11); !ok || !got.Equal(base.Add(2*time.Second)) {
+		t.Errorf("the restarted monitor's byte at %v %v, want %v", got, ok, base.Add(2*time.Second))
+	}
+}
+
 // A flood of writes within the granularity costs one entry; the clock
 // stepping back does not make the index go back.
 func TestLogIndexCoalescesAndStaysMonotonic(t *testing.T) {
