@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -405,4 +406,70 @@ func TestEndedContainerIsReleasedWithoutRunc(t *testing.T) {
 		t.Errorf("runc was called %d times, want once (run): %q", len(lines), lines)
 	}
 	assertNoLeaks(t, root)
+}
+
+// stableGoroutines waits until the goroutine count holds still (a spare
+// monitor or a prepared layer being made adds some for a moment) and
+// returns it.
+func stableGoroutines(t *testing.T) int {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	last, same := -1, 0
+	for {
+		n := runtime.NumGoroutine()
+		if n == last {
+			if same++; same == 5 {
+				return n
+			}
+		} else {
+			last, same = n, 0
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the goroutine count never held still (last %d)", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A running container costs the driver two goroutines, both parked on the
+// poller: the reaper of its monitor and the reader of the monitor's ended
+// pipe, which also records the end (no third goroutine waits for the end
+// to record it).
+func TestRunningContainerCostsTwoGoroutines(t *testing.T) {
+	requireRunc(t)
+	root := t.TempDir()
+	d := newDriver(t, root)
+	rootfs := sharedRootfs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	before := stableGoroutines(t)
+	const n = 6
+	var ids []string
+	for range n {
+		cfg := &driver.TaskConfig{
+			ID:     drivertest.NewID("dt-gor"),
+			Image:  driver.Image{RootfsDir: rootfs},
+			Args:   []string{"sleep", "1000"},
+			Env:    []string{"PATH=/bin"},
+			LogDir: t.TempDir(),
+		}
+		if _, err := d.Start(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, cfg.ID)
+		t.Cleanup(func() { d.Destroy(context.Background(), cfg.ID) })
+	}
+	running := stableGoroutines(t)
+	if per := float64(running-before) / n; per > 2 {
+		t.Errorf("%d goroutines with no container, %d with %d running: %.1f a container, want 2", before, running, n, per)
+	}
+	// The end is still recorded, by the goroutine that saw it.
+	for _, id := range ids {
+		if err := d.Stop(ctx, id, 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Wait(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -84,28 +84,23 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 	}
 	st, err := supervisor.Status(dir)
 	if err != nil {
-		<-exited
+		<-exited.Done()
 		return nil, fmt.Errorf("monitor ended without a status: %w (see %s)", err, filepath.Join(dir, monitor.LogFile))
 	}
 	if st.State == monitor.StateFailed {
-		<-exited
+		<-exited.Done()
 		return nil, fmt.Errorf("start container: %s", st.Error)
 	}
 	t.SetRunning(st.Pid, st.StartedAt)
 	if err := d.sup.Register(t); err != nil {
 		return nil, err
 	}
-	go d.follow(t, exited)
+	exited.Then(func() { d.finish(t) })
 	return &driver.Handle{ID: cfg.ID, Driver: Name, Version: handleVersion}, nil
 }
 
-// follow records the task's end once its monitor is gone.
-func (d *Driver) follow(t *task, exited <-chan struct{}) {
-	<-exited
-	d.finish(t)
-}
-
-// finish turns the monitor's status into the task's exit result.
+// finish turns the monitor's status into the task's exit result, once its
+// monitor says the task's end is recorded (or is gone).
 func (d *Driver) finish(t *task) {
 	st, err := supervisor.Status(t.Dir)
 	res := &driver.ExitResult{FinishedAt: time.Now().UTC(), ExitCode: -1}
@@ -272,7 +267,7 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 	if err := d.sup.Register(t); err != nil {
 		return nil // recovered concurrently
 	}
-	go d.follow(t, exited)
+	exited.Then(func() { d.finish(t) })
 	d.sup.ResumeStop(t, ender{d: d, id: h.ID})
 	return nil
 }

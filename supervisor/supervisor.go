@@ -304,11 +304,11 @@ func (s *Supervisor[T]) WriteConfig(t *Task[T], cfg monitor.Config) error {
 // Spawn starts the task's monitor (its config already written), or hands
 // the task to a spare monitor started ahead (Options.Spares), and waits
 // until it reports the task running or failed (read its status). The
-// returned channel closes when the monitor says the task's end is recorded,
-// or exits. When ctx ends first, the
+// returned end comes when the monitor says the task's end is recorded, or
+// exits. When ctx ends first, the
 // start is called off: the monitor is told to stop at once, then its
 // session is killed, and ctx's error is returned.
-func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{}, error) {
+func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (*Ended, error) {
 	// A previous monitor's record (a respawn) must not be mistaken for
 	// this one's.
 	_ = os.Remove(filepath.Join(t.Dir, monitor.PidFile))
@@ -330,12 +330,12 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 	t.mu.Unlock()
 	// The task has ended once the monitor says its end is recorded (or
 	// has exited): the monitor itself may still be cleaning up.
-	exited := make(chan struct{})
+	exited := newEnded()
 	go func() {
 		var b [1]byte
 		_, _ = endedR.Read(b[:])
 		endedR.Close()
-		close(exited)
+		exited.end()
 	}()
 	readCh := make(chan struct{})
 	go func() {
@@ -355,18 +355,18 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (<-chan struct{},
 
 // callOff ends a start in progress: a stop request the monitor acts on
 // (killing runc, say), then its whole session if it does not leave.
-func (s *Supervisor[T]) callOff(t *Task[T], exited <-chan struct{}) {
+func (s *Supervisor[T]) callOff(t *Task[T], exited *Ended) {
 	s.refreshRecord(t)
 	if err := s.requestStop(t, 0); err != nil {
 		s.log.Warn("ask the monitor to call off a start", "task_id", t.ID, "err", err)
 	}
 	select {
-	case <-exited:
+	case <-exited.Done():
 		return
 	case <-time.After(killWait):
 	}
 	s.killSession(t)
-	<-exited
+	<-exited.Done()
 }
 
 // refreshRecord adopts the monitor's own record (it carries the protocol
@@ -392,11 +392,11 @@ func Status(dir string) (*monitor.Status, error) {
 	return &st, nil
 }
 
-// Attach finds a task's monitor after the agent restarted. It returns a
-// channel closed when the monitor exits (closed already when it is gone),
+// Attach finds a task's monitor after the agent restarted. It returns its
+// end, which comes when the monitor exits (come already when it is gone),
 // errdefs.ErrNotFound when no monitor was ever started for the task, and
 // driver.ErrRebooted when the task belongs to an earlier boot of the node.
-func (s *Supervisor[T]) Attach(ctx context.Context, t *Task[T]) (<-chan struct{}, error) {
+func (s *Supervisor[T]) Attach(ctx context.Context, t *Task[T]) (*Ended, error) {
 	if err := s.CheckBoot(t.Dir); err != nil {
 		return nil, err
 	}
@@ -425,11 +425,9 @@ func (s *Supervisor[T]) Attach(ctx context.Context, t *Task[T]) (<-chan struct{}
 	t.mu.Lock()
 	t.monitor = rec
 	t.mu.Unlock()
-	exited, err := proc.Watch(rec.Ident)
-	if err != nil {
-		closed := make(chan struct{})
-		close(closed)
-		return closed, nil
+	exited := newEnded()
+	if err := proc.OnExit(rec.Ident, exited.end); err != nil {
+		return EndedAlready(), nil
 	}
 	return exited, nil
 }

@@ -226,9 +226,7 @@ func (d *Driver) Recover(ctx context.Context, h *driver.Handle) error {
 	case err != nil:
 		// No monitor: the VM ended meanwhile (its result is on disk), or
 		// the monitor was never started or died; supervise decides.
-		closed := make(chan struct{})
-		close(closed)
-		exited = closed
+		exited = supervisor.EndedAlready()
 	}
 	if err := d.sup.Register(t); err != nil {
 		return nil // recovered concurrently

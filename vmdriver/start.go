@@ -205,7 +205,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, err
 	}
 	if res, ok := readMonitorResult(dir); ok && res.Error != "" {
-		<-exited
+		<-exited.Done()
 		return nil, fmt.Errorf("vm task %s: monitor: %s (see %s)", cfg.ID, res.Error, filepath.Join(dir, monitor.LogFile))
 	}
 	if spec.WholeDisk {

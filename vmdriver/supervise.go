@@ -17,9 +17,9 @@ import (
 )
 
 // spawnMonitor writes the task's monitor config and starts its monitor,
-// which connects to the VM's ports. The returned channel closes when the
+// which connects to the VM's ports. The returned end comes when the
 // monitor exits.
-func (d *Driver) spawnMonitor(ctx context.Context, t *task) (<-chan struct{}, error) {
+func (d *Driver) spawnMonitor(ctx context.Context, t *task) (*supervisor.Ended, error) {
 	st := t.Data
 	pc := &monitor.PortsConfig{
 		QEMU:    st.QEMU,
@@ -95,9 +95,9 @@ func (d *Driver) vmAlive(t *task) bool {
 // supervise follows a task's monitor until the VM has ended and its
 // result is on disk. A monitor that dies while the VM runs (killed by
 // someone) is replaced: the guest's writes wait for the new one.
-func (d *Driver) supervise(t *task, exited <-chan struct{}) {
+func (d *Driver) supervise(t *task, exited *supervisor.Ended) {
 	for respawns := 0; ; respawns++ {
-		<-exited
+		<-exited.Done()
 		res, finished := readMonitorResult(t.Dir)
 		if finished && res.Error == "" || !d.vmAlive(t) {
 			d.finish(t)

@@ -72,38 +72,47 @@ var ErrGone = errors.New("process is gone")
 // a pidfd parked in Go's network poller, so watching thousands of processes
 // costs goroutines, not threads. The process need not be a child.
 func Watch(id Ident) (<-chan struct{}, error) {
+	done := make(chan struct{})
+	if err := OnExit(id, func() { close(done) }); err != nil {
+		return nil, err
+	}
+	return done, nil
+}
+
+// OnExit has f run, on a goroutine of its own, once the identified process
+// has exited (see Watch); ErrGone when it is gone already.
+func OnExit(id Ident, f func()) error {
 	fd, err := unix.PidfdOpen(id.Pid, unix.PIDFD_NONBLOCK)
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) {
-			return nil, ErrGone
+			return ErrGone
 		}
-		return nil, fmt.Errorf("pidfd_open %d: %w", id.Pid, err)
+		return fmt.Errorf("pidfd_open %d: %w", id.Pid, err)
 	}
 	// The pidfd pins the process: if the start time still matches now, the
 	// fd refers to the process we mean and not a successor.
 	st, err := startTime(id.Pid)
 	if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ESRCH) {
 		unix.Close(fd)
-		return nil, fmt.Errorf("watch %d: %w", id.Pid, err) // not known to be gone
+		return fmt.Errorf("watch %d: %w", id.Pid, err) // not known to be gone
 	}
 	if err != nil || st != id.StartTime {
 		unix.Close(fd)
-		return nil, ErrGone
+		return ErrGone
 	}
-	f := os.NewFile(uintptr(fd), "pidfd")
-	rc, err := f.SyscallConn()
+	pf := os.NewFile(uintptr(fd), "pidfd")
+	rc, err := pf.SyscallConn()
 	if err != nil {
-		f.Close()
-		return nil, err
+		pf.Close()
+		return err
 	}
-	done := make(chan struct{})
 	go func() {
-		defer close(done)
-		defer f.Close()
 		// A pidfd becomes readable when the process exits.
 		_ = rc.Read(func(fd uintptr) bool { return exitedNow(int(fd)) })
+		pf.Close()
+		f()
 	}()
-	return done, nil
+	return nil
 }
 
 // exitedNow reports whether the process of pidfd has exited, without
