@@ -1,11 +1,15 @@
 package monitor
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // cappedLog appends to a log file up to a size, then rotates it (path
@@ -29,19 +33,50 @@ type cappedLog struct {
 }
 
 // openLog opens path for appending, so a respawned monitor continues the
-// same file and the size counts what earlier monitors wrote.
+// same file and the size counts what earlier monitors wrote. A log that
+// does not exist yet is created by its first write: a workload that
+// writes nothing to a stream costs no file (an inode fewer on every start
+// of a short-lived workload; readers take a missing log for an empty
+// one). Its directory must be one the monitor can write in.
 func openLog(path string, max int64, files int) (*cappedLog, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-	if err != nil {
+	l := &cappedLog{path: path, max: max, files: files, idxMax: indexMaxEntries(max), now: time.Now}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	switch {
+	case err == nil:
+		if err := l.take(f); err != nil {
+			return nil, err
+		}
+	case errors.Is(err, os.ErrNotExist):
+		// Fail now, not at the first output, where nobody would hear of
+		// it: the directory must be there and writable.
+		if err := unix.Access(filepath.Dir(path), unix.W_OK|unix.X_OK); err != nil {
+			return nil, fmt.Errorf("open log: %s: %w", filepath.Dir(path), err)
+		}
+	default:
 		return nil, fmt.Errorf("open log: %w", err)
 	}
+	l.idx = openIndex(path)
+	return l, nil
+}
+
+// take makes f, opened for appending, the file the log writes to.
+func (l *cappedLog) take(f *os.File) error {
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, err
+		return fmt.Errorf("open log: %w", err)
 	}
-	return &cappedLog{path: path, f: f, max: max, files: files, written: fi.Size(),
-		idx: openIndex(path), idxMax: indexMaxEntries(max), now: time.Now}, nil
+	l.f, l.written = f, fi.Size()
+	return nil
+}
+
+// create creates the log's file at its first write.
+func (l *cappedLog) create() error {
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("open log: %w", err)
+	}
+	return l.take(f)
 }
 
 // NewLogWriter opens the log at path as the monitor writes it: rotated at
@@ -62,6 +97,11 @@ func NewLogWriter(path string, max int64, files int, clock func() time.Time) (io
 func (l *cappedLog) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
+	}
+	if l.f == nil {
+		if err := l.create(); err != nil {
+			return 0, err
+		}
 	}
 	now := l.now().UnixNano()
 	due := l.idx.due(now)
@@ -124,6 +164,9 @@ func RotatedLog(path string, i int) string { return path + "." + strconv.Itoa(i)
 
 func (l *cappedLog) Close() error {
 	l.idx.close()
+	if l.f == nil {
+		return nil
+	}
 	return l.f.Close()
 }
 

@@ -51,11 +51,12 @@ func TestLogIndexRecordsWrites(t *testing.T) {
 	}
 }
 
-// A log's index is made with its first entry: a stream that is never
-// written has none (a start creates no index files), the first write
-// creates it with that write's time, and a rotated file's successor gets
-// its own with its own first write.
-func TestLogIndexCreatedByTheFirstWrite(t *testing.T) {
+// A log and its index are made by the log's first write: a stream that is
+// never written has neither (a start creates no log files), the first
+// write creates both, the index with that write's time, and a rotated
+// file's successor gets its own index with its own first write. A log
+// whose directory is missing fails at once, not at its first output.
+func TestLogCreatedByTheFirstWrite(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "stdout.log")
 	base := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -68,11 +69,13 @@ func TestLogIndexCreatedByTheFirstWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(path); err != nil {
-		t.Fatalf("the log is not there before its first write: %v", err)
+	for _, p := range []string{path, LogIndex(path)} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("%s before any output: %v", p, err)
+		}
 	}
-	if _, err := os.Stat(LogIndex(path)); !os.IsNotExist(err) {
-		t.Fatalf("an index before any output: %v", err)
+	if _, err := NewLogWriter(filepath.Join(dir, "missing", "stdout.log"), 16, 2, nil); err == nil {
+		t.Error("a log in a missing directory opened")
 	}
 	if _, err := OpenIndex(path); err != ErrNoIndex {
 		t.Fatalf("open the index of an empty log: %v", err)
@@ -104,8 +107,10 @@ func TestLogIndexCreatedByTheFirstWrite(t *testing.T) {
 		}
 		r.Close()
 	}
-	if _, err := os.Stat(LogIndex(filepath.Join(dir, "stderr.log"))); !os.IsNotExist(err) {
-		t.Errorf("a stream never written has an index: %v", err)
+	for _, p := range []string{filepath.Join(dir, "stderr.log"), LogIndex(filepath.Join(dir, "stderr.log"))} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("a stream never written has %s: %v", p, err)
+		}
 	}
 	// A monitor started again continues the index the first one made.
 	clk.t = base.Add(2 * time.Second)
