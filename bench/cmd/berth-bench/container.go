@@ -868,7 +868,7 @@ func containerFootprint(ctx context.Context, a *agentProc, n int, idle procMem, 
 		Name: "agent memory per running workload (containers)", Goal: "≤ 64 KiB",
 		Measured: fmt.Sprintf("%.0f KiB (agent RSS %.1f → %.1f MiB with %d containers; of it %.0f KiB file-backed, code paged in once; at the margin, from %d to %d running, %.0f KiB a container)",
 			deltaKiB, float64(idle.RSS)/1024, float64(busy.RSS)/1024, n, fileKiB, half, n, marginKiB),
-		Met:      deltaKiB <= 64, By: fmt.Sprintf("%+.0f KiB", deltaKiB-64),
+		Met: deltaKiB <= 64, By: fmt.Sprintf("%+.0f KiB", deltaKiB-64),
 	})
 	rep.target(Target{
 		Name: "container monitor PSS (median)", Goal: "≤ 1 MiB",
