@@ -27,9 +27,12 @@ type cappedLog struct {
 	files   int
 	written int64
 	capped  bool
-	idx     *indexWriter
-	idxMax  int64
-	now     func() time.Time
+	// createFailed: the file could not be created at a first write (said
+	// once).
+	createFailed bool
+	idx          *indexWriter
+	idxMax       int64
+	now          func() time.Time
 }
 
 // openLog opens path for appending, so a respawned monitor continues the
@@ -100,6 +103,12 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 	}
 	if l.f == nil {
 		if err := l.create(); err != nil {
+			// Tried again at the next write (the disk may have room
+			// then); said once, in the monitor's own log.
+			if !l.createFailed {
+				l.createFailed = true
+				fmt.Fprintf(os.Stderr, "berth-monitor: %v; output is dropped until it can be created\n", err)
+			}
 			return 0, err
 		}
 	}

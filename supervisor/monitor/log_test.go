@@ -70,3 +70,34 @@ func TestLogCappedWithoutFiles(t *testing.T) {
 		t.Errorf("a capped log rotated: %v", err)
 	}
 }
+
+// A log whose file cannot be created at its first write (its directory
+// went away meanwhile) drops that output without failing the stream, and
+// is created by a later write once it can be.
+func TestLogCreatedOnceItCanBe(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "logs")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "stdout.log")
+	w, err := NewLogWriter(path, 1<<10, 2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte("lost\n")); err == nil {
+		t.Error("a write with nowhere to go reported success")
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte("kept\n")); err != nil {
+		t.Fatalf("write once the directory is back: %v", err)
+	}
+	if data, err := os.ReadFile(path); err != nil || string(data) != "kept\n" {
+		t.Errorf("log %q %v, want %q", data, err, "kept\n")
+	}
+}
