@@ -156,48 +156,66 @@ func TestLogsFollowSinceWithRealTimes(t *testing.T) {
 	}
 	write("recent\n")
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var mu sync.Mutex
-	var seen []timedLine
-	done := make(chan error, 1)
-	go func() {
-		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Stream: "stdout", Tail: -1, Follow: true, Since: since, Timestamps: true}, func(_ string, l []byte, at time.Time) error {
-			mu.Lock()
-			seen = append(seen, timedLine{string(l), at})
-			mu.Unlock()
-			return nil
-		})
-	}()
+	seen := followTimed(t, e, w.ID, since)
 	for i := range 3 {
 		time.Sleep(30 * time.Millisecond)
 		write(fmt.Sprintf("new-%d\n", i))
 	}
+	got := awaitLines(t, seen, "recent,new-0,new-1,new-2")
+	for i, l := range got {
+		// The index keeps the wall clock to the nanosecond; the
+		// window's ends carry a monotonic reading beside it.
+		if l.at.Before(windows[i].from.Round(0)) || l.at.After(windows[i].to.Round(0)) {
+			t.Errorf("%s at %v, written in [%v, %v]", l.line, l.at, windows[i].from, windows[i].to)
+		}
+		if i > 0 && l.at.Before(got[i-1].at) {
+			t.Errorf("%s at %v, before the line above it (%v)", l.line, l.at, got[i-1].at)
+		}
+	}
+}
+
+// followTimed follows a workload's stdout with times from since until the
+// test ends; seen returns the lines it has had so far.
+func followTimed(t *testing.T, e *env, id string, since time.Time) (seen func() []timedLine) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	var mu sync.Mutex
+	var lines []timedLine
+	done := make(chan error, 1)
+	go func() {
+		done <- e.agent.Logs(ctx, id, api.LogOptions{Stream: "stdout", Tail: -1, Follow: true, Since: since, Timestamps: true}, func(_ string, l []byte, at time.Time) error {
+			mu.Lock()
+			lines = append(lines, timedLine{string(l), at})
+			mu.Unlock()
+			return nil
+		})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return func() []timedLine {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]timedLine(nil), lines...)
+	}
+}
+
+// awaitLines waits until a follower has seen exactly want (its lines,
+// comma-joined) and returns them.
+func awaitLines(t *testing.T, seen func() []timedLine, want string) []timedLine {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		mu.Lock()
-		got := append([]timedLine(nil), seen...)
-		mu.Unlock()
-		if linesOf(got) == "recent,new-0,new-1,new-2" {
-			for i, l := range got {
-				// The index keeps the wall clock to the nanosecond; the
-				// window's ends carry a monotonic reading beside it.
-				if l.at.Before(windows[i].from.Round(0)) || l.at.After(windows[i].to.Round(0)) {
-					t.Errorf("%s at %v, written in [%v, %v]", l.line, l.at, windows[i].from, windows[i].to)
-				}
-				if i > 0 && l.at.Before(got[i-1].at) {
-					t.Errorf("%s at %v, before the line above it (%v)", l.line, l.at, got[i-1].at)
-				}
-			}
-			break
+		got := seen()
+		if linesOf(got) == want {
+			return got
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("follower saw %q", linesOf(got))
+			t.Fatalf("follower saw %q, want %q", linesOf(got), want)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	cancel()
-	<-done
 }
 
 // A monitor creates a log's index with its first output: a follower that
@@ -212,19 +230,7 @@ func TestLogsFollowTimesALogThatBeganEmpty(t *testing.T) {
 		t.Fatalf("the empty log has an index: %v", err)
 	}
 	since := time.Now()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var mu sync.Mutex
-	var seen []timedLine
-	done := make(chan error, 1)
-	go func() {
-		done <- e.agent.Logs(ctx, w.ID, api.LogOptions{Stream: "stdout", Tail: -1, Follow: true, Since: since, Timestamps: true}, func(_ string, l []byte, at time.Time) error {
-			mu.Lock()
-			seen = append(seen, timedLine{string(l), at})
-			mu.Unlock()
-			return nil
-		})
-	}()
+	seen := followTimed(t, e, w.ID, since)
 	time.Sleep(100 * time.Millisecond) // the follower holds the empty log
 	var from, to []time.Time
 	for i := range 3 {
@@ -233,26 +239,11 @@ func TestLogsFollowTimesALogThatBeganEmpty(t *testing.T) {
 		to = append(to, time.Now())
 		time.Sleep(20 * time.Millisecond)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		got := append([]timedLine(nil), seen...)
-		mu.Unlock()
-		if linesOf(got) == "line-0,line-1,line-2" {
-			for i, l := range got {
-				if l.at.Before(from[i].Round(0)) || l.at.After(to[i].Round(0)) {
-					t.Errorf("%s at %v, written in [%v, %v]", l.line, l.at, from[i], to[i])
-				}
-			}
-			break
+	for i, l := range awaitLines(t, seen, "line-0,line-1,line-2") {
+		if l.at.Before(from[i].Round(0)) || l.at.After(to[i].Round(0)) {
+			t.Errorf("%s at %v, written in [%v, %v]", l.line, l.at, from[i], to[i])
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("follower saw %q", linesOf(got))
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
-	cancel()
-	<-done
 }
 
 // A log an older monitor wrote (no index) is read as before: no times,
