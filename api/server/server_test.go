@@ -342,6 +342,24 @@ func (e *env) running(body string) *api.Workload {
 	return e.waitWorkload(w.ID, func(w *api.Workload) bool { return w != nil && w.State == api.StateRunning })
 }
 
+// awaitLog waits until the workload's stdout log holds want.
+func (e *env) awaitLog(id, want string) {
+	e.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp := e.do("GET", "/v1/workloads/"+id+"/logs?stream=stdout", "", nil)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(body) == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("stdout log %q, want %q", body, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // POST .../stop?wait=false and DELETE ...?wait=false answer 202 with the
 // workload at once; the agent finishes the work; a workload being deleted
 // answers GET (deleting: true) until it is gone.
@@ -381,7 +399,10 @@ func TestStopAndDeleteWithoutWaiting(t *testing.T) {
 // request is counted as 499, and the stop goes on.
 func TestClientLeavingIsNotAServerError(t *testing.T) {
 	e := newEnv(t)
-	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap '' TERM; sleep 1000"]}`)
+	w := e.running(`{"image":"` + testImage + `","command":["sh","-c","trap '' TERM; echo armed; sleep 1000"]}`)
+	// Running means started, not that the shell has set its trap yet: a
+	// stop before the trap would end it at once and answer in time.
+	e.awaitLog(w.ID, "armed\n")
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", e.srv.URL+"/v1/workloads/"+w.ID+"/stop?timeout=1s", nil)
