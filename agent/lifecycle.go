@@ -378,10 +378,23 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 		err error
 	}
 	waitc := make(chan waited, 1)
-	go func() {
-		res, err := d.Wait(wctx, id)
-		waitc <- waited{res, err}
-	}()
+	wait := func() {
+		go func() {
+			res, err := d.Wait(wctx, id)
+			waitc <- waited{res, err}
+		}()
+	}
+	// A driver that says when the task has ended is asked for the result
+	// only then: a running workload costs no goroutine parked in Wait.
+	var endc <-chan struct{}
+	if en, ok := d.(driver.EndNotifier); ok {
+		var err error
+		if endc, err = en.Ended(id); err != nil {
+			waitc <- waited{nil, err}
+		}
+	} else {
+		wait()
+	}
 	if r.Workload.Spec.Health != nil {
 		// The health check runs while this run is waited for.
 		go a.probe(wctx, id, run)
@@ -418,6 +431,9 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 			}
 		}
 		select {
+		case <-endc:
+			endc = nil
+			wait()
 		case w := <-waitc:
 			if a.ctx.Err() != nil {
 				return

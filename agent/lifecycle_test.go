@@ -14,6 +14,7 @@ import (
 
 	"github.com/berthd/berth/api"
 	"github.com/berthd/berth/driver"
+	"github.com/berthd/berth/driver/drivertest"
 	"github.com/berthd/berth/driver/fake"
 	"github.com/berthd/berth/errdefs"
 )
@@ -91,6 +92,24 @@ func (c *ctl) Wait(ctx context.Context, id string) (*driver.ExitResult, error) {
 		return nil, ctx.Err()
 	}
 	return c.Driver.Wait(ctx, id)
+}
+
+// Ended follows Wait's faults: a task that never ran has ended, and with
+// hangWait the end is never seen.
+func (c *ctl) Ended(id string) (<-chan struct{}, error) {
+	c.f.mu.Lock()
+	hang := c.f.hangWait
+	_, never := c.f.neverRan[id]
+	c.f.mu.Unlock()
+	switch {
+	case never:
+		done := make(chan struct{})
+		close(done)
+		return done, nil
+	case hang:
+		return make(chan struct{}), nil
+	}
+	return c.Driver.Ended(id)
 }
 
 func (c *ctl) Inspect(ctx context.Context, id string) (*driver.TaskStatus, error) {
@@ -854,5 +873,41 @@ func TestStartPreparesWhileTheRecordGoesToDisk(t *testing.T) {
 	}
 	if _, err := os.Stat(marker); err != nil {
 		t.Errorf("the workload did not run: %v", err)
+	}
+}
+
+// A running workload costs the agent one goroutine, its supervisor, parked
+// in a select: the driver says when the task has ended
+// (driver.EndNotifier), so no goroutine of the agent's waits in Wait for
+// it. The fake driver's own goroutines per task are measured first, on
+// tasks started on it directly, and taken off.
+func TestRunningWorkloadCostsTheAgentOneGoroutine(t *testing.T) {
+	e := newEnv(t)
+	<-e.agent.recovered
+	const n = 6
+	direct := fake.New("container", e.node)
+	base := drivertest.StableGoroutines(t)
+	var ids []string
+	for range n {
+		cfg := &driver.TaskConfig{ID: drivertest.NewID("gor"), Args: []string{"sleep", "1000"}, LogDir: t.TempDir()}
+		if _, err := direct.Start(context.Background(), cfg); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, cfg.ID)
+	}
+	fakePer := float64(drivertest.StableGoroutines(t)-base) / n
+	for _, id := range ids {
+		if err := direct.Destroy(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base = drivertest.StableGoroutines(t)
+	for range n {
+		w := e.submit(sh("sleep 1000"))
+		e.waitFor(w.ID, running)
+	}
+	all := float64(drivertest.StableGoroutines(t)-base) / n
+	if agentPer := all - fakePer; agentPer > 1 {
+		t.Errorf("%.1f goroutines a running workload, %.1f of them the fake driver's: the agent's %.1f, want 1", all, fakePer, agentPer)
 	}
 }

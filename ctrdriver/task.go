@@ -159,6 +159,9 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 	return d.sup.Wait(ctx, id)
 }
 
+// Ended implements driver.EndNotifier.
+func (d *Driver) Ended(id string) (<-chan struct{}, error) { return d.sup.Ended(id) }
+
 // Inspect implements driver.Driver.
 func (d *Driver) Inspect(ctx context.Context, id string) (*driver.TaskStatus, error) {
 	return d.sup.Inspect(id)

@@ -59,6 +59,16 @@ type Driver interface {
 	Close(ctx context.Context) error
 }
 
+// EndNotifier is implemented by drivers that can say a task has ended
+// without a caller blocked in Wait: the agent selects on the channel with
+// the rest of a running workload's events, and a running workload costs it
+// no goroutine parked in Wait.
+type EndNotifier interface {
+	// Ended returns a channel closed once the task has ended; Wait then
+	// answers at once.
+	Ended(id string) (<-chan struct{}, error)
+}
+
 // ErrRebooted is returned (wrapped) by Recover for a task that was started
 // in an earlier boot of the node: whatever it was is gone, and the driver
 // has released what it left on disk.

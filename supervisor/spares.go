@@ -24,7 +24,8 @@ type started struct {
 	ended *os.File // gets a byte (or closes) when the task's end is recorded
 	task  *os.File // a spare's: its task directory is written here
 	pid   int
-	gone  chan struct{}
+	end   *Ended        // the task's end: a byte on ended, or ended's EOF
+	gone  chan struct{} // closed once the monitor has exited and is reaped
 	taken chan struct{} // a spare's: closed when it is handed a task
 }
 
@@ -40,7 +41,7 @@ func (m *started) release() {
 // startMonitor starts a monitor for the task directory dir, or, with dir
 // "", a spare that waits for its task on monitor.TaskDirFD.
 func (s *Supervisor[T]) startMonitor(dir string) (*started, error) {
-	m := &started{gone: make(chan struct{}), taken: make(chan struct{})}
+	m := &started{end: newEnded(), gone: make(chan struct{}), taken: make(chan struct{})}
 	started := false
 	defer func() {
 		if !started {
@@ -113,13 +114,22 @@ func (s *Supervisor[T]) startMonitor(dir string) (*started, error) {
 	}
 	m.pid = m.cmd.Process.Pid
 	started = true
-	// Our child while this agent lives: reap it, parked on the poller
-	// rather than holding a thread for each running workload.
-	go func() {
-		_ = proc.Reap(m.cmd.Process)
-		close(m.gone)
-	}()
+	go m.follow()
 	return m, nil
+}
+
+// follow is the one goroutine a monitor costs the agent while it lives,
+// parked on the poller throughout: it reads the ended pipe until the
+// monitor says the task's end is recorded (a byte) or is gone or let go
+// (EOF, or our end closed), ends m.end, and then reaps the monitor (our
+// child while this agent lives), which may still be cleaning up.
+func (m *started) follow() {
+	var b [1]byte
+	_, _ = m.ended.Read(b[:])
+	m.ended.Close()
+	m.end.end()
+	_ = proc.Reap(m.cmd.Process)
+	close(m.gone)
 }
 
 // takeSpare hands dir to a spare monitor, or returns nil when none is

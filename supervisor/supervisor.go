@@ -264,6 +264,15 @@ func (s *Supervisor[T]) Wait(ctx context.Context, id string) (*driver.ExitResult
 	}
 }
 
+// Ended implements driver.EndNotifier over the table.
+func (s *Supervisor[T]) Ended(id string) (<-chan struct{}, error) {
+	t, err := s.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	return t.done, nil
+}
+
 // Inspect implements driver.Driver's Inspect over the table.
 func (s *Supervisor[T]) Inspect(id string) (*driver.TaskStatus, error) {
 	t, err := s.Get(id)
@@ -319,7 +328,7 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (*Ended, error) {
 			return nil, err
 		}
 	}
-	readyR, endedR := m.ready, m.ended
+	readyR := m.ready
 	defer readyR.Close()
 	ident, _ := proc.Identify(m.pid)
 	if ident.Pid == 0 {
@@ -330,13 +339,7 @@ func (s *Supervisor[T]) Spawn(ctx context.Context, t *Task[T]) (*Ended, error) {
 	t.mu.Unlock()
 	// The task has ended once the monitor says its end is recorded (or
 	// has exited): the monitor itself may still be cleaning up.
-	exited := newEnded()
-	go func() {
-		var b [1]byte
-		_, _ = endedR.Read(b[:])
-		endedR.Close()
-		exited.end()
-	}()
+	exited := m.end
 	readCh := make(chan struct{})
 	go func() {
 		var b [1]byte

@@ -21,6 +21,9 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 	return d.sup.Wait(ctx, id)
 }
 
+// Ended implements driver.EndNotifier.
+func (d *Driver) Ended(id string) (<-chan struct{}, error) { return d.sup.Ended(id) }
+
 // Stop implements driver.Driver: the ACPI power button, which berth-init
 // turns into SIGTERM for the workload, pressed again every few seconds;
 // after timeout the domain is destroyed and the workload reported killed

@@ -111,16 +111,14 @@ type snapshot struct {
 	calls     int
 }
 
-// taskCalls counts driver calls that touch tasks (health checks run in
-// the background and do not).
 // taskCalls counts the driver calls that change something: reads (a
-// supervisor's Wait, Inspect, Stats, List, Fingerprint) happen in the
-// background whenever they happen.
+// supervisor's Ended and Wait, Inspect, Stats, List, Fingerprint) happen
+// in the background whenever they happen.
 func (e *env) taskCalls() int {
 	n := 0
 	for _, c := range e.ctr.Calls() {
 		switch c.Method {
-		case "Fingerprint", "Wait", "Inspect", "Stats", "List":
+		case "Fingerprint", "Ended", "Wait", "Inspect", "Stats", "List":
 		default:
 			n++
 		}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -64,6 +65,9 @@ func Run(t *testing.T, h Harness) {
 	t.Run("DestroyAfterAnotherDestroyed", s.destroyTwice)
 	t.Run("InvalidIDs", s.invalidIDs)
 	t.Run("Close", s.close)
+	if _, ok := d.(driver.EndNotifier); ok {
+		t.Run("EndedBeforeWait", s.ended)
+	}
 	s.runExec(t)
 	s.runAttach(t)
 }
@@ -408,6 +412,54 @@ func (s *suite) recover(t *testing.T) {
 	}
 }
 
+// ended checks driver.EndNotifier: the channel stays open while the task
+// runs, closes once it has ended, and Wait then answers at once; a fresh
+// driver over the same state (an agent restart) says it of the task it
+// recovered; an unknown task is not found.
+func (s *suite) ended(t *testing.T) {
+	if _, err := s.d.(driver.EndNotifier).Ended(NewID("dt-none")); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Ended of an unknown task: %v, want not found", err)
+	}
+	cfg := s.task(t, "sh", "-c", "trap 'exit 4' TERM; echo before; while true; do sleep 0.1; done")
+	h := s.start(t, s.d, cfg)
+	s.waitOutput(t, cfg, "before\n")
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	for name, d := range map[string]driver.Driver{"the driver that started it": s.d, "the driver that recovered it": d2} {
+		endc, err := d.(driver.EndNotifier).Ended(cfg.ID)
+		if err != nil {
+			t.Fatalf("Ended, %s: %v", name, err)
+		}
+		select {
+		case <-endc:
+			t.Fatalf("Ended, %s: closed while the task runs", name)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	// The task's end: SIGTERM, which its trap turns into exit 4.
+	if err := d2.Stop(s.ctx(t, s.h.StopTimeout), cfg.ID, s.h.StopTimeout); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	endc, err := d2.(driver.EndNotifier).Ended(cfg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-endc:
+	case <-s.ctx(t, 0).Done():
+		t.Fatal("Ended never closed after the task exited")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	res, err := d2.Wait(ctx, cfg.ID)
+	if err != nil || res.ExitCode != 4 {
+		t.Errorf("Wait once ended: %+v, %v; want exit 4 at once", res, err)
+	}
+}
+
 // recoverFromID hands a fresh driver only the task id (the agent died
 // before it could persist the handle) and expects the same as Recover.
 func (s *suite) recoverFromID(t *testing.T) {
@@ -525,5 +577,28 @@ func (s *suite) close(t *testing.T) {
 	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
 	if res := s.wait(t, d2, cfg.ID, time.Second); res.ExitCode != 4 {
 		t.Errorf("exit code after Close and Recover = %d, want 4: Close must leave tasks running (%+v)", res.ExitCode, res)
+	}
+}
+
+// StableGoroutines waits until the test process's goroutine count holds
+// still (background work such as a spare monitor being made comes and
+// goes) and returns it.
+func StableGoroutines(t *testing.T) int {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	last, same := -1, 0
+	for {
+		n := runtime.NumGoroutine()
+		if n == last {
+			if same++; same == 5 {
+				return n
+			}
+		} else {
+			last, same = n, 0
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the goroutine count never held still (last %d)", n)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -377,6 +377,18 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 	}
 }
 
+// Ended implements driver.EndNotifier.
+func (d *Driver) Ended(id string) (<-chan struct{}, error) {
+	if err := d.record(context.Background(), "Ended", id); err != nil {
+		return nil, err
+	}
+	t, err := d.get(id)
+	if err != nil {
+		return nil, err
+	}
+	return t.done, nil
+}
+
 // Stop implements driver.Driver.
 func (d *Driver) Stop(ctx context.Context, id string, timeout time.Duration) error {
 	if err := d.record(ctx, "Stop", id); err != nil {
