@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -38,6 +40,9 @@ type faults struct {
 	// recoverErr fails the next Recover.
 	rebooted   bool
 	recoverErr error
+	// deepStart makes each Start grow its goroutine's stack by some
+	// 256 KiB first, as deep call chains do.
+	deepStart bool
 	// starts counts Start calls by task id, hanging ones included.
 	starts map[string]int
 	// neverRan makes the tasks it names look made but never run: ended
@@ -67,8 +72,11 @@ type ctl struct {
 func (c *ctl) Start(ctx context.Context, cfg *driver.TaskConfig) (*driver.Handle, error) {
 	c.f.mu.Lock()
 	c.f.starts[cfg.ID]++
-	hang, ch := c.f.hangStart, c.f.starting
+	hang, ch, deep := c.f.hangStart, c.f.starting, c.f.deepStart
 	c.f.mu.Unlock()
+	if deep {
+		growStack(256)
+	}
 	if hang {
 		if ch != nil {
 			ch <- cfg.ID
@@ -909,5 +917,41 @@ func TestRunningWorkloadCostsTheAgentOneGoroutine(t *testing.T) {
 	all := float64(drivertest.StableGoroutines(t)-base) / n
 	if agentPer := all - fakePer; agentPer > 1 {
 		t.Errorf("%.1f goroutines a running workload, %.1f of them the fake driver's: the agent's %.1f, want 1", all, fakePer, agentPer)
+	}
+}
+
+// growStack takes some n KiB of its goroutine's stack.
+//
+//go:noinline
+func growStack(n int) byte {
+	var pad [1000]byte
+	pad[n%len(pad)] = byte(n)
+	if n == 0 {
+		return pad[0]
+	}
+	return growStack(n-1) + pad[(n*7)%len(pad)]
+}
+
+// A start's deep calls grow the stack of a goroutine that ends with the
+// start: the supervisor that then waits out the run keeps a small one.
+// The collector is off meanwhile, so no stack is shrunk behind the test's
+// back.
+func TestSupervisorDoesNotKeepTheStartsStack(t *testing.T) {
+	e := newLifeEnv(t)
+	<-e.agent.recovered
+	e.f.set(func(f *faults) { f.deepStart = true })
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	before := ms.StackInuse
+	const n = 8
+	for range n {
+		w := e.submit(sh("sleep 1000"))
+		e.waitFor(w.ID, running)
+	}
+	drivertest.StableGoroutines(t)
+	runtime.ReadMemStats(&ms)
+	if per := (int64(ms.StackInuse) - int64(before)) / n; per > 64<<10 {
+		t.Errorf("%d KiB more stack a running workload after starts that took 256 KiB each, want the start's stack gone with it", per>>10)
 	}
 }
