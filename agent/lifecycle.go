@@ -395,23 +395,12 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 		res *driver.ExitResult
 		err error
 	}
+	// The driver is asked for the result once it says the task has
+	// ended: a running workload costs no goroutine parked in Wait.
 	waitc := make(chan waited, 1)
-	wait := func() {
-		go func() {
-			res, err := d.Wait(wctx, id)
-			waitc <- waited{res, err}
-		}()
-	}
-	// A driver that says when the task has ended is asked for the result
-	// only then: a running workload costs no goroutine parked in Wait.
-	var endc <-chan struct{}
-	if en, ok := d.(driver.EndNotifier); ok {
-		var err error
-		if endc, err = en.Ended(id); err != nil {
-			waitc <- waited{nil, err}
-		}
-	} else {
-		wait()
+	endc, err := d.Ended(id)
+	if err != nil {
+		waitc <- waited{nil, err}
 	}
 	if r.Workload.Spec.Health != nil {
 		// The health check runs while this run is waited for.
@@ -451,7 +440,10 @@ func (a *Agent) waitExit(id string, s *supervisor) {
 		select {
 		case <-endc:
 			endc = nil
-			wait()
+			go func() {
+				res, err := d.Wait(wctx, id)
+				waitc <- waited{res, err}
+			}()
 		case w := <-waitc:
 			if a.ctx.Err() != nil {
 				return

@@ -885,9 +885,8 @@ func TestStartPreparesWhileTheRecordGoesToDisk(t *testing.T) {
 }
 
 // A running workload costs the agent one goroutine, its supervisor, parked
-// in a select: the driver says when the task has ended
-// (driver.EndNotifier), so no goroutine of the agent's waits in Wait for
-// it. The fake driver's own goroutines per task are measured first, on
+// in a select: the driver says when the task has ended (Driver.Ended),
+// so no goroutine of the agent's waits in Wait for it. The fake driver's own goroutines per task are measured first, on
 // tasks started on it directly, and taken off.
 func TestRunningWorkloadCostsTheAgentOneGoroutine(t *testing.T) {
 	e := newEnv(t)

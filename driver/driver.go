@@ -33,6 +33,11 @@ type Driver interface {
 	Start(ctx context.Context, cfg *TaskConfig) (*Handle, error)
 	// Wait blocks until the task has exited, or ctx ends.
 	Wait(ctx context.Context, id string) (*ExitResult, error)
+	// Ended returns a channel closed once the task has ended; Wait then
+	// answers at once. The agent selects on it with the rest of a running
+	// workload's events, so a running workload costs it no goroutine
+	// parked in Wait.
+	Ended(id string) (<-chan struct{}, error)
 	// Stop asks the task to end (SIGTERM), then forces it after timeout.
 	// Stopping a task that already exited is not an error. The stop is
 	// the driver's once asked: its deadline is persisted and enforced
@@ -57,16 +62,6 @@ type Driver interface {
 	// background probes and the guests they run). Tasks keep running and
 	// a new driver over the same root recovers them.
 	Close(ctx context.Context) error
-}
-
-// EndNotifier is implemented by drivers that can say a task has ended
-// without a caller blocked in Wait: the agent selects on the channel with
-// the rest of a running workload's events, and a running workload costs it
-// no goroutine parked in Wait.
-type EndNotifier interface {
-	// Ended returns a channel closed once the task has ended; Wait then
-	// answers at once.
-	Ended(id string) (<-chan struct{}, error)
 }
 
 // ErrRebooted is returned (wrapped) by Recover for a task that was started

@@ -264,7 +264,7 @@ func (s *Supervisor[T]) Wait(ctx context.Context, id string) (*driver.ExitResult
 	}
 }
 
-// Ended implements driver.EndNotifier over the table.
+// Ended implements driver.Driver's Ended over the table.
 func (s *Supervisor[T]) Ended(id string) (<-chan struct{}, error) {
 	t, err := s.Get(id)
 	if err != nil {

@@ -21,7 +21,7 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 	return d.sup.Wait(ctx, id)
 }
 
-// Ended implements driver.EndNotifier.
+// Ended implements driver.Driver.
 func (d *Driver) Ended(id string) (<-chan struct{}, error) { return d.sup.Ended(id) }
 
 // Stop implements driver.Driver: the ACPI power button, which berth-init

@@ -65,9 +65,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("DestroyAfterAnotherDestroyed", s.destroyTwice)
 	t.Run("InvalidIDs", s.invalidIDs)
 	t.Run("Close", s.close)
-	if _, ok := d.(driver.EndNotifier); ok {
-		t.Run("EndedBeforeWait", s.ended)
-	}
+	t.Run("EndedBeforeWait", s.ended)
 	s.runExec(t)
 	s.runAttach(t)
 }
@@ -392,17 +390,25 @@ func (s *suite) concurrent(t *testing.T) {
 	}
 }
 
+// restarted hands h to a fresh driver over the same state, as after an
+// agent restart, and has that driver destroy the task when the test ends.
+func (s *suite) restarted(t *testing.T, h *driver.Handle) driver.Driver {
+	t.Helper()
+	d2 := s.h.New(t)
+	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
+		t.Fatalf("Recover(%s): %v", h.ID, err)
+	}
+	t.Cleanup(func() { _ = d2.Destroy(context.Background(), h.ID) })
+	return d2
+}
+
 // recover starts a task, then hands its handle to a fresh driver over the
 // same state (an agent restart) and expects it to follow the task to its end.
 func (s *suite) recover(t *testing.T) {
 	cfg := s.task(t, "sh", "-c", "echo before; sleep 2; echo after; exit 5")
 	h := s.start(t, s.d, cfg)
 	s.waitOutput(t, cfg, "before\n")
-	d2 := s.h.New(t)
-	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
-		t.Fatalf("Recover: %v", err)
-	}
-	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	d2 := s.restarted(t, h)
 	res := s.wait(t, d2, cfg.ID, 2*time.Second)
 	if res.ExitCode != 5 {
 		t.Errorf("exit code seen by the recovered driver = %d, want 5 (%+v)", res.ExitCode, res)
@@ -412,24 +418,20 @@ func (s *suite) recover(t *testing.T) {
 	}
 }
 
-// ended checks driver.EndNotifier: the channel stays open while the task
+// ended checks Driver.Ended: the channel stays open while the task
 // runs, closes once it has ended, and Wait then answers at once; a fresh
 // driver over the same state (an agent restart) says it of the task it
 // recovered; an unknown task is not found.
 func (s *suite) ended(t *testing.T) {
-	if _, err := s.d.(driver.EndNotifier).Ended(NewID("dt-none")); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := s.d.Ended(NewID("dt-none")); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Ended of an unknown task: %v, want not found", err)
 	}
 	cfg := s.task(t, "sh", "-c", "trap 'exit 4' TERM; echo before; while true; do sleep 0.1; done")
 	h := s.start(t, s.d, cfg)
 	s.waitOutput(t, cfg, "before\n")
-	d2 := s.h.New(t)
-	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
-		t.Fatalf("Recover: %v", err)
-	}
-	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	d2 := s.restarted(t, h)
 	for name, d := range map[string]driver.Driver{"the driver that started it": s.d, "the driver that recovered it": d2} {
-		endc, err := d.(driver.EndNotifier).Ended(cfg.ID)
+		endc, err := d.Ended(cfg.ID)
 		if err != nil {
 			t.Fatalf("Ended, %s: %v", name, err)
 		}
@@ -443,7 +445,7 @@ func (s *suite) ended(t *testing.T) {
 	if err := d2.Stop(s.ctx(t, s.h.StopTimeout), cfg.ID, s.h.StopTimeout); err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
-	endc, err := d2.(driver.EndNotifier).Ended(cfg.ID)
+	endc, err := d2.Ended(cfg.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -466,11 +468,7 @@ func (s *suite) recoverFromID(t *testing.T) {
 	cfg := s.task(t, "sh", "-c", "echo before; sleep 2; exit 6")
 	s.start(t, s.d, cfg)
 	s.waitOutput(t, cfg, "before\n")
-	d2 := s.h.New(t)
-	if err := d2.Recover(s.ctx(t, 0), &driver.Handle{ID: cfg.ID}); err != nil {
-		t.Fatalf("Recover from the id alone: %v", err)
-	}
-	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	d2 := s.restarted(t, &driver.Handle{ID: cfg.ID})
 	if res := s.wait(t, d2, cfg.ID, 2*time.Second); res.ExitCode != 6 {
 		t.Errorf("exit code seen after Recover from the id = %d, want 6 (%+v)", res.ExitCode, res)
 	}
@@ -504,11 +502,7 @@ func (s *suite) stopResumed(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	_ = s.d.Stop(ctx, cfg.ID, s.h.StopTimeout)
 	cancel()
-	d2 := s.h.New(t)
-	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
-		t.Fatalf("Recover: %v", err)
-	}
-	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	d2 := s.restarted(t, h)
 	if res := s.wait(t, d2, cfg.ID, s.h.StopTimeout); res.ExitCode != 137 {
 		t.Errorf("exit code = %d, want 137: a stop asked before a restart must be enforced after it (%+v)", res.ExitCode, res)
 	}
@@ -570,11 +564,7 @@ func (s *suite) close(t *testing.T) {
 	if err := d.Close(s.ctx(t, 0)); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	d2 := s.h.New(t)
-	if err := d2.Recover(s.ctx(t, 0), h); err != nil {
-		t.Fatalf("Recover after Close: %v", err)
-	}
-	t.Cleanup(func() { _ = d2.Destroy(context.Background(), cfg.ID) })
+	d2 := s.restarted(t, h)
 	if res := s.wait(t, d2, cfg.ID, time.Second); res.ExitCode != 4 {
 		t.Errorf("exit code after Close and Recover = %d, want 4: Close must leave tasks running (%+v)", res.ExitCode, res)
 	}

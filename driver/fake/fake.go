@@ -377,7 +377,7 @@ func (d *Driver) Wait(ctx context.Context, id string) (*driver.ExitResult, error
 	}
 }
 
-// Ended implements driver.EndNotifier.
+// Ended implements driver.Driver.
 func (d *Driver) Ended(id string) (<-chan struct{}, error) {
 	if err := d.record(context.Background(), "Ended", id); err != nil {
 		return nil, err
