@@ -11,6 +11,7 @@ import (
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
+	"github.com/berthd/berth/internal/seccomp"
 )
 
 // defaultCapabilities is the set every container process gets. It is the
@@ -119,7 +120,7 @@ func buildSpec(cfg *driver.TaskConfig, uid, gid uint32, swapAccounting bool) *sp
 			Resources:     buildResources(cfg.Resources, swapAccounting),
 			MaskedPaths:   maskedPaths,
 			ReadonlyPaths: readonlyPaths,
-			Seccomp:       defaultSeccomp(),
+			Seccomp:       seccomp.DefaultProfile(),
 		},
 	}
 	if n := cfg.Network; n != nil {

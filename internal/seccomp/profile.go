@@ -1,4 +1,4 @@
-package ctrdriver
+package seccomp
 
 import (
 	"strings"
@@ -71,24 +71,29 @@ arch_prctl modify_ldt
 // unprivileged workload may clone threads and processes but not namespaces.
 const namespaceCloneFlags = 0x7E020000 // NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 
-const (
-	afVsock     = 40
-	errnoENOSYS = 38
-)
+// afVsock is AF_VSOCK, the socket family that reaches the hypervisor.
+const afVsock = 40
 
-// defaultSeccomp returns berth's default seccomp profile for containers.
-func defaultSeccomp() *specs.LinuxSeccomp {
+// familiesAboveVsock are the socket families numbered above AF_VSOCK
+// (AF_KCM, AF_QIPCRTR, AF_SMC, AF_XDP, AF_MCTP), allowed one by one.
+var familiesAboveVsock = []uint64{41, 42, 43, 44, 45}
+
+// DefaultProfile is berth's seccomp profile for containers.
+func DefaultProfile() *specs.LinuxSeccomp {
 	eperm := uint(1)
 	enosys := uint(errnoENOSYS)
-	return &specs.LinuxSeccomp{
+	p := &specs.LinuxSeccomp{
 		DefaultAction:   specs.ActErrno,
 		DefaultErrnoRet: &eperm,
 		Architectures:   []specs.Arch{specs.ArchX86_64, specs.ArchX86, specs.ArchX32},
 		Syscalls: []specs.LinuxSyscall{
 			{Names: strings.Fields(allowedSyscalls), Action: specs.ActAllow},
 			// Any socket family but vsock, which reaches the hypervisor.
+			// Below it rather than other than it: the filter compares all
+			// 64 bits, and the kernel reads the family from the low 32
+			// (socket(1<<32|AF_VSOCK, ...) is a vsock socket).
 			{Names: []string{"socket"}, Action: specs.ActAllow, Args: []specs.LinuxSeccompArg{
-				{Index: 0, Value: afVsock, Op: specs.OpNotEqual},
+				{Index: 0, Value: afVsock, Op: specs.OpLessThan},
 			}},
 			{Names: []string{"clone"}, Action: specs.ActAllow, Args: []specs.LinuxSeccompArg{
 				{Index: 0, Value: namespaceCloneFlags, ValueTwo: 0, Op: specs.OpMaskedEqual},
@@ -103,6 +108,16 @@ func defaultSeccomp() *specs.LinuxSeccomp {
 			personalityRule(0xffffffff), // query the current persona
 		},
 	}
+	for _, f := range familiesAboveVsock {
+		p.Syscalls = append(p.Syscalls, familyRule(f))
+	}
+	return p
+}
+
+func familyRule(v uint64) specs.LinuxSyscall {
+	return specs.LinuxSyscall{Names: []string{"socket"}, Action: specs.ActAllow, Args: []specs.LinuxSeccompArg{
+		{Index: 0, Value: v, Op: specs.OpEqualTo},
+	}}
 }
 
 func personalityRule(v uint64) specs.LinuxSyscall {
