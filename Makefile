@@ -38,7 +38,13 @@ bin/berth-init: FORCE
 bin/berth-monitor: FORCE
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $@ ./cmd/berth-monitor
 
-build: bin/berth bin/berth-init bin/berth-monitor
+# berth-entry starts every container process: it installs the seccomp
+# filter the agent compiled once (runc would compile it on every start) and
+# executes the workload. Freestanding C, no C library: a few KiB.
+bin/berth-entry: cmd/berth-entry/entry.c cmd/berth-entry/build.sh
+	./cmd/berth-entry/build.sh $@
+
+build: bin/berth bin/berth-init bin/berth-monitor bin/berth-entry
 
 # berth (the node: agent, monitor, guest init, systemd unit, /etc/berth)
 # and berth-client (the CLI alone), with nfpm (deploy/deb).

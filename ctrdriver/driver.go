@@ -39,6 +39,7 @@ import (
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/loopfs"
+	"github.com/berthd/berth/internal/seccomp"
 	"github.com/berthd/berth/supervisor"
 	"github.com/berthd/berth/supervisor/monitor"
 )
@@ -71,6 +72,10 @@ type Options struct {
 	// MonitorCmd starts a monitor; the task directory is appended.
 	// Default: berth-monitor next to this executable.
 	MonitorCmd []string
+	// Entry is berth-entry (cmd/berth-entry), which installs containers'
+	// seccomp filter, compiled once, instead of runc. Default: berth-entry
+	// next to the monitor binary; without it runc installs the profile.
+	Entry string
 	// MonitorEnv is the monitor's environment (default: none but PATH).
 	MonitorEnv []string
 	// LogMaxBytes caps each of a task's stdout and stderr logs; 0 means 64 MiB.
@@ -113,6 +118,8 @@ type Driver struct {
 	layers *layerPool
 	// volatile: writable layers are volatile overlays (overlayOptions).
 	volatile bool
+	// seccomp says who installs the containers' seccomp filter.
+	seccomp seccompLoader
 	// unmounts holds, per task id, a channel closed when the unmount that
 	// follows the report of its end is done (finish); Destroy waits for it.
 	unmounts sync.Map
@@ -176,6 +183,13 @@ func New(opts Options) (*Driver, error) {
 			return nil, fmt.Errorf("ctrdriver: %w", err)
 		}
 	}
+	if opts.Entry == "" {
+		opts.Entry = filepath.Join(filepath.Dir(sup.MonitorPath()), EntryName)
+	}
+	d.seccomp = newSeccompLoader(opts.Entry, opts.StateDir, seccomp.DefaultProfile())
+	if d.seccomp.entry == nil {
+		log.Info("runc installs the containers' seccomp filter, compiling it on every start", "reason", d.seccomp.reason)
+	}
 	if err := d.sweepLayers(); err != nil {
 		return nil, fmt.Errorf("ctrdriver: %w", err)
 	}
@@ -214,6 +228,7 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	}
 	d.userns.describe(fp.Details)
 	d.layers.describe(fp.Details)
+	d.seccomp.describe(fp.Details)
 	fp.Details["prepared_monitors"] = d.sup.SpareStatus()
 	fp.Details["state_dir"] = d.opts.StateDir
 	fp.Details["overlay_volatile"] = "off"

@@ -119,7 +119,7 @@ func (d *Driver) Exec(ctx context.Context, id string, cfg *driver.ExecConfig) (_
 	}
 	args := monitor.ExecArgs{
 		Runc: d.runc.path, RuncRoot: d.runc.root, RuncLog: filepath.Join(tmp, "runc.log"),
-		Process: procPath, PidFile: filepath.Join(tmp, "pid"), ID: id,
+		Process: procPath, PidFile: filepath.Join(tmp, "pid"), ID: id, Entry: EntryOf(spec),
 	}
 	if netns := netnsToJoinFirst(spec); netns != "" {
 		if args.RuncRoot, err = d.execRuncRoot(id, tmp); err != nil {
@@ -217,6 +217,11 @@ func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Spec, *
 	}
 	p := *spec.Process
 	p.Args = cfg.Args
+	if EntryOf(&spec) != nil {
+		// The container's own profile is not in its runc config: the
+		// exec starts through berth-entry too.
+		p.Args = append([]string{monitor.EntryArg0}, cfg.Args...)
+	}
 	p.Env = driver.MergeEnv(p.Env, cfg.Env)
 	if cfg.Workdir != "" {
 		p.Cwd = cfg.Workdir

@@ -84,7 +84,7 @@ func TestExecHasTheContainersHardening(t *testing.T) {
 	d, cfg := execTask(t)
 	init := execOut(t, d, cfg.ID, "cat", "/proc/1/status")
 	self := execOut(t, d, cfg.ID, "cat", "/proc/self/status")
-	for _, key := range []string{"CapEff", "CapBnd", "CapPrm", "NoNewPrivs", "Seccomp"} {
+	for _, key := range []string{"CapEff", "CapBnd", "CapPrm", "NoNewPrivs", "Seccomp", "Seccomp_filters"} {
 		if statusField(self, key) != statusField(init, key) || statusField(self, key) == "" {
 			t.Errorf("%s: exec %q, container init %q", key, statusField(self, key), statusField(init, key))
 		}

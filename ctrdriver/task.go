@@ -50,6 +50,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		return nil, err
 	}
 	spec := buildSpec(cfg, uid, gid, hasSwapAccounting("/sys/fs/cgroup/memory"))
+	d.seccomp.apply(spec)
 	if err := setupUserNS(spec, cfg, dir, rootfs, ids); err != nil {
 		return nil, err
 	}
@@ -69,7 +70,7 @@ func (d *Driver) Start(ctx context.Context, cfg *driver.TaskConfig) (h *driver.H
 		Runc: &monitor.RuncConfig{
 			Runc: d.runc.path, RuncRoot: d.runc.root, Bundle: bundle, LogDir: cfg.LogDir,
 			StartTimeout: d.opts.StartTimeout, Cgroup: cgroupPath(cfg.ID),
-			Stdin: cfg.Stdin, TTY: cfg.TTY,
+			Stdin: cfg.Stdin, TTY: cfg.TTY, Entry: EntryOf(spec),
 		},
 	})
 	if err != nil {

@@ -19,7 +19,7 @@ import (
 
 // Options say where the pieces are and what to call the result.
 type Options struct {
-	// BinDir holds berth, berth-monitor and berth-init as `make build`
+	// BinDir holds berth, berth-monitor, berth-init and berth-entry as `make build`
 	// leaves them in bin/.
 	BinDir string
 	// SrcDir is the repository: configs/, deploy/, README.md.
@@ -102,7 +102,7 @@ func Build(o Options) ([]string, error) {
 	}
 	src := func(p string) string { return filepath.Join(o.SrcDir, p) }
 	bin := func(p string) string { return filepath.Join(o.BinDir, p) }
-	for _, p := range []string{bin("berth"), bin("berth-monitor"), bin("berth-init")} {
+	for _, p := range []string{bin("berth"), bin("berth-monitor"), bin("berth-init"), bin("berth-entry")} {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("%w (make build makes it)", err)
 		}
@@ -162,6 +162,8 @@ func Build(o Options) ([]string, error) {
 			Contents: files.Contents{
 				file(bin("berth"), "/usr/bin/berth", 0o755),
 				file(bin("berth-monitor"), "/usr/lib/berth/berth-monitor", 0o755),
+				// Next to the monitor, where the agent looks for it.
+				file(bin("berth-entry"), "/usr/lib/berth/berth-entry", 0o755),
 				file(bin("berth-init"), "/usr/lib/berth/berth-init", 0o755),
 				file(src("deploy/berth.service"), "/lib/systemd/system/berth.service", 0o644),
 				dir("/etc/berth", 0o755),

@@ -78,6 +78,9 @@ func buildPackages(t *testing.T) (node, client string, binDir string) {
 			t.Fatalf("go build %s: %v\n%s", b.pkg, err, out)
 		}
 	}
+	if out, err := exec.Command("../../cmd/berth-entry/build.sh", filepath.Join(binDir, "berth-entry")).CombinedOutput(); err != nil {
+		t.Fatalf("build berth-entry: %v\n%s", err, out)
+	}
 	paths, err := Build(Options{BinDir: binDir, SrcDir: "../..", OutDir: filepath.Join(dir, "deb"), Version: "v1.2.0-3-gabc1234"})
 	if err != nil {
 		t.Fatal(err)
@@ -126,6 +129,7 @@ func TestPackages(t *testing.T) {
 			"/usr/bin/berth":                           "-rwxr-xr-x",
 			"/usr/lib/berth/berth-monitor":             "-rwxr-xr-x",
 			"/usr/lib/berth/berth-init":                "-rwxr-xr-x",
+			"/usr/lib/berth/berth-entry":               "-rwxr-xr-x",
 			"/lib/systemd/system/berth.service":        "-rw-r--r--",
 			"/etc/berth":                               "drwxr-xr-x",
 			"/etc/berth/berth.yaml":                    "-rw-r--r--",

@@ -52,6 +52,9 @@ type ExecArgs struct {
 	// container whose user namespace cannot join it ("-": none; see
 	// ctrdriver's exec).
 	Netns string
+	// Entry starts the process through berth-entry (its args[0] is
+	// EntryArg0); nil: runc starts it.
+	Entry *Entry
 	ID    string
 }
 
@@ -63,11 +66,19 @@ func (a ExecArgs) List() []string {
 		}
 		return s
 	}
-	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, dash(a.ConsoleSocket), dash(a.Netns), a.ID}
+	program, filter := "-", "-"
+	if a.Entry != nil {
+		program, filter = a.Entry.Program, a.Entry.Filter
+	}
+	return []string{a.Runc, a.RuncRoot, a.RuncLog, a.Process, a.PidFile, dash(a.ConsoleSocket), dash(a.Netns), program, filter, a.ID}
 }
 
 // execKillBound bounds how long the shim tries to kill its session.
 const execKillBound = 30 * time.Second
+
+// execEntryTimeout bounds how long berth-entry may take to start the
+// exec'd program once runc returned.
+const execEntryTimeout = 30 * time.Second
 
 // ExecMain is `berth-monitor exec`: the parent of one exec session's
 // process. It is started by the agent in a session of its own with its
@@ -82,11 +93,14 @@ func ExecMain(args []string) int {
 		b, _ := json.Marshal(r)
 		_, _ = report.Write(append(b, '\n'))
 	}
-	if len(args) != 8 {
+	if len(args) != 10 {
 		send(ExecReport{Error: "berth-monitor exec: wrong arguments; it is started by the berth agent"})
 		return 2
 	}
-	a := ExecArgs{Runc: args[0], RuncRoot: args[1], RuncLog: args[2], Process: args[3], PidFile: args[4], ConsoleSocket: args[5], Netns: args[6], ID: args[7]}
+	a := ExecArgs{Runc: args[0], RuncRoot: args[1], RuncLog: args[2], Process: args[3], PidFile: args[4], ConsoleSocket: args[5], Netns: args[6], ID: args[9]}
+	if args[7] != "-" {
+		a.Entry = &Entry{Program: args[7], Filter: args[8]}
+	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		send(ExecReport{Error: fmt.Sprintf("become child subreaper: %v", err)})
 		return 1
@@ -137,12 +151,29 @@ func ExecMain(args []string) int {
 			return 1
 		}
 	}
+	entry, err := openEntry(a.Entry)
+	if err != nil {
+		send(ExecReport{Error: err.Error()})
+		return 1
+	}
+	defer entry.close()
+	runcArgs = append(runcArgs, entry.runcArgs()...)
 	cmd := exec.Command(a.Runc, append(runcArgs, a.ID)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	if err := cmd.Run(); err != nil {
+	cmd.ExtraFiles = entry.extra
+	err = cmd.Run()
+	entry.started()
+	if err != nil {
 		exiting.Lock()
 		reapAll()
 		send(ExecReport{Error: runcError(a.RuncLog, err)})
+		return 1
+	}
+	if err := entry.wait(time.Now().Add(execEntryTimeout)); err != nil {
+		exiting.Lock()
+		killSession() // berth-entry has exited, unless it hung
+		reapAll()
+		send(ExecReport{Error: err.Error()})
 		return 1
 	}
 	data, err := os.ReadFile(a.PidFile)

@@ -138,6 +138,9 @@ type RuncConfig struct {
 	// terminal: true); runc hands the monitor its master through a
 	// console socket, and the terminal's output goes to stdout.log.
 	TTY bool `json:"tty,omitempty"`
+	// Entry is set when the bundle's process starts through berth-entry
+	// (its args[0] is EntryArg0).
+	Entry *Entry `json:"entry,omitempty"`
 }
 
 // PortsConfig is a VM monitor's task.

@@ -84,9 +84,16 @@ func (m *mon) runContainer() error {
 	if sio.consoleSocket != "" {
 		args = append(args, "--console-socket", sio.consoleSocket)
 	}
+	entry, err := openEntry(rc.Entry)
+	if err != nil {
+		return m.fail(err)
+	}
+	defer entry.close()
+	args = append(args, entry.runcArgs()...)
 	args = append(args, "--bundle", rc.Bundle, "--pid-file", filepath.Join(m.dir, containerPidFile), m.cfg.ID)
-	err = m.runc(startCtx, sio.runcStdin, sio.runcStdout, sio.runcStderr, args...)
+	err = m.runc(startCtx, entry.extra, sio.runcStdin, sio.runcStdout, sio.runcStderr, args...)
 	sio.ranRunc()
+	entry.started()
 	if err != nil {
 		// runc delete --force kills whatever of the container was made.
 		m.cleanupRunc()
@@ -94,6 +101,12 @@ func (m *mon) runContainer() error {
 		return m.fail(fmt.Errorf("runc run: %s", m.startError(startCtx, runcLog, err)))
 	}
 	if err := sio.serve(startCtx, m.dir); err != nil {
+		m.cleanupRunc()
+		reapAll()
+		return m.fail(err)
+	}
+	deadline, _ := startCtx.Deadline()
+	if err := entry.wait(deadline); err != nil {
 		m.cleanupRunc()
 		reapAll()
 		return m.fail(err)
@@ -210,10 +223,11 @@ func (m *mon) enforceStops(pidfd int, stops <-chan os.Signal, exited <-chan wait
 
 // runc runs one runc command in a process group of its own, killed as a
 // whole when ctx ends (a hung runc and whatever it started).
-func (m *mon) runc(ctx context.Context, stdin *os.File, stdout, stderr io.Writer, args ...string) error {
+func (m *mon) runc(ctx context.Context, extra []*os.File, stdin *os.File, stdout, stderr io.Writer, args ...string) error {
 	rc := m.cfg.Runc
 	cmd := exec.Command(rc.Runc, append([]string{"--root", rc.RuncRoot}, args...)...)
 	cmd.Stdout, cmd.Stderr = stdout, stderr
+	cmd.ExtraFiles = extra
 	if stdin != nil {
 		// Without a terminal, runc --detach hands its stdio to the
 		// container: this pipe is the workload's stdin.
@@ -240,7 +254,7 @@ func (m *mon) cleanupRunc() {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	var stderr strings.Builder
-	if err := m.runc(ctx, nil, nil, &stderr, "delete", "--force", m.cfg.ID); err != nil && !strings.Contains(stderr.String(), "does not exist") {
+	if err := m.runc(ctx, nil, nil, nil, &stderr, "delete", "--force", m.cfg.ID); err != nil && !strings.Contains(stderr.String(), "does not exist") {
 		fmt.Fprintf(os.Stderr, "berth-monitor: runc delete: %v: %s\n", err, strings.TrimSpace(stderr.String()))
 	}
 }

@@ -1,5 +1,6 @@
-// Package monitortest builds the real berth-monitor binary once per test
-// process, so driver and agent tests run the monitor that ships.
+// Package monitortest builds the real berth-monitor binary (and berth-entry
+// next to it) once per test process, so driver and agent tests run the
+// monitor that ships.
 package monitortest
 
 import (
@@ -58,6 +59,13 @@ func Build() (string, error) {
 		out, berr := cmd.CombinedOutput()
 		if berr != nil {
 			err = fmt.Errorf("build berth-monitor: %v: %s", berr, strings.TrimSpace(string(out)))
+			return
+		}
+		// berth-entry goes next to it, where the container driver looks.
+		_, self, _, _ := runtime.Caller(0)
+		script := filepath.Join(filepath.Dir(self), "..", "..", "cmd", "berth-entry", "build.sh")
+		if out, berr := exec.Command(script, filepath.Join(dir, "berth-entry")).CombinedOutput(); berr != nil {
+			err = fmt.Errorf("build berth-entry: %v: %s", berr, strings.TrimSpace(string(out)))
 			return
 		}
 		os.Setenv(envPath, path)

@@ -11,7 +11,7 @@ import (
 
 func main() {
 	var o deb.Options
-	flag.StringVar(&o.BinDir, "bin", "bin", "directory with berth, berth-monitor and berth-init (make build)")
+	flag.StringVar(&o.BinDir, "bin", "bin", "directory with berth, berth-monitor, berth-init and berth-entry (make build)")
 	flag.StringVar(&o.SrcDir, "src", ".", "berth's source tree")
 	flag.StringVar(&o.OutDir, "out", "bin/deb", "where the packages go")
 	flag.StringVar(&o.Version, "version", "dev", "release tag or git describe output")
