@@ -17,6 +17,7 @@ import (
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
+	"github.com/berthd/berth/errdefs"
 	"github.com/berthd/berth/internal/seccomp/seccomptest"
 	"github.com/berthd/berth/supervisor/monitor"
 	"github.com/berthd/berth/supervisor/monitortest"
@@ -236,4 +237,37 @@ func TestBerthEntryEndsWithRuncsCapabilities(t *testing.T) {
 	if v := got["process 1234:2345"][0]; !strings.Contains(v, "CapEff=0000000000000000") {
 		t.Errorf("another user's process holds capabilities: %s", v)
 	}
+}
+
+// A process that never executes its program (berth-entry stuck, here a
+// stand-in that sleeps holding the report pipe) fails the start at the
+// start timeout, and nothing of it is left.
+func TestHungBerthEntryStartTimesOut(t *testing.T) {
+	requireRunc(t)
+	stuck := filepath.Join(t.TempDir(), "berth-entry")
+	if err := os.WriteFile(stuck, []byte("#!/bin/sh\nexec sleep 3600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	d, err := New(Options{Root: root, Entry: stuck, StartTimeout: 2 * time.Second, MonitorCmd: []string{monitortest.Path(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &driver.TaskConfig{ID: drivertest.NewID("dt-entry-hang"), Image: driver.Image{RootfsDir: sharedRootfs(t)},
+		Args: []string{"true"}, Env: []string{"PATH=/bin"}, LogDir: t.TempDir()}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	begin := time.Now()
+	_, err = d.Start(ctx, cfg)
+	if err == nil || !strings.Contains(err.Error(), "did not start its program") {
+		t.Fatalf("Start with a stuck berth-entry = %v, want a start timeout", err)
+	}
+	t.Logf("start failed after %v: %v", time.Since(begin).Round(time.Millisecond), err)
+	if procs, _ := cgroupProcs(cfg.ID); len(procs) > 0 {
+		t.Errorf("processes left in the container's cgroup: %v", procs)
+	}
+	if err := d.Destroy(context.Background(), cfg.ID); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Destroy after the failed start: %v", err)
+	}
+	assertNoLeaks(t, root)
 }

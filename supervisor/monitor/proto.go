@@ -125,8 +125,9 @@ type RuncConfig struct {
 	Bundle   string `json:"bundle"`
 	// LogDir receives stdout.log and stderr.log.
 	LogDir string `json:"log_dir"`
-	// StartTimeout bounds runc create and runc start together: a runc that
-	// hangs fails the start instead of wedging the task.
+	// StartTimeout bounds runc create and runc start together, and
+	// berth-entry's execution of the process's program: a runc (or a
+	// process) that hangs fails the start instead of wedging the task.
 	StartTimeout time.Duration `json:"start_timeout"`
 	// Cgroup is the container's cgroup path (e.g. /berth/ID), read for
 	// the OOM killer's verdict once the container ended.
