@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
@@ -270,4 +272,71 @@ func TestHungBerthEntryStartTimesOut(t *testing.T) {
 		t.Errorf("Destroy after the failed start: %v", err)
 	}
 	assertNoLeaks(t, root)
+}
+
+// The program that starts a container's process runs non-dumpable from
+// its exec: the monitor hands it over execute-only, owned by a user the
+// container's user namespace does not map, so nothing in the container can
+// trace it or open its memory before its filter is in place. Shown with a
+// stand-in that only waits, in place of berth-entry (whose own first step,
+// PR_SET_DUMPABLE, would hide what the kernel did): its /proc files belong
+// to the host's root, where a dumpable process's, the workload's, belong
+// to its user, the container's root.
+func TestBerthEntryRunsNonDumpable(t *testing.T) {
+	requireRunc(t)
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		t.Skip("no C compiler (cc) to build the stand-in; `make test` installs one")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "wait.c")
+	const waiter = "void _start(void){for(;;)__asm__ volatile(\"mov $34,%eax\\nsyscall\");}\n" // pause()
+	if err := os.WriteFile(src, []byte(waiter), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stand := filepath.Join(dir, "berth-entry")
+	if out, err := exec.Command(cc, "-static", "-nostdlib", "-Os", "-o", stand, src).CombinedOutput(); err != nil {
+		t.Fatalf("build the stand-in: %v\n%s", err, out)
+	}
+	d := newUserNSDriver(t, filepath.Join(searchableTempDir(t), "containers"), Options{Entry: stand, StartTimeout: 20 * time.Second})
+	cfg := userNSTask(t, "dt-entry-dump", "true")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	started := make(chan error, 1)
+	go func() {
+		_, err := d.Start(ctx, cfg)
+		started <- err
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-started
+		_ = d.Destroy(context.Background(), cfg.ID)
+	})
+	var pid int
+	for deadline := time.Now().Add(15 * time.Second); pid == 0 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if procs, _ := cgroupProcs(cfg.ID); len(procs) == 1 {
+			if exe, _ := os.Readlink("/proc/" + strconv.Itoa(procs[0]) + "/exe"); strings.HasPrefix(exe, "/memfd:berth-entry") {
+				pid = procs[0]
+			}
+		}
+	}
+	if pid == 0 {
+		t.Fatal("the stand-in did not start in the container")
+	}
+	owner := func(pid int) uint32 {
+		var st unix.Stat_t
+		if err := unix.Stat("/proc/"+strconv.Itoa(pid)+"/mem", &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Uid
+	}
+	if uid := owner(pid); uid != 0 {
+		t.Errorf("the starting process's /proc/%d/mem belongs to uid %d, want the host's root (non-dumpable)", pid, uid)
+	}
+	// The control: a workload that runs (dumpable) has its /proc files
+	// owned by its user, the container's mapped root.
+	_, wpid := startSleeper(t, newUserNSDriver(t, filepath.Join(searchableTempDir(t), "containers"), Options{}), "dt-entry-dump-ctl")
+	if uid := owner(wpid); uid == 0 {
+		t.Errorf("a running workload's /proc/%d/mem belongs to the host's root: the check above proves nothing", wpid)
+	}
 }

@@ -44,6 +44,7 @@
 
 #define F_SETFD 2
 #define FD_CLOEXEC 1
+#define PR_SET_DUMPABLE 4
 #define PR_SET_NO_NEW_PRIVS 38
 #define PR_CAP_AMBIENT 47
 #define PR_CAP_AMBIENT_CLEAR_ALL 4
@@ -268,6 +269,15 @@ __attribute__((used)) void entry(long *sp)
 	char **argv = (char **)(sp + 1);
 	char **envp = argv + argc + 1;
 
+	/*
+	 * Nothing of the container may trace this process or open its memory
+	 * while it runs without its filter. The kernel already makes it
+	 * non-dumpable where the container cannot read the program the
+	 * monitor passes (execute-only, owned by a user the container's user
+	 * namespace does not map); without a user namespace, the container's
+	 * root can, so say it again at once.
+	 */
+	sys6(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0, 0);
 	if (sys3(SYS_fcntl, FD_REPORT, F_SETFD, FD_CLOEXEC) < 0) {
 		/* No one to tell: the monitor sees the exit. */
 		sys3(SYS_exit_group, 127, 0, 0);

@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Entry is how a container's processes start when berth installs their
@@ -47,9 +49,9 @@ func openEntry(e *Entry) (*entryFiles, error) {
 	if e == nil {
 		return &entryFiles{}, nil
 	}
-	prog, err := os.Open(e.Program)
+	prog, err := sealedProgram(e.Program)
 	if err != nil {
-		return nil, fmt.Errorf("open berth-entry: %w", err)
+		return nil, err
 	}
 	filter, err := os.Open(e.Filter)
 	if err != nil {
@@ -115,4 +117,40 @@ func (f *entryFiles) close() {
 		f.report.Close()
 		f.report = nil
 	}
+}
+
+// sealedProgram is a copy of the program at path that the container's
+// process executes: a memfd sealed against every change and executable
+// only (mode 0111). The process runs in the container, where a process of
+// the workload could otherwise reach the file it executes through /proc
+// (/proc/PID/exe) and overwrite the host's berth-entry for every later
+// container (as with runc's CVE-2019-5736), or, the file being readable
+// to it, read and write the starting process's memory before its filter
+// is in place: the kernel makes a process that executes a file it cannot
+// read non-dumpable from the start, so no process of the container's
+// user namespace can trace it or open its memory.
+func sealedProgram(path string) (*os.File, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read berth-entry: %w", err)
+	}
+	fd, err := unix.MemfdCreate("berth-entry", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("copy berth-entry: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "berth-entry")
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("copy berth-entry: %w", err)
+	}
+	if err := unix.Fchmod(fd, 0o111); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("copy berth-entry: %w", err)
+	}
+	const seals = unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, seals); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("seal the copy of berth-entry: %w", err)
+	}
+	return f, nil
 }
