@@ -222,7 +222,8 @@ static const char *lookpath(const char *file, char **envp)
 		if (has_prefix(*e, "PATH="))
 			path = *e + 5;
 	size_t flen = slen(file);
-	for (; flen > 0;) {
+	/* An empty name is found nowhere (as exec.LookPath finds none). */
+	while (flen > 0) {
 		const char *end = path;
 		while (*end && *end != ':')
 			end++;
