@@ -67,7 +67,7 @@ func (l seccompLoader) apply(s *specs.Spec) {
 		return
 	}
 	s.Linux.Seccomp = nil
-	s.Process.Args = append([]string{monitor.EntryArg0}, s.Process.Args...)
+	s.Process.Args = monitor.EntryArgs(s.Process.Args)
 	// runc looks the program up and executes it holding the bundle's
 	// capabilities, even for a user other than root (whose execve drops
 	// them). berth-entry does both after runc's execve, which keeps

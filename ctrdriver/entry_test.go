@@ -82,7 +82,7 @@ func TestSeccompFilterIsInstalledByBerthEntry(t *testing.T) {
 	if s.Linux.Seccomp != nil {
 		t.Errorf("the bundle gives runc a seccomp profile too")
 	}
-	if want := append([]string{monitor.EntryArg0}, cfg.Args...); !slices.Equal(s.Process.Args, want) {
+	if want := monitor.EntryArgs(cfg.Args); !slices.Equal(s.Process.Args, want) {
 		t.Errorf("bundle args %q, want %q", s.Process.Args, want)
 	}
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")

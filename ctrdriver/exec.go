@@ -220,7 +220,7 @@ func (d *Driver) execProcess(dir string, cfg *driver.ExecConfig) (*specs.Spec, *
 	if EntryOf(&spec) != nil {
 		// The container's own profile is not in its runc config: the
 		// exec starts through berth-entry too.
-		p.Args = append([]string{monitor.EntryArg0}, cfg.Args...)
+		p.Args = monitor.EntryArgs(cfg.Args)
 	}
 	p.Env = driver.MergeEnv(p.Env, cfg.Env)
 	if cfg.Workdir != "" {

@@ -182,6 +182,15 @@ static void fail(void)
 		;
 }
 
+/* fail_errno reports what failed and the error the kernel gave. */
+static void fail_errno(const char *what, long r)
+{
+	put(what);
+	put(": ");
+	put_errno(-r);
+	fail();
+}
+
 /* exec.LookPath's findExecutable: 0, or the errno that rules the file out. */
 static long executable(const char *path)
 {
@@ -291,9 +300,7 @@ __attribute__((used)) void entry(long *sp)
 		if (r == -4)
 			continue;
 		if (r < 0) {
-			put("read the seccomp filter: ");
-			put_errno(-r);
-			fail();
+			fail_errno("read the seccomp filter", r);
 		}
 		if (r == 0)
 			break;
@@ -317,9 +324,7 @@ __attribute__((used)) void entry(long *sp)
 
 	long r = sys6(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0);
 	if (r < 0) {
-		put("set no_new_privs: ");
-		put_errno(-r);
-		fail();
+		fail_errno("set no_new_privs", r);
 	}
 	/*
 	 * runc looks the program up and executes it with the capabilities
@@ -331,9 +336,7 @@ __attribute__((used)) void entry(long *sp)
 	 */
 	r = sys6(SYS_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0);
 	if (r < 0) {
-		put("clear the ambient capabilities: ");
-		put_errno(-r);
-		fail();
+		fail_errno("clear the ambient capabilities", r);
 	}
 	struct cap_header hdr = {LINUX_CAPABILITY_VERSION_3, 0};
 	struct cap_data caps[2];
@@ -344,9 +347,7 @@ __attribute__((used)) void entry(long *sp)
 		r = sys3(SYS_capset, (long)&hdr, (long)caps, 0);
 	}
 	if (r < 0) {
-		put("clear the inheritable capabilities: ");
-		put_errno(-r);
-		fail();
+		fail_errno("clear the inheritable capabilities", r);
 	}
 
 	struct sock_fprog prog;
@@ -354,9 +355,7 @@ __attribute__((used)) void entry(long *sp)
 	prog.filter = filter;
 	r = sys3(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, (long)&prog);
 	if (r < 0) {
-		put("install the seccomp filter: ");
-		put_errno(-r);
-		fail();
+		fail_errno("install the seccomp filter", r);
 	}
 	r = sys3(SYS_execve, (long)path, (long)(argv + 1), (long)envp);
 	put("exec ");

@@ -32,6 +32,12 @@ const (
 	EntryFDs  = 3
 )
 
+// EntryArgs are the args of a process whose own are args, started
+// through berth-entry.
+func EntryArgs(args []string) []string {
+	return append([]string{EntryArg0}, args...)
+}
+
 // entryReportLimit bounds what berth-entry may report.
 const entryReportLimit = 64 << 10
 

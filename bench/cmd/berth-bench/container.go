@@ -243,7 +243,7 @@ func (r *rawRunc) runEntry(ctx context.Context) (time.Duration, error) {
 	if e == nil {
 		return 0, errors.New("berth started its container without berth-entry")
 	}
-	id, dir, err := r.bundle([]string{monitor.EntryArg0, "/bin/true"})
+	id, dir, err := r.bundle(monitor.EntryArgs([]string{"/bin/true"}))
 	if err != nil {
 		return 0, err
 	}
