@@ -7,8 +7,10 @@ set -eu
 # syslinux, syslinux-common, mtools and dosfstools build the bootable
 # whole-disk image vmdriver's tests boot. chromium is the headless browser
 # the node page's tests drive (api/server/ui_test.go). qemu-system-common
-# ships virtiofsd (/usr/lib/qemu/virtiofsd), which shares volumes with VMs.
-PACKAGES="runc qemu-system-x86 qemu-system-common qemu-utils libvirt-daemon-system libvirt-dev pkg-config
+# ships virtiofsd (/usr/lib/qemu/virtiofsd), which shares volumes with VMs;
+# qemu-system-data ships qboot (/usr/share/qemu/qboot.rom), the firmware
+# guests boot through.
+PACKAGES="runc qemu-system-x86 qemu-system-common qemu-system-data qemu-utils libvirt-daemon-system libvirt-dev pkg-config
 linux-image-amd64 busybox-static e2fsprogs iptables containernetworking-plugins
 syslinux syslinux-common mtools dosfstools chromium"
 

@@ -29,7 +29,7 @@ const (
 	BootAuto BootMode = "auto"
 	// BootPVH boots the vmlinux extracted once from the node's bzImage
 	// straight into the kernel's 32-bit PVH entry point (the firmware only
-	// hands over, through QEMU's pvh.bin): no loading of the bzImage by the
+	// hands over: qboot itself, SeaBIOS through QEMU's pvh.bin): no loading of the bzImage by the
 	// firmware, no real-mode setup and no decompression in the guest,
 	// which under TCG are most of a boot (issue 17). A kernel without the
 	// PVH note makes the driver unhealthy.
@@ -220,6 +220,10 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 	if err != nil {
 		return err
 	}
+	fw := d.firmware()
+	if fw.err != nil {
+		return fw.err
+	}
 	// The disk budget is the root disk's free space: past it the guest's
 	// writes fail with ENOSPC, and the overlay never outgrows the base.
 	headroom := d.opts.BaseHeadroom
@@ -249,6 +253,7 @@ func (d *Driver) prepareBoot(ctx context.Context, cfg *driver.TaskConfig, dir st
 		return fmt.Errorf("write config disk: %w", err)
 	}
 	spec.Kernel, spec.Initrd, spec.Cmdline = boot.kernel.Path, boot.initrd, kernelCmdline
+	spec.Firmware = fw.rom
 	spec.ConfigDisk = filepath.Join(dir, configDisk)
 	spec.Console = filepath.Join(dir, consoleLog)
 	spec.Ports = map[string]string{}

@@ -139,12 +139,13 @@ func TestBootDetailsWarm(t *testing.T) {
 	}
 }
 
-func newDriverBoot(tb testing.TB, root string, mode BootMode) *Driver {
+func newDriverBoot(tb testing.TB, root string, mode BootMode, fw Firmware) *Driver {
 	tb.Helper()
 	d, err := New(Options{
 		Root:         root,
 		Accel:        AccelTCG,
 		Boot:         mode,
+		Firmware:     fw,
 		DomainPrefix: testPrefix,
 		InitPath:     fixtures.initBin,
 		MonitorCmd:   []string{monitortest.Path(tb)},
@@ -157,13 +158,21 @@ func newDriverBoot(tb testing.TB, root string, mode BootMode) *Driver {
 	return d
 }
 
-// TestBootModes boots the node's kernel both ways; the guest behaves the
-// same.
+// TestBootModes boots the node's kernel both ways, through both firmwares
+// (the conformance suite runs with the default, qboot where installed);
+// the guest behaves the same.
 func TestBootModes(t *testing.T) {
 	setup(t)
-	for _, mode := range []BootMode{BootPVH, BootBzImage} {
-		t.Run(string(mode), func(t *testing.T) {
-			d := newDriverBoot(t, fixtures.root, mode)
+	if _, err := os.Stat(DefaultQbootPath); err != nil {
+		t.Fatalf("qboot is not installed (%v): make test installs qemu-system-data, which has it", err)
+	}
+	for _, tc := range []struct {
+		mode BootMode
+		fw   Firmware
+	}{{BootPVH, FirmwareQboot}, {BootBzImage, FirmwareQboot}, {BootPVH, FirmwareSeaBIOS}} {
+		mode := tc.mode
+		t.Run(string(mode)+"-"+string(tc.fw), func(t *testing.T) {
+			d := newDriverBoot(t, fixtures.root, mode, tc.fw)
 			b, err := d.bootAssets(context.Background())
 			if err != nil {
 				t.Fatal(err)
@@ -171,10 +180,11 @@ func TestBootModes(t *testing.T) {
 			if b.mode != mode {
 				t.Fatalf("mode %s (%s), want %s", b.mode, b.reason, mode)
 			}
-			if fp := d.Fingerprint(context.Background()); fp.Details["boot"] != string(mode) {
-				t.Errorf("fingerprint boot %q (%q), want %s", fp.Details["boot"], fp.Details["boot_reason"], mode)
+			if fp := d.Fingerprint(context.Background()); fp.Details["boot"] != string(mode) || fp.Details["firmware"] != string(tc.fw) {
+				t.Errorf("fingerprint boot %q (%q) firmware %q (%q), want %s and %s", fp.Details["boot"], fp.Details["boot_reason"],
+					fp.Details["firmware"], fp.Details["firmware_reason"], mode, tc.fw)
 			}
-			cfg := newTask(t, "sh", "-c", "echo hi; cat /proc/cmdline >&2; exit 3")
+			cfg := newTask(t, "sh", "-c", "echo hi; cat /proc/cmdline /sys/class/dmi/id/bios_vendor >&2; exit 3")
 			t0 := time.Now()
 			res := run(t, d, cfg)
 			if res.ExitCode != 3 {
@@ -183,8 +193,13 @@ func TestBootModes(t *testing.T) {
 			if got := drivertest.ReadLog(t, cfg, driver.StdoutLog); got != "hi\n" {
 				t.Errorf("stdout %q", got)
 			}
-			if got := drivertest.ReadLog(t, cfg, driver.StderrLog); !strings.Contains(got, kernelCmdline) {
+			got := drivertest.ReadLog(t, cfg, driver.StderrLog)
+			if !strings.Contains(got, kernelCmdline) {
 				t.Errorf("guest command line %q, want %q in it", got, kernelCmdline)
+			}
+			// The firmware the guest ran is in its SMBIOS tables.
+			if strings.Contains(got, "qboot") != (tc.fw == FirmwareQboot) {
+				t.Errorf("guest's BIOS vendor (after the command line) %q, want qboot only with %s", got, tc.fw)
 			}
 			m := regexp.MustCompile(`started pid \d+ [0-9.]+s after boot`).FindString(tail(filepath.Join(d.taskDir(cfg.ID), consoleLog), 4096))
 			t.Logf("%s: start → exit %.1fs; guest %s", mode, time.Since(t0).Seconds(), m)
@@ -202,11 +217,11 @@ func TestConformanceBzImage(t *testing.T) {
 	setup(t)
 	root := filepath.Join(fixtures.work, "conf-bzimage")
 	drivertest.Run(t, drivertest.Harness{
-		New:         func(t *testing.T) driver.Driver { return newDriverBoot(t, root, BootBzImage) },
+		New:         func(t *testing.T) driver.Driver { return newDriverBoot(t, root, BootBzImage, FirmwareAuto) },
 		Image:       testImage(),
 		StopTimeout: 3 * time.Second,
 		Slack:       slack,
 		Parallel:    3,
 	})
-	assertNoLeaks(t, newDriverBoot(t, root, BootBzImage), root)
+	assertNoLeaks(t, newDriverBoot(t, root, BootBzImage, FirmwareAuto), root)
 }

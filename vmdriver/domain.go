@@ -62,6 +62,9 @@ type domainSpec struct {
 	MemoryKi uint
 
 	Kernel, Initrd, Cmdline string
+	// Firmware is the ROM QEMU runs before a directly booted kernel
+	// (qboot); empty: QEMU's default, SeaBIOS.
+	Firmware string
 
 	RootDisk, RootFormat string // the task's overlay (qcow2); none when empty
 	ConfigDisk           string // raw, read-only; none when empty
@@ -205,6 +208,12 @@ func domainXML(s domainSpec) (string, error) {
 		Kernel:  s.Kernel,
 		Initrd:  s.Initrd,
 		Cmdline: s.Cmdline,
+	}
+	if s.Firmware != "" {
+		if s.Kernel == "" {
+			return "", fmt.Errorf("domain %s: firmware %s is for a direct kernel boot, and there is no kernel", s.Name, s.Firmware)
+		}
+		osCfg.Loader = &libvirtxml.DomainLoader{Path: s.Firmware, Type: "rom", Readonly: "yes"}
 	}
 	console := libvirtxml.DomainSerial{
 		Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}},

@@ -88,6 +88,12 @@ type Options struct {
 	// its PVH entry point where the kernel allows, else its bzImage), pvh
 	// or bzimage. See BootMode.
 	Boot BootMode
+	// Firmware is what runs before a directly booted kernel: auto
+	// (default: qboot where installed, else SeaBIOS), qboot or seabios;
+	// QbootPath is where qboot is looked for (default DefaultQbootPath).
+	// See Firmware.
+	Firmware  Firmware
+	QbootPath string
 	// ProbeTimeout bounds auto's KVM probe guest; default DefaultProbeTimeout.
 	ProbeTimeout time.Duration
 	// DomainPrefix starts the name of every domain of this driver; default
@@ -226,6 +232,12 @@ func New(opts Options) (*Driver, error) {
 	}
 	if opts.Boot, err = checkBootMode(opts.Boot); err != nil {
 		return nil, fmt.Errorf("vmdriver: %w", err)
+	}
+	if opts.Firmware, err = checkFirmware(opts.Firmware); err != nil {
+		return nil, fmt.Errorf("vmdriver: %w", err)
+	}
+	if opts.QbootPath == "" {
+		opts.QbootPath = DefaultQbootPath
 	}
 	if opts.ProbeTimeout <= 0 {
 		opts.ProbeTimeout = DefaultProbeTimeout

@@ -80,6 +80,9 @@ func (d *Driver) Fingerprint(ctx context.Context) driver.Fingerprint {
 	if err := d.bootDetails(fp.Details, k); err != nil {
 		return unhealthy("%v", err)
 	}
+	if err := d.firmwareDetails(fp.Details); err != nil {
+		return unhealthy("%v", err)
+	}
 	fp.Healthy = true
 	return fp
 }

@@ -150,10 +150,12 @@ type UserNS struct {
 }
 
 type VM struct {
-	Enabled  bool   `mapstructure:"enabled"`
-	URI      string `mapstructure:"uri"`
-	Accel    string `mapstructure:"accel"`
-	Boot     string `mapstructure:"boot"` // how guests boot the node's kernel: auto, pvh or bzimage
+	Enabled bool   `mapstructure:"enabled"`
+	URI     string `mapstructure:"uri"`
+	Accel   string `mapstructure:"accel"`
+	Boot    string `mapstructure:"boot"` // how guests boot the node's kernel: auto, pvh or bzimage
+	// Firmware is what runs before a guest's kernel: auto, qboot or seabios.
+	Firmware string `mapstructure:"firmware"`
 	InitPath string `mapstructure:"init_path"`
 	// VolumeTransport is how volumes reach guests: auto, virtiofs or 9p.
 	VolumeTransport string `mapstructure:"volume_transport"`
@@ -452,6 +454,11 @@ func (c *Config) Validate() error {
 	case "auto", "pvh", "bzimage":
 	default:
 		bad("vm.boot", "%q is not auto, pvh or bzimage", c.VM.Boot)
+	}
+	switch c.VM.Firmware {
+	case "auto", "qboot", "seabios":
+	default:
+		bad("vm.firmware", "%q is not auto, qboot or seabios", c.VM.Firmware)
 	}
 	switch c.VM.VolumeTransport {
 	case "auto", "virtiofs", "9p":

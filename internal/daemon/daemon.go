@@ -262,6 +262,7 @@ func (d *Daemon) buildDrivers() ([]driver.Driver, error) {
 			URI:             d.cfg.VM.URI,
 			Accel:           vmdriver.Accel(d.cfg.VM.Accel),
 			Boot:            vmdriver.BootMode(d.cfg.VM.Boot),
+			Firmware:        vmdriver.Firmware(d.cfg.VM.Firmware),
 			InitPath:        d.cfg.VM.InitPath,
 			LogMaxBytes:     d.cfg.Container.LogMaxBytes,
 			MonitorCmd:      monitorCmd,

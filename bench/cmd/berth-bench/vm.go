@@ -203,7 +203,8 @@ func machineCgroup(runID string) string {
 }
 
 // qemuDirect boots the captured guest with qemu-system-x86_64 by hand:
-// kernel (berth's own when empty) with the same initramfs, command line,
+// kernel (berth's own when empty) with the same firmware (qboot where
+// berth's domain names it), initramfs, command line,
 // machine, CPU model, memory, devices (every one on the root bus, as
 // berth places them), disk caching and virtio-serial ports (as plain
 // files), timed from exec to the first stdout byte.
@@ -257,13 +258,18 @@ func qemuDirect(ctx context.Context, c *vmCapture, kernel, dir, cgroup string) (
 		"-machine", machine, "-accel", accel, "-cpu", cpu, "-smp", fmt.Sprint(vcpus), "-m", fmt.Sprintf("%dk", memKiB),
 		"-nodefaults", "-nographic", "-no-reboot",
 		"-kernel", kernel, "-initrd", d.OS.Initrd, "-append", d.OS.Cmdline,
-		"-chardev", "file,id=console,path=" + opt(p("console.log")), "-serial", "chardev:console",
-		"-device", "virtio-serial-pci,id=vser0",
-		"-drive", "if=none,id=root,format=qcow2,cache=none,aio=native,discard=unmap,file=" + opt(p("root.qcow2")),
-		"-device", "virtio-blk-pci,drive=root,serial=" + guest.RootDiskSerial,
-		"-drive", "if=none,id=config,format=raw,readonly=on,file=" + opt(c.config),
-		"-device", "virtio-blk-pci,drive=config,serial=" + guest.ConfigDiskSerial,
 	}
+	if l := d.OS.Loader; l != nil && l.Type == "rom" && l.Path != "" {
+		args = append(args, "-bios", l.Path) // berth's firmware (qboot); else QEMU's SeaBIOS, as berth's
+	}
+	args = append(args,
+		"-chardev", "file,id=console,path="+opt(p("console.log")), "-serial", "chardev:console",
+		"-device", "virtio-serial-pci,id=vser0",
+		"-drive", "if=none,id=root,format=qcow2,cache=none,aio=native,discard=unmap,file="+opt(p("root.qcow2")),
+		"-device", "virtio-blk-pci,drive=root,serial="+guest.RootDiskSerial,
+		"-drive", "if=none,id=config,format=raw,readonly=on,file="+opt(c.config),
+		"-device", "virtio-blk-pci,drive=config,serial="+guest.ConfigDiskSerial,
+	)
 	// Every virtio-serial port of berth's domain (output, status, exec,
 	// whatever berth-init waits for), each as a plain file.
 	var ports []string
@@ -638,7 +644,7 @@ func vmStart(ctx context.Context, a *agentProc, n int, budget time.Duration, wor
 	rep.add(Result{Section: sec, Name: "fixed baseline: qemu-system-x86_64, the node's bzImage as shipped, minimal busybox initramfs (exec → first console line)", Unit: "ms", Summary: &f,
 		Note: fmt.Sprintf("%s, %s, no devices but the serial console; %q", fixedMemory, "q35 qemu64", fixedCmdline)})
 	rep.add(Result{Section: sec, Name: "baseline: qemu-system-x86_64, the node's bzImage, berth's initramfs, command line and devices (exec → first stdout byte)", Unit: "ms", Summary: &z,
-		Baseline: "fixed baseline", Ratio: ratio(z.Median, f.Median), Note: "the bzImage through SeaBIOS, decompressed by the guest"})
+		Baseline: "fixed baseline", Ratio: ratio(z.Median, f.Median), Note: "the bzImage through berth's firmware, decompressed by the guest"})
 	rep.add(Result{Section: sec, Name: "PVH baseline: qemu-system-x86_64, the extracted vmlinux through its PVH entry point, berth's initramfs, command line and devices (exec → first stdout byte)", Unit: "ms", Summary: &p,
 		Baseline: "fixed baseline", Ratio: ratio(p.Median, f.Median), Note: fmt.Sprintf("×%.2f of the bzImage boot with the same initramfs", ratio(p.Median, z.Median))})
 	rep.add(Result{Section: sec, Name: "baseline: virsh create of berth's domain XML (exec → first stdout byte)", Unit: "ms", Summary: &v,
@@ -678,7 +684,11 @@ func vmBoot(ctx context.Context, a *agentProc) (mode, reason string) {
 	if !ok {
 		return "", ""
 	}
-	return d.Details["boot"], d.Details["boot_reason"]
+	reason = d.Details["boot_reason"]
+	if fw := d.Details["firmware"]; fw != "" {
+		reason += "; firmware " + fw + " (" + d.Details["firmware_reason"] + ")"
+	}
+	return d.Details["boot"], reason
 }
 
 // vmFootprint is measurement 6 for VMs: k VMs booted and running, their
