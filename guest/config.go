@@ -40,6 +40,12 @@ const MaxConfigSize = 1 << 20
 
 // ModuleListPath is where the initramfs lists the kernel modules berth-init
 // loads, one absolute path per line in load order (dependencies first).
+// A path may be followed, after spaces, by the CPU modalias patterns the
+// module is for (depmod's "cpu:type:x86,...:feature:*0094*" aliases): a
+// driver for a CPU feature, such as crc32c-intel for SSE4.2, is loaded
+// only on a CPU whose /sys/devices/system/cpu/modalias matches one of
+// them, as udev would, so a guest on a CPU without it does not pay for
+// loading a module that then refuses the CPU.
 const ModuleListPath = "/berth/modules"
 
 // DefaultPath is the PATH a workload gets when its environment has none,

@@ -180,6 +180,12 @@ func TestBootModes(t *testing.T) {
 			if b.mode != mode {
 				t.Fatalf("mode %s (%s), want %s", b.mode, b.reason, mode)
 			}
+			// Debian's kernel reads lz4: the guest unpacks berth's lz4
+			// archive (the kernel's unpacker, not berth's test decoder).
+			if cfg, err := os.ReadFile(filepath.Join(filepath.Dir(b.node.Path), "config-"+b.node.Release)); err == nil &&
+				strings.Contains(string(cfg), "\nCONFIG_RD_LZ4=y\n") && !strings.HasSuffix(b.initrd, ".cpio.lz4") {
+				t.Errorf("initramfs %s for a kernel that reads lz4, want a .cpio.lz4", b.initrd)
+			}
 			if fp := d.Fingerprint(context.Background()); fp.Details["boot"] != string(mode) || fp.Details["firmware"] != string(tc.fw) {
 				t.Errorf("fingerprint boot %q (%q) firmware %q (%q), want %s and %s", fp.Details["boot"], fp.Details["boot_reason"],
 					fp.Details["firmware"], fp.Details["firmware_reason"], mode, tc.fw)
@@ -202,7 +208,7 @@ func TestBootModes(t *testing.T) {
 				t.Errorf("guest's BIOS vendor (after the command line) %q, want qboot only with %s", got, tc.fw)
 			}
 			m := regexp.MustCompile(`started pid \d+ [0-9.]+s after boot`).FindString(tail(filepath.Join(d.taskDir(cfg.ID), consoleLog), 4096))
-			t.Logf("%s: start → exit %.1fs; guest %s", mode, time.Since(t0).Seconds(), m)
+			t.Logf("%s, %s: start → exit %.1fs; guest %s", mode, filepath.Base(b.initrd), time.Since(t0).Seconds(), m)
 		})
 	}
 }

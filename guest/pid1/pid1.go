@@ -123,7 +123,7 @@ func (in *initProc) run() guest.Status {
 		in.probeReached()
 		return guest.Status{}
 	}
-	if err := loadModules(guest.ModuleListPath, finitModule, func(msg string) { in.logf("%s", msg) }); err != nil {
+	if err := loadModules(guest.ModuleListPath, cpuModaliasPath, finitModule, func(msg string) { in.logf("%s", msg) }); err != nil {
 		return in.failure(err)
 	}
 

@@ -284,10 +284,12 @@ func TestWorkloadEnv(t *testing.T) {
 }
 
 func TestLoadModules(t *testing.T) {
-	list := filepath.Join(t.TempDir(), "modules")
+	dir := t.TempDir()
+	list := filepath.Join(dir, "modules")
 	writeFile(t, list, "# load order\n/lib/a.ko\n\n/lib/b.ko\n/lib/c.ko\n/lib/d.ko\n", 0o644)
+	noCPU := filepath.Join(dir, "no-modalias")
 	var loaded, warned []string
-	err := loadModules(list, func(p string) error {
+	err := loadModules(list, noCPU, func(p string) error {
 		loaded = append(loaded, p)
 		switch p {
 		case "/lib/b.ko":
@@ -307,12 +309,42 @@ func TestLoadModules(t *testing.T) {
 		t.Errorf("warnings %q", warned)
 	}
 
-	err = loadModules(list, func(p string) error { return unix.ENOEXEC }, func(string) {})
+	err = loadModules(list, noCPU, func(p string) error { return unix.ENOEXEC }, func(string) {})
 	if !errors.Is(err, unix.ENOEXEC) || !strings.Contains(err.Error(), "/lib/a.ko") {
 		t.Errorf("failing load: %v", err)
 	}
-	if err := loadModules(filepath.Join(t.TempDir(), "none"), nil, nil); err != nil {
+	if err := loadModules(filepath.Join(t.TempDir(), "none"), noCPU, nil, nil); err != nil {
 		t.Errorf("no list: %v", err)
+	}
+}
+
+// A module for CPU features is loaded only on a CPU that has one of them
+// (as the CPU's modalias says), quietly skipped elsewhere; with the
+// modalias unreadable every module is tried, and the kernel decides.
+func TestLoadModulesForCPU(t *testing.T) {
+	dir := t.TempDir()
+	list := filepath.Join(dir, "modules")
+	writeFile(t, list, "/lib/crc32c-intel.ko cpu:type:x86,ven*fam*mod*:feature:*0094*\n"+
+		"/lib/aes.ko cpu:type:x86,ven*fam*mod*:feature:*0099* cpu:type:x86,ven*fam*mod*:feature:*00A0*\n"+
+		"/lib/crc32c_generic.ko\n", 0o644)
+	tcg := filepath.Join(dir, "tcg")   // qemu64: no SSE4.2 (0094), no AES (0099)
+	host := filepath.Join(dir, "host") // both
+	writeFile(t, tcg, "cpu:type:x86,ven0002fam000Fmod006B:feature:,0000,0001,0002,0003,0080,0081,00A0\n", 0o644)
+	writeFile(t, host, "cpu:type:x86,ven0002fam0019mod0011:feature:,0000,0001,0080,0094,0099\n", 0o644)
+	for _, tc := range []struct {
+		cpu  string
+		want []string
+	}{
+		{tcg, []string{"/lib/aes.ko", "/lib/crc32c_generic.ko"}},
+		{host, []string{"/lib/crc32c-intel.ko", "/lib/aes.ko", "/lib/crc32c_generic.ko"}},
+		{filepath.Join(dir, "unreadable"), []string{"/lib/crc32c-intel.ko", "/lib/aes.ko", "/lib/crc32c_generic.ko"}},
+	} {
+		var loaded, warned []string
+		err := loadModules(list, tc.cpu, func(p string) error { loaded = append(loaded, p); return nil },
+			func(msg string) { warned = append(warned, msg) })
+		if err != nil || !slices.Equal(loaded, tc.want) || len(warned) != 0 {
+			t.Errorf("cpu %s: loaded %q (warnings %q, %v), want %q", filepath.Base(tc.cpu), loaded, warned, err, tc.want)
+		}
 	}
 }
 

@@ -19,7 +19,7 @@ func (in *initProc) loadVolumeModules(cfg *guest.Config) error {
 	if len(cfg.Volumes) == 0 {
 		return nil
 	}
-	return loadModules(guest.VolumeModuleListPath, finitModule, func(msg string) { in.logf("%s", msg) })
+	return loadModules(guest.VolumeModuleListPath, cpuModaliasPath, finitModule, func(msg string) { in.logf("%s", msg) })
 }
 
 // volumeMountTimeout bounds the wait for a volume's device: its driver

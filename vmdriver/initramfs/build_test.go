@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/pierrec/lz4/v4"
 )
 
 type cpioEntry struct {
@@ -122,7 +124,7 @@ func fakeKernel(t *testing.T) Kernel {
 		"kernel/c.ko":       "module c",
 		"modules.builtin":   "",
 		"modules.softdep":   "",
-		"modules.alias":     "",
+		"modules.alias":     "alias cpu:type:x86,ven*fam*mod*:feature:*0094* a\n",
 		"modules.order":     "",
 		"modules.dep.bin":   "",
 		"modules.alias.bin": "",
@@ -175,7 +177,8 @@ func TestBuild(t *testing.T) {
 			t.Errorf("directory /%s missing: %+v", d, files[d])
 		}
 	}
-	wantList := "/lib/modules/9.9.9-test/kernel/b.ko\n/lib/modules/9.9.9-test/kernel/a.ko\n"
+	// a is for CPUs with feature 0094: berth-init loads it only there.
+	wantList := "/lib/modules/9.9.9-test/kernel/b.ko\n/lib/modules/9.9.9-test/kernel/a.ko cpu:type:x86,ven*fam*mod*:feature:*0094*\n"
 	if got := string(files["berth/modules"].data); got != wantList {
 		t.Errorf("/berth/modules = %q, want %q", got, wantList)
 	}
@@ -215,6 +218,69 @@ func TestBuild(t *testing.T) {
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(cache, ".initramfs-*")); len(leftovers) != 0 {
 		t.Errorf("temporary files left: %v", leftovers)
+	}
+}
+
+// A kernel built to read lz4 initramfs archives gets one, in the legacy
+// frame format its unpacker reads; the same files as the gzip archive of
+// a kernel whose configuration does not say so (or cannot be read).
+func TestBuildLZ4(t *testing.T) {
+	initPath := filepath.Join(t.TempDir(), "berth-init")
+	os.WriteFile(initPath, []byte("\x7fELF init"), 0o755)
+	boot := t.TempDir()
+	k := fakeKernel(t)
+	k.Path = filepath.Join(boot, "vmlinuz-"+k.Release)
+	gzPath, err := Build(context.Background(), Options{Kernel: k, InitPath: initPath, Modules: []string{"a"}, CacheDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasSuffix(gzPath, ".cpio.gz") {
+		t.Fatalf("no kernel config: %s, want gzip", gzPath)
+	}
+	os.WriteFile(filepath.Join(boot, "config-"+k.Release), []byte("CONFIG_RD_GZIP=y\n# CONFIG_RD_LZ4 is not set\n"), 0o644)
+	if p, err := Build(context.Background(), Options{Kernel: k, InitPath: initPath, Modules: []string{"a"}, CacheDir: t.TempDir()}); err != nil || !strings.HasSuffix(p, ".cpio.gz") {
+		t.Fatalf("kernel without lz4: %s, %v; want gzip", p, err)
+	}
+	os.WriteFile(filepath.Join(boot, "config-"+k.Release), []byte("CONFIG_RD_GZIP=y\nCONFIG_RD_LZ4=y\n"), 0o644)
+	p, err := Build(context.Background(), Options{Kernel: k, InitPath: initPath, Modules: []string{"a"}, CacheDir: t.TempDir()})
+	if err != nil || !strings.HasSuffix(p, ".cpio.lz4") {
+		t.Fatalf("kernel with lz4: %s, %v; want lz4", p, err)
+	}
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(data) < 8 || !bytes.Equal(data[:4], []byte{0x02, 0x21, 0x4c, 0x18}) {
+		t.Fatalf("archive starts % x, want the legacy lz4 magic 0x184C2102", data[:min(8, len(data))])
+	}
+	// The legacy format as the kernel reads it: blocks of a little-endian
+	// compressed length and data, each decompressing to at most 8 MiB.
+	var raw []byte
+	for rest := data[4:]; len(rest) > 0; {
+		n := int(rest[0]) | int(rest[1])<<8 | int(rest[2])<<16 | int(rest[3])<<24
+		if n <= 0 || n > len(rest)-4 {
+			t.Fatalf("block of %d bytes with %d left", n, len(rest)-4)
+		}
+		out := make([]byte, 8<<20)
+		m, err := lz4.UncompressBlock(rest[4:4+n], out)
+		if err != nil {
+			t.Fatalf("block: %v", err)
+		}
+		raw = append(raw, out[:m]...)
+		rest = rest[4+n:]
+	}
+	got := map[string]cpioEntry{}
+	for _, e := range readCPIO(t, raw) {
+		got[e.name] = e
+	}
+	want := readArchive(t, gzPath)
+	if len(got) != len(want) {
+		t.Errorf("lz4 archive has %d entries, the gzip one %d", len(got), len(want))
+	}
+	for name, e := range want {
+		if g, ok := got[name]; !ok || !bytes.Equal(g.data, e.data) || g.mode != e.mode {
+			t.Errorf("%s: lz4 %+v, gzip %+v", name, g, e)
+		}
 	}
 }
 

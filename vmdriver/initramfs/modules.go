@@ -40,6 +40,10 @@ type Module struct {
 	// Path is the module file relative to the modules directory, as depmod
 	// lists it (kernel/fs/ext4/ext4.ko; possibly compressed).
 	Path string
+	// CPU are the CPU modalias patterns of the module's "cpu:" aliases in
+	// modules.alias: a driver for a CPU feature is only for CPUs matching
+	// one of them. Empty: any CPU.
+	CPU []string
 }
 
 // ModuleName canonicalizes a module name or file name: the kernel treats
@@ -60,6 +64,7 @@ type modIndex struct {
 	builtin map[string]bool     // modules.builtin
 	softPre map[string][]string // name -> "pre:" soft dependencies (modules.softdep)
 	aliases [][2]string         // pattern, module (modules.alias)
+	cpu     map[string][]string // name -> its "cpu:" alias patterns
 }
 
 func loadIndex(modulesDir string) (*modIndex, error) {
@@ -68,6 +73,7 @@ func loadIndex(modulesDir string) (*modIndex, error) {
 		deps:    map[string][]string{},
 		builtin: map[string]bool{},
 		softPre: map[string][]string{},
+		cpu:     map[string][]string{},
 	}
 	err := scanLines(filepath.Join(modulesDir, "modules.dep"), true, func(line string) {
 		file, deps, ok := strings.Cut(line, ":")
@@ -114,7 +120,11 @@ func loadIndex(modulesDir string) (*modIndex, error) {
 	if err := scanLines(filepath.Join(modulesDir, "modules.alias"), false, func(line string) {
 		f := strings.Fields(line)
 		if len(f) == 3 && f[0] == "alias" {
-			idx.aliases = append(idx.aliases, [2]string{f[1], ModuleName(f[2])})
+			name := ModuleName(f[2])
+			idx.aliases = append(idx.aliases, [2]string{f[1], name})
+			if strings.HasPrefix(f[1], "cpu:") {
+				idx.cpu[name] = append(idx.cpu[name], f[1])
+			}
 		}
 	}); err != nil {
 		return nil, err
@@ -168,9 +178,10 @@ func (idx *modIndex) providers(name string) []string {
 // need, each after its dependencies: hard ones from modules.dep and "pre:"
 // soft ones from modules.softdep, which is how ext4 asks for crc32c without
 // linking to it. A soft dependency on an alias brings every provider (for
-// crc32c both the generic and the SSE4.2 implementation: the latter fails to
-// load under TCG's CPU, the former under none), since the guest's CPU is not
-// known here. Built-in modules are skipped; an unknown name is an error.
+// crc32c both the generic and the SSE4.2 implementation), since the guest's
+// CPU is not known here; a module for a CPU feature carries its "cpu:"
+// aliases (Module.CPU), and berth-init loads it only on a CPU that has the
+// feature. Built-in modules are skipped; an unknown name is an error.
 func Resolve(modulesDir string, names []string) ([]Module, error) {
 	idx, err := loadIndex(modulesDir)
 	if err != nil {
@@ -212,7 +223,7 @@ func Resolve(modulesDir string, names []string) ([]Module, error) {
 			}
 		}
 		state[name] = 2
-		out = append(out, Module{Name: name, Path: file})
+		out = append(out, Module{Name: name, Path: file, CPU: idx.cpu[name]})
 		return nil
 	}
 	for _, n := range names {

@@ -51,7 +51,8 @@ kernel/drivers/net/some-driver.ko.gz:
 `,
 		"modules.builtin": "kernel/drivers/acpi/button.ko\n",
 		"modules.softdep": "# Soft dependencies extracted from modules themselves.\nsoftdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\nsoftdep evdev pre: no-such-alias post: virtio\n",
-		"modules.alias":   "alias crypto-crc32c-intel crc32c_intel\nalias crypto-crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\n",
+		"modules.alias": "alias crypto-crc32c-intel crc32c_intel\nalias crypto-crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\n" +
+			"alias cpu:type:x86,ven*fam*mod*:feature:*0094* crc32c_intel\nalias cpu:type:x86,ven*fam*mod*:feature:*009E* crc32c_intel\n",
 	})
 
 	mods, err := Resolve(dir, []string{"virtio-blk", "virtio_pci", "ext4", "button", "evdev", "some_driver"})
@@ -64,6 +65,17 @@ kernel/drivers/net/some-driver.ko.gz:
 	}
 	if mods[0].Path != "kernel/drivers/virtio/virtio_ring.ko" {
 		t.Errorf("path = %q", mods[0].Path)
+	}
+	// A driver for a CPU feature carries the CPUs it is for; the others
+	// are for any CPU.
+	for _, m := range mods {
+		want := []string(nil)
+		if m.Name == "crc32c_intel" {
+			want = []string{"cpu:type:x86,ven*fam*mod*:feature:*0094*", "cpu:type:x86,ven*fam*mod*:feature:*009E*"}
+		}
+		if !slices.Equal(m.CPU, want) {
+			t.Errorf("%s: cpu %q, want %q", m.Name, m.CPU, want)
+		}
 	}
 
 	// Every module comes after everything it depends on.
@@ -103,14 +115,14 @@ func TestReadModuleCompressed(t *testing.T) {
 		"kernel/c.ko.xz":  "\xfd7zXZ",
 		"kernel/d.ko.zst": "\x28\xb5\x2f\xfd",
 	})
-	if data, err := readModule(dir, Module{"a", "kernel/a.ko"}); err != nil || string(data) != "\x7fELF plain" {
+	if data, err := readModule(dir, Module{Name: "a", Path: "kernel/a.ko"}); err != nil || string(data) != "\x7fELF plain" {
 		t.Errorf("plain: %q, %v", data, err)
 	}
-	if data, err := readModule(dir, Module{"b", "kernel/b.ko.gz"}); err != nil || string(data) != "\x7fELF module" {
+	if data, err := readModule(dir, Module{Name: "b", Path: "kernel/b.ko.gz"}); err != nil || string(data) != "\x7fELF module" {
 		t.Errorf("gzip: %q, %v", data, err)
 	}
 	for _, p := range []string{"kernel/c.ko.xz", "kernel/d.ko.zst"} {
-		if _, err := readModule(dir, Module{"c", p}); !errors.Is(err, errdefs.ErrNotImplemented) || !strings.Contains(err.Error(), p) {
+		if _, err := readModule(dir, Module{Name: "c", Path: p}); !errors.Is(err, errdefs.ErrNotImplemented) || !strings.Contains(err.Error(), p) {
 			t.Errorf("%s: err = %v, want a clear ErrNotImplemented", p, err)
 		}
 	}
