@@ -29,8 +29,8 @@ const (
 	BootAuto BootMode = "auto"
 	// BootPVH boots the vmlinux extracted once from the node's bzImage
 	// straight into the kernel's 32-bit PVH entry point (the firmware only
-	// hands over: qboot itself, SeaBIOS through QEMU's pvh.bin): no loading of the bzImage by the
-	// firmware, no real-mode setup and no decompression in the guest,
+	// hands over: qboot itself, SeaBIOS through QEMU's pvh.bin): no loading
+	// of the bzImage by the firmware, no real-mode setup and no decompression in the guest,
 	// which under TCG are most of a boot (issue 17). A kernel without the
 	// PVH note makes the driver unhealthy.
 	BootPVH BootMode = "pvh"
