@@ -30,9 +30,9 @@ const (
 	// BootPVH boots the vmlinux extracted once from the node's bzImage
 	// straight into the kernel's 32-bit PVH entry point (the firmware only
 	// hands over: qboot itself, SeaBIOS through QEMU's pvh.bin): no loading
-	// of the bzImage by the firmware, no real-mode setup and no decompression in the guest,
-	// which under TCG are most of a boot (issue 17). A kernel without the
-	// PVH note makes the driver unhealthy.
+	// of the bzImage by the firmware, no real-mode setup and no
+	// decompression in the guest, which under TCG are most of a boot
+	// (issue 17). A kernel without the PVH note makes the driver unhealthy.
 	BootPVH BootMode = "pvh"
 	// BootBzImage boots the node's bzImage as shipped, through the
 	// firmware and the kernel's own decompressor.

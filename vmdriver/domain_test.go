@@ -25,10 +25,11 @@ func testSpec(accel Accel) domainSpec {
 	}
 }
 
-// The domain follows package guest's contract: what libvirt gets is parsed
-// back and checked field by field.
-func TestDomainXML(t *testing.T) {
-	doc, err := domainXML(testSpec(AccelTCG))
+// parsedDomain generates the domain XML of s and parses it back, as
+// libvirt will read it.
+func parsedDomain(t *testing.T, s domainSpec) libvirtxml.Domain {
+	t.Helper()
+	doc, err := domainXML(s)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,6 +37,13 @@ func TestDomainXML(t *testing.T) {
 	if err := dom.Unmarshal(doc); err != nil {
 		t.Fatalf("generated XML does not parse: %v\n%s", err, doc)
 	}
+	return dom
+}
+
+// The domain follows package guest's contract: what libvirt gets is parsed
+// back and checked field by field.
+func TestDomainXML(t *testing.T) {
+	dom := parsedDomain(t, testSpec(AccelTCG))
 	if dom.Type != "qemu" || dom.Name != "berth-t1" {
 		t.Errorf("type %q name %q, want qemu berth-t1", dom.Type, dom.Name)
 	}
@@ -107,14 +115,7 @@ func TestDomainXML(t *testing.T) {
 func TestDomainXMLFlatPCI(t *testing.T) {
 	spec := testSpec(AccelTCG)
 	spec.Interfaces = []libvirtxml.DomainInterface{bridgeInterface("berth0", "52:54:00:00:00:01"), bridgeInterface("berth0", "52:54:00:00:00:02")}
-	doc, err := domainXML(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dom libvirtxml.Domain
-	if err := dom.Unmarshal(doc); err != nil {
-		t.Fatal(err)
-	}
+	dom := parsedDomain(t, spec)
 	slots := map[uint]string{}
 	check := func(what string, a *libvirtxml.DomainAddress) {
 		if a == nil || a.PCI == nil || a.PCI.Bus == nil || *a.PCI.Bus != 0 || a.PCI.Slot == nil || a.PCI.Function == nil || *a.PCI.Function != 0 {
@@ -156,14 +157,7 @@ func TestDomainXMLFlatPCI(t *testing.T) {
 }
 
 func TestDomainXMLKVM(t *testing.T) {
-	doc, err := domainXML(testSpec(AccelKVM))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dom libvirtxml.Domain
-	if err := dom.Unmarshal(doc); err != nil {
-		t.Fatal(err)
-	}
+	dom := parsedDomain(t, testSpec(AccelKVM))
 	if dom.Type != "kvm" || dom.CPU == nil || dom.CPU.Mode != "host-model" {
 		t.Errorf("type %q cpu %+v, want kvm with host-model (never host-passthrough)", dom.Type, dom.CPU)
 	}

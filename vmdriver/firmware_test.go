@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/berthd/berth/errdefs"
 )
 
@@ -67,14 +65,7 @@ func TestFirmwareChoice(t *testing.T) {
 func TestDomainXMLFirmware(t *testing.T) {
 	s := testSpec(AccelTCG)
 	s.Firmware = "/usr/share/qemu/qboot.rom"
-	doc, err := domainXML(s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dom libvirtxml.Domain
-	if err := dom.Unmarshal(doc); err != nil {
-		t.Fatal(err)
-	}
+	dom := parsedDomain(t, s)
 	if l := dom.OS.Loader; l == nil || l.Path != s.Firmware || l.Type != "rom" || l.Readonly != "yes" {
 		t.Errorf("loader %+v, want the read-only ROM %s", l, s.Firmware)
 	}
@@ -82,14 +73,7 @@ func TestDomainXMLFirmware(t *testing.T) {
 		t.Errorf("kernel %q, want %q", dom.OS.Kernel, s.Kernel)
 	}
 
-	doc, err = domainXML(testSpec(AccelTCG))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dom = libvirtxml.Domain{}
-	if err := dom.Unmarshal(doc); err != nil {
-		t.Fatal(err)
-	}
+	dom = parsedDomain(t, testSpec(AccelTCG))
 	if dom.OS.Loader != nil {
 		t.Errorf("loader %+v without a firmware, want none", dom.OS.Loader)
 	}

@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/berthd/berth/driver"
 	"github.com/berthd/berth/driver/drivertest"
 	"github.com/berthd/berth/errdefs"
@@ -179,14 +177,7 @@ func TestDomainXMLWholeDisk(t *testing.T) {
 		Name: "berth-d1", Meta: domainMeta{ID: "d1", Root: "/r"}, Accel: AccelTCG, VCPUs: 1, MemoryKi: memoryKiB(0),
 		RootDisk: "/r/tasks/d1/root.qcow2", RootFormat: "qcow2", WholeDisk: true, ConsoleSocket: "/r/tasks/d1/console.sock",
 	}
-	doc, err := domainXML(s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dom libvirtxml.Domain
-	if err := dom.Unmarshal(doc); err != nil {
-		t.Fatal(err)
-	}
+	dom := parsedDomain(t, s)
 	if dom.OS.Kernel != "" || dom.OS.Initrd != "" || dom.OS.Cmdline != "" {
 		t.Errorf("os = %+v, want no direct kernel boot", dom.OS)
 	}
